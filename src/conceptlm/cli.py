@@ -1,0 +1,120 @@
+"""The ``conceptlm`` command: ``conceptlm <method> <verb> --config FILE key=value ...`` and ``conceptlm demo``.
+
+Examples::
+
+    conceptlm demo
+    conceptlm sft train --config configs/sft/tiny_cpu.yaml train.max_steps=50
+    torchrun --nproc_per_node=2 -m conceptlm sft train --config configs/sft/tiny_cpu.yaml
+    conceptlm sft eval --config configs/sft/tiny_cpu.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from conceptlm.core.errors import ConceptLMError
+
+__all__ = ["main", "METHODS"]
+
+
+@dataclass
+class Method:
+    help: str
+    config_cls: Callable[[], type]
+    verbs: dict[str, tuple[str, Callable]] = field(default_factory=dict)
+
+
+def _sft_config():
+    from conceptlm.sft.config import SFTConfig
+
+    return SFTConfig
+
+
+def _sft_train(cfg, args, command):
+    from conceptlm.sft.recipe import train
+
+    res = train(cfg, command=command)
+    return {"run_dir": str(res.run_dir), "step": res.step, "train": res.last_train, "eval": res.last_eval,
+            "checkpoint": str(res.checkpoint) if res.checkpoint else None}
+
+
+def _sft_eval(cfg, args, command):
+    from conceptlm.sft.recipe import evaluate
+
+    return evaluate(cfg, checkpoint=args.checkpoint, output=args.output)
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method(
+        help="supervised fine-tuning / from-scratch next-token training (the NTP baseline)",
+        config_cls=_sft_config,
+        verbs={"train": ("train a model (works under torchrun)", _sft_train),
+               "eval": ("greedy generation on the eval data, scored; predictions to JSONL", _sft_eval)},
+    ),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conceptlm", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run 'conceptlm <method> <verb> --help' for the options of a verb.")
+    sub = p.add_subparsers(dest="method", metavar="<method>")
+    demo = sub.add_parser("demo", help="train a tiny model on the offline defaults and report its result")
+    demo.add_argument("--out-dir", default="runs", help="where the demo's run folders go (default: runs)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    for name, m in METHODS.items():
+        mp = sub.add_parser(name, help=m.help)
+        vs = mp.add_subparsers(dest="verb", metavar="<verb>")
+        for verb, (vhelp, _) in m.verbs.items():
+            vp = vs.add_parser(verb, help=vhelp,
+                               description=f"{vhelp}. Overrides are dotted keys, e.g. optim.lr=1e-3 train.max_steps=20")
+            vp.add_argument("--config", help="YAML config file (see configs/)")
+            vp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+            if verb == "eval":
+                vp.add_argument("--checkpoint", help="checkpoint or model dir (default: the run's latest)")
+                vp.add_argument("--output", help="predictions JSONL path (default: <run_dir>/predictions_test.jsonl)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.method is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.method == "demo":
+            from conceptlm.demo import run_demo
+
+            run_demo(out_dir=args.out_dir, steps=args.steps)
+            return 0
+        method = METHODS[args.method]
+        if args.verb is None:
+            parser.parse_args([args.method, "--help"])
+            return 0
+        from conceptlm.core.config import load_config
+
+        cfg = load_config(method.config_cls(), args.config, args.overrides)
+        command = "conceptlm " + " ".join(shlex.quote(a) for a in argv)
+        result = method.verbs[args.verb][1](cfg, args, command)
+        from conceptlm.core.distributed import is_main
+
+        if is_main() and result is not None:
+            print(json.dumps(result, indent=2, default=str))
+        return 0
+    except ConceptLMError as e:
+        print(f"conceptlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("conceptlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

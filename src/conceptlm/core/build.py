@@ -1,0 +1,54 @@
+"""Build the tokenizer and Hugging Face model a run config asks for (local directories or tiny from-config models)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+from conceptlm.core import hf
+from conceptlm.core.config import BaseRunConfig
+from conceptlm.core.errors import ConfigError
+from conceptlm.core.tokenizer import train_bpe_tokenizer
+
+__all__ = ["build_tokenizer", "build_model"]
+
+log = logging.getLogger(__name__)
+
+
+def build_tokenizer(cfg: BaseRunConfig, corpus: Iterable[str], *, extra_special_tokens: Sequence[str] = ()):
+    """``tokenizer.path`` > ``model.path`` > a byte-level BPE trained on ``corpus`` (saved with the run)."""
+    path = cfg.tokenizer.path or cfg.model.path
+    if path:
+        tok = hf.load_tokenizer(path)
+        if tok.chat_template is None:
+            log.warning("%s has no chat template; chat data needs one", path)
+        hf.ensure_pad_token(tok)
+        return tok
+    return train_bpe_tokenizer(corpus, vocab_size=cfg.tokenizer.vocab_size,
+                               extra_special_tokens=list(extra_special_tokens))
+
+
+def build_model(cfg: BaseRunConfig, tokenizer):
+    """Load ``model.path`` or build a tiny ``model.arch`` sized to the tokenizer; seeded by ``train.seed``;
+    LoRA applied when ``model.lora.enabled``."""
+    m = cfg.model
+    if m.path:
+        model = hf.load_causal_lm(m.path, attn_implementation=m.attn_implementation)
+        hf.ensure_pad_token(tokenizer, model)
+        if hf.context_length(model) < cfg.data.max_length:
+            raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model context "
+                              f"{hf.context_length(model)}", field="data.max_length")
+    else:
+        if m.max_position_embeddings < cfg.data.max_length:
+            raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds model.max_position_embeddings="
+                              f"{m.max_position_embeddings}", field="data.max_length")
+        model = hf.build_tiny_model(
+            m.arch, len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
+            max_position_embeddings=m.max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            attn_implementation=m.attn_implementation, seed=cfg.train.seed)
+    if m.lora.enabled:
+        model = hf.apply_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                              target_modules=m.lora.target_modules)
+    return model

@@ -1,0 +1,419 @@
+"""Typed configs: dataclasses are the schema, YAML files are instances, ``a.b=value`` overrides on the command line.
+
+``load_config(SFTConfig, "configs/sft/tiny_cpu.yaml", ["optim.lr=1e-3"])`` reads the YAML with ``yaml.safe_load``
+semantics, applies the overrides, checks every key and type against the dataclasses and runs each section's
+``validate()``. Every error is a :class:`ConfigError` naming the file, the line and the dotted field, with a hint
+("did you mean ...?", the allowed choices).
+
+The sections shared by every method live here; a method config (e.g. ``JepaConfig``) subclasses
+:class:`BaseRunConfig` and adds its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from conceptlm.core.errors import ConfigError
+
+__all__ = [
+    "RunSection", "ModelSection", "LoraSection", "TokenizerSection", "DataSection", "OptimSection",
+    "ScheduleSection", "TrainSection", "DistSection", "GenerateSection", "BaseRunConfig",
+    "load_config", "config_to_dict", "save_config", "parse_override",
+]
+
+
+def _check(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(message, field=field_name)
+
+
+@dataclass(kw_only=True)
+class RunSection:
+    name: str = "run"
+    """Run name; outputs go to ``{out_dir}/{name}``."""
+    out_dir: str = "runs"
+    resume: str = "never"
+    """``never`` (refuse to reuse a run folder that has checkpoints), ``auto`` (continue from the latest complete
+    checkpoint if there is one) or a checkpoint directory path."""
+
+    def validate(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
+
+
+@dataclass(kw_only=True)
+class LoraSection:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    """``None`` picks the attention projections of the model's family (see ``core.hf.lora_target_modules``)."""
+
+    def validate(self) -> None:
+        _check(self.r > 0, "model.lora.r", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    path: str | None = None
+    """A local Hugging Face model directory. When unset, a tiny model of ``arch`` is built from config."""
+    arch: Literal["llama", "qwen2", "gpt2", "gemma2", "olmo2"] = "llama"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 256
+    attn_implementation: str | None = None
+    """``sdpa`` / ``eager``; ``None`` = the family's default (Gemma2 needs eager)."""
+    lora: LoraSection = field(default_factory=LoraSection)
+
+    def validate(self) -> None:
+        _check(self.hidden_size > 0 and self.num_layers > 0, "model", "hidden_size and num_layers must be > 0")
+        _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
+               f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self.lora.validate()
+
+
+@dataclass(kw_only=True)
+class TokenizerSection:
+    path: str | None = None
+    """A local tokenizer directory; when unset (and ``model.path`` is unset) a byte-level BPE is trained on the
+    training data and saved with the run."""
+    vocab_size: int = 1024
+
+    def validate(self) -> None:
+        _check(self.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 bytes + special tokens)")
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    train: str = "generate:nlrx"
+    """Training data: a ``.jsonl`` chat file, a ``.txt`` file, ``hf:<name or path>`` (Hugging Face datasets), or
+    ``generate:nlrx`` (the built-in English-description -> regex generator)."""
+    eval: str | None = None
+    """Held-out data in the same forms; with ``generate:nlrx`` a disjoint generated test split is used."""
+    format: Literal["auto", "chat", "text"] = "auto"
+    label_mode: Literal["assistant", "all"] = "assistant"
+    """Which tokens are LM targets for chat data: assistant turns + end-of-turn, or every token."""
+    max_length: int = 256
+    on_too_long: Literal["error", "skip", "truncate"] = "error"
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    generator_train_size: int = 4000
+    generator_test_size: int = 500
+    generator_seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.max_length >= 8, "data.max_length", "must be >= 8")
+        _check(bool(self.train), "data.train", "must name the training data")
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    """Applied to matrices only (no decay on biases, norms and 1-D params)."""
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", "each beta must be in [0, 1)")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ScheduleSection:
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """Final LR as a fraction of ``optim.lr`` (cosine and linear decay)."""
+
+    def validate(self) -> None:
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    max_steps: int = 100
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto`` = bf16 autocast on CUDA, fp32 on CPU."""
+    eval_every: int = 50
+    """Evaluate every N optimizer steps (and at the end); 0 = only at the end."""
+    eval_batch_size: int = 32
+    save_every: int = 0
+    """Checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints",
+                     "log_every"):
+            _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+        _check(self.eval_every >= 0 and self.save_every >= 0, "train", "eval_every/save_every must be >= 0")
+
+
+@dataclass(kw_only=True)
+class DistSection:
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """``auto`` = DDP when launched with torchrun and WORLD_SIZE > 1, else a single process. ``fsdp`` shards
+    parameters, gradients and optimizer state (FSDP2, one unit per decoder layer) for large models."""
+    find_unused_parameters: bool = False
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(kw_only=True)
+class GenerateSection:
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    scorer: str = "exact"
+    """Scorer name from ``conceptlm.eval.scorers.SCORERS`` (exact, regex, gsm8k, sql, nq, label)."""
+    limit: int | None = None
+
+    def validate(self) -> None:
+        _check(self.max_new_tokens > 0 and self.batch_size > 0, "generate", "max_new_tokens/batch_size must be > 0")
+
+
+@dataclass(kw_only=True)
+class BaseRunConfig:
+    """Sections every method shares. Methods subclass and add their own section."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    dist: DistSection = field(default_factory=DistSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        _check(self.schedule.warmup_steps <= self.train.max_steps, "schedule.warmup_steps",
+               f"{self.schedule.warmup_steps} exceeds train.max_steps={self.train.max_steps}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], 0.001). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
+    """Parse YAML safely; return the data and a map dotted-key -> 1-based line of that key."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", path=path,
+                          line=mark.line + 1 if mark else None) from None
+    lines: dict[str, int] = {}
+
+    def walk(n, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    if node is not None:
+        walk(node, "")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("top level must be a mapping of sections", path=path, line=1)
+    return data, lines
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value against a type annotation; raise ConfigError(field=where) on mismatch."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(e.reason)
+        raise ConfigError(f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}", field=where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{value!r} is not one of {', '.join(map(repr, args))}", field=where)
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected a list, got {value!r}", field=where)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"expected {len(args)} items, got {len(value)}", field=where)
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        out = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a mapping, got {value!r}", field=where)
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"expected true/false, got {value!r}", field=where)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"expected an integer, got {value!r}", field=where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"expected a number, got {value!r}", field=where)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"expected a string, got {value!r}", field=where)
+    raise ConfigError(f"unsupported config type {tp!r}", field=where)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping for section {cls.__name__}, got {data!r}", field=prefix or None)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key{hint}", field=where)
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set '{'.'.join(keys)}': '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Load a config of dataclass type ``cls`` from YAML ``path`` (optional) plus ``key=value`` overrides.
+
+    Raises:
+        ConfigError: naming file, line and field for any unknown key, wrong type, invalid choice or failed check.
+    """
+    data: dict = {}
+    lines: dict[str, int] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("config file not found", path=path)
+        data, lines = _yaml_with_lines(path)
+    overridden: set[str] = set()
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _set_dotted(data, keys, value)
+        overridden.add(".".join(keys))
+
+    def locate(err: ConfigError) -> ConfigError:
+        fld = err.field or ""
+        key = fld
+        while key and key not in lines and key not in overridden:
+            key = key.rsplit(".", 1)[0] if "." in key else ""
+        if key in overridden:
+            return ConfigError(err.reason, path="command-line override", field=fld or None)
+        return ConfigError(err.reason, path=path, line=lines.get(key), field=fld or None)
+
+    try:
+        cfg = _build(cls, data, "")
+        cfg.validate()
+    except ConfigError as e:
+        raise locate(e) from None
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-dict (YAML-safe) view of a config dataclass."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+    return conv(cfg)
+
+
+def save_config(cfg: Any, path: str | Path, header: str | None = None) -> None:
+    """Write the resolved config as YAML atomically (temp file, then rename)."""
+    from conceptlm.core.io import atomic_write_text
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if header:
+        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
+    atomic_write_text(path, text)

@@ -1,0 +1,129 @@
+"""Tokenizers: train a small byte-level BPE on the fly, render chats, find end-of-turn tokens.
+
+A tokenizer trained here is a plain ``transformers.PreTrainedTokenizerFast`` with a ChatML chat template, so it
+saves with ``save_pretrained`` and loads back with ``AutoTokenizer.from_pretrained``; everything downstream treats
+it exactly like a tokenizer a user brings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "train_bpe_tokenizer",
+    "render_chat",
+    "end_of_turn_ids",
+]
+
+SPECIAL_TOKENS = {
+    "pad_token": "<|pad|>",
+    "bos_token": "<|bos|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|unk|>",
+}
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+# ChatML with a single BOS emitted by the template (the tokenizer itself adds no special tokens, so rendering
+# then tokenizing never doubles the BOS). ``{% generation %}`` marks assistant tokens for
+# ``return_assistant_tokens_mask``.
+CHATML_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}"
+    "<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Tokens that end a turn in common chat templates; the tokenizer's EOS is always added too.
+_END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 2048,
+    min_frequency: int = 2,
+    extra_special_tokens: Sequence[str] = (),
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with a ChatML chat template.
+
+    Args:
+        texts: training text (any iterable of strings; chat contents, documents, ...).
+        vocab_size: target vocabulary size including the special tokens.
+        min_frequency: minimum pair frequency for a merge.
+        extra_special_tokens: more special tokens to reserve (e.g. predictor tokens).
+
+    Returns:
+        A fast tokenizer with pad/bos/eos/unk, ``<|im_start|>``/``<|im_end|>`` and a chat template. Deterministic for
+        the same texts and settings.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = list(SPECIAL_TOKENS.values()) + CHAT_TOKENS + [t for t in extra_special_tokens]
+    core = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        additional_special_tokens=CHAT_TOKENS + list(extra_special_tokens),
+        **SPECIAL_TOKENS,
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def _merge_system_into_user(messages: Sequence[dict]) -> list[dict]:
+    """Fold a leading system message into the first user turn (for templates that reject a system role)."""
+    if not messages or messages[0]["role"] != "system":
+        return list(messages)
+    system, rest = messages[0], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        rest[0] = {"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}
+        return rest
+    return [{"role": "user", "content": system["content"]}] + rest
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False
+) -> str:
+    """Render ``messages`` with the tokenizer's chat template as a string.
+
+    Templates that reject a system role (Gemma-style) get the system text folded into the first user turn.
+    """
+    from jinja2.exceptions import TemplateError
+
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError:
+        if not msgs or msgs[0]["role"] != "system":
+            raise
+        return tokenizer.apply_chat_template(
+            _merge_system_into_user(msgs), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an assistant turn: known end-of-turn tokens present in the vocab, plus EOS."""
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[t] for t in _END_OF_TURN_CANDIDATES if t in vocab]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))

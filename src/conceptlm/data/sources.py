@@ -1,0 +1,137 @@
+"""Resolve a data spec from a config (``data.train`` / ``data.eval``) into records, then into batch functions.
+
+Specs:
+- ``path/to/file.jsonl``: chat JSONL (``{"messages": [...]}`` per line);
+- ``path/to/file.txt`` (or a directory of ``.txt`` files): plain text for LM pretraining;
+- ``hf:<name or local path>``: a Hugging Face dataset with a ``messages`` or ``text`` column;
+- ``generate:nlrx``: the built-in NL-RX-style English description -> regex generator (offline default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conceptlm.core.errors import ConfigError, DataError
+
+__all__ = ["Source", "resolve_source", "corpus_texts", "step_batches", "eval_batches"]
+
+
+@dataclass
+class Source:
+    """Loaded data: ``kind`` "chat" (``records``: lists of messages) or "text" (``texts``/``paths``)."""
+
+    kind: str
+    name: str
+    records: list[list[dict]] | None = None
+    texts: list[str] | None = None
+    paths: list[Path] | None = None
+    limit: int | None = None
+
+
+def resolve_source(spec: str, *, split: str, fmt: str = "auto", limit: int | None = None,
+                   generator: dict | None = None, field: str = "data.train") -> Source:
+    """Load the data named by ``spec`` (see the module docstring).
+
+    Args:
+        split: "train" or "test" (used by generators and HF datasets).
+        fmt: "auto" (by extension), "chat" or "text".
+        generator: ``{"train_size", "test_size", "seed"}`` for ``generate:`` specs.
+    """
+    if spec.startswith("generate:"):
+        name = spec.split(":", 1)[1]
+        if name != "nlrx":
+            raise ConfigError(f"unknown generator {name!r} (available: nlrx)", field=field)
+        from conceptlm.data.generators.nlrx import make_splits
+
+        g = generator or {}
+        train, test = make_splits(g.get("train_size", 4000), g.get("test_size", 500), seed=g.get("seed", 0))
+        recs = train if split == "train" else test
+        records = [r["messages"] for r in recs][:limit]
+        return Source(kind="chat", name=f"{spec}[{split}]", records=records)
+    if spec.startswith("hf:"):
+        from conceptlm.data.hf_datasets import load_hf_records
+
+        name = spec[3:]
+        rows = load_hf_records(name, split=split, limit=limit)
+        if rows and isinstance(rows[0], str):
+            return Source(kind="text", name=name, texts=rows)
+        return Source(kind="chat", name=name, records=rows)
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"data file not found: {spec}", field=field)
+    kind = fmt
+    if kind == "auto":
+        if path.is_dir() or path.suffix in (".txt", ".md"):
+            kind = "text"
+        elif path.suffix in (".jsonl", ".json"):
+            kind = "chat"
+        else:
+            raise ConfigError(f"cannot tell the format of {spec} from its extension; set data.format", field=field)
+    if kind == "chat":
+        from conceptlm.data.chat import read_chat_jsonl
+
+        return Source(kind="chat", name=str(path), records=read_chat_jsonl(path, limit=limit), paths=[path],
+                      limit=limit)
+    paths = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not paths:
+        raise DataError("no .txt files in directory", path=path)
+    return Source(kind="text", name=str(path), paths=paths)
+
+
+def corpus_texts(source: Source) -> Iterator[str]:
+    """Strings to train a tokenizer on."""
+    if source.kind == "chat":
+        for msgs in source.records or []:
+            for m in msgs:
+                yield m["content"]
+    elif source.texts is not None:
+        yield from source.texts
+    else:
+        from conceptlm.data.text import read_text_file
+
+        for p in source.paths or []:
+            yield from read_text_file(p).splitlines()
+
+
+def build_dataset(source: Source, tokenizer, *, max_length: int, label_mode: str = "assistant",
+                  on_too_long: str = "error"):
+    """A tokenized dataset (items ``{"input_ids", "labels"}`` and ``.lengths``) for LM training."""
+    if source.kind == "chat":
+        from conceptlm.data.chat import ChatDataset
+
+        # A file is given by path so that errors name the file and line; generated/HF records by index.
+        data = source.paths[0] if source.paths else source.records
+        return ChatDataset(data, tokenizer, label_mode=label_mode, max_length=max_length, on_too_long=on_too_long,
+                           limit=source.limit)
+    from conceptlm.data.text import TextDataset
+
+    if source.texts is not None:
+        return TextDataset.from_texts(source.texts, tokenizer, block_size=max_length, name=source.name)
+    return TextDataset(source.paths, tokenizer, block_size=max_length)
+
+
+def step_batches(dataset, plan, collate_fn: Callable[[list[Any]], Any]) -> Callable[[int], list[Any]]:
+    """``step -> this rank's micro-batches`` from a :class:`~conceptlm.data.batching.BatchPlan`."""
+    def get(step: int) -> list[Any]:
+        return [collate_fn([dataset[i] for i in idx]) for idx in plan.micro_batches(step)]
+    return get
+
+
+def eval_batches(dataset, *, batch_size: int, rank: int, world_size: int,
+                 collate_fn: Callable[[list[Any]], Any]) -> Callable[[], Iterator[Any]]:
+    """``() -> iterator`` over this rank's eval batches, length-sorted for little padding.
+
+    Every rank gets the same number of batches (FSDP needs it): the eval set is cut to a multiple of
+    ``world_size`` examples (at most ``world_size - 1`` dropped, none with one process).
+    """
+    n = len(dataset) - len(dataset) % world_size
+    order = sorted(range(n), key=lambda i: dataset.lengths[i])
+    mine = order[rank::world_size]
+
+    def it() -> Iterator[Any]:
+        for s in range(0, len(mine), batch_size):
+            yield collate_fn([dataset[i] for i in mine[s:s + batch_size]])
+    return it

@@ -1,0 +1,130 @@
+"""Token streams: plain text documents tokenized, joined by EOS and cut into fixed-size blocks for pretraining."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from conceptlm.core.errors import DataError
+
+__all__ = ["read_text_file", "TextDataset"]
+
+# Long documents are tokenized in pieces of about this many characters, cut after a newline.
+_CHUNK_CHARS = 1 << 16
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 text file strictly.
+
+    Raises:
+        DataError: the file is missing, or has bytes that are not UTF-8 (names the 1-based line and the byte
+            offset within it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path=path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
+        raise DataError(f"not valid UTF-8 (bad byte at offset {col} of the line)", path=path, line=line) from None
+    return text.removeprefix("\ufeff")
+
+
+def _chunks(text: str) -> list[str]:
+    """Split ``text`` into pieces of at most ``_CHUNK_CHARS`` characters, each ending after a newline when possible,
+    else before a space, else anywhere."""
+    out, start = [], 0
+    while start < len(text):
+        end = min(start + _CHUNK_CHARS, len(text))
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            if cut <= start:  # no newline: cut before a space instead of inside a word
+                cut = text.rfind(" ", start + 1, end) - 1
+            if cut > start:
+                end = cut + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+class TextDataset(Dataset):
+    """Fixed-size blocks of a token stream for causal LM pretraining.
+
+    Each document (a file, or a string with :meth:`from_texts`) is tokenized without special tokens and followed
+    by the EOS token; the documents are concatenated into one stream and cut into blocks of ``block_size`` tokens
+    (the last partial block is dropped). Every token is a target (``labels == input_ids``). Documents longer than
+    64k characters are tokenized in pieces cut after newlines (else before spaces).
+
+    Args:
+        paths: one path or a list of paths of UTF-8 text files.
+        tokenizer: a Hugging Face tokenizer with an EOS token.
+        block_size: tokens per example.
+        limit_tokens: use at most this many tokens of the stream.
+
+    Attributes:
+        lengths: ``block_size`` for every block.
+        num_tokens: tokens in the stream before cutting into blocks.
+
+    Items are ``{"input_ids": list[int] (block_size,), "labels": list[int] (block_size,)}``.
+    """
+
+    def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer, *, block_size: int,
+                 limit_tokens: int | None = None):
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        paths = list(paths)
+        if not paths:
+            raise ValueError("TextDataset needs at least one file")
+        self.sources = [str(p) for p in paths]
+        self._build(((str(p), read_text_file(p)) for p in paths), tokenizer, block_size, limit_tokens)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], tokenizer, *, block_size: int,
+                   limit_tokens: int | None = None, name: str = "<texts>") -> "TextDataset":
+        """Build from in-memory documents (e.g. the ``text`` column of a Hugging Face dataset), one per string."""
+        self = cls.__new__(cls)
+        self.sources = [name]
+        self._build(((name, t) for t in texts), tokenizer, block_size, limit_tokens)
+        return self
+
+    def _build(self, docs: Iterable[tuple[str, str]], tokenizer, block_size: int, limit_tokens: int | None):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if limit_tokens is not None and limit_tokens < 1:
+            raise ValueError(f"limit_tokens must be positive or None, got {limit_tokens!r}")
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the tokenizer has no EOS token; TextDataset separates documents with EOS")
+        stream: list[int] = []
+        for _, text in docs:
+            if not text.strip():
+                continue
+            pieces = tokenizer(_chunks(text), add_special_tokens=False)["input_ids"]
+            for piece in pieces:
+                stream.extend(piece)
+            stream.append(eos)
+            if limit_tokens is not None and len(stream) >= limit_tokens:
+                break
+        if limit_tokens is not None:
+            stream = stream[:limit_tokens]
+        self.num_tokens = len(stream)
+        self.block_size = block_size
+        n_blocks = len(stream) // block_size
+        if n_blocks == 0:
+            raise DataError(f"only {len(stream)} tokens, fewer than one block of {block_size}",
+                            path=", ".join(self.sources))
+        self._blocks = torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+        self.lengths = [block_size] * n_blocks
+
+    def __len__(self) -> int:
+        return self._blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        ids = self._blocks[index].tolist()
+        return {"input_ids": ids, "labels": list(ids)}

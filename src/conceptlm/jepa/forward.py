@@ -1,0 +1,159 @@
+"""Run an LLM-JEPA batch in either execution mode and return the pieces of the objective.
+
+Both modes return the same :class:`JepaForwardOutput` — LM loss sum and target count, Enc(Text) and Enc(Code) —
+equal to rounding (tested to 1e-5 in fp32, gradients included):
+
+* :class:`~conceptlm.jepa.packing.SeparateBatch`: three forwards (LM rows through
+  :func:`conceptlm.core.hf.causal_lm_loss_sum`, Text rows and Code rows through
+  :func:`conceptlm.core.hf.hidden_states`), 2-D padding masks.
+* :class:`~conceptlm.jepa.packing.PackedBatch`: one forward over ``[F | R_T | C]`` rows with the 4-D tree mask.
+
+With ``jepa_active=False`` (JEPA-loss dropout, a skipped step) both modes run only the plain LM forward on the LM
+rows with a 2-D mask — exactly the SFT computation.
+
+Enc is the final normed hidden state (the LM head's input) at the view's Enc index (spec §3.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from conceptlm.core.hf import causal_lm_loss_sum, hidden_states, logits_at
+from conceptlm.data.chat import IGNORE_INDEX
+from conceptlm.jepa.losses import jepa_distance
+from conceptlm.jepa.packing import PackedBatch, PaddedSequences, SeparateBatch, tree_attention_mask
+
+__all__ = ["JepaForwardOutput", "run_jepa_batch", "jepa_objective"]
+
+
+@dataclass
+class JepaForwardOutput:
+    """What one JEPA forward produces.
+
+    Attributes:
+        lm_loss_sum: fp32 scalar, summed next-token CE over the LM targets.
+        n_lm_targets: int64 scalar, number of LM targets.
+        enc_text: (B, D) Enc of the Text view (Pred(Enc(Text)) when Text carries the predictors); None if skipped.
+        enc_code: (B, D) Enc of the Code view; None if skipped.
+        pred_is_text: True for text→code.
+        slots: token slots processed (B × T summed over the forwards run).
+        real_tokens: non-padding tokens among them.
+    """
+
+    lm_loss_sum: torch.Tensor
+    n_lm_targets: torch.Tensor
+    enc_text: torch.Tensor | None
+    enc_code: torch.Tensor | None
+    pred_is_text: bool
+    slots: int
+    real_tokens: int
+
+    @property
+    def jepa_active(self) -> bool:
+        return self.enc_text is not None
+
+    @property
+    def pred(self) -> torch.Tensor | None:
+        """(B, D) the predicting view's embedding (Text for text→code)."""
+        return self.enc_text if self.pred_is_text else self.enc_code
+
+    @property
+    def target(self) -> torch.Tensor | None:
+        """(B, D) the predicted view's embedding (Code for text→code)."""
+        return self.enc_code if self.pred_is_text else self.enc_text
+
+
+def _check_window(model, max_position: int) -> None:
+    """Packed rows pass one 4-D mask to every layer, so a sliding window shorter than the views is not applied."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    if window and "sliding_attention" in layer_types and max_position > window:
+        raise ValueError(f"packed mode: a view reaches position {max_position - 1} but the model's sliding window is "
+                         f"{window}; the 4-D mask does not apply the window — use separate mode for such lengths")
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _lm_only(model, lm: PaddedSequences, pred_is_text: bool) -> JepaForwardOutput:
+    loss, n = causal_lm_loss_sum(model, lm.input_ids, lm.labels, lm.attention_mask, lm.position_ids)
+    return JepaForwardOutput(loss, n, None, None, pred_is_text, lm.slots, lm.real_tokens)
+
+
+def _enc(model, view: PaddedSequences) -> torch.Tensor:
+    hid = hidden_states(model, view.input_ids, view.attention_mask, view.position_ids)
+    return hid[torch.arange(hid.shape[0], device=hid.device), view.enc_index.to(hid.device)]
+
+
+def _run_separate(model, batch: SeparateBatch) -> JepaForwardOutput:
+    loss, n = causal_lm_loss_sum(model, batch.lm.input_ids, batch.lm.labels, batch.lm.attention_mask,
+                                 batch.lm.position_ids)
+    return JepaForwardOutput(loss, n, _enc(model, batch.text), _enc(model, batch.code), batch.pred_is_text,
+                             batch.slots, batch.real_tokens)
+
+
+def _run_packed(model, batch: PackedBatch) -> JepaForwardOutput:
+    _check_window(model, int(batch.position_ids.max()) + 1)
+    mask = tree_attention_mask(batch.segment_ids, batch.position_ids, batch.branch_len, _model_dtype(model))
+    hid = hidden_states(model, batch.input_ids, mask, batch.position_ids)
+    targets = batch.targets.to(hid.device)
+    keep = targets != IGNORE_INDEX
+    logits = logits_at(model, hid[keep]).float()
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+    rows = torch.arange(hid.shape[0], device=hid.device)
+    enc_text = hid[rows, batch.text_index.to(hid.device)]
+    enc_code = hid[rows, batch.code_index.to(hid.device)]
+    return JepaForwardOutput(loss, keep.sum(), enc_text, enc_code, batch.pred_is_text, batch.slots,
+                             batch.real_tokens)
+
+
+def run_jepa_batch(model, batch: SeparateBatch | PackedBatch, *, jepa_active: bool = True) -> JepaForwardOutput:
+    """Forward a collated batch in its mode.
+
+    Args:
+        model: HF causal LM or PeftModel (in any train/eval mode; dropout makes the modes differ only by RNG).
+        batch: from :func:`~conceptlm.jepa.packing.collate_separate` (separate mode) or
+            :func:`~conceptlm.jepa.packing.collate_packed` (packed mode), already on the model's device.
+        jepa_active: False = skip the JEPA views and run the plain LM forward only (2-D mask).
+
+    Returns:
+        :class:`JepaForwardOutput`; ``enc_text``/``enc_code`` are (B, D) in the model's dtype, or None when
+        ``jepa_active`` is False.
+    """
+    if not jepa_active:
+        return _lm_only(model, batch.lm, batch.pred_is_text)
+    if isinstance(batch, SeparateBatch):
+        return _run_separate(model, batch)
+    if isinstance(batch, PackedBatch):
+        return _run_packed(model, batch)
+    raise TypeError(f"expected a SeparateBatch or PackedBatch, got {type(batch).__name__}")
+
+
+def jepa_objective(out: JepaForwardOutput, *, gamma: float = 1.0, lam: float = 1.0, metric: str = "cosine",
+                   temperature: float = 0.07, gather_negatives: bool = False) -> dict[str, torch.Tensor]:
+    """The LLM-JEPA objective of ONE batch, L = γ·L_LM + λ·mean_i d(Pred(Enc(Text_i)), Enc(Code_i)) (eq. 3).
+
+    The trainer normalises over micro-batches and ranks itself (sum parts, divide by global counts); this helper is
+    for single-batch use (tests, evaluation).
+
+    Args:
+        out: from :func:`run_jepa_batch`.
+        gamma, lam: weights γ and λ.
+        metric, temperature, gather_negatives: see :func:`conceptlm.jepa.losses.jepa_distance`.
+
+    Returns:
+        ``{"loss": total, "lm": L_LM (token mean), "jepa": mean distance (0 when skipped), "jepa_sum": sum of
+        per-example distances (0 when skipped)}``.
+    """
+    lm = out.lm_loss_sum / out.n_lm_targets.clamp(min=1)
+    if out.jepa_active:
+        d = jepa_distance(out.pred, out.target, metric, temperature=temperature, gather_negatives=gather_negatives)
+        jepa_sum, jepa = d.sum(), d.mean()
+    else:
+        jepa_sum = jepa = torch.zeros((), device=lm.device)
+    return {"loss": gamma * lm + lam * jepa, "lm": lm, "jepa": jepa, "jepa_sum": jepa_sum}

@@ -1,0 +1,368 @@
+"""LLM-JEPA views: turn a record into the LM sequence, the Text view and the Code view, as token ids.
+
+A chat record ``[system?, user, ..., assistant]`` gives three token sequences (paper §3, spec §2):
+
+* LM sequence: the whole chat, rendered and labelled exactly like SFT (:func:`conceptlm.data.chat.tokenize_chat`),
+  so with λ = 0 LLM-JEPA is plain SFT.
+* Text view: the content of the last user turn (or the record's ``"text"`` field) followed (``after``) or preceded
+  (``before``) by ``k`` predictor tokens, rendered with the chat template either with the preceding context exactly as
+  in the LM sequence (``text_view="context"``: system prompt and earlier turns) or as a lone user turn
+  (``text_view="user_only"``, what the reference code does).
+* Code view: the last assistant turn (or the record's ``"code"`` field) rendered ALONE as an assistant message.
+  Templates that reject a lone assistant message (Gemma-2 requires the first turn to be a user turn) get it with
+  role ``user`` instead — the same fallback as the reference code.
+
+Paraphrase groups ``{"views": [s0, s1, ...]}`` (pretraining) give one example per consecutive pair (s_i predicts
+s_{i+1}); they are rendered as plain text without a chat template: LM = BOS + s_i + EOS (every token but the BOS is
+a target), Text = BOS + s_i + predictors, Code = BOS + s_{i+1}.
+
+The encoder index of a view is derived from the tokenized rendering, never from per-family offsets: the span of the
+view's content in the rendered string is found by rendering the same messages with two different one-character
+sentinels in place of the content (the common prefix/suffix of the two renderings are the template text around the
+content), and the index is that of the last token whose character span ends at or before the content end (the last
+predictor for ``after``, the last content token otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from conceptlm.core.errors import DataError
+from conceptlm.core.tokenizer import render_chat
+from conceptlm.data.chat import IGNORE_INDEX, LABEL_MODES, tokenize_chat, validate_messages
+
+__all__ = [
+    "PREDICTOR_POSITIONS",
+    "TEXT_VIEWS",
+    "DIRECTIONS",
+    "ViewConfig",
+    "JepaExample",
+    "predictor_token",
+    "add_predictor_tokens",
+    "build_views",
+    "common_prefix_len",
+]
+
+PREDICTOR_POSITIONS = ("after", "before")
+TEXT_VIEWS = ("context", "user_only")
+DIRECTIONS = ("text_to_code", "code_to_text")
+_SENTINELS = ("\u00a7", "\u00b6")  # two different characters that no template rewrites or trims
+
+
+def predictor_token(i: int) -> str:
+    """The string of predictor token ``i`` (1-based): ``<|predictor_i|>``."""
+    return f"<|predictor_{i}|>"
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """How to build the views (the ``jepa`` section of a config maps onto this).
+
+    Attributes:
+        num_predictors: k ≥ 0 predictor tokens appended to (or prepended to) the predicting view's content.
+        predictor_position: ``after`` (``content<|predictor_k|>…<|predictor_1|>``, Enc = last predictor) or
+            ``before`` (``<|predictor_1|>…<|predictor_k|>content``, Enc = last content token).
+        text_view: ``context`` (the LM sequence's own context: system prompt and earlier turns, then the user turn)
+            or ``user_only`` (the user turn rendered alone, as the reference code does).
+        direction: ``text_to_code`` (Pred(Enc(Text)) ≈ Enc(Code); predictors go on Text) or ``code_to_text``
+            (predictors go on Code and it predicts Enc(Text)).
+        label_mode: LM targets, passed to ``tokenize_chat``: ``assistant`` or ``all``.
+        enc_index_override: if set (a negative int), Enc of both views is read at ``len(view) + override``
+            (the reference's ``--last_token``) instead of the derived content index.
+    """
+
+    num_predictors: int = 0
+    predictor_position: str = "after"
+    text_view: str = "context"
+    direction: str = "text_to_code"
+    label_mode: str = "assistant"
+    enc_index_override: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_predictors, int) or self.num_predictors < 0:
+            raise ValueError(f"num_predictors must be an integer >= 0, got {self.num_predictors!r}")
+        for name, value, allowed in (("predictor_position", self.predictor_position, PREDICTOR_POSITIONS),
+                                     ("text_view", self.text_view, TEXT_VIEWS),
+                                     ("direction", self.direction, DIRECTIONS),
+                                     ("label_mode", self.label_mode, LABEL_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        o = self.enc_index_override
+        if o is not None and (not isinstance(o, int) or o >= 0):
+            raise ValueError(f"enc_index_override must be a negative integer (-1 = last token) or None, got {o!r}")
+
+
+@dataclass(frozen=True)
+class JepaExample:
+    """Token views of one training example.
+
+    Attributes:
+        lm_ids: (n,) LM sequence.
+        lm_labels: (n,) unshifted LM labels, -100 = not a target.
+        text_ids: Text view tokens.
+        text_enc: index into ``text_ids`` where Enc(Text) (or Pred(Enc(Text))) is read.
+        code_ids: Code view tokens.
+        code_enc: index into ``code_ids`` where Enc(Code) is read.
+        text_prefix_len: p = length of the longest common prefix of ``text_ids[:text_enc + 1]`` and ``lm_ids``
+            (token ids); packed mode shares these p LM tokens with the Text view.
+        pred_is_text: True for ``text_to_code`` (Text is the predicting view), False for ``code_to_text``.
+    """
+
+    lm_ids: tuple[int, ...]
+    lm_labels: tuple[int, ...]
+    text_ids: tuple[int, ...]
+    text_enc: int
+    code_ids: tuple[int, ...]
+    code_enc: int
+    text_prefix_len: int
+    pred_is_text: bool = True
+
+    @property
+    def text_remainder(self) -> tuple[int, ...]:
+        """R_T: the Text tokens after the shared prefix, up to and including the Enc token."""
+        return self.text_ids[self.text_prefix_len: self.text_enc + 1]
+
+    @property
+    def packed_len(self) -> int:
+        """Slots of this example in packed mode: n + |R_T| + (code_enc + 1)."""
+        return len(self.lm_ids) + len(self.text_remainder) + self.code_enc + 1
+
+    @property
+    def max_position(self) -> int:
+        """Largest position id any view uses + 1 (must fit the model context)."""
+        return max(len(self.lm_ids), len(self.text_ids), len(self.code_ids))
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token-id sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def add_predictor_tokens(tokenizer, model=None, k: int = 1) -> list[int]:
+    """Add ``<|predictor_1|>`` … ``<|predictor_k|>`` as special tokens (those missing) and resize ``model``.
+
+    New embedding rows are the mean of the existing rows (``conceptlm.core.hf.resize_token_embeddings``,
+    init="mean"), as the reference's ``mean_resizing``. Idempotent.
+
+    Args:
+        tokenizer: a Hugging Face fast tokenizer (modified in place).
+        model: HF causal LM (or PeftModel) to resize to ``len(tokenizer)`` rows if it has fewer; None = tokenizer
+            only.
+        k: number of predictor tokens.
+
+    Returns:
+        The k predictor token ids, ``[id(<|predictor_1|>), …, id(<|predictor_k|>)]``.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    names = [predictor_token(i) for i in range(1, k + 1)]
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in names if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if model is not None:
+        from conceptlm.core.hf import resize_token_embeddings
+
+        current = model.get_input_embeddings().weight.shape[0]
+        if current < len(tokenizer):
+            resize_token_embeddings(model, len(tokenizer), init="mean")
+    return [tokenizer.convert_tokens_to_ids(t) for t in names]
+
+
+def _check_predictors(tokenizer, k: int) -> None:
+    vocab = tokenizer.get_vocab()
+    missing = [predictor_token(i) for i in range(1, k + 1) if predictor_token(i) not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer lacks predictor tokens {missing}; call add_predictor_tokens(tokenizer, model, k) "
+                         "first")
+
+
+def _with_predictors(content: str, k: int, position: str) -> str:
+    if k == 0:
+        return content
+    if position == "after":
+        return content + "".join(predictor_token(i) for i in range(k, 0, -1))
+    return "".join(predictor_token(i) for i in range(1, k + 1)) + content
+
+
+def _render_messages(tokenizer, messages: list[dict]) -> str:
+    """Render with the chat template; a lone assistant message the template rejects is rendered as a user turn."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return render_chat(tokenizer, messages, add_generation_prompt=False)
+    except TemplateError:
+        if len(messages) == 1 and messages[0]["role"] == "assistant":
+            return render_chat(tokenizer, [{"role": "user", "content": messages[0]["content"]}],
+                               add_generation_prompt=False)
+        raise
+
+
+def _render_with_span(tokenizer, messages: list[dict], index: int) -> tuple[str, int, int]:
+    """Render ``messages`` and find the character span of ``messages[index]``'s content in the rendering.
+
+    Returns:
+        (rendered text, content start, content end).
+    """
+    def render(content: str) -> str:
+        msgs = [dict(m) for m in messages]
+        msgs[index] = {"role": msgs[index]["role"], "content": content}
+        return _render_messages(tokenizer, msgs)
+
+    text = render(messages[index]["content"])
+    a, b = render(_SENTINELS[0]), render(_SENTINELS[1])
+    pre = common_prefix_len(a, b)
+    suf = common_prefix_len(a[::-1], b[::-1])
+    start, end = pre, len(text) - suf
+    if not (text.startswith(a[:pre]) and text.endswith(a[len(a) - suf:]) and end > start):
+        raise DataError("cannot locate the view content in the chat-template rendering (does the template rewrite "
+                        "contents?)", field=f"messages[{index}].content")
+    return text, start, end
+
+
+def _tokenize_view(tokenizer, text: str, start: int, end: int, override: int | None,
+                   what: str) -> tuple[tuple[int, ...], int]:
+    """Tokenize a rendered view and return (ids, Enc index)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = tuple(int(t) for t in enc["input_ids"])
+    if not ids:
+        raise DataError(f"the {what} view tokenizes to nothing", field=what)
+    if override is not None:
+        idx = len(ids) + override
+        if idx < 0:
+            raise DataError(f"enc_index_override={override} points before the start of the {what} view "
+                            f"({len(ids)} tokens)", field=what)
+        return ids, idx
+    idx = -1
+    for k, (a, b) in enumerate(enc["offset_mapping"]):
+        if b <= end and b > start:
+            idx = k
+    if idx < 0:
+        raise DataError(f"no token of the {what} view ends inside its content span [{start}, {end}) of the "
+                        f"rendering", field=what)
+    return ids, idx
+
+
+def _plain_view(tokenizer, content: str, *, eos: bool) -> tuple[str, int, int]:
+    bos = tokenizer.bos_token or ""
+    text = bos + content + ((tokenizer.eos_token or "") if eos else "")
+    return text, len(bos), len(bos) + len(content)
+
+
+def _example(tokenizer, cfg: ViewConfig, lm_ids, lm_labels, text_r, code_r) -> JepaExample:
+    text_ids, text_enc = _tokenize_view(tokenizer, *text_r, cfg.enc_index_override, "text")
+    code_ids, code_enc = _tokenize_view(tokenizer, *code_r, cfg.enc_index_override, "code")
+    p = common_prefix_len(text_ids[: text_enc + 1], lm_ids)
+    return JepaExample(lm_ids=tuple(lm_ids), lm_labels=tuple(lm_labels), text_ids=text_ids, text_enc=text_enc,
+                       code_ids=code_ids, code_enc=code_enc, text_prefix_len=p,
+                       pred_is_text=cfg.direction == "text_to_code")
+
+
+def _content_field(record: Mapping, key: str) -> str | None:
+    if key not in record:
+        return None
+    value = record[key]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"expected a non-empty string, got {value!r:.40}", field=key)
+    return value
+
+
+def _chat_example(tokenizer, messages: list[dict], cfg: ViewConfig, text: str | None,
+                  code: str | None) -> JepaExample:
+    a = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    users = [i for i in range(a) if messages[i]["role"] == "user"]
+    if not users:
+        raise DataError("no user message before the last assistant message (the Text view needs one)",
+                        field="messages")
+    u = users[-1]
+    text_content = messages[u]["content"] if text is None else text
+    code_content = messages[a]["content"] if code is None else code
+    k, pos = cfg.num_predictors, cfg.predictor_position
+    if cfg.direction == "text_to_code":
+        text_content = _with_predictors(text_content, k, pos)
+    else:
+        code_content = _with_predictors(code_content, k, pos)
+    if cfg.text_view == "context":
+        text_msgs = [dict(m) for m in messages[: u + 1]]
+        text_msgs[u] = {"role": "user", "content": text_content}
+        text_idx = u
+    else:
+        text_msgs, text_idx = [{"role": "user", "content": text_content}], 0
+    lm = tokenize_chat(tokenizer, messages, label_mode=cfg.label_mode)
+    text_r = _render_with_span(tokenizer, text_msgs, text_idx)
+    code_r = _render_with_span(tokenizer, [{"role": "assistant", "content": code_content}], 0)
+    return _example(tokenizer, cfg, lm["input_ids"], lm["labels"], text_r, code_r)
+
+
+def _group_examples(tokenizer, views: Sequence[str], cfg: ViewConfig) -> list[JepaExample]:
+    out = []
+    k, pos = cfg.num_predictors, cfg.predictor_position
+    for i in range(len(views) - 1):
+        src, dst = views[i], views[i + 1]
+        if cfg.direction == "text_to_code":
+            src_p, dst_p = _with_predictors(src, k, pos), dst
+        else:
+            src_p, dst_p = src, _with_predictors(dst, k, pos)
+        lm_text = _plain_view(tokenizer, src, eos=True)[0]
+        lm_ids = [int(t) for t in tokenizer(lm_text, add_special_tokens=False)["input_ids"]]
+        labels = list(lm_ids)
+        if lm_ids and tokenizer.bos_token_id is not None and lm_ids[0] == tokenizer.bos_token_id:
+            labels[0] = IGNORE_INDEX
+        out.append(_example(tokenizer, cfg, lm_ids, labels, _plain_view(tokenizer, src_p, eos=False),
+                            _plain_view(tokenizer, dst_p, eos=False)))
+    return out
+
+
+def build_views(record, tokenizer, config: ViewConfig | None = None, *, path=None,
+                line: int | None = None) -> list[JepaExample]:
+    """Build the LLM-JEPA token views of one record.
+
+    Args:
+        record: one of
+            * a list of ``{"role", "content"}`` messages (system?, user, …, assistant);
+            * ``{"messages": [...], "text": str?, "code": str?}`` — ``text``/``code`` replace the user / assistant
+              content in the Text / Code views (the LM sequence stays the chat), e.g. HellaSwag's context and gold
+              ending;
+            * ``{"views": [s0, s1, …]}`` — a paraphrase group (≥ 2 strings), plain-text rendering.
+        tokenizer: HF fast tokenizer with a chat template (chat records) and the predictor tokens if k > 0.
+        config: view settings (default ``ViewConfig()``).
+        path, line: where the record came from, for error messages.
+
+    Returns:
+        One :class:`JepaExample` for a chat record; ``len(views) - 1`` for a paraphrase group.
+
+    Raises:
+        DataError: malformed record, or a view whose content cannot be located; names ``path``, ``line`` and the
+            field.
+        ValueError: the tokenizer lacks the predictor tokens.
+    """
+    cfg = config or ViewConfig()
+    _check_predictors(tokenizer, cfg.num_predictors)
+    try:
+        if isinstance(record, Mapping) and "views" in record:
+            views = record["views"]
+            if not isinstance(views, list) or len(views) < 2:
+                raise DataError("a paraphrase group needs a list of at least 2 strings", field="views")
+            for i, v in enumerate(views):
+                if not isinstance(v, str) or not v.strip():
+                    raise DataError(f"expected a non-empty string, got {v!r:.40}", field=f"views[{i}]")
+            return _group_examples(tokenizer, views, cfg)
+        if isinstance(record, Mapping):
+            if "messages" not in record:
+                keys = ", ".join(repr(k) for k in record) or "none"
+                raise DataError(f"expected 'messages' or 'views' (keys present: {keys})", field="messages")
+            messages = validate_messages(record["messages"], path=path, line=line)
+            text, code = _content_field(record, "text"), _content_field(record, "code")
+        else:
+            messages, text, code = validate_messages(record, path=path, line=line), None, None
+        return [_chat_example(tokenizer, messages, cfg, text, code)]
+    except DataError as e:
+        if e.path is not None:
+            raise
+        raise DataError(e.reason, path=path, line=line, field=e.field) from None
