@@ -28,9 +28,13 @@ def build_tokenizer(cfg: BaseRunConfig, corpus: Iterable[str], *, extra_special_
                                extra_special_tokens=list(extra_special_tokens))
 
 
-def build_model(cfg: BaseRunConfig, tokenizer):
+def build_model(cfg: BaseRunConfig, tokenizer, *, save_base: bool = True):
     """Load ``model.path`` or build a tiny ``model.arch`` sized to the tokenizer; seeded by ``train.seed``;
-    LoRA applied when ``model.lora.enabled``."""
+    LoRA applied when ``model.lora.enabled``.
+
+    A LoRA adapter must name its base model: for a from-config base, the (frozen) base weights are saved once to
+    ``<run_dir>/base_model`` (by the caller with ``save_base`` on rank 0) and the adapter points there.
+    """
     m = cfg.model
     if m.path:
         model = hf.load_causal_lm(m.path, attn_implementation=m.attn_implementation)
@@ -49,6 +53,11 @@ def build_model(cfg: BaseRunConfig, tokenizer):
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             attn_implementation=m.attn_implementation, seed=cfg.train.seed)
     if m.lora.enabled:
+        if not m.path:
+            base_dir = (cfg.run_dir / "base_model").resolve()
+            if save_base:
+                hf.save_model(model, base_dir, tokenizer=tokenizer)
+            model.config._name_or_path = model.name_or_path = str(base_dir)
         model = hf.apply_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
                               target_modules=m.lora.target_modules)
     return model

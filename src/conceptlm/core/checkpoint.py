@@ -78,6 +78,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, hf_model, tokenizer, mode
     target = root / f"step_{step:08d}"
     hf_sd = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
     extra = {k: v.contiguous() for k, v in model_state.items() if not k.startswith("model.")}
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of the training bar
     with atomic_dir(target) as tmp:
         hf_model.save_pretrained(tmp / "model", state_dict=hf_sd, safe_serialization=True)
         if tokenizer is not None:

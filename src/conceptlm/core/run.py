@@ -12,7 +12,7 @@ import torch
 from conceptlm.core.config import BaseRunConfig, save_config
 from conceptlm.core.distributed import DistInfo, init_distributed
 
-__all__ = ["seed_everything", "prepare_run"]
+__all__ = ["seed_everything", "prepare_run", "create_run_dir"]
 
 
 def seed_everything(seed: int) -> None:
@@ -22,10 +22,11 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def prepare_run(cfg: BaseRunConfig, *, command: str | None = None) -> DistInfo:
-    """Init distributed, seed all RNGs with ``train.seed``, create the run folder and save the resolved config.
+def prepare_run(cfg: BaseRunConfig) -> DistInfo:
+    """Init distributed, seed all RNGs with ``train.seed`` and set up logging (rank 0: INFO, others: WARNING).
 
-    Rank 0 logs INFO to stderr; other ranks log warnings only.
+    Nothing is written yet: a recipe calls :func:`create_run_dir` once its inputs have been validated, so bad
+    input never leaves a half-made run folder behind.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,7 +36,11 @@ def prepare_run(cfg: BaseRunConfig, *, command: str | None = None) -> DistInfo:
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     seed_everything(cfg.train.seed)
+    return info
+
+
+def create_run_dir(cfg: BaseRunConfig, info: DistInfo, *, command: str | None = None) -> None:
+    """Create the run folder and save the resolved config (rank 0)."""
     if info.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_dir / "config.yaml", header=command)
-    return info

@@ -105,7 +105,7 @@ def build_dataset(source: Source, tokenizer, *, max_length: int, label_mode: str
         # A file is given by path so that errors name the file and line; generated/HF records by index.
         data = source.paths[0] if source.paths else source.records
         return ChatDataset(data, tokenizer, label_mode=label_mode, max_length=max_length, on_too_long=on_too_long,
-                           limit=source.limit)
+                           limit=source.limit, name=None if source.paths else source.name)
     from conceptlm.data.text import TextDataset
 
     if source.texts is not None:

@@ -134,7 +134,6 @@ _ANY: Ranges = ((0, MAX_CODEPOINT),)
 _CLASS_ESCAPES = {"d": _DIGIT, "w": WORD, "s": _SPACE, "D": _negate(_DIGIT), "W": _negate(WORD),
                   "S": _negate(_SPACE)}
 _CHAR_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
-_SPECIAL = set("()[]{}|&~*+?.\\")
 
 
 # -------------------------------------------------------------------------------------------------------- parser
@@ -430,8 +429,12 @@ def _minimize(ctx: _Context, trans, out, starts) -> _DFA:
     nblocks = len(outs)
     while True:
         sigs: dict[tuple, int] = {}
-        block = [sigs.setdefault((block[i], *[block[t] for t in row]), len(sigs)) for i, row in enumerate(trans)]
-        ctx.tick()
+        refined = []
+        for i, row in enumerate(trans):
+            refined.append(sigs.setdefault((block[i], *[block[t] for t in row]), len(sigs)))
+            if i & 1023 == 1023:
+                ctx.tick()
+        block = refined
         if len(sigs) == nblocks:
             break
         nblocks = len(sigs)
@@ -460,6 +463,8 @@ def _explore(ctx: _Context, start, step, accepts) -> _DFA:
     for key in keys:  # the list grows while we walk it: a BFS
         sink = key is _DEAD or key is _FULL
         trans.append([idx(key if sink else step(key, c)) for c in range(ctx.partition.n)])
+        if len(trans) & 127 == 0:
+            ctx.tick()
     out = [(k is _FULL, k is _FULL) if k is _DEAD or k is _FULL else (accepts(k, False), accepts(k, True))
            for k in keys]
     return _minimize(ctx, trans, out, starts)
@@ -648,14 +653,17 @@ def _build(patterns: list[str], max_states: int | None, deadline: float | None):
     return ctx, autos
 
 
-def regex_matcher(pattern: str) -> Callable[[str], bool]:
+def regex_matcher(pattern: str, *, max_states: int | None = 1_000_000) -> Callable[[str], bool]:
     """Compile ``pattern`` once; the returned function tells whether it matches a whole string.
 
     Raises:
         RegexParseError: ``pattern`` is malformed.
-        RegexTooComplexError: ``pattern`` is too large to compile.
+        RegexTooComplexError: ``pattern`` needs more than ``max_states`` automaton states (or is nested too deep).
     """
-    ctx, (dfa,) = _build([pattern], None, None)
+    try:
+        ctx, (dfa,) = _build([pattern], max_states, None)
+    except _Budget:
+        raise RegexTooComplexError(f"regex needs more than {max_states} automaton states: {pattern!r}") from None
     classify, trans, dead = ctx.partition.classify, dfa.trans, dfa.dead
 
     def matches(s: str) -> bool:

@@ -12,7 +12,7 @@ from conceptlm.core.checkpoint import find_latest_checkpoint
 from conceptlm.core.config import BaseRunConfig
 from conceptlm.core.distributed import cleanup_distributed
 from conceptlm.core.errors import ConfigError
-from conceptlm.core.run import prepare_run
+from conceptlm.core.run import create_run_dir, prepare_run
 from conceptlm.core.trainer import Trainer, TrainResult
 from conceptlm.data.batching import BatchPlan, collate
 from conceptlm.data.sources import build_dataset, corpus_texts, eval_batches, resolve_source, step_batches
@@ -38,17 +38,18 @@ def load_sources(cfg: BaseRunConfig):
 
 def train(cfg: BaseRunConfig, *, command: str | None = None) -> TrainResult:
     """Train an SFT run end to end (works under torchrun). Returns the trainer's result."""
-    info = prepare_run(cfg, command=command)
+    info = prepare_run(cfg)
     try:
         train_src, eval_src = load_sources(cfg)
         tokenizer = build_tokenizer(cfg, corpus_texts(train_src))
-        model = build_model(cfg, tokenizer)
-        if info.is_main:
-            tokenizer.save_pretrained(cfg.run_dir / "tokenizer")
         kw = dict(max_length=cfg.data.max_length, label_mode=cfg.data.label_mode,
                   on_too_long=cfg.data.on_too_long)
         train_ds = build_dataset(train_src, tokenizer, **kw)
         eval_ds = build_dataset(eval_src, tokenizer, **kw) if eval_src is not None else None
+        create_run_dir(cfg, info, command=command)  # inputs are valid: only now write anything
+        model = build_model(cfg, tokenizer, save_base=info.is_main)
+        if info.is_main:
+            tokenizer.save_pretrained(cfg.run_dir / "tokenizer")
         t = cfg.train
         plan = BatchPlan(train_ds.lengths, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                          world_size=info.world_size, rank=info.rank, seed=t.seed)

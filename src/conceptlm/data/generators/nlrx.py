@@ -107,17 +107,18 @@ _RULES: dict[str, _Rule] = {
 KINDS: tuple[str, ...] = tuple(_RULES)
 _ATOM_CHILDREN = {"followed", "and3", "or3"}  # rules whose children are always atoms (as in NL-RX-SYNTH)
 _FAMILY_LIMIT = {"and": 2, "or": 2}  # other families: at most once per expression
+_NOT_UNDER_ONLY = {"contain", "only", "start", "end", "words", "not"}  # "containing only" takes plain operands
 
 # Sampling weights, tuned so that operator frequencies and lengths match synth_train.jsonl (see tests).
 _WEIGHTS: dict[str, float] = {
-    "and": 0.9, "and3": 0.7, "or": 1.6, "or3": 0.7, "before": 3.2, "followed": 1.0, "star": 0.55,
-    "plus": 0.55, "rep": 1.25, "exact": 0.06, "contain": 1.0, "only": 0.25, "start": 0.6, "end": 0.8,
-    "words": 1.2, "not": 1.1,
+    "and": 0.9, "and3": 0.7, "or": 1.6, "or3": 0.6, "before": 3.2, "followed": 1.25, "star": 0.55,
+    "plus": 0.55, "rep": 1.2, "exact": 0.05, "contain": 1.0, "only": 0.15, "start": 0.5, "end": 0.7,
+    "words": 1.3, "not": 1.2,
 }
-_P_STRING = 0.31   # share of atoms that are string literals (NL-RX-SYNTH: about 31%)
+_P_STRING = 0.33   # share of atoms that are string literals (NL-RX-SYNTH: about 31%)
 _P_LEAF_UNARY = 0.2   # chance that the operand of a unary rule is an atom although depth remains
 _P_LEAF_NARY = 0.6    # same for an operand of a binary rule
-_OPS_WEIGHTS = {1: 0.03, 2: 0.55, 3: 0.40, 4: 0.02}  # number of operators per expression (NL-RX-SYNTH-like)
+_OPS_WEIGHTS = {1: 0.03, 2: 0.60, 3: 0.35, 4: 0.02}  # number of operators per expression (NL-RX-SYNTH-like)
 _REP_RANGE = (2, 7)
 _MAX_DESC_CHARS, _MAX_REGEX_CHARS = 125, 56  # NL-RX-SYNTH maxima: 125 and 54
 
@@ -143,16 +144,17 @@ Expr = Atom | Op
 
 
 # ------------------------------------------------------------------------------------------------ regex side
-def _regex(e: Expr) -> tuple[str, int]:
+def _regex(e: Expr, exact_nlrx: bool) -> tuple[str, int]:
     if isinstance(e, Atom):
         if e.kind == "string":
             return e.word, (_CAT if len(e.word) > 1 else _UNIT)
         return CHAR_CLASSES[e.kind][1], _UNIT
     rule = _RULES[e.kind]
-    parts = [_regex(c) for c in e.children]
+    parts = [_regex(c, exact_nlrx) for c in e.children]
     if e.kind == "only":
         return parts[0]
-    texts = [f"({t})" if rule.bare and lvl >= _AND else t for t, lvl in parts]
+    wrap = rule.bare and not exact_nlrx
+    texts = [f"({t})" if wrap and lvl >= _AND else t for t, lvl in parts]
     return rule.regex.format(*texts, n=e.count), rule.level
 
 
@@ -189,6 +191,10 @@ def _phrase(e: Expr, mode: str) -> str:
         verb = {_LINES: "having", _NOT: "having", _WTOP: "with", _WNEST: "with", _NONE: ""}.get(mode)
         body = rule.phrase.format(*(_phrase(c, _NONE) for c in kids))
         return _join(_dont_verb(kids[0]) if verb is None else verb, body)
+    if e.kind == "contain" and isinstance(kids[0], Op) and kids[0].kind == "not":
+        # NL-RX-SYNTH never says "containing not X": the negation moves in front of the verb.
+        verb = {_WTOP: "that don't containing", _WNEST: "with not containing"}.get(mode, "not containing")
+        return f"{verb} {_negated(kids[0].children[0], _NONE)}"
     if e.kind in ("contain", "only"):
         verb = ("that contain" if words_mode else "containing") + (" only" if e.kind == "only" else "")
         return f"{verb} {_phrase(kids[0], _NONE)}"
@@ -217,49 +223,59 @@ def _negated(e: Expr, mode: str) -> str:
     """Phrase of the operand of ``not``; NL-RX repeats "not" in front of every operand of an intersection."""
     if isinstance(e, Op) and e.kind == "and":
         return f"{_phrase(e.children[0], mode)} and not {_phrase(e.children[1], _NONE)}"
-    if isinstance(e, Op) and e.kind == "and3":
+    if isinstance(e, Op) and e.kind in ("and3", "or3"):  # and "either" is dropped: "not having X, Y, or Z"
         first, *rest = e.children
         verb = {_NOT: "having", _NONE: ""}.get(mode)
         head = _join(_dont_verb(first) if verb is None else verb, _atom_phrase(first))
-        return f"{head}, not {_phrase(rest[0], _NONE)}, and not {_phrase(rest[1], _NONE)}"
+        if e.kind == "or3":
+            return f"{head}, {_atom_phrase(rest[0])}, or {_atom_phrase(rest[1])}"
+        return f"{head}, not {_atom_phrase(rest[0])}, and not {_atom_phrase(rest[1])}"
     return _phrase(e, mode)
 
 
-def render(expr: Expr) -> tuple[str, str]:
+def render(expr: Expr, *, exact_nlrx: bool = False) -> tuple[str, str]:
     """Render an expression tree into its ``(description, regex)`` pair.
 
     Args:
         expr: an :class:`Atom` or :class:`Op` tree (string atoms must carry their ``word``).
+        exact_nlrx: write ``&``/``|`` operands of ``.*X.*``, ``\\bX\\b`` bare, as NL-RX-SYNTH does (for exact-match
+            comparisons with it); the dialect's parser then reads a different tree there. Default: parenthesised.
 
     Returns:
         ``("lines ...", regex)``, e.g. ``("lines with a number before the string 'dog'", "([0-9]).*(dog).*")``.
     """
-    return "lines " + _phrase(expr, _LINES), _regex(expr)[0]
+    return "lines " + _phrase(expr, _LINES), _regex(expr, exact_nlrx)[0]
 
 
 # --------------------------------------------------------------------------------------------------- sampling
-def _family(kind: str) -> str:
-    return _RULES[kind].family or kind
+_FAMILY = {k: r.family or k for k, r in _RULES.items()}
+_LIMIT = {k: _FAMILY_LIMIT.get(_FAMILY[k], 1) for k in KINDS}
 
 
-def _sample_atom(rng: random.Random) -> Atom:
-    if rng.random() < _P_STRING:
+def _sample_atom(rng: random.Random, used: dict[str, int]) -> Atom:
+    # NL-RX-SYNTH never names a character class twice in one description: draw classes without replacement.
+    free = [k for k in CHAR_CLASSES if not used.get("class:" + k)]
+    if not free or rng.random() < _P_STRING:
         return Atom("string")
-    return Atom(rng.choice(tuple(CHAR_CLASSES)))
+    kind = rng.choice(free)
+    used["class:" + kind] = 1
+    return Atom(kind)
 
 
-def _sample(rng: random.Random, depth: int, used: dict[str, int], p_leaf: float) -> Expr:
+def _sample(rng: random.Random, depth: int, used: dict[str, int], p_leaf: float, parent: str = "") -> Expr:
+    """Draw a subtree; ``used`` counts rule families and character classes already in the expression."""
     if depth <= 0 or rng.random() < p_leaf:
-        return _sample_atom(rng)
-    kinds = [k for k in KINDS if used.get(_family(k), 0) < _FAMILY_LIMIT.get(_family(k), 1)]
+        return _sample_atom(rng, used)
+    kinds = [k for k in KINDS if used.get(_FAMILY[k], 0) < _LIMIT[k]
+             and not (parent == "only" and k in _NOT_UNDER_ONLY)]
     kind = rng.choices(kinds, weights=[_WEIGHTS[k] for k in kinds])[0]
-    used[_family(kind)] = used.get(_family(kind), 0) + 1
+    used[_FAMILY[kind]] = used.get(_FAMILY[kind], 0) + 1
     rule = _RULES[kind]
     if kind in _ATOM_CHILDREN:
-        children = tuple(_sample_atom(rng) for _ in range(rule.arity))
+        children = tuple(_sample_atom(rng, used) for _ in range(rule.arity))
     else:
         p = _P_LEAF_UNARY if rule.arity == 1 else _P_LEAF_NARY
-        children = tuple(_sample(rng, depth - 1, used, p) for _ in range(rule.arity))
+        children = tuple(_sample(rng, depth - 1, used, p, kind) for _ in range(rule.arity))
     count = rng.randint(*_REP_RANGE) if kind in ("rep", "exact") else None
     return Op(kind, children, count)
 
@@ -306,21 +322,33 @@ def sample_expr(rng: random.Random, max_depth: int = 3) -> Expr:
 
 
 # ------------------------------------------------------------------------------------------------- public API
-def generate_pairs(n: int, *, seed: int = 0, max_depth: int = 3) -> list[tuple[str, str]]:
-    """Draw ``n`` independent ``(description, regex)`` pairs (duplicates possible, as in NL-RX-SYNTH).
+def generate_pairs(n: int, *, seed: int = 0, max_depth: int = 3, distinct: bool = True,
+                   exact_nlrx: bool = False) -> list[tuple[str, str]]:
+    """Draw ``n`` ``(description, regex)`` pairs.
+
+    NL-RX-SYNTH holds (nearly) distinct descriptions although its grammar, sampled independently, repeats about
+    one description in five (its short templates are few); so by default repeats are redrawn here too.
 
     Args:
         n: number of pairs (>= 0).
-        seed: seed of a private ``random.Random``; the same seed gives the same list.
-        max_depth: maximum operator nesting of each expression.
+        seed: seed of a private ``random.Random``; the same arguments give the same list.
+        max_depth: maximum operator nesting of each expression (>= 1).
+        distinct: redraw a pair whose description was already drawn; ``False`` gives independent draws.
+        exact_nlrx: see :func:`render`.
 
     Returns:
         A list of ``n`` pairs such as ``("lines containing a vowel", ".*[AEIOUaeiou].*")``.
+
+    Raises:
+        ValueError: ``n < 0``, ``max_depth < 1``, or (with ``distinct``) the grammar at this depth has too few
+            distinct descriptions.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed)
-    return [render(sample_expr(rng, max_depth)) for _ in range(n)]
+    if distinct:
+        return _distinct_pairs(rng, n, max_depth, set(), set(), exact_nlrx)
+    return [render(sample_expr(rng, max_depth), exact_nlrx=exact_nlrx) for _ in range(n)]
 
 
 def _record(desc: str, regex: str) -> dict:
@@ -335,7 +363,7 @@ def generate_records(n: int, *, seed: int = 0, **kw) -> list[dict]:
     Args:
         n: number of records.
         seed: random seed.
-        **kw: passed to :func:`generate_pairs` (``max_depth``).
+        **kw: passed to :func:`generate_pairs` (``max_depth``, ``distinct``, ``exact_nlrx``).
 
     Returns:
         ``n`` dicts in the chat JSONL format of ``synth_train.jsonl``.
@@ -357,7 +385,8 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> None:
 
 
 def _distinct_pairs(rng: random.Random, n: int, max_depth: int, banned_desc: set[str],
-                    banned_regex: set[str]) -> list[tuple[str, str]]:
+                    banned_regex: set[str], exact_nlrx: bool) -> list[tuple[str, str]]:
+    """Draw pairs until ``n`` have distinct descriptions outside ``banned_desc`` and regexes outside ``banned_regex``."""
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
     tries, max_tries = 0, 50 * n + 1000
@@ -366,7 +395,7 @@ def _distinct_pairs(rng: random.Random, n: int, max_depth: int, banned_desc: set
         if tries > max_tries:
             raise ValueError(f"found only {len(out)} of {n} distinct pairs in {max_tries} draws "
                              f"(max_depth={max_depth} is too small for this many)")
-        desc, regex = render(sample_expr(rng, max_depth))
+        desc, regex = render(sample_expr(rng, max_depth), exact_nlrx=exact_nlrx)
         if desc in seen or desc in banned_desc or regex in banned_regex:
             continue
         seen.add(desc)
@@ -374,7 +403,8 @@ def _distinct_pairs(rng: random.Random, n: int, max_depth: int, banned_desc: set
     return out
 
 
-def make_splits(n_train: int, n_test: int, *, seed: int = 0, max_depth: int = 3) -> tuple[list[dict], list[dict]]:
+def make_splits(n_train: int, n_test: int, *, seed: int = 0, max_depth: int = 3,
+                exact_nlrx: bool = False) -> tuple[list[dict], list[dict]]:
     """Train and test chat records with distinct descriptions; no test description or test regex is in train.
 
     The test split is drawn first, so it does not change with ``n_train``.
@@ -384,6 +414,7 @@ def make_splits(n_train: int, n_test: int, *, seed: int = 0, max_depth: int = 3)
         n_test: number of test records.
         seed: random seed.
         max_depth: maximum operator nesting.
+        exact_nlrx: see :func:`render`.
 
     Returns:
         ``(train_records, test_records)``.
@@ -394,6 +425,6 @@ def make_splits(n_train: int, n_test: int, *, seed: int = 0, max_depth: int = 3)
     if n_train < 0 or n_test < 0:
         raise ValueError(f"split sizes must be >= 0, got n_train={n_train}, n_test={n_test}")
     rng = random.Random(seed)
-    test = _distinct_pairs(rng, n_test, max_depth, set(), set())
-    train = _distinct_pairs(rng, n_train, max_depth, {d for d, _ in test}, {r for _, r in test})
+    test = _distinct_pairs(rng, n_test, max_depth, set(), set(), exact_nlrx)
+    train = _distinct_pairs(rng, n_train, max_depth, {d for d, _ in test}, {r for _, r in test}, exact_nlrx)
     return [_record(*p) for p in train], [_record(*p) for p in test]

@@ -1,0 +1,78 @@
+"""The conceptlm command: help everywhere, python -m, one-line errors for bad input that leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conceptlm.cli import main
+from tests.conftest import make_chat_records, tiny_overrides, write_jsonl
+
+
+def test_python_dash_m_help():
+    r = subprocess.run([sys.executable, "-m", "conceptlm", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "demo" in r.stdout and "sft" in r.stdout
+
+
+@pytest.mark.parametrize("argv", [["sft", "--help"], ["sft", "train", "--help"], ["sft", "eval", "--help"],
+                                  ["demo", "--help"]])
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: conceptlm" in capsys.readouterr().out
+
+
+BAD_LINES = {
+    "invalid json": (b'{"messages": [}\n', "train.jsonl:3", None),
+    "missing role": (b'{"messages": [{"content": "x"}]}\n', "train.jsonl:3", "messages[0].role"),
+    "empty content": (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}\n',
+                      "train.jsonl:3", "messages[1].content"),
+    "wrong type": (b'{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}\n',
+                   "train.jsonl:3", "messages[0].content"),
+    "non utf-8": (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n', "train.jsonl:3", None),
+    "too long": (json.dumps({"messages": [{"role": "user", "content": "dog " * 200},
+                                          {"role": "assistant", "content": "x"}]}).encode() + b"\n",
+                 "train.jsonl:3", "messages"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_data_gives_one_clear_line_and_writes_nothing(tmp_path, capsys, case):
+    bad, where, field = BAD_LINES[case]
+    good = "".join(json.dumps(r) + "\n" for r in make_chat_records(2)).encode()
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(good + bad + good)
+    code = main(["sft", "train", *tiny_overrides(tmp_path, path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("conceptlm: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert where in err
+    if field:
+        assert f"field '{field}'" in err
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_bad_config_gives_file_and_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("# conceptlm sft train --config c.yaml\ntrain:\n  max_stepz: 3\n")
+    assert main(["sft", "train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:3: field 'train.max_stepz': unknown key; did you mean 'max_steps'?" in err
+
+
+def test_train_then_eval_through_cli(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", make_chat_records(64, seed=3))
+    evalf = write_jsonl(tmp_path / "eval.jsonl", make_chat_records(10, seed=4))
+    ov = tiny_overrides(tmp_path, train, evalf, **{"train.max_steps": 2, "generate.max_new_tokens": 8})
+    assert main(["sft", "train", *ov]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 2 and out["checkpoint"].endswith("step_00000002")
+    assert main(["sft", "eval", *ov]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 10 and 0.0 <= res["accuracy"] <= 1.0
+    rows = [json.loads(l) for l in open(res["predictions"], encoding="utf-8")]
+    assert len(rows) == 10 and {"prompt", "reference", "prediction", "correct"} <= rows[0].keys()
