@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(method.config_cls(), args.config, args.overrides)
         command = "conceptlm " + " ".join(shlex.quote(a) for a in argv)
         result = method.verbs[args.verb][1](cfg, args, command)
-        from conceptlm.core.distributed import is_main
+        import os
 
-        if is_main() and result is not None:
+        if os.environ.get("RANK", "0") == "0" and result is not None:  # the process group is gone by now
             print(json.dumps(result, indent=2, default=str))
         return 0
     except ConceptLMError as e:

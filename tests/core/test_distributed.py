@@ -43,12 +43,15 @@ def max_diff(a, b) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_two_process_ddp_equals_one_process(tmp_path, chat_files):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(tmp_path, chat_files, strategy):
+    """2 ranks x micro 2 x accum 2 == 1 rank x micro 8 (same global batch) after a few steps."""
     steps = 4
     one = tiny_overrides(tmp_path, chat_files[0], **{"run.name": "one", "train.max_steps": steps,
                                                      "train.micro_batch_size": 8})
     two = tiny_overrides(tmp_path, chat_files[0], **{"run.name": "two", "train.max_steps": steps,
-                                                     "train.micro_batch_size": 2, "train.grad_accum": 2})
+                                                     "train.micro_batch_size": 2, "train.grad_accum": 2,
+                                                     "dist.strategy": strategy})
     subprocess.run(cli(one), check=True, env=env(), cwd=tmp_path, timeout=300)
     r = subprocess.run(cli(two, nproc=2), env=env(), cwd=tmp_path, timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -76,7 +76,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, hf_model, tokenizer, mode
     """
     root = Path(run_dir) / "checkpoints"
     target = root / f"step_{step:08d}"
-    hf_sd = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")}
+    tied = _tied_keys(hf_model)  # gathered (FSDP) state dicts hold tied weights as separate copies: drop them
+    hf_sd = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.") and
+             k[len("model."):] not in tied}
     extra = {k: v.contiguous() for k, v in model_state.items() if not k.startswith("model.")}
     from transformers.utils import logging as hf_logging
 

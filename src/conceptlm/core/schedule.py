@@ -13,16 +13,15 @@ def lr_multiplier(step: int, *, kind: str, warmup_steps: int, max_steps: int, mi
     """LR multiplier for optimizer step ``step`` (0-based: the multiplier used by the step-th update).
 
     Warmup: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` (the first update already has a non-zero LR).
-    Decay over the remaining ``max_steps - warmup_steps`` updates, with progress ``p`` from 0 to 1 reached at the last
-    update ``max_steps - 1``:
+    Decay over the remaining ``D = max_steps - warmup_steps`` updates with progress ``p = (step - warmup_steps) / D``
+    (0 at the first decay update, ``(D - 1) / D`` at the last one, as in Hugging Face's schedulers):
     cosine ``r + (1 - r) * (1 + cos(pi p)) / 2``; linear ``1 - (1 - r) p``; constant ``1``.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if kind == "constant":
         return 1.0
-    decay_steps = max_steps - warmup_steps
-    p = 1.0 if decay_steps <= 1 else min(1.0, (step - warmup_steps) / (decay_steps - 1))
+    p = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     if kind == "cosine":
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
     if kind == "linear":

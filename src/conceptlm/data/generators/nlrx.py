@@ -31,7 +31,12 @@ named 'dog', 'truck', 'ring', 'lake' in order of appearance. Where NL-RX writes 
 with the dialect's precedence (repetition > concatenation > ``&`` > ``|``, ``~`` on the next atom/group; see
 :mod:`conceptlm.eval.regex_equiv`) reads the tree the rule built. NL-RX itself leaves these bare (e.g.
 ``.*([0-9])|([A-Z]).*``, which that parser reads as ``(.*[0-9])|([A-Z].*)``). ``{n}`` ("exactly n times") is
-rare here and absent from NL-RX-SYNTH.
+rare here and absent from NL-RX-SYNTH; ``exact_nlrx=True`` writes the bare NL-RX form instead (for exact-match
+comparisons with NL-RX data).
+
+The sampling distribution was tuned on ``synth_train.jsonl``: mostly 2-3 operators per expression, each rule
+family at most once (``and``/``or`` twice), a third of the atoms string literals, no character class named twice,
+the same length limits; operator frequencies and length means then agree within a few percent.
 """
 
 from __future__ import annotations
@@ -98,7 +103,7 @@ _RULES: dict[str, _Rule] = {
     "rep": _Rule(1, "{0}, {n} or more times", "({0}){{{n},}}", _UNIT, family="quant"),
     "exact": _Rule(1, "{0}, exactly {n} times", "({0}){{{n}}}", _UNIT, family="quant"),
     "contain": _Rule(1, "containing {0}", ".*{0}.*", _CAT, bare=True),
-    "only": _Rule(1, "containing only {0}", "{0}", -1, bare=True),  # level: that of the child
+    "only": _Rule(1, "containing only {0}", "{0}", -1),  # writes its operand unchanged (level of the operand)
     "start": _Rule(1, "starting with {0}", "({0})(.*)", _CAT),
     "end": _Rule(1, "ending with {0}", "(.*)({0})", _CAT),
     "words": _Rule(1, "words with {0}", "\\b{0}\\b", _CAT, bare=True),
@@ -332,7 +337,8 @@ def generate_pairs(n: int, *, seed: int = 0, max_depth: int = 3, distinct: bool 
     Args:
         n: number of pairs (>= 0).
         seed: seed of a private ``random.Random``; the same arguments give the same list.
-        max_depth: maximum operator nesting of each expression (>= 1).
+        max_depth: maximum operator nesting of each expression (>= 1); the number of operators follows
+            NL-RX-SYNTH (mostly 2 or 3), so depths above 3 change little.
         distinct: redraw a pair whose description was already drawn; ``False`` gives independent draws.
         exact_nlrx: see :func:`render`.
 
