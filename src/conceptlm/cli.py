@@ -6,11 +6,13 @@ Examples::
     conceptlm sft train --config configs/sft/tiny_cpu.yaml train.max_steps=50
     torchrun --nproc_per_node=2 -m conceptlm sft train --config configs/sft/tiny_cpu.yaml
     conceptlm sft eval --config configs/sft/tiny_cpu.yaml
+    conceptlm jepa train --config configs/jepa/tiny_cpu.yaml jepa.lam=1.0 jepa.num_predictors=1
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shlex
 import sys
@@ -25,37 +27,46 @@ __all__ = ["main", "METHODS"]
 @dataclass
 class Method:
     help: str
-    config_cls: Callable[[], type]
-    verbs: dict[str, tuple[str, Callable]] = field(default_factory=dict)
+    config: str
+    """``module:ClassName`` of the method's config dataclass (imported lazily: ``--help`` stays fast)."""
+    recipe: str
+    """Module with ``train(cfg, command=)`` and ``evaluate(cfg, checkpoint=, output=)`` (+ ``analyze``)."""
+    verbs: list[str] = field(default_factory=list)
+
+    def config_cls(self) -> type:
+        module, name = self.config.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
-def _sft_config():
-    from conceptlm.sft.config import SFTConfig
-
-    return SFTConfig
-
-
-def _sft_train(cfg, args, command):
-    from conceptlm.sft.recipe import train
-
-    res = train(cfg, command=command)
+def _train(cfg, args, command):
+    res = importlib.import_module(METHODS[args.method].recipe).train(cfg, command=command)
     return {"run_dir": str(res.run_dir), "step": res.step, "train": res.last_train, "eval": res.last_eval,
             "checkpoint": str(res.checkpoint) if res.checkpoint else None}
 
 
-def _sft_eval(cfg, args, command):
-    from conceptlm.sft.recipe import evaluate
+def _eval(cfg, args, command):
+    return importlib.import_module(METHODS[args.method].recipe).evaluate(cfg, checkpoint=args.checkpoint,
+                                                                           output=args.output)
 
-    return evaluate(cfg, checkpoint=args.checkpoint, output=args.output)
 
+def _analyze(cfg, args, command):
+    return importlib.import_module(METHODS[args.method].recipe).analyze(cfg, checkpoint=args.checkpoint,
+                                                                          output=args.output)
+
+
+VERBS = {
+    "train": ("train a model (works under torchrun)", _train),
+    "eval": ("greedy generation on the eval data, scored; predictions to JSONL", _eval),
+    "analyze": ("embedding analysis of a checkpoint: Enc(Text)/Enc(Code) export, singular values, linear-map "
+                "residual, 2-D projection plot", _analyze),
+}
 
 METHODS: dict[str, Method] = {
-    "sft": Method(
-        help="supervised fine-tuning / from-scratch next-token training (the NTP baseline)",
-        config_cls=_sft_config,
-        verbs={"train": ("train a model (works under torchrun)", _sft_train),
-               "eval": ("greedy generation on the eval data, scored; predictions to JSONL", _sft_eval)},
-    ),
+    "sft": Method(help="supervised fine-tuning / from-scratch next-token training (the NTP baseline)",
+                  config="conceptlm.sft.config:SFTConfig", recipe="conceptlm.sft.recipe", verbs=["train", "eval"]),
+    "jepa": Method(help="LLM-JEPA: LM loss + lambda * JEPA loss between the Text and Code views (arXiv 2509.14252)",
+                   config="conceptlm.jepa.config:JepaConfig", recipe="conceptlm.jepa.recipe",
+                   verbs=["train", "eval", "analyze"]),
 }
 
 
@@ -70,14 +81,15 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, m in METHODS.items():
         mp = sub.add_parser(name, help=m.help)
         vs = mp.add_subparsers(dest="verb", metavar="<verb>")
-        for verb, (vhelp, _) in m.verbs.items():
+        for verb in m.verbs:
+            vhelp = VERBS[verb][0]
             vp = vs.add_parser(verb, help=vhelp,
                                description=f"{vhelp}. Overrides are dotted keys, e.g. optim.lr=1e-3 train.max_steps=20")
             vp.add_argument("--config", help="YAML config file (see configs/)")
             vp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-            if verb == "eval":
+            if verb in ("eval", "analyze"):
                 vp.add_argument("--checkpoint", help="checkpoint or model dir (default: the run's latest)")
-                vp.add_argument("--output", help="predictions JSONL path (default: <run_dir>/predictions_test.jsonl)")
+                vp.add_argument("--output", help="output path (default: inside the run folder)")
     return p
 
 
@@ -102,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(method.config_cls(), args.config, args.overrides)
         command = "conceptlm " + " ".join(shlex.quote(a) for a in argv)
-        result = method.verbs[args.verb][1](cfg, args, command)
+        result = VERBS[args.verb][1](cfg, args, command)
         import os
 
         if os.environ.get("RANK", "0") == "0" and result is not None:  # the process group is gone by now

@@ -20,6 +20,7 @@ from conceptlm.eval.regex_equiv import (
     Concat,
     Inter,
     RegexParseError,
+    RegexTooComplexError,
     Repeat,
     Union,
     find_counterexample,
@@ -188,6 +189,15 @@ def test_timeout_returns_unknown():
     assert time.monotonic() - start < 5.0
     assert find_counterexample(hard_a, hard_b, timeout=10.0, max_states=1000) is ...
     assert regex_equivalent("a{100000}", "a{100000}", timeout=0.2) is None  # too large for the time budget
+
+
+def test_large_counts_are_built_by_halving():
+    assert regex_equivalent("a{300}", "a{150}a{150}") is True
+    assert find_counterexample("a{300}", "a{299}") == "a" * 299
+    assert regex_equivalent("(ab){2,400}", "ab(ab){1,399}") is True
+    assert regex_matches("a{2000}", "a" * 2000) and not regex_matches("a{2000}", "a" * 1999)
+    with pytest.raises(RegexTooComplexError):
+        regex_matcher("a{100000000}", max_states=10_000)
 
 
 # ------------------------------------------------------------------------------------ randomized checks

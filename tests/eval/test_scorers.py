@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import time
 
@@ -52,6 +53,18 @@ def test_regex_match_is_semantic():
 ])
 def test_regex_match_malformed_prediction_is_wrong_not_a_crash(pred):
     assert regex_match(pred, ".*dog.*") is False
+
+
+def test_regex_match_fuzz_never_raises():
+    rng = random.Random(7)
+    tokens = ["dog", ".", ".*", "[a-z]", "[0-9]", "(", ")", "(", ")", "|", "&", "~", "*", "+", "{2,}", "\\b", "]"]
+    chars = "()[]{}|&~*+?.\\^-,0123abdz AEZ\n"
+    for _ in range(300):
+        from_tokens = "".join(rng.choice(tokens) for _ in range(rng.randint(1, 12)))
+        from_chars = "".join(rng.choice(chars) for _ in range(rng.randint(0, 25)))
+        for pred in (from_tokens, from_chars):
+            assert regex_match(pred, r".*\bdog\b.*", timeout=1.0) in (True, False)
+    assert regex_match(r"(.*\bdog\b.*)", r".*\bdog\b.*") is True
 
 
 def test_regex_match_undecided_is_wrong():

@@ -100,9 +100,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.distributed
 def test_infonce_gathered_negatives_match_one_big_batch(tmp_path):
     """2 gloo ranks (2 + 3 rows): per-example values and gradients equal one process with all 5 rows."""
-    # fork: the children inherit the imported modules (spawn would re-import torch, ~10 s on 2 busy cores)
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    # spawn, not fork: forking after torch used its OpenMP pool in this process can deadlock the children
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     pred_all = torch.randn(5, 4).requires_grad_(True)
     target_all = torch.randn(5, 4).requires_grad_(True)

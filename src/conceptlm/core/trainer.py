@@ -47,6 +47,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
+    if hasattr(batch, "to"):  # batch objects (e.g. JEPA's SeparateBatch / PackedBatch) move themselves
+        return batch.to(device)
     return batch
 
 

@@ -423,26 +423,45 @@ class _DFA:
 
 
 def _minimize(ctx: _Context, trans, out, starts) -> _DFA:
-    """Moore partition refinement: states with equal outputs and equal successor blocks merge until stable."""
-    outs: dict = {}
-    block = [outs.setdefault(o, len(outs)) for o in out]
-    nblocks = len(outs)
-    while True:
-        sigs: dict[tuple, int] = {}
-        refined = []
-        for i, row in enumerate(trans):
-            refined.append(sigs.setdefault((block[i], *[block[t] for t in row]), len(sigs)))
-            if i & 1023 == 1023:
-                ctx.tick()
-        block = refined
-        if len(sigs) == nblocks:
-            break
-        nblocks = len(sigs)
-    rep = {}
-    for i, b in enumerate(block):
-        rep.setdefault(b, i)
-    return _DFA([[block[t] for t in trans[rep[b]]] for b in range(nblocks)], [out[rep[b]] for b in range(nblocks)],
-                (block[starts[0]], block[starts[1]]))
+    """Hopcroft's partition refinement, O(k·n·log n): start from blocks of equal outputs and split blocks by the
+    pre-images of splitter blocks until no block has states that lead to different blocks."""
+    n_states, n_cls = len(trans), len(trans[0])
+    inverse = [[[] for _ in range(n_states)] for _ in range(n_cls)]
+    for s, row in enumerate(trans):
+        for c, t in enumerate(row):
+            inverse[c][t].append(s)
+    groups: dict = {}
+    for s, o in enumerate(out):
+        groups.setdefault(o, set()).add(s)
+    blocks = list(groups.values())
+    block_of = [0] * n_states
+    for b, members in enumerate(blocks):
+        for s in members:
+            block_of[s] = b
+    pending = set(range(len(blocks)))
+    while pending:
+        splitter = list(blocks[pending.pop()])
+        ctx.tick()
+        for c in range(n_cls):
+            hit: dict[int, list[int]] = {}
+            for t in splitter:
+                for s in inverse[c][t]:
+                    hit.setdefault(block_of[s], []).append(s)
+            for b, members in hit.items():
+                if len(members) == len(blocks[b]):
+                    continue
+                new = len(blocks)
+                blocks[b].difference_update(members)
+                blocks.append(set(members))
+                for s in members:
+                    block_of[s] = new
+                if b in pending or len(members) <= len(blocks[b]):
+                    pending.add(new)
+                else:
+                    pending.add(b)
+    rep = [next(iter(members)) for members in blocks]
+    return _DFA([[block_of[t] for t in trans[r]] for r in rep], [out[r] for r in rep],
+                (block_of[starts[0]], block_of[starts[1]]))
 
 
 def _explore(ctx: _Context, start, step, accepts) -> _DFA:
@@ -470,13 +489,13 @@ def _explore(ctx: _Context, start, step, accepts) -> _DFA:
     return _minimize(ctx, trans, out, starts)
 
 
-def _leaf(ctx: _Context, members: frozenset | None = None, boundary: bool | None = None) -> _DFA:
+def _leaf(ctx: _Context, members: frozenset | None = None, boundary_negated: bool | None = None) -> _DFA:
     """A character set (states: 0 start, 1 read one char, 2 dead), the empty string (``members=None``), or a
-    (negated) word boundary."""
+    word boundary (``boundary_negated`` False: ``\\b``, True: ``\\B``)."""
     n = ctx.partition.n
-    if boundary is not None:  # states 0/1: previous char non-word/word; 2 dead
-        return _minimize(ctx, [[2] * n] * 3, [(boundary, not boundary), (not boundary, boundary), (False, False)],
-                         (0, 1))
+    if boundary_negated is not None:  # states 0/1: previous char non-word/word; 2 dead. \b accepts iff p != n
+        neg = boundary_negated
+        return _minimize(ctx, [[2] * n] * 3, [(neg, not neg), (not neg, neg), (False, False)], (0, 1))
     if members is None:
         return _minimize(ctx, [[1] * n, [1] * n], [(True, True), (False, False)], (0, 0))
     return _minimize(ctx, [[1 if c in members else 2 for c in range(n)], [2] * n, [2] * n],
@@ -484,7 +503,8 @@ def _leaf(ctx: _Context, members: frozenset | None = None, boundary: bool | None
 
 
 def _complement(ctx: _Context, a: _DFA) -> _DFA:
-    return _minimize(ctx, a.trans, [(not x, not y) for x, y in a.out], a.starts)
+    """Flip acceptance; a minimal DFA stays minimal (dead and full swap)."""
+    return _DFA(a.trans, [(not x, not y) for x, y in a.out], a.starts)
 
 
 def _boolean(ctx: _Context, parts: list[_DFA], conj: bool) -> _DFA:
@@ -653,7 +673,7 @@ def _build(patterns: list[str], max_states: int | None, deadline: float | None):
     return ctx, autos
 
 
-def regex_matcher(pattern: str, *, max_states: int | None = 1_000_000) -> Callable[[str], bool]:
+def regex_matcher(pattern: str, *, max_states: int | None = 200_000) -> Callable[[str], bool]:
     """Compile ``pattern`` once; the returned function tells whether it matches a whole string.
 
     Raises:

@@ -1,0 +1,99 @@
+"""LLM-JEPA datasets: records (chat JSONL, explicit text/code fields, paraphrase groups) -> JepaExample views."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from conceptlm.core.errors import DataError
+from conceptlm.jepa.views import JepaExample, ViewConfig, build_views
+
+__all__ = ["iter_jsonl_records", "JepaDataset"]
+
+log = logging.getLogger(__name__)
+
+
+def iter_jsonl_records(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, dict]]:
+    """(1-based line, JSON object) per non-blank line; strict UTF-8; DataError naming file and line otherwise.
+
+    The record's fields are validated by :func:`~conceptlm.jepa.views.build_views` (chat ``messages``, optional
+    ``text``/``code``, or a paraphrase group ``views``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path=path)
+    n = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if limit is not None and n >= limit:
+                return
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"invalid UTF-8 byte at offset {e.start}", path=path, line=lineno) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=lineno) from None
+            if not isinstance(obj, dict):
+                raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
+            n += 1
+            yield lineno, obj
+
+
+class JepaDataset:
+    """Pre-built JEPA views of every record.
+
+    Args:
+        source: a JSONL path, or a list of records (message lists or dicts).
+        tokenizer: the run's tokenizer (with the predictor tokens when k > 0).
+        config: view settings.
+        max_length: no view may use a position >= max_length (the model context).
+        on_too_long: "error" (DataError naming file/line) or "skip" (counted, warned). Truncating would cut the
+            predictor or the answer, so it is not offered.
+        packed: bucket by packed row length (packed mode) instead of the LM length.
+        name: what error messages call an in-memory record list.
+
+    Attributes:
+        examples: list of :class:`JepaExample`; ``lengths``: bucketing length per example; ``skipped``: count.
+    """
+
+    def __init__(self, source, tokenizer, config: ViewConfig, *, max_length: int, on_too_long: str = "error",
+                 packed: bool = True, limit: int | None = None, name: str = "<records>"):
+        if on_too_long not in ("error", "skip"):
+            raise DataError(f"on_too_long={on_too_long!r} is not supported for JEPA views (use error or skip)",
+                            field="data.on_too_long")
+        if isinstance(source, (str, Path)):
+            path: str | Path = source
+            numbered: Sequence[tuple[int, object]] = list(iter_jsonl_records(source, limit=limit))
+        else:
+            path = name
+            numbered = list(enumerate(list(source)[:limit], start=1))
+        self.examples: list[JepaExample] = []
+        self.skipped = 0
+        for line, record in numbered:
+            for ex in build_views(record, tokenizer, config, path=path, line=line):
+                if ex.max_position > max_length:
+                    if on_too_long == "error":
+                        raise DataError(f"a view has {ex.max_position} tokens, model context is {max_length} "
+                                        "(set data.on_too_long=skip or raise data.max_length)", path=path,
+                                        line=line, field="messages")
+                    self.skipped += 1
+                    continue
+                self.examples.append(ex)
+        if self.skipped:
+            log.warning("%s: skipped %d examples longer than max_length=%d", path, self.skipped, max_length)
+        if not self.examples:
+            raise DataError(f"no usable records (skipped {self.skipped})", path=path)
+        self.lengths = [ex.packed_len if packed else len(ex.lm_ids) for ex in self.examples]
+        self.source = str(path)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> JepaExample:
+        return self.examples[i]

@@ -1,0 +1,70 @@
+"""LLM-JEPA recipes: ``train`` on the one loop, ``evaluate`` by greedy generation (see ``analysis`` for the
+embedding-space analysis)."""
+
+from __future__ import annotations
+
+import functools
+
+from conceptlm.core.build import build_model, build_tokenizer
+from conceptlm.core.distributed import cleanup_distributed
+from conceptlm.core.errors import ConfigError
+from conceptlm.core.recipe import fit, generation_eval, load_sources
+from conceptlm.core.run import create_run_dir, prepare_run
+from conceptlm.core.trainer import TrainResult
+from conceptlm.data.sources import Source, corpus_texts
+from conceptlm.jepa.config import JepaConfig
+from conceptlm.jepa.data import JepaDataset
+from conceptlm.jepa.packing import collate_packed, collate_separate
+from conceptlm.jepa.unit import JepaUnit
+from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, predictor_token
+
+__all__ = ["train", "evaluate", "view_config", "build_dataset"]
+
+
+def view_config(cfg: JepaConfig) -> ViewConfig:
+    j = cfg.jepa
+    return ViewConfig(num_predictors=j.num_predictors, predictor_position=j.predictor_position,
+                      text_view=j.text_view, direction=j.direction, label_mode=cfg.data.label_mode,
+                      enc_index_override=j.enc_index_override)
+
+
+def build_dataset(cfg: JepaConfig, source: Source, tokenizer) -> JepaDataset:
+    if source.kind != "chat":
+        raise ConfigError(f"LLM-JEPA needs paired views (chat JSONL / generated records); {source.name} is plain text",
+                          field="data.train")
+    data = source.paths[0] if source.paths else source.records
+    return JepaDataset(data, tokenizer, view_config(cfg), max_length=cfg.data.max_length,
+                       on_too_long=cfg.data.on_too_long, packed=cfg.jepa.mode == "packed", limit=source.limit,
+                       name=source.name)
+
+
+def collate_fn(cfg: JepaConfig, tokenizer):
+    fn = collate_packed if cfg.jepa.mode == "packed" else collate_separate
+    return functools.partial(fn, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
+
+
+def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
+    """Train LM + λ·JEPA end to end (one process or torchrun; full fine-tuning, LoRA, or from scratch)."""
+    info = prepare_run(cfg)
+    try:
+        k = cfg.jepa.num_predictors
+        train_src, eval_src = load_sources(cfg)
+        preds = [predictor_token(i) for i in range(1, k + 1)]
+        tokenizer = build_tokenizer(cfg, corpus_texts(train_src), extra_special_tokens=preds)
+        add_predictor_tokens(tokenizer, None, k)  # a loaded tokenizer gets them here; the model is resized below
+        train_ds = build_dataset(cfg, train_src, tokenizer)
+        eval_ds = build_dataset(cfg, eval_src, tokenizer) if eval_src is not None else None
+        create_run_dir(cfg, info, command=command)
+        model = build_model(cfg, tokenizer, save_base=info.is_main)  # resizes embeddings to the tokenizer
+        if info.is_main:
+            tokenizer.save_pretrained(cfg.run_dir / "tokenizer")
+        unit = JepaUnit(model, cfg.jepa, seed=cfg.train.seed)
+        return fit(cfg, info, unit, train_ds=train_ds, eval_ds=eval_ds, collate_fn=collate_fn(cfg, tokenizer),
+                   tokenizer=tokenizer, source_name=train_src.name)
+    finally:
+        cleanup_distributed()
+
+
+def evaluate(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+    """Greedy generation on the eval data, scored with ``generate.scorer``."""
+    return generation_eval(cfg, checkpoint=checkpoint, output=output)
