@@ -55,7 +55,6 @@ class JepaDataset:
         max_length: no view may use a position >= max_length (the model context).
         on_too_long: "error" (DataError naming file/line) or "skip" (counted, warned). Truncating would cut the
             predictor or the answer, so it is not offered.
-        packed: bucket by packed row length (packed mode) instead of the LM length.
         name: what error messages call an in-memory record list.
 
     Attributes:
@@ -63,7 +62,7 @@ class JepaDataset:
     """
 
     def __init__(self, source, tokenizer, config: ViewConfig, *, max_length: int, on_too_long: str = "error",
-                 packed: bool = True, limit: int | None = None, name: str = "<records>"):
+                 limit: int | None = None, name: str = "<records>"):
         if on_too_long not in ("error", "skip"):
             raise DataError(f"on_too_long={on_too_long!r} is not supported for JEPA views (use error or skip)",
                             field="data.on_too_long")
@@ -89,7 +88,9 @@ class JepaDataset:
             log.warning("%s: skipped %d examples longer than max_length=%d", path, self.skipped, max_length)
         if not self.examples:
             raise DataError(f"no usable records (skipped {self.skipped})", path=path)
-        self.lengths = [ex.packed_len if packed else len(ex.lm_ids) for ex in self.examples]
+        # Batches are bucketed by the LM length (the packed row length follows it closely), so an NTP baseline
+        # (lam=0) and a JEPA run of the same data see exactly the same batches.
+        self.lengths = [len(ex.lm_ids) for ex in self.examples]
         self.source = str(path)
 
     def __len__(self) -> int:

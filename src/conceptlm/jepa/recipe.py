@@ -34,7 +34,7 @@ def build_dataset(cfg: JepaConfig, source: Source, tokenizer) -> JepaDataset:
                           field="data.train")
     data = source.paths[0] if source.paths else source.records
     return JepaDataset(data, tokenizer, view_config(cfg), max_length=cfg.data.max_length,
-                       on_too_long=cfg.data.on_too_long, packed=cfg.jepa.mode == "packed", limit=source.limit,
+                       on_too_long=cfg.data.on_too_long, limit=source.limit,
                        name=source.name)
 
 
@@ -68,3 +68,24 @@ def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
 def evaluate(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
     """Greedy generation on the eval data, scored with ``generate.scorer``."""
     return generation_eval(cfg, checkpoint=checkpoint, output=output)
+
+
+def analyze(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+    """Export Enc(Text)/Enc(Code) of the eval split (train split if there is none) and analyse them."""
+    from conceptlm.core import hf
+    from conceptlm.core.recipe import resolve_checkpoint
+    from conceptlm.jepa.analysis import analyze_embeddings, encode_views
+
+    prepare_run(cfg)
+    model_dir = resolve_checkpoint(cfg, checkpoint)
+    model = hf.load_causal_lm(model_dir)
+    tokenizer = hf.load_tokenizer(model_dir)
+    train_src, eval_src = load_sources(cfg)
+    src = eval_src or train_src
+    ds = build_dataset(cfg, src, tokenizer)
+    enc_text, enc_code = encode_views(model, ds, collate_fn(cfg, tokenizer), batch_size=cfg.train.eval_batch_size)
+    out_dir = output or (cfg.run_dir / "analysis")
+    summary = analyze_embeddings(enc_text, enc_code, out_dir, label=f"({src.name})")
+    summary.pop("top_singular_values")
+    summary.update({"checkpoint": str(model_dir), "split": src.name, "out_dir": str(out_dir)})
+    return summary
