@@ -59,11 +59,11 @@ def test_chatml_k0_context_exact(tok):
     assert isinstance(ex, JepaExample) and ex.pred_is_text
     assert _dec(tok, ex.text_ids) == (f"<|bos|><|im_start|>system\n{SYSTEM}<|im_end|>\n"
                                       f"<|im_start|>user\n{USER}<|im_end|>\n")
-    # our ChatML template ends an assistant turn at <|im_end|> (the "\n" after {% endgeneration %} is trimmed)
-    assert _dec(tok, ex.code_ids) == f"<|bos|><|im_start|>assistant\n{ANSWER}<|im_end|>"
+    # every turn of our ChatML template, assistant turns included, ends "<|im_end|>\n"
+    assert _dec(tok, ex.code_ids) == f"<|bos|><|im_start|>assistant\n{ANSWER}<|im_end|>\n"
     assert _dec(tok, ex.text_ids[ex.text_enc: ex.text_enc + 1]) == " words"
     _check_enc_at_content_end(tok, ex.code_ids, ex.code_enc, ANSWER)  # the last token of "(a|b)*"
-    assert ex.code_enc == len(ex.code_ids) - 2  # then <|im_end|>
+    assert ex.code_enc == len(ex.code_ids) - 3  # then <|im_end|> and "\n"
     assert ex.text_enc == len(ex.text_ids) - 3
     # LM sequence and labels are exactly SFT's
     sft = tokenize_chat(tok, CHAT, label_mode="assistant")
@@ -103,7 +103,7 @@ def test_chatml_user_only_prefix(tok):
 def test_code_to_text_puts_predictors_on_code(tok):
     ex = build_views(CHAT, tok, ViewConfig(direction="code_to_text", num_predictors=2))[0]
     assert not ex.pred_is_text
-    assert _dec(tok, ex.code_ids) == f"<|bos|><|im_start|>assistant\n{ANSWER}<|predictor_2|><|predictor_1|><|im_end|>"
+    assert _dec(tok, ex.code_ids) == f"<|bos|><|im_start|>assistant\n{ANSWER}<|predictor_2|><|predictor_1|><|im_end|>\n"
     assert ex.code_ids[ex.code_enc] == _pid(tok, 1)
     assert "predictor" not in _dec(tok, ex.text_ids)
     assert ex.text_prefix_len == ex.text_enc + 1
@@ -111,13 +111,12 @@ def test_code_to_text_puts_predictors_on_code(tok):
 
 def test_enc_index_override_matches_reference_last_token(tok):
     derived = build_views(CHAT, tok, ViewConfig(num_predictors=1))[0]
-    # a user turn ends "<|im_end|>\n" but the Code view ends "<|im_end|>": one fixed offset (the reference's
-    # --last_token) cannot be right for both views, the derived indices are
+    # both views end "<|im_end|>\n", so the reference's fixed offset -3 lands on the derived indices here
     ref = build_views(CHAT, tok, ViewConfig(num_predictors=1, enc_index_override=-3))[0]
-    assert ref.text_enc == derived.text_enc and ref.code_enc == derived.code_enc - 1
+    assert ref.text_enc == derived.text_enc and ref.code_enc == derived.code_enc
     last = build_views(CHAT, tok, ViewConfig(enc_index_override=-1))[0]
     assert last.text_enc == len(last.text_ids) - 1 and last.code_enc == len(last.code_ids) - 1
-    assert _dec(tok, last.code_ids[last.code_enc:]) == "<|im_end|>"
+    assert _dec(tok, last.code_ids[last.code_enc:]) == "\n"
 
 
 def test_explicit_text_and_code_fields(tok):
@@ -125,7 +124,7 @@ def test_explicit_text_and_code_fields(tok):
     ex = build_views(rec, tok, ViewConfig(num_predictors=1))[0]
     assert _dec(tok, ex.text_ids).endswith("<|im_start|>user\na cat sat<|predictor_1|><|im_end|>\n")
     assert SYSTEM in _dec(tok, ex.text_ids)  # context kept
-    assert _dec(tok, ex.code_ids) == "<|bos|><|im_start|>assistant\nthe mat<|im_end|>"
+    assert _dec(tok, ex.code_ids) == "<|bos|><|im_start|>assistant\nthe mat<|im_end|>\n"
     _check_enc_at_content_end(tok, ex.code_ids, ex.code_enc, "the mat")
     assert list(ex.lm_ids) == tokenize_chat(tok, CHAT)["input_ids"]  # the LM sequence is still the chat
 

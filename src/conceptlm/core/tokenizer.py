@@ -29,12 +29,13 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 # ChatML with a single BOS emitted by the template (the tokenizer itself adds no special tokens, so rendering
 # then tokenizing never doubles the BOS). ``{% generation %}`` marks assistant tokens for
-# ``return_assistant_tokens_mask``.
+# ``return_assistant_tokens_mask``. The newline after an assistant turn is emitted explicitly: chat templates render with
+# ``trim_blocks``, which would drop a literal newline right after ``{% endgeneration %}``.
 CHATML_TEMPLATE = (
     "{{ bos_token }}"
     "{% for m in messages %}"
     "{% if m['role'] == 'assistant' %}"
-    "<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
+    "<|im_start|>assistant\n{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{{ '\\n' }}"
     "{% else %}"
     "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endif %}"

@@ -270,7 +270,7 @@ def collate_packed(examples: Sequence[JepaExample], *, pad_token_id: int, paddin
         r, c = len(r_t), len(code)
         rows.append(list(ex.lm_ids) + list(r_t) + list(code))
         segs.append([LM_SEGMENT] * n + [TEXT_SEGMENT] * r + [CODE_SEGMENT] * c)
-        poss.append(list(range(n)) + list(range(p, p + r)) + list(range(n + r, n + r + c)))
+        poss.append(list(range(n)) + list(range(p, p + r)) + list(range(c)))
         tgts.append(list(ex.lm_labels[1:]) + [IGNORE_INDEX] * (1 + r + c))
         tidx.append(ex.text_enc if r == 0 else n + r - 1)
         cidx.append(n + r + c - 1)
