@@ -76,3 +76,14 @@ def test_train_then_eval_through_cli(tmp_path, capsys):
     assert res["n"] == 10 and 0.0 <= res["accuracy"] <= 1.0
     rows = [json.loads(l) for l in open(res["predictions"], encoding="utf-8")]
     assert len(rows) == 10 and {"prompt", "reference", "prediction", "correct"} <= rows[0].keys()
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The README's main job, shortened to 2 steps per arm."""
+    assert main(["demo", "--out-dir", str(tmp_path), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{\n"):])
+    assert set(summary["arms"]) == {"ntp", "jepa"}
+    for arm in summary["arms"].values():
+        assert arm["n_test"] == 300 and 0.0 <= arm["semantic_regex_accuracy"]["value"] <= 1.0
+    assert (tmp_path / "demo" / "curves.png").stat().st_size > 1000

@@ -51,6 +51,15 @@ def _records(n: int) -> list[dict]:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and far more robust when other processes share the cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def tok():
     from conceptlm.core.tokenizer import train_bpe_tokenizer
