@@ -65,7 +65,8 @@ def run_demo(*, out_dir: str = "runs", steps: int | None = None) -> dict:
     summary: dict = {"arms": {}}
     for arm, extra in DEMO_ARMS.items():
         overrides = DEMO_OVERRIDES + extra + [f"run.out_dir={root}", f"run.name={arm}"]
-        overrides += [f"train.max_steps={steps}"] if steps else []
+        if steps:  # a shorter demo (e.g. a smoke test): warmup never longer than the run
+            overrides += [f"train.max_steps={steps}", f"schedule.warmup_steps={min(30, steps)}"]
         cfg = load_config(JepaConfig, None, overrides)
         print(f"[demo] {arm}: tiny llama ({cfg.model.hidden_size}d x {cfg.model.num_layers} layers), "
               f"lambda={cfg.jepa.lam}, k={cfg.jepa.num_predictors}, {cfg.train.max_steps} steps -> {cfg.run_dir}")

@@ -10,10 +10,11 @@ not divided by the accumulation steps). Before the micro-batches of an optimizer
 of the whole accumulated batch, and records E, its number of examples (both summed over ranks when
 ``average_tokens_across_devices`` is on, the transformers default). Every micro-batch m then back-propagates
 
-    loss_m = s · (γ · Σ_{t∈m} CE_t / N  +  λ · Σ_{i∈m} d_i / E),       s = number of processes (1 if not averaging),
+    loss_m = s · (γ · Σ_{t∈m} CE_t / N  +  λ · Σ_{i∈m} d_i / E),   s = processes (1 when not averaging),
 
 and the returned loss is flagged as already scaled (``loss_is_scaled_for_ga = True``) so that ``training_step`` does
-not divide it by the accumulation steps again. DDP averages gradients over ranks (hence s), so the step gradient is
+not divide it by the accumulation steps again (``model_accepts_loss_kwargs``, which transformers otherwise uses for
+that decision and for whether to count at all, plays no role for JEPA batches). DDP averages gradients over ranks (hence s), so the step gradient is
 exactly ∇(γ · token-mean CE + λ · example-mean d) over the global batch: batch 8 × GA 1 == batch 2 × GA 4 ==
 2 ranks × batch 2 × GA 2 (to rounding). The InfoNCE metric is the exception: its negatives are the other examples of
 the same micro-batch (of all ranks' micro-batches with ``gather_negatives``), so its value depends on the split.
@@ -55,13 +56,14 @@ BATCH_KEY = "jepa_batch"
 """Key of the collated :class:`SeparateBatch` / :class:`PackedBatch` in the dict the collator returns."""
 
 _MODES = ("packed", "separate")
+_WRAPPERS = ("FullyShardedDataParallel", "DeepSpeedEngine")  # containers whose forward calls self.module(...)
 
 
 # ------------------------------------------------------------------------------------------- forward plumbing
 
 
 def _innermost(model: nn.Module) -> nn.Module:
-    """Strip DDP / FSDP(1) containers (``.module``) to reach the HF model or PeftModel."""
+    """Strip DDP / FSDP(1) / DeepSpeed containers (``.module``) to reach the HF model or PeftModel."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     inner = model
@@ -69,7 +71,7 @@ def _innermost(model: nn.Module) -> nn.Module:
         if isinstance(inner, DataParallel) and not isinstance(inner, DistributedDataParallel):
             raise ValueError("torch.nn.DataParallel is not supported for LLM-JEPA; launch one process per GPU with "
                              "torchrun (DDP) instead")
-        if isinstance(inner, DistributedDataParallel) or type(inner).__name__ == "FullyShardedDataParallel":
+        if isinstance(inner, DistributedDataParallel) or type(inner).__name__ in _WRAPPERS:
             inner = inner.module
             continue
         return inner
@@ -330,12 +332,13 @@ class JepaTrainer(transformers.Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
-        """γ · Σ CE / N + λ · Σ d / E (× processes), or the micro-batch means when ``num_items_in_batch`` is None.
+        """γ · Σ CE / N + λ · Σ d / E (× processes); micro-batch means when ``num_items_in_batch`` is None.
 
         Args:
             model: the (possibly wrapped) model.
             inputs: ``{"jepa_batch": PackedBatch | SeparateBatch}`` from :class:`JepaDataCollator`.
-            return_outputs: also return ``{"lm": mean CE, "jepa": mean distance}`` (detached).
+            return_outputs: also return ``{"lm": Σ CE / N, "jepa": Σ d / E}`` (detached; this micro-batch's share of
+                the step's means, the means themselves without accumulation).
             num_items_in_batch: N from :meth:`_get_num_items_in_batch` (LM targets of the accumulated batch).
 
         Returns:
@@ -374,7 +377,7 @@ class JepaTrainer(transformers.Trainer):
             self._steps_seen[self.state.global_step] = "jepa_sum" in parts
             self._acc_parts += torch.stack([lm.detach(), jepa.detach()]).float().to(self._acc_parts.device) * scale
         if return_outputs:
-            return loss, {"lm": lm.detach() * scale, "jepa": jepa.detach() * scale}
+            return loss, {"lm": lm.detach(), "jepa": jepa.detach()}
         return loss
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
