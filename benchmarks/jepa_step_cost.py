@@ -132,7 +132,7 @@ def ratio_stats(times: dict[str, list[float]], rounds: list[int]) -> dict:
         out[arm] = {"median_ms": 1e3 * statistics.median(sel), "mean_ms": 1e3 * statistics.fmean(sel),
                     "ratio_mean": statistics.fmean(sel) / statistics.fmean(ntp),
                     "ratio_median": statistics.median(sel) / statistics.median(ntp),
-                    "paired_ratio_median": statistics.median(paired)}
+                    "paired_ratio_median": statistics.median(paired), "paired_ratio_mean": statistics.fmean(paired)}
     return out
 
 
@@ -269,12 +269,12 @@ def main(argv=None) -> None:
     padding["fixed512_reference_3pass"] = {"slots": 3 * args.max_length * len(measured), "real_tokens": sep_real,
                                            "slots_per_real": 3 * args.max_length * len(measured) / sep_real}
 
-    packed_ratio = step_all["packed"]["ratio_mean"] if "packed" in args.arms else None
     checks = {}
-    if packed_ratio is not None:
-        checks = {"packed_ratio_mean": packed_ratio, "packed_bound": bounds["packed"],
-                  "packed_le_1.6x_ntp": packed_ratio <= 1.6,
-                  "packed_within_10pct_of_bound": packed_ratio <= 1.1 * bounds["packed"],
+    if "packed" in args.arms:  # the paired median resists noise spikes; ratio_mean is in "step"
+        r, bnd = step_all["packed"]["paired_ratio_median"], bounds["packed"]
+        checks = {"statistic": "packed paired_ratio_median", "packed_ratio": r, "packed_bound": bnd,
+                  "packed_ratio_over_bound": r / bnd, "packed_le_1.6x_ntp": r <= 1.6,
+                  "packed_within_10pct_of_bound": r <= 1.1 * bnd,
                   "packed_slots_per_real_le_1.15": padding["packed"]["slots_per_real"] <= 1.15}
     f_known = [f for f in foreign if f is not None]
     out = {

@@ -106,3 +106,25 @@ def test_train_eval_analyze_cli(tmp_path, chat_files, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 48 and res["d"] == 32 and res["top_singular_mean"] > 0
     assert (tmp_path / "runs" / "t" / "analysis" / "projection.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("bad,field", [
+    (b'{"messages": [{"role": "user", "content": "q"}]}\n', "messages"),           # no assistant turn
+    (b'{"views": ["only one"]}\n', "views"),                                         # paraphrase group too short
+    (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "text": 3}\n',
+     "text"),
+    (b'not json\n', None),
+])
+def test_bad_jepa_records_give_one_clear_line(tmp_path, capsys, bad, field):
+    from conceptlm.cli import main
+    from tests.conftest import make_chat_records
+
+    good = "".join(json.dumps(r) + "\n" for r in make_chat_records(2)).encode()
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(good + bad + good)
+    assert main(["jepa", "train", *tiny_overrides(tmp_path, path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("conceptlm: error: ") and "train.jsonl:3" in err and len(err.splitlines()) == 1
+    if field:
+        assert f"field '{field}" in err
+    assert not (tmp_path / "runs").exists()

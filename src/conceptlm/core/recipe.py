@@ -93,8 +93,11 @@ def generation_eval(cfg: BaseRunConfig, *, checkpoint: str | None = None, output
     _, eval_src = load_sources(cfg)
     if eval_src is None or eval_src.kind != "chat":
         raise ConfigError("evaluation needs chat data: set data.eval to a chat JSONL file", field="data.eval")
+    from conceptlm.data.sources import chat_records
+
     g = cfg.generate
-    records = eval_src.records[: g.limit] if g.limit else eval_src.records
+    records = chat_records(eval_src)
+    records = records[: g.limit] if g.limit else records
     out = Path(output) if output else cfg.run_dir / f"predictions_{split}.jsonl"
     result = evaluate_generation(model, tokenizer, records, scorer=g.scorer, batch_size=g.batch_size,
                                  max_new_tokens=g.max_new_tokens, output=out)

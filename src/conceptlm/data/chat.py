@@ -29,6 +29,7 @@ __all__ = [
     "IGNORE_INDEX",
     "validate_messages",
     "read_chat_jsonl",
+    "iter_jsonl_objects",
     "iter_chat_jsonl",
     "tokenize_chat",
     "ChatDataset",
@@ -96,11 +97,11 @@ def validate_messages(messages: Any, *, path: str | Path | None = None, line: in
     return clean
 
 
-def iter_chat_jsonl(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, list[dict]]]:
-    """Yield ``(line_number, messages)`` for each record of a chat JSONL file (1-based lines, blank lines skipped).
+def iter_jsonl_objects(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each JSON-object line of a JSONL file (1-based lines, blank lines skipped).
 
-    Each line is decoded strictly as UTF-8 (a leading byte-order mark is accepted). Raises :class:`DataError` on the
-    first malformed record; see :func:`read_chat_jsonl`.
+    Each line is decoded strictly as UTF-8 (a leading byte-order mark is accepted). Raises :class:`DataError`
+    naming the file and line for bad bytes, invalid JSON or a line that is not an object.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
@@ -127,12 +128,21 @@ def iter_chat_jsonl(path: str | Path, *, limit: int | None = None) -> Iterator[t
                 raise DataError(f"invalid JSON at column {e.colno}: {e.msg}", path=path, line=line_no) from None
             if not isinstance(obj, dict):
                 raise DataError(f"expected a JSON object per line, got {_type_name(obj)}", path=path, line=line_no)
-            if "messages" not in obj:
-                keys = ", ".join(repr(k) for k in obj) or "none"
-                raise DataError(f"missing 'messages' (keys present: {keys})", path=path, line=line_no,
-                                field="messages")
-            yield line_no, validate_messages(obj["messages"], path=path, line=line_no)
+            yield line_no, obj
             count += 1
+
+
+def iter_chat_jsonl(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, list[dict]]]:
+    """Yield ``(line_number, messages)`` for each record of a chat JSONL file (1-based lines, blank lines skipped).
+
+    Raises :class:`DataError` on the first malformed record; see :func:`read_chat_jsonl`.
+    """
+    for line_no, obj in iter_jsonl_objects(path, limit=limit):
+        if "messages" not in obj:
+            keys = ", ".join(repr(k) for k in obj) or "none"
+            raise DataError(f"missing 'messages' (keys present: {keys})", path=path, line=line_no,
+                            field="messages")
+        yield line_no, validate_messages(obj["messages"], path=path, line=line_no)
 
 
 def read_chat_jsonl(path: str | Path, *, limit: int | None = None) -> list[list[dict]]:

@@ -16,16 +16,23 @@ from typing import Any
 
 from conceptlm.core.errors import ConfigError, DataError
 
-__all__ = ["Source", "resolve_source", "corpus_texts", "step_batches", "eval_batches"]
+__all__ = ["Source", "resolve_source", "corpus_texts", "chat_records", "build_dataset", "step_batches", "eval_batches"]
 
 
 @dataclass
 class Source:
-    """Loaded data: ``kind`` "chat" (``records``: lists of messages) or "text" (``texts``/``paths``)."""
+    """Loaded data: ``kind`` "chat" or "text".
+
+    Chat data is either in memory (``records``: lists of messages, from generators/HF datasets) or a JSONL file
+    (``paths[0]``, with its raw JSON ``objects``: records may carry extra fields such as ``text``/``code`` or be
+    paraphrase groups ``{"views": [...]}``; each consumer validates what it needs, naming file and line).
+    Text data is ``texts`` or ``paths``.
+    """
 
     kind: str
     name: str
     records: list[list[dict]] | None = None
+    objects: list[dict] | None = None
     texts: list[str] | None = None
     paths: list[Path] | None = None
     limit: int | None = None
@@ -71,10 +78,10 @@ def resolve_source(spec: str, *, split: str, fmt: str = "auto", limit: int | Non
         else:
             raise ConfigError(f"cannot tell the format of {spec} from its extension; set data.format", field=field)
     if kind == "chat":
-        from conceptlm.data.chat import read_chat_jsonl
+        from conceptlm.data.chat import iter_jsonl_objects
 
-        return Source(kind="chat", name=str(path), records=read_chat_jsonl(path, limit=limit), paths=[path],
-                      limit=limit)
+        objects = [obj for _, obj in iter_jsonl_objects(path, limit=limit)]
+        return Source(kind="chat", name=str(path), objects=objects, paths=[path], limit=limit)
     paths = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     if not paths:
         raise DataError("no .txt files in directory", path=path)
@@ -87,6 +94,9 @@ def corpus_texts(source: Source) -> Iterator[str]:
         for msgs in source.records or []:
             for m in msgs:
                 yield m["content"]
+        for obj in source.objects or []:
+            for value in _strings(obj):
+                yield value
     elif source.texts is not None:
         yield from source.texts
     else:
@@ -94,6 +104,28 @@ def corpus_texts(source: Source) -> Iterator[str]:
 
         for p in source.paths or []:
             yield from read_text_file(p).splitlines()
+
+
+def _strings(obj) -> Iterator[str]:
+    """Every string inside a JSON value (message contents, text/code fields, paraphrase views)."""
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if k != "role":
+                yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def chat_records(source: Source) -> list[list[dict]]:
+    """The validated message lists of a chat source (reads and validates the file when needed)."""
+    if source.records is not None:
+        return source.records
+    from conceptlm.data.chat import read_chat_jsonl
+
+    return read_chat_jsonl(source.paths[0], limit=source.limit)
 
 
 def build_dataset(source: Source, tokenizer, *, max_length: int, label_mode: str = "assistant",

@@ -2,47 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from conceptlm.core.errors import DataError
+from conceptlm.data.chat import iter_jsonl_objects
 from conceptlm.jepa.views import JepaExample, ViewConfig, build_views
 
-__all__ = ["iter_jsonl_records", "JepaDataset"]
+__all__ = ["JepaDataset"]
 
 log = logging.getLogger(__name__)
-
-
-def iter_jsonl_records(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, dict]]:
-    """(1-based line, JSON object) per non-blank line; strict UTF-8; DataError naming file and line otherwise.
-
-    The record's fields are validated by :func:`~conceptlm.jepa.views.build_views` (chat ``messages``, optional
-    ``text``/``code``, or a paraphrase group ``views``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", path=path)
-    n = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if limit is not None and n >= limit:
-                return
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"invalid UTF-8 byte at offset {e.start}", path=path, line=lineno) from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=lineno) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=lineno)
-            n += 1
-            yield lineno, obj
 
 
 class JepaDataset:
@@ -68,7 +38,7 @@ class JepaDataset:
                             field="data.on_too_long")
         if isinstance(source, (str, Path)):
             path: str | Path = source
-            numbered: Sequence[tuple[int, object]] = list(iter_jsonl_records(source, limit=limit))
+            numbered: Sequence[tuple[int, object]] = list(iter_jsonl_objects(source, limit=limit))
         else:
             path = name
             numbered = list(enumerate(list(source)[:limit], start=1))
