@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--test", default=str(DATA / "synth_test.jsonl"))
     ap.add_argument("--out", default="runs/scratch")
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for both arms")
+    ap.add_argument("--jepa-extra", nargs="*", default=[], help="more key=value overrides for the JEPA arm only")
+    ap.add_argument("--arms", nargs="+", default=["ntp", "jepa"], choices=["ntp", "jepa"])
+    ap.add_argument("--tag", default="", help="suffix of the JEPA arm's run names (to keep several variants)")
     args = ap.parse_args()
     for f in (args.train, args.test):
         if not Path(f).is_file():
@@ -66,8 +69,9 @@ def main() -> None:
     ]
     if args.limit_test:
         common.append(f"data.limit_eval={args.limit_test}")
-    arms = {"ntp": ["jepa.lam=0", "jepa.num_predictors=0"],
-            "jepa": [f"jepa.lam={args.lam}", f"jepa.num_predictors={args.k}"]}
+    all_arms = {"ntp": ["jepa.lam=0", "jepa.num_predictors=0"],
+                "jepa": [f"jepa.lam={args.lam}", f"jepa.num_predictors={args.k}", *args.jepa_extra]}
+    arms = {(a if a == "ntp" else f"jepa{args.tag}"): all_arms[a] for a in args.arms}
     results: dict[str, list[dict]] = {a: [] for a in arms}
     for seed in args.seeds:
         for arm, ov in arms.items():

@@ -97,13 +97,13 @@ class CpuMeter:
 
 def load_records(path: Path, n: int) -> list[dict]:
     from conceptlm.core.errors import DataError
-    from conceptlm.jepa.data import iter_jsonl_records
+    from conceptlm.data.chat import iter_jsonl_objects
 
     if not path.is_file():
         sys.exit(f"error: {path} not found. The LLM-JEPA synthetic data lives in ../shared/data/llm_jepa/ next to "
                  "the repository; pass --data FILE (chat JSONL with a 'messages' list per line).")
     try:
-        records = [rec for _, rec in iter_jsonl_records(path, limit=n)]
+        records = [rec for _, rec in iter_jsonl_objects(path, limit=n)]
     except DataError as e:
         sys.exit(f"error: {e}")
     if len(records) < n:
@@ -141,6 +141,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from conceptlm.core.errors import DataError
     from conceptlm.core.hf import build_tiny_model
     from conceptlm.core.tokenizer import train_bpe_tokenizer
     from conceptlm.data.batching import BatchPlan
@@ -154,11 +155,15 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     t_setup = time.perf_counter()
     records = load_records(args.data, args.records)
-    tok = train_bpe_tokenizer((m["content"] for r in records for m in r["messages"]), vocab_size=args.vocab,
-                              extra_special_tokens=[predictor_token(1)])
-    datasets = {k: JepaDataset(records, tok, ViewConfig(num_predictors=k, text_view=args.text_view),
-                               max_length=args.max_length, name=str(args.data))
-                for k in ((1, 0) if "packed_k0" in args.arms else (1,))}
+    texts = [m["content"] for r in records for m in r.get("messages", ()) if isinstance(m, dict)
+             and isinstance(m.get("content"), str)]
+    tok = train_bpe_tokenizer(texts, vocab_size=args.vocab, extra_special_tokens=[predictor_token(1)])
+    try:
+        datasets = {k: JepaDataset(records, tok, ViewConfig(num_predictors=k, text_view=args.text_view),
+                                   max_length=args.max_length, name=str(args.data))
+                    for k in ((1, 0) if "packed_k0" in args.arms else (1,))}
+    except DataError as e:
+        sys.exit(f"error: {e}")
     ds = datasets[1]
     for k, other in datasets.items():  # the LM sequence does not depend on k: same examples, same order
         assert [ex.lm_ids for ex in other.examples] == [ex.lm_ids for ex in ds.examples], k
