@@ -87,3 +87,17 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for arm in summary["arms"].values():
         assert arm["n_test"] == 300 and 0.0 <= arm["semantic_regex_accuracy"]["value"] <= 1.0
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 1000
+
+
+def test_plot_verb(tmp_path, capsys):
+    for name, losses in (("a", [3.0, 2.0, 1.5]), ("b", [3.0, 2.5, 2.0])):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": i + 1, "split": "train", "loss": v} for i, v in enumerate(losses)]
+        rows.append({"step": 3, "split": "eval", "loss": losses[-1] + 0.1})
+        write_jsonl(run / "metrics.jsonl", rows)
+    out = tmp_path / "c.png"
+    assert main(["plot", f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", f"x={tmp_path / 'missing'}", "--out", str(out)]) == 2
+    assert "no metrics file" in capsys.readouterr().err

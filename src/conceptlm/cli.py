@@ -78,6 +78,11 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a tiny model on the offline defaults and report its result")
     demo.add_argument("--out-dir", default="runs", help="where the demo's run folders go (default: runs)")
     demo.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    plot = sub.add_parser("plot", help="plot training/eval curves of runs (reads metrics.jsonl only)")
+    plot.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR", help="e.g. ntp=runs/ntp jepa=runs/jepa")
+    plot.add_argument("--out", required=True, help="PNG path")
+    plot.add_argument("--keys", nargs="+", default=["loss"], help="metrics to plot, one panel each (e.g. lm jepa)")
+    plot.add_argument("--title", default=None)
     for name, m in METHODS.items():
         mp = sub.add_parser(name, help=m.help)
         vs = mp.add_subparsers(dest="verb", metavar="<verb>")
@@ -105,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             from conceptlm.demo import run_demo
 
             run_demo(out_dir=args.out_dir, steps=args.steps)
+            return 0
+        if args.method == "plot":
+            from conceptlm.plots.curves import plot_curves
+
+            runs = {}
+            for item in args.runs:
+                label, sep, path = item.partition("=")
+                if not sep or not label or not path:
+                    raise ConceptLMError(f"expected LABEL=RUN_DIR, got {item!r}")
+                runs[label] = path
+            print(plot_curves(runs, args.out, keys=tuple(args.keys), title=args.title))
             return 0
         method = METHODS[args.method]
         if args.verb is None:

@@ -128,3 +128,19 @@ def test_bad_jepa_records_give_one_clear_line(tmp_path, capsys, bad, field):
     if field:
         assert f"field '{field}" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_jepa_with_lora_trains_adapters_only(tmp_path, chat_files):
+    from conceptlm.core.hf import load_causal_lm
+
+    cfg = jepa_cfg(tmp_path, chat_files[0], **{"run.name": "lora", "model.lora.enabled": "true", "model.lora.r": 4,
+                                               "jepa.num_predictors": 1, "train.max_steps": 2, "optim.lr": 1e-2})
+    res = jepa_train(cfg)
+    assert res.last_train["jepa"] > 0
+    model_dir = res.checkpoint / "model"
+    assert (model_dir / "adapter_model.safetensors").is_file()
+    base = load_file(str(cfg.run_dir / "base_model" / "model.safetensors"))
+    adapter = load_file(str(model_dir / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)  # only LoRA weights trained and saved
+    model = load_causal_lm(model_dir)  # base (with the predictor tokens) + adapter
+    assert model.get_input_embeddings().weight.shape[0] == base["model.embed_tokens.weight"].shape[0]

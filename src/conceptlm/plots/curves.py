@@ -28,7 +28,12 @@ def plot_curves(runs: Mapping[str, str | Path], output: str | Path, *, keys: tup
     for ax, key in zip(axes[0], keys):
         for i, (label, path) in enumerate(runs.items()):
             path = Path(path)
-            rows = read_metrics(path / "metrics.jsonl" if path.is_dir() else path)
+            metrics = path / "metrics.jsonl" if path.is_dir() else path
+            if not metrics.is_file():
+                from conceptlm.core.errors import ConceptLMError
+
+                raise ConceptLMError(f"{metrics}: no metrics file (is '{label}' a run folder?)")
+            rows = read_metrics(metrics)
             color = f"C{i}"
             for split, style in (("train", dict(ls="-")), ("eval", dict(ls="--", marker="o", ms=3))):
                 pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and key in r]
