@@ -86,9 +86,9 @@ def generation_eval(cfg: BaseRunConfig, *, checkpoint: str | None = None, output
     from conceptlm.core.run import prepare_run
     from conceptlm.eval.generation import evaluate_generation
 
-    prepare_run(cfg)
+    info = prepare_run(cfg)
     model_dir = resolve_checkpoint(cfg, checkpoint)
-    model = hf.load_causal_lm(model_dir)
+    model = hf.load_causal_lm(model_dir).to(info.device)
     tokenizer = hf.load_tokenizer(model_dir)
     _, eval_src = load_sources(cfg)
     if eval_src is None or eval_src.kind != "chat":

@@ -76,9 +76,9 @@ def analyze(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | Non
     from conceptlm.core.recipe import resolve_checkpoint
     from conceptlm.jepa.analysis import analyze_embeddings, encode_views
 
-    prepare_run(cfg)
+    info = prepare_run(cfg)
     model_dir = resolve_checkpoint(cfg, checkpoint)
-    model = hf.load_causal_lm(model_dir)
+    model = hf.load_causal_lm(model_dir).to(info.device)
     tokenizer = hf.load_tokenizer(model_dir)
     train_src, eval_src = load_sources(cfg)
     src = eval_src or train_src
