@@ -7,10 +7,6 @@ function downloads anything: models and tokenizers load from local directories o
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -19,6 +15,7 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from conceptlm.core.errors import ConceptLMError
+from conceptlm.core.io import atomic_dir
 
 __all__ = [
     "ARCHS",
@@ -370,28 +367,10 @@ def save_model(model: torch.nn.Module, directory: str | Path,
     target = Path(directory).expanduser()
     if target.exists() and not target.is_dir():
         raise ModelPathError(f"cannot save a model to {str(target)!r}: it exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    aside: Path | None = None
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp))  # safetensors: always in transformers 5, PEFT's default
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if target.exists():
-            aside = target.parent / f".tmp-old-{target.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(target, aside)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if aside is not None:
-                os.replace(aside, target)
-                aside = None
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------- forward-pass pieces

@@ -68,10 +68,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if path.exists():
-        old = path.parent / f".old-{path.name}.{os.getpid()}"
-        os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}.", dir=path.parent))
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)  # put the previous version back
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
