@@ -61,3 +61,15 @@ def tiny_overrides(tmp_path: Path, train: Path, evalf: Path | None = None, **ext
         base["data.eval"] = str(evalf)
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread is as fast, and far more robust when other processes share the cores.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -180,7 +180,7 @@ class Trainer:
                     counts[-1] += c.get(TOKENS_KEY, 0)
                 all_reduce_sum(counts)
                 n = {k: counts[i].item() for i, k in enumerate(parts)}
-                sums = torch.zeros(len(parts), dtype=torch.float64)
+                part_sums = [torch.zeros((), dtype=torch.float64, device=info.device) for _ in parts]
                 for j, b in enumerate(micro):
                     b = to_device(b, info.device)
                     with self._no_sync(model, last=j == len(micro) - 1):
@@ -189,8 +189,10 @@ class Trainer:
                         loss = sum(weights[k] * out[k].float() / n[k] for k in parts if n[k] > 0 and k in out)
                         if isinstance(loss, torch.Tensor):
                             (loss * world).backward()
-                    sums += torch.stack([out[k].detach().double().cpu() if k in out else torch.zeros((), dtype=torch.float64)
-                                         for k in parts])
+                    for i, k in enumerate(parts):
+                        if k in out:
+                            part_sums[i] += out[k].detach().double()
+                sums = torch.stack(part_sums).cpu()  # one host sync per step, not per micro-batch
                 all_reduce_sum(sums)
                 means = {k: (sums[i].item() / n[k]) if n[k] > 0 else float("nan") for i, k in enumerate(parts)}
                 total = sum(weights[k] * means[k] for k in parts if n[k] > 0)
@@ -252,7 +254,8 @@ class Trainer:
         # DDP: call the plain unit (replicated weights, no collectives inside forward); FSDP: the sharded module.
         module = self.model if self.strategy == "fsdp" else self.unit
         parts = sorted(self.unit.loss_weights)
-        acc = torch.zeros(2 * len(parts), dtype=torch.float64)
+        loss_sums = [torch.zeros((), dtype=torch.float64, device=self.info.device) for _ in parts]
+        counts = [0] * len(parts)
         was_training = module.training
         module.eval()
         for b in self.eval_batches():
@@ -261,9 +264,10 @@ class Trainer:
                 out = module(to_device(b, self.info.device))
             for i, k in enumerate(parts):
                 if k in out and c.get(k, 0) > 0:
-                    acc[i] += out[k].double().item()
-                    acc[len(parts) + i] += c[k]
+                    loss_sums[i] += out[k].double()
+                    counts[i] += c[k]
         module.train(was_training)
+        acc = torch.cat([torch.stack(loss_sums).cpu(), torch.tensor(counts, dtype=torch.float64)])
         all_reduce_sum(acc)
         res = {k: acc[i].item() / acc[len(parts) + i].item() for i, k in enumerate(parts) if acc[len(parts) + i] > 0}
         if res:
