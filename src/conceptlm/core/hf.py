@@ -164,15 +164,17 @@ def _check_dir(path: str | Path, what: str) -> Path:
 
 def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None,
                    attn_implementation: str | None = None) -> PreTrainedModel:
-    """Load a causal LM from a local directory (never downloads).
+    """Load a causal LM from a local directory, a ``.gguf`` file or a named offline model (never downloads).
 
-    A directory with ``config.json`` is loaded with ``AutoModelForCausalLM.from_pretrained``. A PEFT adapter
+    ``path`` goes through ``conceptlm.core.gguf.resolve_model_path``: a ``.gguf`` file or a named model such as
+    ``smollm2-135m`` is converted once into a cached safetensors folder, which is then loaded. A directory with
+    ``config.json`` is loaded with ``AutoModelForCausalLM.from_pretrained``. A PEFT adapter
     directory (``adapter_config.json``) loads its base from ``base_model_name_or_path`` (absolute, relative to the
     working directory, or relative to the adapter directory) and applies the adapter with
     ``peft.PeftModel.from_pretrained`` (adapter frozen, ready for inference).
 
     Args:
-        path: local model or adapter directory.
+        path: local model or adapter directory, ``.gguf`` file, or named offline model (``smollm2-135m``).
         dtype: parameter dtype (default: as saved).
         attn_implementation: attention backend (default: HF's choice, "eager" for gemma2).
 
@@ -180,9 +182,12 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None,
         The model (a ``peft.PeftModel`` for an adapter directory).
 
     Raises:
-        ModelPathError: the path is missing, not a directory, or holds neither config.json nor adapter_config.json.
+        ModelPathError: the path is missing, not a directory, or holds neither config.json nor adapter_config.json;
+            or a GGUF file / named model cannot be resolved (the message says what to install).
     """
-    p = _check_dir(path, "model")
+    from conceptlm.core.gguf import resolve_model_path
+
+    p = _check_dir(resolve_model_path(path), "model")
     if (p / "adapter_config.json").is_file():
         return _load_adapter(p, dtype=dtype, attn_implementation=attn_implementation)
     if not (p / "config.json").is_file():
@@ -220,10 +225,15 @@ def _load_adapter(p: Path, *, dtype: torch.dtype | None, attn_implementation: st
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer with ``AutoTokenizer`` from a local directory (never downloads).
 
+    ``path`` may also be a ``.gguf`` file or a named offline model (see ``load_causal_lm``); the tokenizer (with
+    its chat template) then comes from the converted, cached folder.
+
     Raises:
         ModelPathError: the path is missing or holds no loadable tokenizer.
     """
-    p = _check_dir(path, "tokenizer")
+    from conceptlm.core.gguf import resolve_model_path
+
+    p = _check_dir(resolve_model_path(path), "tokenizer")
     try:
         return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
