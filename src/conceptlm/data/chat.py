@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ __all__ = [
     "read_chat_jsonl",
     "iter_jsonl_objects",
     "iter_chat_jsonl",
+    "check_encodable",
+    "render_or_fail",
+    "template_error",
     "tokenize_chat",
     "ChatDataset",
 ]
@@ -42,6 +46,11 @@ LABEL_MODES = ("assistant", "all")
 ON_TOO_LONG = ("error", "skip", "truncate")
 IGNORE_INDEX = -100
 PROGRESS_MIN_RECORDS = 2000
+# A str holding a UTF-16 surrogate code point cannot be encoded as UTF-8 (tokenizers reject it); json.loads
+# produces one from an unpaired "\\ud800"-style escape (a valid escaped pair becomes one ordinary character).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_REASON_CHARS = 200
+_SENTINELS = ("\u00a7", "\u00b6")  # two different characters that no template rewrites or trims
 
 
 def _type_name(value: Any) -> str:
@@ -49,6 +58,55 @@ def _type_name(value: Any) -> str:
         return "null"
     return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer",
             float: "number"}.get(type(value), type(value).__name__)
+
+
+def check_encodable(text: str, *, field: str | None = None, path: str | Path | None = None,
+                    line: int | None = None) -> None:
+    """Raise :class:`DataError` (naming ``path``, ``line``, ``field``) if ``text`` holds a lone surrogate.
+
+    Such a string cannot be encoded as UTF-8, so no tokenizer can encode it; JSON ``"\\ud800"`` escapes that are
+    not part of a valid high/low pair produce one.
+    """
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise DataError(f"lone surrogate U+{ord(m.group()):04X} at character {m.start()} cannot be encoded "
+                        "(a JSON \\uD800-\\uDFFF escape must be part of a valid surrogate pair)",
+                        path=path, line=line, field=field)
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` of an exception on one line, shortened."""
+    text = " ".join(str(err).split()) or "(no message)"
+    if len(text) > _MAX_REASON_CHARS:
+        text = text[: _MAX_REASON_CHARS - 3] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+def template_error(err: BaseException, field: str = "messages") -> DataError:
+    """The :class:`DataError` for a conversation the chat template refused (no location: callers add it)."""
+    return DataError(f"the chat template cannot render this conversation ({_one_line(err)})", field=field)
+
+
+def render_or_fail(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False,
+                   field: str = "messages") -> str:
+    """:func:`~conceptlm.core.tokenizer.render_chat`, with any failure of the template (a jinja ``TemplateError``
+    such as "Conversation roles must alternate", or any other exception of ``apply_chat_template``) turned into a
+    :class:`DataError` on ``field`` (no path/line: the dataset adds them)."""
+    try:
+        return render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any template failure is a property of this record
+        raise template_error(e, field) from None
+
+
+def _encode(tokenizer, text: str, **kwargs):
+    """Tokenize a rendered chat; a string the tokenizer cannot encode is a DataError, not a TypeError."""
+    try:
+        return tokenizer(text, add_special_tokens=False, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        check_encodable(text, field="messages")
+        raise DataError(f"the tokenizer cannot encode this conversation ({_one_line(e)})", field="messages") from None
 
 
 def validate_messages(messages: Any, *, path: str | Path | None = None, line: int | None = None) -> list[dict]:
@@ -91,6 +149,7 @@ def validate_messages(messages: Any, *, path: str | Path | None = None, line: in
             raise fail(f"{where}.content", f"expected a string, got {_type_name(content)}")
         if not content.strip():
             raise fail(f"{where}.content", "empty content")
+        check_encodable(content, path=path, line=line, field=f"{where}.content")
         clean.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in clean):
         raise fail("messages", "no assistant message (nothing to train on)")
@@ -126,6 +185,11 @@ def iter_jsonl_objects(path: str | Path, *, limit: int | None = None) -> Iterato
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON at column {e.colno}: {e.msg}", path=path, line=line_no) from None
+            except RecursionError:
+                raise DataError("invalid JSON: nested too deeply", path=path, line=line_no) from None
+            except ValueError as e:  # e.g. an integer literal longer than Python's digit limit
+                raise DataError(f"invalid JSON: {' '.join(str(e).split())[:_MAX_REASON_CHARS]}", path=path,
+                                line=line_no) from None
             if not isinstance(obj, dict):
                 raise DataError(f"expected a JSON object per line, got {_type_name(obj)}", path=path, line=line_no)
             yield line_no, obj
@@ -179,6 +243,35 @@ def _find(text: str, needle: str, start: int) -> tuple[int, int]:
     return -1, -1
 
 
+def _prompt_prefix(tokenizer, messages: Sequence[dict], i: int) -> str | None:
+    """The rendering that comes before the content of assistant message ``i``, or None if it cannot be found.
+
+    ``messages[:i]`` rendered with a generation prompt; for a leading assistant turn (``i == 0``: Hugging Face
+    refuses to render an empty conversation) or a template that refuses that prefix conversation, the common prefix
+    of ``messages[:i + 1]`` rendered with two different one-character contents in place of message ``i``'s.
+    """
+    if i > 0:
+        try:
+            return render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - only a locating hint; fall back below
+            pass
+    renders = []
+    for sentinel in _SENTINELS:
+        msgs = [dict(m) for m in messages[: i + 1]]
+        msgs[i] = {"role": msgs[i]["role"], "content": sentinel}
+        try:
+            renders.append(render_chat(tokenizer, msgs, add_generation_prompt=False))
+        except Exception:  # noqa: BLE001
+            return None
+    a, b = renders
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
 def _content_spans(tokenizer, messages: Sequence[dict], text: str) -> list[tuple[int, int, str]]:
     """Character span of each message's content in the rendered ``text``.
 
@@ -200,8 +293,8 @@ def _content_spans(tokenizer, messages: Sequence[dict], text: str) -> list[tuple
         how = "search"
         start_at = cursor
         if msg["role"] == "assistant":
-            prefix = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-            if text.startswith(prefix) and len(prefix) >= cursor:
+            prefix = _prompt_prefix(tokenizer, messages, i)
+            if prefix is not None and text.startswith(prefix) and len(prefix) >= cursor:
                 start_at, how = len(prefix), "prefix"
         start, end = _find(text, msg["content"], start_at)
         if start < 0 and how == "prefix":  # content rewritten right after the prompt: try a plain search
@@ -271,12 +364,14 @@ def tokenize_chat(tokenizer, messages: Sequence[dict], *, label_mode: str = "ass
 
     Raises:
         ValueError: unknown ``label_mode``.
-        DataError: an assistant span or its end-of-turn token cannot be located (field ``messages[i].content``).
+        DataError: the chat template cannot render the conversation or the tokenizer cannot encode it (field
+            ``messages``), or an assistant span or its end-of-turn token cannot be located (field
+            ``messages[i].content``).
     """
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
-    text = render_chat(tokenizer, messages, add_generation_prompt=False)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=label_mode == "assistant")
+    text = render_or_fail(tokenizer, messages, add_generation_prompt=False)
+    enc = _encode(tokenizer, text, return_offsets_mapping=label_mode == "assistant")
     ids = list(enc["input_ids"])
     if label_mode == "all":
         labels = list(ids)

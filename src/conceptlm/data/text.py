@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -14,6 +15,9 @@ __all__ = ["read_text_file", "TextDataset"]
 
 # Long documents are tokenized in pieces of about this many characters, cut after a newline.
 _CHUNK_CHARS = 1 << 16
+# A UTF-16 surrogate code point in a str cannot be encoded as UTF-8 (files are decoded strictly and never hold one;
+# in-memory documents may).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def read_text_file(path: str | Path) -> str:
@@ -34,6 +38,17 @@ def read_text_file(path: str | Path) -> str:
         col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
         raise DataError(f"not valid UTF-8 (bad byte at offset {col} of the line)", path=path, line=line) from None
     return text.removeprefix("\ufeff")
+
+
+def _check_encodable(text: str, name: str, index: int | None) -> None:
+    """DataError naming the document (``index``) or the line inside it if ``text`` holds a lone surrogate (such a
+    string cannot be encoded as UTF-8, so no tokenizer can encode it)."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return
+    line = index if index is not None else text.count("\n", 0, m.start()) + 1
+    raise DataError(f"lone surrogate U+{ord(m.group()):04X} cannot be encoded (not valid Unicode text)", path=name,
+                    line=line, field="text" if index is not None else None)
 
 
 def _chunks(text: str) -> list[str]:
@@ -90,10 +105,13 @@ class TextDataset(Dataset):
         """Build from in-memory documents (e.g. the ``text`` column of a Hugging Face dataset), one per string."""
         self = cls.__new__(cls)
         self.sources = [name]
-        self._build(((name, t) for t in texts), tokenizer, block_size, limit_tokens)
+        self._build(((name, t) for t in texts), tokenizer, block_size, limit_tokens, numbered=True)
         return self
 
-    def _build(self, docs: Iterable[tuple[str, str]], tokenizer, block_size: int, limit_tokens: int | None):
+    def _build(self, docs: Iterable[tuple[str, str]], tokenizer, block_size: int, limit_tokens: int | None,
+               numbered: bool = False):
+        """``numbered``: errors name the 1-based document index as the line (in-memory documents), else the line
+        inside the document (files)."""
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         if limit_tokens is not None and limit_tokens < 1:
@@ -102,7 +120,11 @@ class TextDataset(Dataset):
         if eos is None:
             raise ValueError("the tokenizer has no EOS token; TextDataset separates documents with EOS")
         stream: list[int] = []
-        for _, text in docs:
+        for index, (name, text) in enumerate(docs, start=1):
+            if not isinstance(text, str):
+                raise DataError(f"expected a string document, got {type(text).__name__}", path=name,
+                                line=index if numbered else None, field="text" if numbered else None)
+            _check_encodable(text, name, index if numbered else None)
             if not text.strip():
                 continue
             pieces = tokenizer(_chunks(text), add_special_tokens=False)["input_ids"]

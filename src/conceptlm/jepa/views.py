@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 from conceptlm.core.errors import DataError
 from conceptlm.core.tokenizer import render_chat
-from conceptlm.data.chat import IGNORE_INDEX, LABEL_MODES, tokenize_chat, validate_messages
+from conceptlm.data.chat import (
+    IGNORE_INDEX,
+    LABEL_MODES,
+    check_encodable,
+    template_error,
+    tokenize_chat,
+    validate_messages,
+)
 
 __all__ = [
     "PREDICTOR_POSITIONS",
@@ -192,16 +199,26 @@ def _with_predictors(content: str, k: int, position: str) -> str:
 
 
 def _render_messages(tokenizer, messages: list[dict]) -> str:
-    """Render with the chat template; a lone assistant message the template rejects is rendered as a user turn."""
+    """Render with the chat template; a lone assistant message the template rejects is rendered as a user turn.
+
+    Raises:
+        DataError: field ``messages`` when the template cannot render the view (any exception of the template).
+    """
     from jinja2.exceptions import TemplateError
 
     try:
         return render_chat(tokenizer, messages, add_generation_prompt=False)
-    except TemplateError:
-        if len(messages) == 1 and messages[0]["role"] == "assistant":
-            return render_chat(tokenizer, [{"role": "user", "content": messages[0]["content"]}],
-                               add_generation_prompt=False)
-        raise
+    except TemplateError as e:
+        if not (len(messages) == 1 and messages[0]["role"] == "assistant"):
+            raise template_error(e) from None
+        first = e
+    except Exception as e:  # noqa: BLE001 - any template failure is a property of this record
+        raise template_error(e) from None
+    try:
+        return render_chat(tokenizer, [{"role": "user", "content": messages[0]["content"]}],
+                           add_generation_prompt=False)
+    except Exception as e:  # noqa: BLE001
+        raise template_error(first if isinstance(e, TemplateError) else e) from None
 
 
 def _render_with_span(tokenizer, messages: list[dict], index: int) -> tuple[str, int, int]:
@@ -270,6 +287,7 @@ def _content_field(record: Mapping, key: str) -> str | None:
     value = record[key]
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"expected a non-empty string, got {value!r:.40}", field=key)
+    check_encodable(value, field=key)
     return value
 
 
@@ -352,6 +370,7 @@ def build_views(record, tokenizer, config: ViewConfig | None = None, *, path=Non
             for i, v in enumerate(views):
                 if not isinstance(v, str) or not v.strip():
                     raise DataError(f"expected a non-empty string, got {v!r:.40}", field=f"views[{i}]")
+                check_encodable(v, field=f"views[{i}]")
             return _group_examples(tokenizer, views, cfg)
         if isinstance(record, Mapping):
             if "messages" not in record:
