@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from conceptlm.core.config import BaseRunConfig, config_to_dict, load_config, parse_override, save_config
+from conceptlm.core.config import config_to_dict, load_config, parse_override, save_config
+from conceptlm.lm.config import BaseRunConfig
 from conceptlm.core.errors import ConfigError
 from conceptlm.sft.config import SFTConfig
 

@@ -1,35 +1,53 @@
-"""Checkpoints: HF model (safetensors via ``save_pretrained``), optimizer, scheduler, RNG and data-order state.
+"""Native checkpoints of a whole unit: its trainable state in safetensors, optimizer/scheduler/RNG/data state,
+artefacts, an optional interoperable export, and a manifest that lets a resume verify them.
 
 Layout of ``<run_dir>/checkpoints/step_00000042/``::
 
-    model/               save_pretrained output (full model, or the LoRA adapter) + tokenizer: loads with
-                         ``AutoModelForCausalLM.from_pretrained`` / ``PeftModel.from_pretrained``
-    unit_extra.safetensors   unit parameters that are not part of the HF model (if any)
-    trainer_state.pt     optimizer + scheduler + step + RNG + data plan (tensors/primitives only:
-                         loaded with ``torch.load(weights_only=True)``)
+    unit.safetensors     the unit's checkpointed state: every trainable parameter and persistent buffer, minus
+                         tied duplicates and the sub-modules the unit declares frozen (``TrainUnit.frozen_modules``)
+    trainer_state.pt     optimizer + scheduler + step + RNG + data plan (``torch.load(weights_only=True)``)
     config.yaml          the resolved run config
+    artifacts/<name>/    what the method needs to reload the run (a tokenizer, normalizer statistics, ...)
+    model/               the unit's export, if it has one (e.g. ``save_pretrained`` + tokenizer for HF units:
+                         loads with ``AutoModelForCausalLM.from_pretrained`` / ``PeftModel.from_pretrained``)
+    manifest.json        written last: size and sha256 of every file above
 
-A checkpoint is written into a temporary sibling folder and renamed into place, so a run killed at any moment
-leaves either the previous complete checkpoint or the new complete one. ``latest`` names the newest one.
+A checkpoint is written into a temporary sibling folder and renamed into place, so a run killed at any moment leaves
+either the previous complete checkpoint or the new complete one. Resuming verifies the manifest and falls back to
+the newest intact checkpoint (with a warning naming what was wrong). Resuming loads ``unit.safetensors`` strictly: a
+missing, unexpected or wrong-shape tensor is an error naming it. Checkpoints written before the native format
+(``model/`` + ``unit_extra.safetensors``, no manifest) still resume.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from conceptlm.core.errors import CheckpointError
 from conceptlm.core.io import atomic_dir, atomic_write_text
 
-__all__ = ["save_checkpoint", "find_latest_checkpoint", "load_trainer_state", "load_model_weights",
-           "rng_state", "set_rng_state", "list_checkpoints"]
+__all__ = ["save_checkpoint", "find_latest_checkpoint", "find_resumable_checkpoint", "verify_checkpoint",
+           "load_trainer_state", "load_unit_state", "checkpoint_keys", "rng_state", "set_rng_state",
+           "list_checkpoints", "remove_stale_temporaries", "UNIT_FILE", "MANIFEST", "FORMAT"]
+
+log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+UNIT_FILE = "unit.safetensors"
+MANIFEST = "manifest.json"
+FORMAT = "conceptlm-checkpoint/2"
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,13 +68,44 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+# ------------------------------------------------------------------------------------------------ which tensors
+def checkpoint_keys(unit: torch.nn.Module) -> list[str]:
+    """State-dict keys a checkpoint of ``unit`` holds: trainable parameters and persistent buffers, without tied
+    duplicates, frozen parameters (rebuilt from the unit's own construction, e.g. a LoRA base) and the sub-modules
+    of ``unit.frozen_modules()``. Call on the unwrapped unit."""
+    skip = tuple(n + "." for n in getattr(unit, "frozen_modules", lambda: [])())
+    params: dict[str, torch.nn.Parameter] = {}
+    tied: set[str] = set()
+    seen: dict[int, str] = {}
+    for name, p in unit.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        else:
+            seen[id(p)] = name
+        params[name] = p
+    keys = []
+    for key in unit.state_dict(keep_vars=True):
+        if key.startswith(skip) or key in tied:
+            continue
+        if key in params and not params[key].requires_grad:
+            continue
+        keys.append(key)
+    return keys
+
+
+# ------------------------------------------------------------------------------------------------ listing
+def _step_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and (p / "trainer_state.pt").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)]
     return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders of a run that have their trainer state, oldest first (not verified: see
+    :func:`find_resumable_checkpoint`)."""
+    return [p for p in _step_dirs(run_dir) if (p / "trainer_state.pt").is_file()]
 
 
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -64,84 +113,217 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, hf_model, tokenizer, model_state: dict[str, torch.Tensor],
-                    trainer_state: dict[str, Any], config_yaml: str, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically (call on rank 0 only, with full, CPU state dicts).
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(ckpt: str | Path) -> str | None:
+    """``None`` if the checkpoint is intact, else what is wrong with it (one line)."""
+    ckpt = Path(ckpt)
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():  # a checkpoint of the earlier format (or a foreign folder)
+        if not (ckpt / "trainer_state.pt").is_file():
+            return "no trainer_state.pt and no manifest.json"
+        try:
+            load_trainer_state(ckpt)
+        except Exception as e:  # noqa: BLE001 - any failure means unusable
+            return f"trainer_state.pt is unreadable ({type(e).__name__})"
+        if not ((ckpt / UNIT_FILE).is_file() or (ckpt / "model").is_dir()):
+            return "no weights (unit.safetensors / model/)"
+        return None
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "manifest.json is unreadable"
+    for rel, meta in files.items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        size = f.stat().st_size
+        if size != meta["size"]:
+            return f"{rel} has {size} bytes, the manifest says {meta['size']} (truncated?)"
+        if _sha256(f) != meta["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def find_resumable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest intact checkpoint; each newer damaged one is reported with a warning and skipped."""
+    for ckpt in reversed(_step_dirs(run_dir)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("skipping damaged checkpoint %s: %s", ckpt, problem)
+    return None
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders a killed save left behind (call while holding the run lock)."""
+    root = Path(run_dir) / "checkpoints"
+    stale = [p for p in root.glob(".tmp-step_*")] + [p for p in root.glob(".old-step_*")] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d stale temporary checkpoint folder(s) in %s", len(stale), root)
+    return stale
+
+
+# ------------------------------------------------------------------------------------------------ saving
+def _own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, none sharing storage with another (safetensors refuses shared tensors)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().cpu().contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            v = v.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def _save_artifact(obj: Any, directory: Path) -> None:
+    if hasattr(obj, "save_pretrained"):
+        obj.save_pretrained(directory)
+    elif callable(obj):
+        directory.mkdir(parents=True, exist_ok=True)
+        obj(directory)
+    else:
+        raise TypeError(f"artifact {directory.name!r}: needs save_pretrained(dir) or to be a callable(dir)")
+
+
+def _write_manifest(directory: Path, step: int) -> None:
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    text = json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1)
+    (directory / MANIFEST).write_text(text + "\n", encoding="utf-8")
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, unit_state: dict[str, torch.Tensor],
+                    trainer_state: dict[str, Any], config_yaml: str, artifacts: dict[str, Any] | None = None,
+                    export: Callable[[Path], bool] | None = None, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically (rank 0 only, with full CPU tensors).
 
     Args:
-        hf_model: the (unwrapped) HF model; its ``save_pretrained`` writes ``model/``.
-        model_state: the unit's full state dict (keys ``model.*`` belong to the HF model).
+        unit_state: the tensors to checkpoint (``checkpoint_keys`` of the unit's full state dict).
         trainer_state: optimizer/scheduler/step/rng/data state (tensors and primitives).
+        artifacts: ``{name: object with save_pretrained(dir) or callable(dir)}``, written to ``artifacts/<name>/``.
+        export: ``(dir) -> wrote_anything`` for the interoperable copy in ``model/``.
         keep: number of most recent checkpoints to keep.
     """
     root = Path(run_dir) / "checkpoints"
     target = root / f"step_{step:08d}"
-    tied = _tied_keys(hf_model)  # gathered (FSDP) state dicts hold tied weights as separate copies: drop them
-    hf_sd = {k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.") and
-             k[len("model."):] not in tied}
-    extra = {k: v.contiguous() for k, v in model_state.items() if not k.startswith("model.")}
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of the training bar
     with atomic_dir(target) as tmp:
-        hf_model.save_pretrained(tmp / "model", state_dict=hf_sd, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "model")
-        if extra:
-            save_file(extra, str(tmp / "unit_extra.safetensors"))
+        save_file(_own_storage(unit_state), str(tmp / UNIT_FILE), metadata={"format": FORMAT})
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        for name, obj in (artifacts or {}).items():
+            _save_artifact(obj, tmp / "artifacts" / name)
+        if export is not None and not export(tmp / "model"):
+            shutil.rmtree(tmp / "model", ignore_errors=True)
+        _write_manifest(tmp, step)
     atomic_write_text(root / "latest", target.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+# ------------------------------------------------------------------------------------------------ loading
 def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
     return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=True)
 
 
-def _read_safetensors_dir(directory: Path, stem: str) -> dict[str, torch.Tensor]:
-    single = directory / f"{stem}.safetensors"
-    if single.is_file():
-        return load_file(str(single))
-    shards = sorted(directory.glob(f"{stem}-*-of-*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{directory}: no {stem}.safetensors found")
-    sd: dict[str, torch.Tensor] = {}
-    for s in shards:
-        sd.update(load_file(str(s)))
-    return sd
+def _read_unit_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_model_weights(unit: torch.nn.Module, ckpt: str | Path) -> None:
-    """Load a checkpoint's weights into an (unwrapped) unit, in place: HF model (full or LoRA) + extra params."""
+def load_unit_state(unit: torch.nn.Module, ckpt: str | Path) -> None:
+    """Load a checkpoint's weights into an (unwrapped) unit, in place, strictly.
+
+    Raises:
+        CheckpointError: naming the first missing, unexpected or wrong-shape tensor.
+    """
     ckpt = Path(ckpt)
-    hf_model = unit.hf_model
+    path = ckpt / UNIT_FILE
+    if not path.is_file():
+        if (ckpt / "model").is_dir():
+            return _load_legacy(unit, ckpt)
+        raise CheckpointError(f"{ckpt}: no {UNIT_FILE} (not a conceptlm checkpoint)")
+    sd = _read_unit_file(path)
+    expected = checkpoint_keys(unit)
+    own = unit.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in set(expected)]
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + "; was it written by another model or config?")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} in the checkpoint"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                              + "; was it written by another model or config?")
+    for k in expected:
+        if tuple(sd[k].shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, the model expects "
+                                  f"{tuple(own[k].shape)}")
+    unit.load_state_dict(sd, strict=False)
+
+
+def _load_legacy(unit: torch.nn.Module, ckpt: Path) -> None:
+    """Checkpoints of the first format: HF ``model/`` (full or LoRA adapter) + ``unit_extra.safetensors``."""
+    hf_model = getattr(unit, "model", None)
+    if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "save_pretrained"):
+        raise CheckpointError(f"{ckpt}: a checkpoint of the earlier format (model/, no {UNIT_FILE}) can only be "
+                              "resumed by an SFT/JEPA unit; start a new run (run.name=...)")
     model_dir = ckpt / "model"
     if (model_dir / "adapter_config.json").is_file():
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(hf_model, _read_safetensors_dir(model_dir, "adapter_model"))
-        bad = [k for k in result.unexpected_keys]
-        if bad:
-            raise RuntimeError(f"{model_dir}: unexpected adapter keys {bad[:5]}")
+        if result.unexpected_keys:
+            raise CheckpointError(f"{model_dir}: unexpected adapter tensor {result.unexpected_keys[0]!r}")
     else:
         sd = _read_safetensors_dir(model_dir, "model")
         missing, unexpected = hf_model.load_state_dict(sd, strict=False)
-        tied = _tied_keys(hf_model)
+        tied = _tied(hf_model)
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
-            raise RuntimeError(f"{model_dir}: weights do not match the model (missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]})")
+            first = missing[0] if missing else unexpected[0]
+            raise CheckpointError(f"{model_dir}: weights do not match the model ({len(missing)} missing, "
+                                  f"{len(unexpected)} unexpected, e.g. {first!r})")
     extra_path = ckpt / "unit_extra.safetensors"
     if extra_path.is_file():
-        missing, unexpected = unit.load_state_dict(load_file(str(extra_path)), strict=False)
+        _, unexpected = unit.load_state_dict(_read_unit_file(extra_path), strict=False)
         if unexpected:
-            raise RuntimeError(f"{extra_path}: unexpected keys {unexpected[:5]}")
+            raise CheckpointError(f"{extra_path}: unexpected tensor {unexpected[0]!r}")
+    log.info("resumed from a checkpoint of the earlier format (%s); new checkpoints use %s", ckpt, UNIT_FILE)
 
 
-def _tied_keys(model: torch.nn.Module) -> set[str]:
+def _read_safetensors_dir(directory: Path, stem: str) -> dict[str, torch.Tensor]:
+    single = directory / f"{stem}.safetensors"
+    if single.is_file():
+        return _read_unit_file(single)
+    shards = sorted(directory.glob(f"{stem}-*-of-*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{directory}: no {stem}.safetensors found")
+    sd: dict[str, torch.Tensor] = {}
+    for s in shards:
+        sd.update(_read_unit_file(s))
+    return sd
+
+
+def _tied(model: torch.nn.Module) -> set[str]:
     """Parameter names that share storage with an earlier parameter (e.g. a tied lm_head)."""
     seen: dict[int, str] = {}
     tied = set()

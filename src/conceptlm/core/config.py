@@ -5,8 +5,8 @@ semantics, applies the overrides, checks every key and type against the dataclas
 ``validate()``. Every error is a :class:`ConfigError` naming the file, the line and the dotted field, with a hint
 ("did you mean ...?", the allowed choices).
 
-The sections shared by every method live here; a method config (e.g. ``JepaConfig``) subclasses
-:class:`BaseRunConfig` and adds its own section.
+The sections every trainer needs live here (:class:`RunConfig`); the token-LM sections (model, tokenizer, chat data,
+generation) live in :mod:`conceptlm.lm.config`. A method config subclasses one of them and adds its own section.
 """
 
 from __future__ import annotations
@@ -24,15 +24,18 @@ import yaml
 from conceptlm.core.errors import ConfigError
 
 __all__ = [
-    "RunSection", "ModelSection", "LoraSection", "TokenizerSection", "DataSection", "OptimSection",
-    "ScheduleSection", "TrainSection", "DistSection", "GenerateSection", "BaseRunConfig",
-    "load_config", "config_to_dict", "save_config", "parse_override",
+    "RunSection", "OptimSection", "ScheduleSection", "TrainSection", "DistSection", "RunConfig",
+    "load_config", "config_to_dict", "save_config", "parse_override", "check",
 ]
 
 
-def _check(cond: bool, field_name: str, message: str) -> None:
+def check(cond: bool, field_name: str, message: str) -> None:
+    """Raise ``ConfigError(message, field=field_name)`` unless ``cond`` (for sections' ``validate``)."""
     if not cond:
         raise ConfigError(message, field=field_name)
+
+
+_check = check
 
 
 @dataclass(kw_only=True)
@@ -41,81 +44,14 @@ class RunSection:
     """Run name; outputs go to ``{out_dir}/{name}``."""
     out_dir: str = "runs"
     resume: str = "never"
-    """``never`` (refuse to reuse a run folder that has checkpoints), ``auto`` (continue from the latest complete
+    """``never`` (refuse to reuse a run folder that has checkpoints), ``auto`` (continue from the newest intact
     checkpoint if there is one) or a checkpoint directory path."""
+    resume_changes: Literal["refuse", "apply"] = "refuse"
+    """On resume, settings that differ from the checkpoint's config (other than run length, cadences, dist and
+    generation): ``refuse`` stops with a list of them; ``apply`` uses the new values from the resumed step on."""
 
     def validate(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
-
-
-@dataclass(kw_only=True)
-class LoraSection:
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-    """``None`` picks the attention projections of the model's family (see ``core.hf.lora_target_modules``)."""
-
-    def validate(self) -> None:
-        _check(self.r > 0, "model.lora.r", "must be > 0")
-        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
-
-
-@dataclass(kw_only=True)
-class ModelSection:
-    path: str | None = None
-    """A local Hugging Face model directory. When unset, a tiny model of ``arch`` is built from config."""
-    arch: Literal["llama", "qwen2", "gpt2", "gemma2", "olmo2"] = "llama"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    intermediate_size: int | None = None
-    max_position_embeddings: int = 256
-    attn_implementation: str | None = None
-    """``sdpa`` / ``eager``; ``None`` = the family's default (Gemma2 needs eager)."""
-    lora: LoraSection = field(default_factory=LoraSection)
-
-    def validate(self) -> None:
-        _check(self.hidden_size > 0 and self.num_layers > 0, "model", "hidden_size and num_layers must be > 0")
-        _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
-               f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        self.lora.validate()
-
-
-@dataclass(kw_only=True)
-class TokenizerSection:
-    path: str | None = None
-    """A local tokenizer directory; when unset (and ``model.path`` is unset) a byte-level BPE is trained on the
-    training data and saved with the run."""
-    vocab_size: int = 1024
-
-    def validate(self) -> None:
-        _check(self.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 bytes + special tokens)")
-
-
-@dataclass(kw_only=True)
-class DataSection:
-    train: str = "generate:nlrx"
-    """Training data: a ``.jsonl`` chat file, a ``.txt`` file, ``hf:<name or path>`` (Hugging Face datasets), or
-    ``generate:nlrx`` (the built-in English-description -> regex generator)."""
-    eval: str | None = None
-    """Held-out data in the same forms; with ``generate:nlrx`` a disjoint generated test split is used."""
-    format: Literal["auto", "chat", "text"] = "auto"
-    label_mode: Literal["assistant", "all"] = "assistant"
-    """Which tokens are LM targets for chat data: assistant turns + end-of-turn, or every token."""
-    max_length: int = 256
-    on_too_long: Literal["error", "skip", "truncate"] = "error"
-    limit_train: int | None = None
-    limit_eval: int | None = None
-    generator_train_size: int = 4000
-    generator_test_size: int = 500
-    generator_seed: int = 0
-
-    def validate(self) -> None:
-        _check(self.max_length >= 8, "data.max_length", "must be >= 8")
-        _check(bool(self.train), "data.train", "must name the training data")
 
 
 @dataclass(kw_only=True)
@@ -182,30 +118,16 @@ class DistSection:
 
 
 @dataclass(kw_only=True)
-class GenerateSection:
-    max_new_tokens: int = 64
-    batch_size: int = 32
-    scorer: str = "exact"
-    """Scorer name from ``conceptlm.eval.scorers.SCORERS`` (exact, regex, gsm8k, sql, nq, label)."""
-    limit: int | None = None
-
-    def validate(self) -> None:
-        _check(self.max_new_tokens > 0 and self.batch_size > 0, "generate", "max_new_tokens/batch_size must be > 0")
-
-
-@dataclass(kw_only=True)
-class BaseRunConfig:
-    """Sections every method shares. Methods subclass and add their own section."""
+class RunConfig:
+    """The sections every trainer reads (run, optim, schedule, train, dist). Methods subclass it and add their own
+    sections; token-LM methods build on :class:`conceptlm.lm.config.LMRunConfig` (model, tokenizer, chat data,
+    generation)."""
 
     run: RunSection = field(default_factory=RunSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
-    data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
     dist: DistSection = field(default_factory=DistSection)
-    generate: GenerateSection = field(default_factory=GenerateSection)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -79,18 +79,23 @@ def barrier() -> None:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (in place, returned for chaining); no-op with one process."""
     if dist.is_initialized():
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            t.copy_(all_reduce_sum(t.to(f"cuda:{torch.cuda.current_device()}")).cpu())
+            return t
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def wrap_model(module: torch.nn.Module, strategy: str, info: DistInfo, *, find_unused_parameters: bool = False,
-               shard_modules: list[torch.nn.Module] | None = None) -> torch.nn.Module:
+               shard_modules: list[torch.nn.Module] | None = None,
+               ignored_params: set[torch.nn.Parameter] | None = None) -> torch.nn.Module:
     """Wrap ``module`` for multi-process training.
 
     Args:
         strategy: "none" | "ddp" | "fsdp" ("auto" must be resolved by the caller).
         shard_modules: for FSDP, the sub-modules to shard individually (e.g. decoder layers); the root is
             sharded last.
+        ignored_params: for FSDP, parameters left unsharded and unmanaged (frozen modules such as a teacher).
 
     Returns:
         The module to call for forward/backward. With one process it is ``module`` itself.
@@ -107,9 +112,10 @@ def wrap_model(module: torch.nn.Module, strategy: str, info: DistInfo, *, find_u
 
         if not dist.is_initialized():
             raise RuntimeError("dist.strategy=fsdp needs a process group: launch with torchrun")
+        ignored = ignored_params or None
         for sub in shard_modules or []:
-            fully_shard(sub)
-        fully_shard(module)
+            fully_shard(sub, ignored_params=ignored)
+        fully_shard(module, ignored_params=ignored)
         return module
     if strategy == "none":
         raise RuntimeError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ConceptLMError", "ConfigError", "DataError", "NonFiniteLossError"]
+__all__ = ["ConceptLMError", "ConfigError", "DataError", "NonFiniteLossError", "CheckpointError", "RunLockedError"]
 
 
 class ConceptLMError(Exception):
@@ -41,3 +41,11 @@ class DataError(ConceptLMError, ValueError):
 
 class NonFiniteLossError(ConceptLMError, FloatingPointError):
     """Training produced a NaN/inf loss; the run stops and the last good checkpoint is left intact."""
+
+
+class CheckpointError(ConceptLMError, RuntimeError):
+    """A checkpoint cannot be loaded into the unit (missing / unexpected / wrong-shape tensor, unreadable file)."""
+
+
+class RunLockedError(ConceptLMError, RuntimeError):
+    """Another live process is writing the same run folder."""

@@ -1,15 +1,15 @@
 """THE training loop, shared by every method.
 
-It owns: AdamW, the LR schedule, gradient accumulation with token-weighted normalisation across micro-batches and
+It owns: AdamW, the LR schedule, gradient accumulation with count-weighted normalisation across micro-batches and
 ranks, clipping, bf16 autocast on CUDA, periodic evaluation, metrics (``metrics.jsonl`` + TensorBoard), progress bar,
-atomic checkpoints and exact resumption, and a clean stop on a non-finite loss. A method only supplies a
-:class:`~conceptlm.core.unit.TrainUnit` and functions that return batches.
+atomic native checkpoints and exact resumption, and a clean stop on a non-finite loss. A method only supplies a
+:class:`~conceptlm.core.unit.TrainUnit` (any ``nn.Module``) and functions that return batches.
 
 Normalisation. For every loss part ``k`` the unit returns ``sum_k`` over its items and ``counts`` says how many
 items. Before the forward passes of a step, the trainer sums the counts over this rank's micro-batches and all-reduces
 them to ``N_k``. Each micro-batch then back-propagates ``world_size * sum_k w_k * sum_k(micro) / N_k`` (DDP/FSDP
 average gradients over ranks, hence the ``world_size``). The accumulated gradient is exactly the gradient of
-``sum_k w_k * mean_k`` over the whole global batch.
+``sum_k w_k * mean_k`` over the whole global batch. Metrics ``(sum, count)`` are reduced the same way.
 """
 
 from __future__ import annotations
@@ -19,20 +19,23 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from conceptlm.core import checkpoint as ckpt_lib
-from conceptlm.core.config import BaseRunConfig, config_to_dict
+from conceptlm.core.config import RunConfig, config_to_dict
 from conceptlm.core.distributed import DistInfo, all_reduce_sum, barrier, wrap_model
-from conceptlm.core.errors import ConfigError, NonFiniteLossError
+from conceptlm.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from conceptlm.core.metrics import MetricLogger
+from conceptlm.core.resume import check_config_changes
+from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.core.schedule import build_scheduler
-from conceptlm.core.unit import TOKENS_KEY, TrainUnit
+from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
 __all__ = ["Trainer", "TrainResult", "to_device", "resolve_strategy", "autocast_context"]
 
@@ -75,6 +78,22 @@ class TrainResult:
     checkpoint: Path | None
 
 
+@dataclass
+class _Window:
+    """Sums of per-step values between two log rows."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    items: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: dict[str, float], items: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.items += items
+
+
 class Trainer:
     """Run a unit's training loop.
 
@@ -85,21 +104,37 @@ class Trainer:
         train_batches: ``step -> list of this rank's micro-batches`` for that optimizer step (pure function of the
             step, so resuming needs no data-loader state).
         eval_batches: ``() -> iterable of this rank's eval batches`` (same number on every rank), or None.
-        tokenizer: saved with every checkpoint.
+        artifacts: ``{name: object with save_pretrained(dir) or callable(dir)}`` saved with every checkpoint
+            (e.g. ``{"tokenizer": tok}``) and handed to ``unit.export``.
         data_state: data-order description stored in checkpoints and checked on resume.
-        on_eval: optional ``(step) -> dict`` of extra eval metrics (e.g. generation accuracy) run on all ranks.
+        on_eval: optional ``(step) -> dict`` of extra eval metrics (e.g. generation accuracy), run on all ranks at
+            every evaluation.
     """
 
-    def __init__(self, unit: TrainUnit, cfg: BaseRunConfig, info: DistInfo, *,
+    def __init__(self, unit: TrainUnit, cfg: RunConfig, info: DistInfo, *,
                  train_batches: Callable[[int], list[Any]], eval_batches: Callable[[], Iterable[Any]] | None = None,
-                 tokenizer=None, data_state: dict | None = None,
-                 on_eval: Callable[[int], dict[str, float]] | None = None):
+                 artifacts: dict[str, Any] | None = None, data_state: dict | None = None,
+                 on_eval: Callable[[int], dict[str, float]] | None = None, tokenizer=None):
         self.unit, self.cfg, self.info = unit, cfg, info
         self.train_batches, self.eval_batches = train_batches, eval_batches
-        self.tokenizer, self.data_state, self.on_eval = tokenizer, data_state or {}, on_eval
+        self.artifacts = dict(artifacts or {})
+        if tokenizer is not None:
+            self.artifacts.setdefault("tokenizer", tokenizer)
+        self.data_state, self.on_eval = data_state or {}, on_eval
         self.run_dir = cfg.run_dir
         self.strategy = resolve_strategy(cfg.dist.strategy, info.world_size)
         self.step = 0
+        self.parts = sorted(unit.loss_weights)
+        self.metric_names = sorted(getattr(unit, "metric_names", ()))
+        self._check_names()
+
+    def _check_names(self) -> None:
+        clash = {THROUGHPUT_KEY, "loss", "lr", "grad_norm"} & (set(self.parts) | set(self.metric_names))
+        if clash:
+            raise ValueError(f"{type(self.unit).__name__}: loss part / metric names {sorted(clash)} are reserved")
+        both = set(self.parts) & set(self.metric_names)
+        if both:
+            raise ValueError(f"{type(self.unit).__name__}: {sorted(both)} is both a loss part and a metric")
 
     # ------------------------------------------------------------------------------------------------ setup
     def _resume_checkpoint(self) -> Path | None:
@@ -110,11 +145,27 @@ class Trainer:
                                   "it, or choose another run.name", field="run.resume")
             return None
         if resume == "auto":
-            return ckpt_lib.find_latest_checkpoint(self.run_dir)
+            return ckpt_lib.find_resumable_checkpoint(self.run_dir)
         path = Path(resume)
-        if not (path / "trainer_state.pt").is_file():
-            raise ConfigError(f"{path} is not a checkpoint directory (no trainer_state.pt)", field="run.resume")
+        problem = ckpt_lib.verify_checkpoint(path) if path.is_dir() else "not a directory"
+        if problem is not None:
+            raise ConfigError(f"{path} is not a usable checkpoint ({problem}); use run.resume=auto to continue from "
+                              "the run's newest intact checkpoint", field="run.resume")
         return path
+
+    def _check_frozen(self) -> None:
+        names = dict(self.unit.named_modules())
+        for name in self.unit.frozen_modules():
+            if name not in names:
+                raise ValueError(f"{type(self.unit).__name__}.frozen_modules(): no sub-module named {name!r}")
+            trainable = [n for n, p in names[name].named_parameters() if p.requires_grad]
+            if trainable:
+                raise ValueError(f"{type(self.unit).__name__}: frozen module {name!r} has trainable parameter "
+                                 f"{trainable[0]!r} (call requires_grad_(False) on it)")
+
+    def _frozen_params(self) -> set[torch.nn.Parameter]:
+        named = dict(self.unit.named_modules())
+        return {p for n in self.unit.frozen_modules() for p in named[n].parameters()}
 
     def _build_optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -135,105 +186,57 @@ class Trainer:
             return _FsdpNoSync(module)
         return contextlib.nullcontext()
 
+    def _rng(self, step: int, micro: int) -> StepRandomness:
+        return StepRandomness(seed=self.cfg.train.seed, step=step, rank=self.info.rank, micro=micro,
+                              device=str(self.info.device))
+
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
-        cfg, info = self.cfg, self.info
-        tcfg = cfg.train
+        cfg, info, tcfg = self.cfg, self.info, self.cfg.train
+        self._check_frozen()
         resume_from = self._resume_checkpoint()
+        changes = check_config_changes(cfg, resume_from) if resume_from is not None else {}
+        self.ckpt_keys = ckpt_lib.checkpoint_keys(self.unit)
         if resume_from is not None:
-            ckpt_lib.load_model_weights(self.unit, resume_from)
+            ckpt_lib.load_unit_state(self.unit, resume_from)
         self.unit.to(info.device)
+        fsdp = self.strategy == "fsdp"
         model = wrap_model(self.unit, self.strategy, info, find_unused_parameters=cfg.dist.find_unused_parameters,
-                           shard_modules=_decoder_layers(self.unit.hf_model) if self.strategy == "fsdp" else None)
+                           shard_modules=self.unit.fsdp_units() if fsdp else None,
+                           ignored_params=self._frozen_params() if fsdp else None)
         self.model = model
         optimizer = self._build_optimizer(model)
         scheduler = build_scheduler(optimizer, kind=cfg.schedule.kind, warmup_steps=cfg.schedule.warmup_steps,
                                     max_steps=tcfg.max_steps, min_lr_ratio=cfg.schedule.min_lr_ratio)
         if resume_from is not None:
-            self._load_state(resume_from, model, optimizer, scheduler)
+            self._load_state(resume_from, model, optimizer, scheduler, apply_changes=bool(changes))
         logger = MetricLogger(self.run_dir, enabled=info.is_main,
                               resume_step=self.step if resume_from is not None else None)
         if info.is_main:
             msg = f"resumed from {resume_from} at step {self.step}" if resume_from else "starting from scratch"
             log.info("%s: %s", self.run_dir, msg)
 
-        parts = sorted(self.unit.loss_weights)
-        weights = self.unit.loss_weights
-        world = info.world_size
         last_train: dict[str, float] = {}
         last_eval: dict[str, float] = {}
-        window: dict[str, float] = {}
-        window_steps, window_tokens, window_t0 = 0, 0.0, time.perf_counter()
+        window = _Window()
         last_ckpt = resume_from
         bar = tqdm(total=tcfg.max_steps, initial=self.step, disable=not (info.is_main and tcfg.progress),
                    desc=cfg.run.name, dynamic_ncols=True)
         model.train()
         try:
             while self.step < tcfg.max_steps:
-                self.unit.begin_step(self.step)
-                micro = self.train_batches(self.step)
-                counts = torch.zeros(len(parts) + 1, dtype=torch.float64)
-                for b in micro:
-                    c = self.unit.counts(b)
-                    for i, k in enumerate(parts):
-                        counts[i] += c.get(k, 0)
-                    counts[-1] += c.get(TOKENS_KEY, 0)
-                all_reduce_sum(counts)
-                n = {k: counts[i].item() for i, k in enumerate(parts)}
-                part_sums = [torch.zeros((), dtype=torch.float64, device=info.device) for _ in parts]
-                for j, b in enumerate(micro):
-                    b = to_device(b, info.device)
-                    with self._no_sync(model, last=j == len(micro) - 1):
-                        with autocast_context(tcfg.precision, info.device):
-                            out = model(b)
-                        loss = sum(weights[k] * out[k].float() / n[k] for k in parts if n[k] > 0 and k in out)
-                        if isinstance(loss, torch.Tensor):
-                            (loss * world).backward()
-                    for i, k in enumerate(parts):
-                        if k in out:
-                            part_sums[i] += out[k].detach().double()
-                sums = torch.stack(part_sums).cpu()  # one host sync per step, not per micro-batch
-                all_reduce_sum(sums)
-                means = {k: (sums[i].item() / n[k]) if n[k] > 0 else float("nan") for i, k in enumerate(parts)}
-                total = sum(weights[k] * means[k] for k in parts if n[k] > 0)
-                if not math.isfinite(total):
-                    raise NonFiniteLossError(
-                        f"non-finite loss {total} at step {self.step} (parts: {means}); the run stopped before the "
-                        f"update, last good checkpoint: {last_ckpt or 'none'}")
-                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                                           clip)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                if not math.isfinite(grad_norm):
-                    raise NonFiniteLossError(
-                        f"non-finite gradient norm at step {self.step}; the run stopped before the update, last "
-                        f"good checkpoint: {last_ckpt or 'none'}")
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                values, items = self._train_step(model, optimizer, scheduler, last_ckpt)
                 self.step += 1
                 bar.update(1)
-
-                window_steps += 1
-                window_tokens += counts[-1].item()
-                for k, v in {"loss": total, **{k: means[k] for k in parts if n[k] > 0}}.items():
-                    window[k] = window.get(k, 0.0) + v
-                window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+                window.add(values, items)
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
-                    dt = time.perf_counter() - window_t0
-                    row = {k: v / window_steps for k, v in window.items()}
-                    row["lr"] = lr
-                    if window_tokens:
-                        row["tokens_per_s"] = window_tokens / max(dt, 1e-9)
-                    last_train = logger.log(self.step, "train", row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    window, window_steps, window_tokens, window_t0 = {}, 0, 0.0, time.perf_counter()
-
+                    last_train = logger.log(self.step, "train", self._window_row(window, values["lr"]))
+                    bar.set_postfix(loss=f"{last_train['loss']:.4f}")
+                    window = _Window()
                 at_end = self.step == tcfg.max_steps
                 if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or at_end:
                     last_eval = self.evaluate()
-                    if self.on_eval is not None and at_end:
+                    if self.on_eval is not None:
                         last_eval.update(self.on_eval(self.step))
                     if last_eval:
                         logger.log(self.step, "eval", last_eval)
@@ -245,33 +248,107 @@ class Trainer:
         return TrainResult(step=self.step, run_dir=self.run_dir, last_train=last_train, last_eval=last_eval,
                            checkpoint=last_ckpt)
 
+    def _train_step(self, model, optimizer, scheduler, last_ckpt) -> tuple[dict[str, float], float]:
+        """One optimizer step over this rank's micro-batches; returns the step's logged values and item count."""
+        cfg, info, unit, parts = self.cfg, self.info, self.unit, self.parts
+        unit.begin_step(self.step)
+        micro = []
+        counts = torch.zeros(len(parts) + 1, dtype=torch.float64)
+        for j, b in enumerate(self.train_batches(self.step)):
+            unit.step_rng = self._rng(self.step, j)
+            b = to_device(b, info.device)
+            with torch.no_grad(), autocast_context(cfg.train.precision, info.device):
+                b = unit.prepare(b)
+            c = unit.counts(b)
+            for i, k in enumerate(parts):
+                counts[i] += float(c.get(k, 0))
+            counts[-1] += float(c.get(THROUGHPUT_KEY, 0))
+            micro.append(b)
+        all_reduce_sum(counts)
+        n = {k: counts[i].item() for i, k in enumerate(parts)}
+        acc = _Accumulator(parts, self.metric_names, info.device)
+        world = info.world_size
+        for j, b in enumerate(micro):
+            unit.step_rng = self._rng(self.step, j)
+            with self._no_sync(model, last=j == len(micro) - 1):
+                with autocast_context(cfg.train.precision, info.device):
+                    out = model(b)
+                loss = sum(unit.loss_weights[k] * out[k].float() / n[k] for k in parts if n[k] > 0 and k in out)
+                if isinstance(loss, torch.Tensor):
+                    (loss * world).backward()
+            acc.add(out, self._unit_name())
+        unit.step_rng = None
+        sums = acc.reduce()  # one host sync per step, not per micro-batch
+        means = {k: (sums[k] / n[k]) if n[k] > 0 else float("nan") for k in parts}
+        total = sum(unit.loss_weights[k] * means[k] for k in parts if n[k] > 0)
+        if not math.isfinite(total):
+            raise NonFiniteLossError(
+                f"non-finite loss {total} at step {self.step} (parts: {means}); the run stopped before the "
+                f"update, last good checkpoint: {last_ckpt or 'none'}")
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {self.step}; the run stopped before the update, last good "
+                f"checkpoint: {last_ckpt or 'none'}")
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        values = {"loss": total, **{k: means[k] for k in parts if n[k] > 0}, **acc.metric_means(sums),
+                  "grad_norm": grad_norm, "lr": lr}
+        return values, counts[-1].item()
+
+    def _unit_name(self) -> str:
+        return type(self.unit).__name__
+
+    def _window_row(self, window: _Window, lr: float) -> dict[str, float]:
+        row = {k: v / window.steps for k, v in window.sums.items() if k != "lr"}
+        row["lr"] = lr
+        if window.items:
+            row[f"{self.unit.throughput_unit}_per_s"] = window.items / max(time.perf_counter() - window.t0, 1e-9)
+        return row
+
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean of every loss part over the eval set (all ranks), and the weighted total as ``loss``."""
+        """Mean of every loss part and metric over the eval set (all ranks), and the weighted total as ``loss``.
+
+        The unit's randomness during evaluation is keyed by the eval batch index only (``step = EVAL_STEP``), so
+        every evaluation draws the same numbers.
+        """
         if self.eval_batches is None:
             return {}
         # DDP: call the plain unit (replicated weights, no collectives inside forward); FSDP: the sharded module.
         module = self.model if self.strategy == "fsdp" else self.unit
-        parts = sorted(self.unit.loss_weights)
-        loss_sums = [torch.zeros((), dtype=torch.float64, device=self.info.device) for _ in parts]
-        counts = [0] * len(parts)
+        unit, parts, dev = self.unit, self.parts, self.info.device
+        acc = _Accumulator(parts, self.metric_names, dev)
+        counts = torch.zeros(len(parts), dtype=torch.float64)
         was_training = module.training
         module.eval()
-        for b in self.eval_batches():
-            c = self.unit.counts(b)
-            with autocast_context(self.cfg.train.precision, self.info.device):
-                out = module(to_device(b, self.info.device))
+        for j, b in enumerate(self.eval_batches()):
+            unit.step_rng = self._rng(EVAL_STEP, j)
+            b = to_device(b, dev)
+            with autocast_context(self.cfg.train.precision, dev):
+                b = unit.prepare(b)
+                c = unit.counts(b)
+                out = module(b)
+                extra = unit.eval_metrics(b)
+            live = [k for k in parts if float(c.get(k, 0)) > 0]
+            acc.add({k: v for k, v in out.items() if k not in parts or k in live}, self._unit_name())
+            acc.add(extra, self._unit_name())
             for i, k in enumerate(parts):
-                if k in out and c.get(k, 0) > 0:
-                    loss_sums[i] += out[k].double()
-                    counts[i] += c[k]
+                if k in live and k in out:
+                    counts[i] += float(c[k])
+        unit.step_rng = None
         module.train(was_training)
-        acc = torch.cat([torch.stack(loss_sums).cpu(), torch.tensor(counts, dtype=torch.float64)])
-        all_reduce_sum(acc)
-        res = {k: acc[i].item() / acc[len(parts) + i].item() for i, k in enumerate(parts) if acc[len(parts) + i] > 0}
+        all_reduce_sum(counts)
+        sums = acc.reduce()
+        res = {k: sums[k] / counts[i].item() for i, k in enumerate(parts) if counts[i] > 0}
         if res:
-            res["loss"] = sum(self.unit.loss_weights[k] * v for k, v in res.items())
+            res = {"loss": sum(unit.loss_weights[k] * v for k, v in res.items()), **res}
+        res.update(acc.metric_means(sums))
         return res
 
     # ------------------------------------------------------------------------------------------------ state
@@ -284,22 +361,24 @@ class Trainer:
         optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
         path = None
         if self.info.is_main:
+            full = {k: v.detach().cpu() for k, v in model_sd.items()}
             state = {"step": self.step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
                      "rng": ckpt_lib.rng_state(), "data": self.data_state, "world_size": self.info.world_size}
-            import yaml
-
             path = ckpt_lib.save_checkpoint(
-                self.run_dir, self.step, hf_model=self.unit.hf_model, tokenizer=self.tokenizer,
-                model_state={k: v.detach().cpu() for k, v in model_sd.items()}, trainer_state=state,
-                config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+                self.run_dir, self.step, unit_state={k: full[k] for k in self.ckpt_keys if k in full},
+                trainer_state=state, config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+                artifacts=self.artifacts, export=lambda d: self.unit.export(d, full, self.artifacts),
                 keep=self.cfg.train.keep_checkpoints)
         barrier()
         return path or ckpt_lib.find_latest_checkpoint(self.run_dir)
 
-    def _load_state(self, ckpt: Path, model, optimizer, scheduler) -> None:
+    def _load_state(self, ckpt: Path, model, optimizer, scheduler, *, apply_changes: bool) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        state = ckpt_lib.load_trainer_state(ckpt)
+        try:
+            state = ckpt_lib.load_trainer_state(ckpt)
+        except Exception as e:  # noqa: BLE001 - verified before, so this is an unexpected, foreign file
+            raise CheckpointError(f"{ckpt}/trainer_state.pt: cannot be read ({type(e).__name__}: {e})") from None
         if state.get("data") != self.data_state:
             raise ConfigError(f"{ckpt}: the data order differs from the checkpoint's ({state.get('data')} vs "
                               f"{self.data_state}); resume with the same data, batch sizes and seed",
@@ -307,8 +386,51 @@ class Trainer:
         set_optimizer_state_dict(model, optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
+        if apply_changes:  # run.resume_changes=apply: optimizer hyper-parameters of the new config from now on
+            o = self.cfg.optim
+            scheduler.base_lrs = [o.lr for _ in optimizer.param_groups]
+            for g, wd in zip(optimizer.param_groups, (o.weight_decay, 0.0)):
+                g.update(initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=wd)
+            for g, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                g["lr"] = o.lr * lam(scheduler.last_epoch)
         ckpt_lib.set_rng_state(state["rng"])
         self.step = int(state["step"])
+
+
+class _Accumulator:
+    """Device-side sums of loss parts and ``(sum, count)`` metrics over micro-batches; one host sync to reduce."""
+
+    def __init__(self, parts: list[str], metrics: list[str], device: torch.device):
+        self.parts, self.metrics = parts, metrics
+        n = len(parts) + 2 * len(metrics)
+        self.values = torch.zeros(n, dtype=torch.float64, device=device)
+        self.index = {k: i for i, k in enumerate(parts)}
+        for j, m in enumerate(metrics):
+            self.index[m] = len(parts) + 2 * j
+
+    def add(self, out: dict[str, Any], owner: str) -> None:
+        for k, v in out.items():
+            if k not in self.index:
+                raise ValueError(f"{owner} returned {k!r}, which is neither a loss part {self.parts} nor a declared "
+                                 f"metric (add it to {owner}.metric_names)")
+            i = self.index[k]
+            if k in self.parts:
+                self.values[i] += v.detach().double()
+            else:
+                s, c = v
+                self.values[i] += (s.detach().double() if isinstance(s, torch.Tensor) else float(s))
+                self.values[i + 1] += (c.detach().double() if isinstance(c, torch.Tensor) else float(c))
+
+    def reduce(self) -> dict[str, float]:
+        v = all_reduce_sum(self.values.cpu()).tolist()
+        out = {k: v[i] for k, i in self.index.items() if k in self.parts}
+        for m in self.metrics:
+            i = self.index[m]
+            out[m] = (v[i], v[i + 1])
+        return out
+
+    def metric_means(self, sums: dict[str, Any]) -> dict[str, float]:
+        return {m: sums[m][0] / sums[m][1] for m in self.metrics if sums[m][1] > 0}
 
 
 class _FsdpNoSync:
@@ -322,14 +444,3 @@ class _FsdpNoSync:
 
     def __exit__(self, *exc):
         self.module.set_requires_gradient_sync(True)
-
-
-def _decoder_layers(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder blocks of an HF causal LM (FSDP shards each one as a unit)."""
-    layers = []
-    for m in hf_model.modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and all(type(x) is type(m[0]) for x in m):
-            if any(p.numel() for p in m[0].parameters()):
-                layers = list(m)
-                break
-    return layers

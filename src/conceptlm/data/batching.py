@@ -1,156 +1,18 @@
-"""Length-bucketed, deterministic, resumable, rank-sharded batching, and dynamic padding.
-
-:class:`BatchPlan` maps an optimizer step to example indices with a pure function of the step, so a run resumed
+"""Dynamic padding (``collate``) and padding statistics; :class:`BatchPlan` (re-exported from
+:mod:`conceptlm.core.sampling`) maps an optimizer step to example indices with a pure function of the step, so a run resumed
 at step ``s`` sees exactly the batches it would have seen, and the global batch of a step is the same whatever
 the split into ranks and micro-batches (which makes gradient-accumulation and multi-process runs comparable).
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
 
-from conceptlm.core.errors import ConfigError
+from conceptlm.core.sampling import BatchPlan
 
 __all__ = ["BatchPlan", "collate", "padding_stats"]
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit generator seed from ``(seed, epoch)``, the same on every platform."""
-    digest = hashlib.sha256(f"conceptlm-batchplan:{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def _fingerprint(lengths: Sequence[int]) -> str:
-    return hashlib.sha256(torch.tensor(list(lengths), dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"must be a positive integer, got {value!r}", field=name)
-    return value
-
-
-class BatchPlan:
-    """Which examples each optimizer step, rank and micro-batch gets.
-
-    Per epoch: permute the examples with a ``torch.Generator`` seeded by ``(seed, epoch)`` (identity when
-    ``shuffle=False``), drop the last ``len(lengths) % global_batch_size`` of the permutation, cut it into
-    mega-chunks of ``global_batch_size * bucket_factor`` examples, sort each chunk by length, cut the chunks into
-    global batches and shuffle the batch order with the same generator. Examples in one batch then have similar
-    lengths, which keeps padding low.
-
-    Args:
-        lengths: token count of each example (e.g. ``dataset.lengths``).
-        micro_batch_size: examples per forward pass on one rank.
-        grad_accum: micro-batches per optimizer step on one rank.
-        world_size: number of ranks.
-        rank: this rank (0-based).
-        seed: shuffling seed.
-        shuffle: shuffle examples and batch order each epoch.
-        bucket_factor: global batches per sorting chunk (1 = no bucketing beyond one global batch).
-
-    Attributes:
-        global_batch_size: ``micro_batch_size * grad_accum * world_size``.
-        steps_per_epoch: ``len(lengths) // global_batch_size``.
-    """
-
-    def __init__(self, lengths: Sequence[int], *, micro_batch_size: int, grad_accum: int, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, shuffle: bool = True, bucket_factor: int = 50):
-        self.micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
-        self.grad_accum = _positive_int("grad_accum", grad_accum)
-        self.world_size = _positive_int("world_size", world_size)
-        self.bucket_factor = _positive_int("bucket_factor", bucket_factor)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ConfigError(f"must be in [0, {world_size}), got {rank!r}", field="rank")
-        self.rank, self.seed, self.shuffle = rank, int(seed), bool(shuffle)
-        self.lengths = [int(n) for n in lengths]
-        self.global_batch_size = self.micro_batch_size * self.grad_accum * self.world_size
-        self.steps_per_epoch = len(self.lengths) // self.global_batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"the dataset has {len(self.lengths)} examples, fewer than one global batch of "
-                f"{self.global_batch_size} (micro_batch_size {micro_batch_size} x grad_accum {grad_accum} x "
-                f"world_size {world_size}); use a smaller batch or more data")
-        self._cache: tuple[int, list[list[int]]] | None = None
-        self._fingerprint = _fingerprint(self.lengths)
-
-    def epoch_of(self, step: int) -> int:
-        """The 0-based epoch that optimizer step ``step`` falls in."""
-        return step // self.steps_per_epoch
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        n, gbs = len(self.lengths), self.global_batch_size
-        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-        order = torch.randperm(n, generator=gen).tolist() if self.shuffle else list(range(n))
-        order = order[: self.steps_per_epoch * gbs]
-        chunk = gbs * self.bucket_factor
-        batches: list[list[int]] = []
-        for c in range(0, len(order), chunk):
-            part = sorted(order[c:c + chunk], key=lambda i: self.lengths[i])  # stable: ties keep permuted order
-            batches.extend(part[b:b + gbs] for b in range(0, len(part), gbs))
-        if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
-        self._cache = (epoch, batches)
-        return batches
-
-    def global_batch(self, step: int) -> list[int]:
-        """Example indices of optimizer step ``step`` (0-based, counting across epochs).
-
-        Depends only on ``(lengths, global_batch_size, seed, shuffle, bucket_factor, step)``, not on how the
-        batch is split into ranks and micro-batches.
-
-        Returns:
-            ``global_batch_size`` distinct example indices.
-        """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        return list(self._epoch_batches(self.epoch_of(step))[step % self.steps_per_epoch])
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's ``grad_accum`` micro-batches of ``micro_batch_size`` indices for step ``step``.
-
-        The global batch is sorted by length and cut into ``world_size * grad_accum`` contiguous micro-batches;
-        micro-batch ``j`` goes to rank ``j % world_size``, so every rank gets a similar mix of lengths.
-        """
-        batch = sorted(self.global_batch(step), key=lambda i: (self.lengths[i], i))
-        mbs, n_micro = self.micro_batch_size, self.world_size * self.grad_accum
-        micros = [batch[j * mbs:(j + 1) * mbs] for j in range(n_micro)]
-        return [micros[j] for j in range(self.rank, n_micro, self.world_size)]
-
-    def state_dict(self) -> dict:
-        """What determines the batch order (save it with a checkpoint)."""
-        return {
-            "num_examples": len(self.lengths),
-            "lengths_fingerprint": self._fingerprint,
-            "global_batch_size": self.global_batch_size,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "bucket_factor": self.bucket_factor,
-            "micro_batch_size": self.micro_batch_size,
-            "grad_accum": self.grad_accum,
-            "world_size": self.world_size,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Check that a saved plan gives the same global batches as this one.
-
-        The split of the global batch (``micro_batch_size``, ``grad_accum``, ``world_size``) may change between
-        runs; everything that changes which examples a step sees may not.
-
-        Raises:
-            ConfigError: naming every setting that differs.
-        """
-        mine = self.state_dict()
-        keys = ("num_examples", "lengths_fingerprint", "global_batch_size", "seed", "shuffle", "bucket_factor")
-        diffs = [f"{k}: checkpoint {state.get(k)!r}, now {mine[k]!r}" for k in keys if state.get(k) != mine[k]]
-        if diffs:
-            raise ConfigError("the batch plan differs from the one in the checkpoint, so resuming would not see "
-                              "the same batches (" + "; ".join(diffs) + ")")
 
 
 def collate(examples: Sequence[dict], *, pad_token_id: int, padding_side: str = "right",

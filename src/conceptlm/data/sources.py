@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptlm.core.errors import ConfigError, DataError
+from conceptlm.core.sampling import eval_batches, step_batches  # noqa: F401 (re-exported)
 
 __all__ = ["Source", "resolve_source", "corpus_texts", "chat_records", "build_dataset", "step_batches", "eval_batches"]
 
@@ -143,27 +144,3 @@ def build_dataset(source: Source, tokenizer, *, max_length: int, label_mode: str
     if source.texts is not None:
         return TextDataset.from_texts(source.texts, tokenizer, block_size=max_length, name=source.name)
     return TextDataset(source.paths, tokenizer, block_size=max_length)
-
-
-def step_batches(dataset, plan, collate_fn: Callable[[list[Any]], Any]) -> Callable[[int], list[Any]]:
-    """``step -> this rank's micro-batches`` from a :class:`~conceptlm.data.batching.BatchPlan`."""
-    def get(step: int) -> list[Any]:
-        return [collate_fn([dataset[i] for i in idx]) for idx in plan.micro_batches(step)]
-    return get
-
-
-def eval_batches(dataset, *, batch_size: int, rank: int, world_size: int,
-                 collate_fn: Callable[[list[Any]], Any]) -> Callable[[], Iterator[Any]]:
-    """``() -> iterator`` over this rank's eval batches, length-sorted for little padding.
-
-    Every rank gets the same number of batches (FSDP needs it): the eval set is cut to a multiple of
-    ``world_size`` examples (at most ``world_size - 1`` dropped, none with one process).
-    """
-    n = len(dataset) - len(dataset) % world_size
-    order = sorted(range(n), key=lambda i: dataset.lengths[i])
-    mine = order[rank::world_size]
-
-    def it() -> Iterator[Any]:
-        for s in range(0, len(mine), batch_size):
-            yield collate_fn([dataset[i] for i in mine[s:s + batch_size]])
-    return it

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from conceptlm.core.config import BaseRunConfig
+from conceptlm.lm.config import LMRunConfig
 from conceptlm.core.errors import ConfigError
 
 __all__ = ["JepaSection", "JepaConfig"]
@@ -56,5 +56,5 @@ class JepaSection:
 
 
 @dataclass(kw_only=True)
-class JepaConfig(BaseRunConfig):
+class JepaConfig(LMRunConfig):
     jepa: JepaSection = field(default_factory=JepaSection)

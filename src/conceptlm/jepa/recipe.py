@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import functools
 
-from conceptlm.core.build import build_model, build_tokenizer
-from conceptlm.core.distributed import cleanup_distributed
 from conceptlm.core.errors import ConfigError
-from conceptlm.core.recipe import fit, generation_eval, load_sources
-from conceptlm.core.run import create_run_dir, prepare_run
+from conceptlm.core.recipe import fit
+from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
+from conceptlm.lm.build import apply_run_lora, build_base_model, build_tokenizer
+from conceptlm.lm.recipe import generation_eval, load_exported_model, load_sources, resolve_checkpoint
 from conceptlm.data.sources import Source, corpus_texts
 from conceptlm.jepa.config import JepaConfig
 from conceptlm.jepa.data import JepaDataset
@@ -45,8 +45,7 @@ def collate_fn(cfg: JepaConfig, tokenizer):
 
 def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
     """Train LM + λ·JEPA end to end (one process or torchrun; full fine-tuning, LoRA, or from scratch)."""
-    info = prepare_run(cfg)
-    try:
+    with run_session(cfg, command) as session:
         k = cfg.jepa.num_predictors
         train_src, eval_src = load_sources(cfg)
         preds = [predictor_token(i) for i in range(1, k + 1)]
@@ -54,15 +53,15 @@ def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
         add_predictor_tokens(tokenizer, None, k)  # a loaded tokenizer gets them here; the model is resized below
         train_ds = build_dataset(cfg, train_src, tokenizer)
         eval_ds = build_dataset(cfg, eval_src, tokenizer) if eval_src is not None else None
-        create_run_dir(cfg, info, command=command)
-        model = build_model(cfg, tokenizer, save_base=info.is_main)  # resizes embeddings to the tokenizer
-        if info.is_main:
+        model = build_base_model(cfg, tokenizer)  # sized to (or resized to) the tokenizer
+        session.create_run_dir()
+        model = apply_run_lora(cfg, model, tokenizer, save_base=session.info.is_main)
+        if session.info.is_main:
             tokenizer.save_pretrained(cfg.run_dir / "tokenizer")
         unit = JepaUnit(model, cfg.jepa, seed=cfg.train.seed)
-        return fit(cfg, info, unit, train_ds=train_ds, eval_ds=eval_ds, collate_fn=collate_fn(cfg, tokenizer),
-                   tokenizer=tokenizer, source_name=train_src.name)
-    finally:
-        cleanup_distributed()
+        return fit(cfg, session.info, unit, train_ds=train_ds, eval_ds=eval_ds,
+                   collate_fn=collate_fn(cfg, tokenizer), artifacts={"tokenizer": tokenizer},
+                   source_name=train_src.name)
 
 
 def evaluate(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
@@ -72,14 +71,13 @@ def evaluate(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | No
 
 def analyze(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
     """Export Enc(Text)/Enc(Code) of the eval split (train split if there is none) and analyse them."""
-    from conceptlm.core import hf
-    from conceptlm.core.recipe import resolve_checkpoint
+    from conceptlm.core.run import prepare_run
     from conceptlm.jepa.analysis import analyze_embeddings, encode_views
 
     info = prepare_run(cfg)
     model_dir = resolve_checkpoint(cfg, checkpoint)
-    model = hf.load_causal_lm(model_dir).to(info.device)
-    tokenizer = hf.load_tokenizer(model_dir)
+    model, tokenizer = load_exported_model(model_dir)
+    model = model.to(info.device)
     train_src, eval_src = load_sources(cfg)
     src = eval_src or train_src
     ds = build_dataset(cfg, src, tokenizer)

@@ -8,11 +8,11 @@ the SFT loss.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-from conceptlm.core.unit import TOKENS_KEY, TrainUnit
+from conceptlm.core.rng import derived_generator
+from conceptlm.core.unit import TOKENS_KEY
+from conceptlm.lm.unit import HFModelUnit
 from conceptlm.jepa.config import JepaSection
 from conceptlm.jepa.forward import run_jepa_batch
 from conceptlm.jepa.losses import jepa_distance
@@ -30,12 +30,11 @@ def jepa_step_active(seed: int, step: int, ratio: float) -> bool:
         return True
     if ratio <= 0.0:
         return False
-    digest = hashlib.sha256(f"conceptlm-jepa-ratio:{seed}:{step}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    g = derived_generator("jepa-ratio", seed, step)
     return bool(torch.rand((), generator=g).item() < ratio)
 
 
-class JepaUnit(TrainUnit):
+class JepaUnit(HFModelUnit):
     """LM loss + λ·JEPA loss on SeparateBatch / PackedBatch batches.
 
     Args:

@@ -6,16 +6,16 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from conceptlm.core import hf
-from conceptlm.core.config import BaseRunConfig
+from conceptlm.lm.config import LMRunConfig
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 
-__all__ = ["build_tokenizer", "build_model"]
+__all__ = ["build_tokenizer", "build_model", "build_base_model", "apply_run_lora"]
 
 log = logging.getLogger(__name__)
 
 
-def build_tokenizer(cfg: BaseRunConfig, corpus: Iterable[str], *, extra_special_tokens: Sequence[str] = ()):
+def build_tokenizer(cfg: LMRunConfig, corpus: Iterable[str], *, extra_special_tokens: Sequence[str] = ()):
     """``tokenizer.path`` > ``model.path`` > a byte-level BPE trained on ``corpus`` (saved with the run)."""
     path = cfg.tokenizer.path or cfg.model.path
     if path:
@@ -28,13 +28,15 @@ def build_tokenizer(cfg: BaseRunConfig, corpus: Iterable[str], *, extra_special_
                                extra_special_tokens=list(extra_special_tokens))
 
 
-def build_model(cfg: BaseRunConfig, tokenizer, *, save_base: bool = True):
+def build_model(cfg: LMRunConfig, tokenizer, *, save_base: bool = True):
     """Load ``model.path`` or build a tiny ``model.arch`` sized to the tokenizer; seeded by ``train.seed``;
-    LoRA applied when ``model.lora.enabled``.
+    LoRA applied when ``model.lora.enabled`` (= :func:`build_base_model` then :func:`apply_run_lora`)."""
+    return apply_run_lora(cfg, build_base_model(cfg, tokenizer), tokenizer, save_base=save_base)
 
-    A LoRA adapter must name its base model: for a from-config base, the (frozen) base weights are saved once to
-    ``<run_dir>/base_model`` (by the caller with ``save_base`` on rank 0) and the adapter points there.
-    """
+
+def build_base_model(cfg: LMRunConfig, tokenizer):
+    """The model before LoRA: ``model.path`` or a tiny from-config ``model.arch``; checks that ``data.max_length``
+    fits its context. Writes nothing, so recipes call it before creating the run folder."""
     m = cfg.model
     if m.path:
         model = hf.load_causal_lm(m.path, attn_implementation=m.attn_implementation)
@@ -42,22 +44,31 @@ def build_model(cfg: BaseRunConfig, tokenizer, *, save_base: bool = True):
         if hf.context_length(model) < cfg.data.max_length:
             raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model context "
                               f"{hf.context_length(model)}", field="data.max_length")
-    else:
-        if m.max_position_embeddings < cfg.data.max_length:
-            raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds model.max_position_embeddings="
-                              f"{m.max_position_embeddings}", field="data.max_length")
-        model = hf.build_tiny_model(
-            m.arch, len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
-            max_position_embeddings=m.max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            attn_implementation=m.attn_implementation, seed=cfg.train.seed)
-    if m.lora.enabled:
-        if not m.path:
-            base_dir = (cfg.run_dir / "base_model").resolve()
-            if save_base:
-                hf.save_model(model, base_dir, tokenizer=tokenizer)
-            model.config._name_or_path = model.name_or_path = str(base_dir)
-        model = hf.apply_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                              target_modules=m.lora.target_modules)
-    return model
+        return model
+    if m.max_position_embeddings < cfg.data.max_length:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds model.max_position_embeddings="
+                          f"{m.max_position_embeddings}", field="data.max_length")
+    return hf.build_tiny_model(
+        m.arch, len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads, intermediate_size=m.intermediate_size,
+        max_position_embeddings=m.max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        attn_implementation=m.attn_implementation, seed=cfg.train.seed)
+
+
+def apply_run_lora(cfg: LMRunConfig, model, tokenizer, *, save_base: bool = True):
+    """Wrap ``model`` in a LoRA adapter when ``model.lora.enabled`` (else return it).
+
+    A LoRA adapter must name its base model: for a from-config base, the (frozen) base weights are saved once to
+    ``<run_dir>/base_model`` (with ``save_base``, on rank 0, once the run folder exists) and the adapter points there.
+    """
+    m = cfg.model
+    if not m.lora.enabled:
+        return model
+    if not m.path:
+        base_dir = (cfg.run_dir / "base_model").resolve()
+        if save_base:
+            hf.save_model(model, base_dir, tokenizer=tokenizer)
+        model.config._name_or_path = model.name_or_path = str(base_dir)
+    return hf.apply_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                         target_modules=m.lora.target_modules)

@@ -1,14 +1,14 @@
-"""SFT config: the shared sections only (see ``conceptlm.core.config``)."""
+"""SFT config: the token-LM run sections only (see ``conceptlm.lm.config``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from conceptlm.core.config import BaseRunConfig
+from conceptlm.lm.config import LMRunConfig
 
 __all__ = ["SFTConfig"]
 
 
 @dataclass(kw_only=True)
-class SFTConfig(BaseRunConfig):
+class SFTConfig(LMRunConfig):
     """Next-token training on chat JSONL (labels per ``data.label_mode``) or plain text (all tokens)."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from conceptlm.core.hf import causal_lm_loss_sum
-from conceptlm.core.unit import TOKENS_KEY, TrainUnit
+from conceptlm.core.unit import TOKENS_KEY
+from conceptlm.lm.unit import HFModelUnit
 
 __all__ = ["SFTUnit"]
 
 
-class SFTUnit(TrainUnit):
+class SFTUnit(HFModelUnit):
     """``forward(batch) -> {"lm": sum of CE over shifted targets}``; ``counts -> {"lm": #targets, "tokens"}``.
 
     The trainer divides by the global target count, so the loss is the token-weighted mean over the whole global
