@@ -21,53 +21,62 @@ from dataclasses import dataclass, field
 
 from conceptlm.core.errors import ConceptLMError
 
-__all__ = ["main", "METHODS"]
+__all__ = ["main", "METHODS", "Method", "Verb"]
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One ``conceptlm <method> <verb>``: ``func`` is ``module:function`` (imported lazily, ``--help`` stays fast).
+
+    ``kind="train"`` functions are called as ``f(cfg, command=...)`` and return a ``TrainResult``; ``kind="run"``
+    functions as ``f(cfg, checkpoint=..., output=...)`` and return a JSON-able dict.
+    """
+
+    help: str
+    func: str
+    kind: str = "run"
+
+    def call(self, cfg, args, command: str):
+        module, name = self.func.split(":")
+        fn = getattr(importlib.import_module(module), name)
+        if self.kind == "train":
+            res = fn(cfg, command=command)
+            return {"run_dir": str(res.run_dir), "step": res.step, "train": res.last_train, "eval": res.last_eval,
+                    "checkpoint": str(res.checkpoint) if res.checkpoint else None}
+        return fn(cfg, checkpoint=args.checkpoint, output=args.output)
 
 
 @dataclass
 class Method:
+    """A method package's entry in the CLI: its config dataclass and the verbs it declares."""
+
     help: str
     config: str
-    """``module:ClassName`` of the method's config dataclass (imported lazily: ``--help`` stays fast)."""
-    recipe: str
-    """Module with ``train(cfg, command=)`` and ``evaluate(cfg, checkpoint=, output=)`` (+ ``analyze``)."""
-    verbs: list[str] = field(default_factory=list)
+    """``module:ClassName`` of the method's config dataclass."""
+    verbs: dict[str, Verb] = field(default_factory=dict)
 
     def config_cls(self) -> type:
         module, name = self.config.split(":")
         return getattr(importlib.import_module(module), name)
 
 
-def _train(cfg, args, command):
-    res = importlib.import_module(METHODS[args.method].recipe).train(cfg, command=command)
-    return {"run_dir": str(res.run_dir), "step": res.step, "train": res.last_train, "eval": res.last_eval,
-            "checkpoint": str(res.checkpoint) if res.checkpoint else None}
-
-
-def _eval(cfg, args, command):
-    return importlib.import_module(METHODS[args.method].recipe).evaluate(cfg, checkpoint=args.checkpoint,
-                                                                           output=args.output)
-
-
-def _analyze(cfg, args, command):
-    return importlib.import_module(METHODS[args.method].recipe).analyze(cfg, checkpoint=args.checkpoint,
-                                                                          output=args.output)
-
-
-VERBS = {
-    "train": ("train a model (works under torchrun)", _train),
-    "eval": ("greedy generation on the eval data, scored; predictions to JSONL", _eval),
-    "analyze": ("embedding analysis of a checkpoint: Enc(Text)/Enc(Code) export, singular values, linear-map "
-                "residual, 2-D projection plot", _analyze),
-}
+_EVAL_HELP = "greedy generation on the eval data, scored; predictions to JSONL"
 
 METHODS: dict[str, Method] = {
-    "sft": Method(help="supervised fine-tuning / from-scratch next-token training (the NTP baseline)",
-                  config="conceptlm.sft.config:SFTConfig", recipe="conceptlm.sft.recipe", verbs=["train", "eval"]),
-    "jepa": Method(help="LLM-JEPA: LM loss + lambda * JEPA loss between the Text and Code views (arXiv 2509.14252)",
-                   config="conceptlm.jepa.config:JepaConfig", recipe="conceptlm.jepa.recipe",
-                   verbs=["train", "eval", "analyze"]),
+    "sft": Method(
+        help="supervised fine-tuning / from-scratch next-token training (the NTP baseline)",
+        config="conceptlm.sft.config:SFTConfig",
+        verbs={"train": Verb("train a model (works under torchrun)", "conceptlm.sft.recipe:train", kind="train"),
+               "eval": Verb(_EVAL_HELP, "conceptlm.sft.recipe:evaluate")}),
+    "jepa": Method(
+        help="LLM-JEPA: LM loss + lambda * JEPA loss between the Text and Code views (arXiv 2509.14252)",
+        config="conceptlm.jepa.config:JepaConfig",
+        verbs={"train": Verb("train a model (works under torchrun)", "conceptlm.jepa.recipe:train", kind="train"),
+               "eval": Verb(_EVAL_HELP, "conceptlm.jepa.recipe:evaluate"),
+               "analyze": Verb("embedding analysis of a checkpoint: Enc(Text)/Enc(Code) export, singular values, "
+                               "linear-map residual, 2-D projection plot", "conceptlm.jepa.recipe:analyze")}),
 }
+"""Every method and its verbs. A new method (or verb) is one entry here; nothing else in the CLI changes."""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -86,13 +95,13 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, m in METHODS.items():
         mp = sub.add_parser(name, help=m.help)
         vs = mp.add_subparsers(dest="verb", metavar="<verb>")
-        for verb in m.verbs:
-            vhelp = VERBS[verb][0]
+        for verb, v in m.verbs.items():
+            vhelp = v.help
             vp = vs.add_parser(verb, help=vhelp,
                                description=f"{vhelp}. Overrides are dotted keys, e.g. optim.lr=1e-3 train.max_steps=20")
             vp.add_argument("--config", help="YAML config file (see configs/)")
             vp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-            if verb in ("eval", "analyze"):
+            if v.kind != "train":
                 vp.add_argument("--checkpoint", help="checkpoint or model dir (default: the run's latest)")
                 vp.add_argument("--output", help="output path (default: inside the run folder)")
     return p
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(method.config_cls(), args.config, args.overrides)
         command = "conceptlm " + " ".join(shlex.quote(a) for a in argv)
-        result = VERBS[args.verb][1](cfg, args, command)
+        result = method.verbs[args.verb].call(cfg, args, command)
         import os
 
         if os.environ.get("RANK", "0") == "0" and result is not None:  # the process group is gone by now
