@@ -106,14 +106,14 @@ def random_override(rng: random.Random, keys: list[str]) -> str:
     return f"{key}={rng.choice(['1', '0', '-1', '2.5', 'true', 'null', 'x', '[]', '{}'])}"
 
 
-# Crashes of core/config.py found by this fuzzing, pinned by the strict xfail tests at the end of this file. The fuzz
+# Crashes of the config code (core/config.py, lm/config.py) found by this fuzzing, pinned by the strict xfail tests at the end of this file. The fuzz
 # loops tolerate exactly these (so they keep covering everything else); drop an entry when its xfail test passes.
 KNOWN_BUGS = {
     # parse_override / _yaml_with_lines put str(YAMLError) (several lines: "in <unicode string>, line 1, ...")
     # into the message.
     "multi-line YAML error": lambda exc, what: isinstance(exc, ConfigError) and "YAML" in str(exc)
     and "\n" in str(exc),
-    # ModelSection.validate computes hidden_size % num_heads before checking num_heads > 0.
+    # ModelSection.validate (lm/config.py) computes hidden_size % num_heads before checking num_heads > 0.
     "num_heads=0": lambda exc, what: isinstance(exc, ZeroDivisionError) and "num_heads" in what,
 }
 seen_known_bugs: dict[str, int] = {}
@@ -217,7 +217,7 @@ def test_yaml_file_with_control_character_is_one_line(tmp_path):
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="core/config.py ModelSection.validate: hidden_size % num_heads before "
+@pytest.mark.xfail(strict=True, reason="lm/config.py (was core/config.py) ModelSection.validate: hidden_size % num_heads before "
                                        "checking num_heads > 0 (ZeroDivisionError)")
 @pytest.mark.parametrize("method", sorted(CLASSES))
 def test_zero_heads_is_a_config_error(method):

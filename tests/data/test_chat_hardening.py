@@ -179,3 +179,10 @@ def test_json_that_python_refuses(tmp_path, line, what):
         read_chat_jsonl(path)
     msg = str(err.value)
     assert msg.startswith(f"{path}:2: ") and what in msg and "\n" not in msg and len(msg) < 400
+
+
+def test_tokenizer_training_tolerates_unencodable_strings():
+    """The tokenizer is trained on the raw corpus before records are validated: a lone surrogate must not crash
+    training (the dataset build then reports the record)."""
+    tok = train_bpe_tokenizer(["dog \ud800 truck"] * 5 + ["lines with words"] * 5, vocab_size=300)
+    assert tok("dog truck", add_special_tokens=False)["input_ids"]

@@ -239,8 +239,7 @@ def test_cli_bad_data_one_line_nothing_written(tmp_path, capsys, case):
     good = "".join(json.dumps(r) + "\n" for r in make_chat_records(3)).encode()
     path = tmp_path / "train.jsonl"
     path.write_bytes(good + bad.encode() + b"\n" + good)
-    ov = tiny_overrides(tmp_path, path, **{"train.max_steps": 1, "data.max_length": 64,
-                                           "model.max_position_embeddings": 64})
+    ov = tiny_overrides(tmp_path, path, **{"train.max_steps": 1, "schedule.warmup_steps": 0})
     code = main([method, "train", *ov])
     err = capsys.readouterr().err.strip()
     assert code == 2, err

@@ -7,7 +7,8 @@ it exactly like a tokenizer a user brings.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -42,6 +43,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Tokens that end a turn in common chat templates; the tokenizer's EOS is always added too.
 _END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -79,7 +82,7 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(texts, trainer=trainer)
+    core.train_from_iterator(_encodable(texts), trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         additional_special_tokens=CHAT_TOKENS + list(extra_special_tokens),
@@ -88,6 +91,18 @@ def train_bpe_tokenizer(
     tok.chat_template = CHATML_TEMPLATE
     tok.padding_side = "right"
     return tok
+
+
+def _encodable(texts: Iterable[str]) -> Iterator[str]:
+    """The training texts, with lone surrogates (unencodable: the tokenizers library raises on them) replaced.
+
+    The tokenizer is trained before the data is validated; the record holding such a string is reported (file, line
+    and field) when the dataset is built.
+    """
+    for text in texts:
+        if isinstance(text, str) and _SURROGATE.search(text):
+            text = text.encode("utf-8", "replace").decode("utf-8")
+        yield text
 
 
 def _merge_system_into_user(messages: Sequence[dict]) -> list[dict]:
