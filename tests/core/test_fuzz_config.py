@@ -95,7 +95,8 @@ def random_override(rng: random.Random, keys: list[str]) -> str:
     if kind == 0:
         return f"{key}={rng.choice(RAW_VALUES)}"
     if kind == 1:
-        return f"{key}={yaml.safe_dump(rng.choice(ODD_VALUES), default_flow_style=True).strip().removesuffix('...').strip()}"
+        text = yaml.safe_dump(rng.choice(ODD_VALUES), default_flow_style=True).strip()
+        return f"{key}={text.removesuffix('...').strip()}"
     if kind == 2:
         return rng.choice([key, f"{key}.", f".{key}=1", f"{key}..x=1", "=1", "=", f"{key}.sub=1", f"{key}z=1",
                            f" {key} =1", f"{key}==1"])
@@ -106,8 +107,9 @@ def random_override(rng: random.Random, keys: list[str]) -> str:
     return f"{key}={rng.choice(['1', '0', '-1', '2.5', 'true', 'null', 'x', '[]', '{}'])}"
 
 
-# Crashes of the config code (core/config.py, lm/config.py) found by this fuzzing, pinned by the strict xfail tests at the end of this file. The fuzz
-# loops tolerate exactly these (so they keep covering everything else); drop an entry when its xfail test passes.
+# Crashes of the config code (core/config.py, lm/config.py) found by this fuzzing, pinned by the strict xfail tests
+# at the end of this file. The fuzz loops tolerate exactly these (so they keep covering everything else); drop an
+# entry when its xfail test passes.
 KNOWN_BUGS = {
     # parse_override / _yaml_with_lines put str(YAMLError) (several lines: "in <unicode string>, line 1, ...")
     # into the message.
@@ -217,7 +219,8 @@ def test_yaml_file_with_control_character_is_one_line(tmp_path):
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="lm/config.py (was core/config.py) ModelSection.validate: hidden_size % num_heads before "
+@pytest.mark.xfail(strict=True, reason="lm/config.py (was core/config.py) ModelSection.validate: "
+                                       "hidden_size % num_heads before "
                                        "checking num_heads > 0 (ZeroDivisionError)")
 @pytest.mark.parametrize("method", sorted(CLASSES))
 def test_zero_heads_is_a_config_error(method):
