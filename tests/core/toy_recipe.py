@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from conceptlm.core.config import RunConfig, load_config
 from conceptlm.core.modules import Decoder, DecoderConfig
-from conceptlm.core.recipe import fit
+from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
@@ -107,9 +107,10 @@ def train(cfg: ToyConfig, *, command: str | None = None, on_eval=None):
         train_ds = ToyDataset(c.n_examples, c.seq_len, c.dim, seed=0)
         eval_ds = ToyDataset(c.n_eval, c.seq_len, c.dim, seed=1) if c.n_eval else None
         unit = ToyUnit(c)
+        plan = make_plan(cfg, session.info, train_ds)  # too little data: an error before anything is written
         session.create_run_dir()
         return fit(cfg, session.info, unit, train_ds=train_ds, eval_ds=eval_ds, collate_fn=collate,
-                   source_name="toy", on_eval=on_eval)
+                   source_name="toy", on_eval=on_eval, plan=plan)
 
 
 if __name__ == "__main__":

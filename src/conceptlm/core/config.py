@@ -154,20 +154,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_reason(e)})") from None
     return key.split("."), value
+
+
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    """One line saying what is wrong (``str(YAMLError)`` spans several lines)."""
+    reason = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
+    return " ".join(str(reason).split())
 
 
 def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
     """Parse YAML safely; return the data and a map dotted-key -> 1-based line of that key."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start})", path=path) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", path=path,
-                          line=mark.line + 1 if mark else None) from None
+        line = mark.line + 1 if mark else None
+        if line is None and getattr(e, "position", None) is not None:  # ReaderError: a character offset
+            line = text.count("\n", 0, e.position) + 1
+        raise ConfigError(f"invalid YAML: {_yaml_reason(e)}", path=path, line=line) from None
     lines: dict[str, int] = {}
 
     def walk(n, prefix: str) -> None:

@@ -13,7 +13,7 @@ from conceptlm.core.sampling import BatchPlan, eval_batches, step_batches
 from conceptlm.core.trainer import Trainer, TrainResult
 from conceptlm.core.unit import TrainUnit
 
-__all__ = ["fit", "parameter_summary"]
+__all__ = ["fit", "make_plan", "parameter_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,22 @@ def parameter_summary(unit: TrainUnit) -> dict[str, int]:
             "frozen": sum(p.numel() for p in params if id(p) in frozen)}
 
 
+def make_plan(cfg: RunConfig, info: DistInfo, train_ds) -> BatchPlan:
+    """The batch plan of a run over ``train_ds`` (bucketed by its ``.lengths`` when it has them).
+
+    Raises ``ConfigError`` when the data cannot fill one global batch: recipes call it before creating the run
+    folder, so that error leaves nothing behind.
+    """
+    t = cfg.train
+    lengths = getattr(train_ds, "lengths", None)
+    lengths = list(lengths) if lengths is not None else [1] * len(train_ds)
+    return BatchPlan(lengths, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                     world_size=info.world_size, rank=info.rank, seed=t.seed)
+
+
 def fit(cfg: RunConfig, info: DistInfo, unit: TrainUnit, *, train_ds, eval_ds=None,
         collate_fn: Callable[[list], Any], source_name: str, artifacts: dict[str, Any] | None = None,
-        on_eval: Callable[[int], dict[str, float]] | None = None) -> TrainResult:
+        on_eval: Callable[[int], dict[str, float]] | None = None, plan: BatchPlan | None = None) -> TrainResult:
     """Length-bucketed batch plan over ``train_ds`` (by its ``.lengths`` when it has them), eval batches, the loop.
 
     Args:
@@ -39,12 +52,10 @@ def fit(cfg: RunConfig, info: DistInfo, unit: TrainUnit, *, train_ds, eval_ds=No
         collate_fn: list of dataset items -> batch.
         source_name: names the training data in the checkpoint's data state (checked on resume).
         artifacts: saved with every checkpoint (see :class:`~conceptlm.core.trainer.Trainer`).
+        plan: from :func:`make_plan` (built here when not given).
     """
     t = cfg.train
-    lengths = getattr(train_ds, "lengths", None)
-    lengths = list(lengths) if lengths is not None else [1] * len(train_ds)
-    plan = BatchPlan(lengths, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                     world_size=info.world_size, rank=info.rank, seed=t.seed)
+    plan = plan if plan is not None else make_plan(cfg, info, train_ds)
     if info.is_main:
         p = parameter_summary(unit)
         frozen = f", {p['frozen'] / 1e6:.2f}M frozen" if p["frozen"] else ""

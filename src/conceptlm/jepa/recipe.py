@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 from conceptlm.core.errors import ConfigError
-from conceptlm.core.recipe import fit
+from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.lm.build import apply_run_lora, build_base_model, build_tokenizer
@@ -54,6 +54,7 @@ def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
         train_ds = build_dataset(cfg, train_src, tokenizer)
         eval_ds = build_dataset(cfg, eval_src, tokenizer) if eval_src is not None else None
         model = build_base_model(cfg, tokenizer)  # sized to (or resized to) the tokenizer
+        plan = make_plan(cfg, session.info, train_ds)  # too little data: an error before anything is written
         session.create_run_dir()
         model = apply_run_lora(cfg, model, tokenizer, save_base=session.info.is_main)
         if session.info.is_main:
@@ -61,7 +62,7 @@ def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
         unit = JepaUnit(model, cfg.jepa, seed=cfg.train.seed)
         return fit(cfg, session.info, unit, train_ds=train_ds, eval_ds=eval_ds,
                    collate_fn=collate_fn(cfg, tokenizer), artifacts={"tokenizer": tokenizer},
-                   source_name=train_src.name)
+                   source_name=train_src.name, plan=plan)
 
 
 def evaluate(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:

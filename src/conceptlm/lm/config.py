@@ -46,6 +46,8 @@ class ModelSection:
 
     def validate(self) -> None:
         _check(self.hidden_size > 0 and self.num_layers > 0, "model", "hidden_size and num_layers must be > 0")
+        _check(self.num_heads > 0, "model.num_heads", "must be > 0")
+        _check(self.num_kv_heads is None or self.num_kv_heads > 0, "model.num_kv_heads", "must be > 0")
         _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         self.lora.validate()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from conceptlm.core.recipe import fit
+from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.data.batching import collate
@@ -26,6 +26,7 @@ def train(cfg: LMRunConfig, *, command: str | None = None) -> TrainResult:
         train_ds = build_dataset(train_src, tokenizer, **kw)
         eval_ds = build_dataset(eval_src, tokenizer, **kw) if eval_src is not None else None
         model = build_base_model(cfg, tokenizer)
+        plan = make_plan(cfg, session.info, train_ds)  # too little data: an error before anything is written
         session.create_run_dir()  # inputs are valid: only now write anything
         model = apply_run_lora(cfg, model, tokenizer, save_base=session.info.is_main)
         if session.info.is_main:
@@ -33,7 +34,7 @@ def train(cfg: LMRunConfig, *, command: str | None = None) -> TrainResult:
         return fit(cfg, session.info, SFTUnit(model), train_ds=train_ds, eval_ds=eval_ds,
                    artifacts={"tokenizer": tokenizer},
                    collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-                   source_name=train_src.name)
+                   source_name=train_src.name, plan=plan)
 
 
 def evaluate(cfg: LMRunConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
