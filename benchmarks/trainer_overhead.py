@@ -1,6 +1,7 @@
 """Throughput of the conceptlm training loop vs a bare PyTorch loop, side by side in one process.
 
-Both loops train the same tiny Llama on the same micro-batches (the same BatchPlan, label_mode=all so both compute
+Two pairs: (1) an HF tiny Llama through the SFT unit, (2) the same-size LM on ``core.modules`` (embedding ->
+``Decoder`` -> head) through a plain ``TrainUnit`` with no HF model. In each pair both loops train the same model on the same micro-batches (the same BatchPlan, label_mode=all so both compute
 the LM head on every position) with AdamW and grad clipping. Rounds alternate bare / trainer so machine noise hits
 both alike; the ratio of median tokens/s is the loop's overhead.
 
@@ -79,18 +80,78 @@ def main() -> None:
         res = trainer.fit()
         return res.last_train["tokens_per_s"]
 
-    bare_tps, our_tps = [], []
+    from conceptlm.core.modules import Decoder, DecoderConfig
+    from conceptlm.core.unit import TOKENS_KEY, TrainUnit
+
+    class ModulesLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(len(tok), args.hidden)
+            self.decoder = Decoder(DecoderConfig(d_model=args.hidden, n_layers=args.layers, n_heads=4,
+                                                 d_ff=4 * args.hidden))
+            self.head = torch.nn.Linear(args.hidden, len(tok), bias=False)
+
+        def loss_sum(self, b):
+            h = self.decoder(self.embed(b["input_ids"]), key_padding_mask=b["attention_mask"].bool())
+            logits = self.head(h[:, :-1]).float()
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     b["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                                                     reduction="sum")
+
+    class ModulesUnit(TrainUnit):
+        def __init__(self):
+            super().__init__()
+            self.lm = ModulesLM()
+            self.loss_weights = {"lm": 1.0}
+
+        def counts(self, b):
+            return {"lm": int((b["labels"][:, 1:] != -100).sum()), TOKENS_KEY: int(b["attention_mask"].sum())}
+
+        def forward(self, b):
+            return {"lm": self.lm.loss_sum(b)}
+
+    def bare_modules(offset: int) -> float:
+        model = ModulesLM()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        tokens, t0 = 0, time.perf_counter()
+        for s in range(offset, offset + args.steps):
+            (b,) = get(s)
+            loss = model.loss_sum(b) / (b["labels"][:, 1:] != -100).sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += int(b["attention_mask"].sum())
+        return tokens / (time.perf_counter() - t0)
+
+    def ours_modules(offset: int, tmp: str) -> float:
+        from conceptlm.core.config import RunConfig
+
+        cfg = load_config(RunConfig, None, [f"run.out_dir={tmp}", f"run.name=m{offset}", f"train.max_steps={args.steps}",
+                                            f"train.log_every={args.steps}", "train.eval_every=0",
+                                            "train.progress=false", "optim.lr=1e-3"])
+        trainer = Trainer(ModulesUnit(), cfg, info, train_batches=lambda s: get(s + offset), data_state={})
+        return trainer.fit().last_train["tokens_per_s"]
+
+    bare_tps, our_tps, mbare_tps, mour_tps = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             off = r * args.steps
             bare_tps.append(bare(off))
             our_tps.append(ours(off, tmp))
+            mbare_tps.append(bare_modules(off))
+            mour_tps.append(ours_modules(off, tmp))
     out = {
         "model": f"llama d{args.hidden} L{args.layers} V{len(tok)}", "batch": f"{args.batch} x <=128 (NL-RX chat)",
         "threads": torch.get_num_threads(), "rounds": args.rounds, "steps_per_round": args.steps,
         "bare_tokens_per_s_median": statistics.median(bare_tps), "trainer_tokens_per_s_median": statistics.median(our_tps),
         "trainer_over_bare": statistics.median(our_tps) / statistics.median(bare_tps),
         "per_round_ratio": [o / b for o, b in zip(our_tps, bare_tps)],
+        "modules_bare_tokens_per_s_median": statistics.median(mbare_tps),
+        "modules_trainer_tokens_per_s_median": statistics.median(mour_tps),
+        "modules_trainer_over_bare": statistics.median(mour_tps) / statistics.median(mbare_tps),
+        "modules_per_round_ratio": [o / b for o, b in zip(mour_tps, mbare_tps)],
     }
     print(json.dumps(out, indent=2))
 
