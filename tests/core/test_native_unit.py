@@ -245,19 +245,25 @@ def _cmd(tmp_path: Path, name: str, nproc: int = 1, **extra) -> list[str]:
 
 
 @pytest.mark.distributed
-def test_two_processes_with_per_example_noise_equal_one_process(tmp_path):
+@pytest.mark.parametrize("strategy,teacher", [("ddp", False), ("fsdp", True)])
+def test_two_processes_with_per_example_noise_equal_one_process(tmp_path, strategy, teacher):
     steps = 4
-    subprocess.run(_cmd(tmp_path, "one", **{"train.max_steps": steps, "train.micro_batch_size": 8}), check=True,
-                   env=_env(), cwd=REPO, timeout=300, capture_output=True)
+    subprocess.run(_cmd(tmp_path, "one", **{"train.max_steps": steps, "train.micro_batch_size": 8,
+                                            "toy.teacher": teacher}),
+                   check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
     r = subprocess.run(_cmd(tmp_path, "two", nproc=2, **{"train.max_steps": steps, "train.micro_batch_size": 2,
-                                                         "train.grad_accum": 2}),
+                                                         "train.grad_accum": 2, "dist.strategy": strategy,
+                                                         "toy.teacher": teacher}),
                        env=_env(), cwd=REPO, timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = unit_weights(tmp_path / "runs" / "one", steps), unit_weights(tmp_path / "runs" / "two", steps)
     assert max_diff(a, b) <= 1e-5
+    if teacher:
+        assert not any(k.startswith("teacher.") for k in b)
+        return
     # and the noise matters: without it the weights differ
     subprocess.run(_cmd(tmp_path, "clean", **{"train.max_steps": steps, "train.micro_batch_size": 8,
-                                              "toy.noise": 0.0}), check=True, env=_env(), cwd=REPO, timeout=300,
+                                              "toy.noise": 0.0, "toy.teacher": teacher}), check=True, env=_env(), cwd=REPO, timeout=300,
                    capture_output=True)
     assert max_diff(a, unit_weights(tmp_path / "runs" / "clean", steps)) > 1e-4
 
