@@ -76,6 +76,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("CONCEPTLM_NO_PROGRESS", "1")
 
+    load0 = round(os.getloadavg()[0], 2)
     cache = Path(tempfile.mkdtemp(prefix="smollm2_bench_cache."))
     result: dict = {"model": "smollm2-135m", "torch": torch.__version__, "threads": torch.get_num_threads(),
                     **_cpu_flags(), "batch": args.batch, "seq": args.seq}
@@ -98,6 +99,8 @@ def main() -> None:
             result["bf16_over_fp32_time"] = round(result["steps"]["bf16_autocast"]["s_per_step"]
                                                   / result["steps"]["fp32"]["s_per_step"], 2)
         result["total_s"] = round(time.perf_counter() - t0, 1)
+        # other processes on the same cores slow every number here; the 1-min load average shows it
+        result["loadavg_start_end"] = [load0, round(os.getloadavg()[0], 2)]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print(json.dumps(result, indent=1))
