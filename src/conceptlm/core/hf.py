@@ -219,7 +219,25 @@ def _load_adapter(p: Path, *, dtype: torch.dtype | None, attn_implementation: st
         raise ModelPathError(f"{p / 'adapter_config.json'}: field 'base_model_name_or_path': base model directory "
                              f"{base!r} not found (looked in the working directory and in {str(p)!r})")
     model = load_causal_lm(base_dir, dtype=dtype, attn_implementation=attn_implementation)
+    rows = _adapter_vocab_rows(p)
+    if rows is not None and model.get_input_embeddings().weight.shape[0] < rows:
+        # the run grew the vocabulary (e.g. a pad token): PEFT saved the resized embeddings with the adapter
+        resize_token_embeddings(model, rows, init="mean")
     return peft.PeftModel.from_pretrained(model, str(p))
+
+
+def _adapter_vocab_rows(p: Path) -> int | None:
+    """Rows of the input embedding an adapter folder carries (saved when the run resized the vocabulary)."""
+    from safetensors import safe_open
+
+    f = p / "adapter_model.safetensors"
+    if not f.is_file():
+        return None
+    with safe_open(str(f), framework="pt") as st:
+        for key in st.keys():
+            if key.endswith("embed_tokens.weight") or key.endswith("wte.weight"):
+                return st.get_slice(key).get_shape()[0]
+    return None
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
