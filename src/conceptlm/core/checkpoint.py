@@ -40,7 +40,7 @@ from conceptlm.core.io import atomic_dir, atomic_write_text
 
 __all__ = ["save_checkpoint", "find_latest_checkpoint", "find_resumable_checkpoint", "verify_checkpoint",
            "load_trainer_state", "load_unit_state", "checkpoint_keys", "rng_state", "set_rng_state",
-           "list_checkpoints", "remove_stale_temporaries", "UNIT_FILE", "MANIFEST", "FORMAT"]
+           "list_checkpoints", "remove_stale_temporaries", "tied_parameter_names", "UNIT_FILE", "MANIFEST", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def _load_legacy(unit: torch.nn.Module, ckpt: Path) -> None:
     else:
         sd = _read_safetensors_dir(model_dir, "model")
         missing, unexpected = hf_model.load_state_dict(sd, strict=False)
-        tied = _tied(hf_model)
+        tied = tied_parameter_names(hf_model)
         missing = [k for k in missing if k not in tied]
         if missing or unexpected:
             first = missing[0] if missing else unexpected[0]
@@ -323,7 +323,7 @@ def _read_safetensors_dir(directory: Path, stem: str) -> dict[str, torch.Tensor]
     return sd
 
 
-def _tied(model: torch.nn.Module) -> set[str]:
+def tied_parameter_names(model: torch.nn.Module) -> set[str]:
     """Parameter names that share storage with an earlier parameter (e.g. a tied lm_head)."""
     seen: dict[int, str] = {}
     tied = set()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from conceptlm.core.checkpoint import tied_parameter_names
 from conceptlm.core.unit import TrainUnit
 
 __all__ = ["HFModelUnit"]
@@ -26,7 +27,7 @@ class HFModelUnit(TrainUnit):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        tied = _tied_names(self.model)  # gathered (FSDP) state dicts hold tied weights as separate copies
+        tied = tied_parameter_names(self.model)  # gathered (FSDP) state dicts hold tied weights as separate copies
         sd = {k[len("model."):]: v for k, v in state_dict.items()
               if k.startswith("model.") and k[len("model."):] not in tied}
         self.model.save_pretrained(directory, state_dict=sd, safe_serialization=True)
@@ -35,12 +36,3 @@ class HFModelUnit(TrainUnit):
             tokenizer.save_pretrained(directory)
         return True
 
-
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    seen: set[int] = set()
-    tied = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.add(id(p))
-    return tied
