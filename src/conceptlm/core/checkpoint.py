@@ -74,15 +74,8 @@ def checkpoint_keys(unit: torch.nn.Module) -> list[str]:
     duplicates, frozen parameters (rebuilt from the unit's own construction, e.g. a LoRA base) and the sub-modules
     of ``unit.frozen_modules()``. Call on the unwrapped unit."""
     skip = tuple(n + "." for n in getattr(unit, "frozen_modules", lambda: [])())
-    params: dict[str, torch.nn.Parameter] = {}
-    tied: set[str] = set()
-    seen: dict[int, str] = {}
-    for name, p in unit.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        else:
-            seen[id(p)] = name
-        params[name] = p
+    params = dict(unit.named_parameters(remove_duplicate=False))
+    tied = tied_parameter_names(unit)
     keys = []
     for key in unit.state_dict(keep_vars=True):
         if key.startswith(skip) or key in tied:
@@ -164,9 +157,12 @@ def find_resumable_checkpoint(run_dir: str | Path) -> Path | None:
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete the temporary folders a killed save left behind (call while holding the run lock)."""
     root = Path(run_dir) / "checkpoints"
-    stale = [p for p in root.glob(".tmp-step_*")] + [p for p in root.glob(".old-step_*")] if root.is_dir() else []
+    stale = [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]
     for p in stale:
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     if stale:
         log.info("removed %d stale temporary checkpoint folder(s) in %s", len(stale), root)
     return stale
