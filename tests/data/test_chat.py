@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conceptlm.core.errors import ConceptLMError, DataError
-from conceptlm.core.tokenizer import render_chat, train_bpe_tokenizer
+from conceptlm.core.tokenizer import train_bpe_tokenizer
+from conceptlm.data.templates import render_chat
 from conceptlm.data.chat import (
     IGNORE_INDEX,
     ChatDataset,

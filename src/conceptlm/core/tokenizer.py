@@ -1,4 +1,6 @@
-"""Tokenizers: train a small byte-level BPE on the fly, render chats, find end-of-turn tokens.
+"""Tokenizers: train a small byte-level BPE on the fly, with a ChatML template.
+
+Rendering chats and finding end-of-turn tokens live in :mod:`conceptlm.data.templates`.
 
 A tokenizer trained here is a plain ``transformers.PreTrainedTokenizerFast`` with a ChatML chat template, so it
 saves with ``save_pretrained`` and loads back with ``AutoTokenizer.from_pretrained``; everything downstream treats
@@ -10,14 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 __all__ = [
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
     "train_bpe_tokenizer",
-    "render_chat",
-    "end_of_turn_ids",
 ]
 
 SPECIAL_TOKENS = {
@@ -45,9 +45,6 @@ CHATML_TEMPLATE = (
 )
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-# Tokens that end a turn in common chat templates; the tokenizer's EOS is always added too.
-_END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
 def train_bpe_tokenizer(
@@ -103,43 +100,3 @@ def _encodable(texts: Iterable[str]) -> Iterator[str]:
         if isinstance(text, str) and _SURROGATE.search(text):
             text = text.encode("utf-8", "replace").decode("utf-8")
         yield text
-
-
-def _merge_system_into_user(messages: Sequence[dict]) -> list[dict]:
-    """Fold a leading system message into the first user turn (for templates that reject a system role)."""
-    if not messages or messages[0]["role"] != "system":
-        return list(messages)
-    system, rest = messages[0], list(messages[1:])
-    if rest and rest[0]["role"] == "user":
-        rest[0] = {"role": "user", "content": f"{system['content']}\n\n{rest[0]['content']}"}
-        return rest
-    return [{"role": "user", "content": system["content"]}] + rest
-
-
-def render_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False
-) -> str:
-    """Render ``messages`` with the tokenizer's chat template as a string.
-
-    Templates that reject a system role (Gemma-style) get the system text folded into the first user turn.
-    """
-    from jinja2.exceptions import TemplateError
-
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    try:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateError:
-        if not msgs or msgs[0]["role"] != "system":
-            raise
-        return tokenizer.apply_chat_template(
-            _merge_system_into_user(msgs), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
-
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids that end an assistant turn: known end-of-turn tokens present in the vocab, plus EOS."""
-    vocab = tokenizer.get_vocab()
-    ids = [vocab[t] for t in _END_OF_TURN_CANDIDATES if t in vocab]
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return sorted(set(ids))

@@ -22,7 +22,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from conceptlm.core.errors import DataError
-from conceptlm.core.tokenizer import end_of_turn_ids, render_chat
+from conceptlm.data.templates import end_of_turn_ids, render_chat
 
 __all__ = [
     "ROLES",
@@ -89,7 +89,7 @@ def template_error(err: BaseException, field: str = "messages") -> DataError:
 
 def render_or_fail(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False,
                    field: str = "messages") -> str:
-    """:func:`~conceptlm.core.tokenizer.render_chat`, with any failure of the template (a jinja ``TemplateError``
+    """:func:`~conceptlm.data.templates.render_chat`, with any failure of the template (a jinja ``TemplateError``
     such as "Conversation roles must alternate", or any other exception of ``apply_chat_template``) turned into a
     :class:`DataError` on ``field`` (no path/line: the dataset adds them)."""
     try:

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from conceptlm.core.io import atomic_write_jsonl
-from conceptlm.core.tokenizer import end_of_turn_ids, render_chat
+from conceptlm.data.templates import end_of_turn_ids, render_chat
 
 __all__ = ["split_prompt", "generate_batched", "evaluate_generation"]
 

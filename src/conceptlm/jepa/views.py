@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from conceptlm.core.errors import DataError
-from conceptlm.core.tokenizer import render_chat
+from conceptlm.data.templates import render_chat
 from conceptlm.data.chat import (
     IGNORE_INDEX,
     LABEL_MODES,
