@@ -252,18 +252,17 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns the step's logged values and item count."""
         cfg, info, unit, parts = self.cfg, self.info, self.unit, self.parts
         unit.begin_step(self.step)
-        micro = []
-        counts = torch.zeros(len(parts) + 1, dtype=torch.float64)
+        micro, per_batch = [], []
         for j, b in enumerate(self.train_batches(self.step)):
             unit.step_rng = self._rng(self.step, j)
             b = to_device(b, info.device)
             with torch.no_grad(), autocast_context(cfg.train.precision, info.device):
                 b = unit.prepare(b)
-            c = unit.counts(b)
-            for i, k in enumerate(parts):
-                counts[i] += float(c.get(k, 0))
-            counts[-1] += float(c.get(THROUGHPUT_KEY, 0))
+            per_batch.append(_count_vector(unit.counts(b), [*parts, THROUGHPUT_KEY], info.device))
             micro.append(b)
+        # counts may be device tensors: one transfer for all micro-batches, not one sync each
+        counts = torch.stack(per_batch).sum(0).cpu() if per_batch else torch.zeros(len(parts) + 1,
+                                                                                   dtype=torch.float64)
         all_reduce_sum(counts)
         n = {k: counts[i].item() for i, k in enumerate(parts)}
         acc = _Accumulator(parts, self.metric_names, info.device)
@@ -324,7 +323,7 @@ class Trainer:
         module = self.model if self.strategy == "fsdp" else self.unit
         unit, parts, dev = self.unit, self.parts, self.info.device
         acc = _Accumulator(parts, self.metric_names, dev)
-        counts = torch.zeros(len(parts), dtype=torch.float64)
+        counts = torch.zeros(len(parts), dtype=torch.float64, device=dev)
         was_training = module.training
         module.eval()
         for j, b in enumerate(self.eval_batches()):
@@ -332,17 +331,20 @@ class Trainer:
             b = to_device(b, dev)
             with autocast_context(self.cfg.train.precision, dev):
                 b = unit.prepare(b)
-                c = unit.counts(b)
+                c = _count_vector(unit.counts(b), parts, dev)
                 out = module(b)
                 extra = unit.eval_metrics(b)
-            live = [k for k in parts if float(c.get(k, 0)) > 0]
-            acc.add({k: v for k, v in out.items() if k not in parts or k in live}, self._unit_name())
+            # a part with no items in this batch contributes nothing (its value may be nan); decided on the
+            # device, so evaluation does not sync with the host per batch
+            present = torch.tensor([k in out for k in parts], device=dev)
+            live = (c > 0) & present
+            acc.add({k: (torch.where(live[parts.index(k)], v.detach().double(), 0.0) if k in parts else v)
+                     for k, v in out.items()}, self._unit_name())
             acc.add(extra, self._unit_name())
-            for i, k in enumerate(parts):
-                if k in live and k in out:
-                    counts[i] += float(c[k])
+            counts += torch.where(live, c, 0.0)
         unit.step_rng = None
         module.train(was_training)
+        counts = counts.cpu()
         all_reduce_sum(counts)
         sums = acc.reduce()
         res = {k: sums[k] / counts[i].item() for i, k in enumerate(parts) if counts[i] > 0}
@@ -395,6 +397,12 @@ class Trainer:
                 g["lr"] = o.lr * lam(scheduler.last_epoch)
         ckpt_lib.set_rng_state(state["rng"])
         self.step = int(state["step"])
+
+
+def _count_vector(counts: dict[str, Any], keys: list[str], device: torch.device) -> torch.Tensor:
+    """``counts[k]`` for each key (0 when absent) as one float64 vector on ``device`` (ints or tensors)."""
+    return torch.stack([torch.as_tensor(counts.get(k, 0), dtype=torch.float64).to(device).reshape(())
+                        for k in keys])
 
 
 class _Accumulator:
