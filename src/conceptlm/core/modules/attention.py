@@ -119,7 +119,35 @@ def sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=mask.is_causal)
 
 
-class SelfAttention(nn.Module):
+class _HeadProjections(nn.Module):
+    """The four projections shared by self- and cross-attention (names match HF Llama), split into heads."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None, head_dim: int | None,
+                 d_kv_input: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = head_dim or d_model // n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_kv_input, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_kv_input, n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+
+    def _heads(self, proj: nn.Linear, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """``proj(x)`` ``(B, T, n*d)`` -> ``(B, n, T, d)``."""
+        b, t, _ = x.shape
+        return proj(x).view(b, t, n_heads, self.head_dim).transpose(1, 2)
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output ``(B, H, T, d)`` -> ``o_proj`` of the merged heads ``(B, T, D)``."""
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class SelfAttention(_HeadProjections):
     """Multi-head self-attention with GQA, RoPE, masks and an optional :class:`KVCache`.
 
     Parameter names (``q_proj``/``k_proj``/``v_proj``/``o_proj``) match HF Llama.
@@ -144,18 +172,8 @@ class SelfAttention(nn.Module):
         causal: bool = True,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        n_kv_heads = n_kv_heads or n_heads
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = head_dim or d_model // n_heads
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, d_model, bias, dropout)
         self.causal = causal
-        self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
 
     def forward(
         self,
@@ -177,10 +195,10 @@ class SelfAttention(nn.Module):
             cache: keys/values of this call are appended under ``layer_idx``.
             mask: a prebuilt :class:`AttentionMask` (overrides the two masks; lets a decoder build it once).
         """
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        t = x.shape[1]
+        q = self._heads(self.q_proj, x, self.n_heads)
+        k = self._heads(self.k_proj, x, self.n_kv_heads)
+        v = self._heads(self.v_proj, x, self.n_kv_heads)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -192,10 +210,10 @@ class SelfAttention(nn.Module):
                 attn_mask=attn_mask, dtype=q.dtype, device=q.device,
             )
         out = sdpa(q, k, v, mask, self.dropout if self.training else 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return self._output(out)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_HeadProjections):
     """Multi-head attention from queries ``x`` to a memory tensor (no RoPE, never causal).
 
     The memory's K/V can be precomputed once with :meth:`project_memory` and
@@ -221,25 +239,11 @@ class CrossAttention(nn.Module):
         bias: bool = False,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        n_kv_heads = n_kv_heads or n_heads
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
-        d_memory = d_memory or d_model
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = head_dim or d_model // n_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_memory, n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_memory, n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, d_memory or d_model, bias, dropout)
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``memory`` ``(B, S, Dm)`` -> ``(k, v)`` each ``(B, Hkv, S, d)``."""
-        b, s, _ = memory.shape
-        k = self.k_proj(memory).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(memory).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        return self._heads(self.k_proj, memory, self.n_kv_heads), self._heads(self.v_proj, memory, self.n_kv_heads)
 
     def forward(
         self,
@@ -269,11 +273,10 @@ class CrossAttention(nn.Module):
             if cache is not None:
                 cache.memory[layer_idx] = memory_kv
         k, v = memory_kv
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        q = self._heads(self.q_proj, x, self.n_heads)
         mask = build_attention_mask(
-            t, k.shape[2], causal=False, key_padding_mask=memory_mask, attn_mask=attn_mask,
+            x.shape[1], k.shape[2], causal=False, key_padding_mask=memory_mask, attn_mask=attn_mask,
             dtype=q.dtype, device=q.device,
         )
         out = sdpa(q, k, v, mask, self.dropout if self.training else 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return self._output(out)
