@@ -57,19 +57,22 @@ def main() -> None:
         return build_tiny_model("llama", len(tok), hidden_size=args.hidden, num_layers=args.layers,
                                 num_heads=4, max_position_embeddings=128, seed=0)
 
-    def bare(offset: int) -> float:
-        model = fresh_model()
+    def bare_loop(model, loss_of, offset: int) -> float:
+        """The plain PyTorch loop the trainer is measured against; ``loss_of(model, batch)`` is the mean loss."""
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
         tokens, t0 = 0, time.perf_counter()
         for s in range(offset, offset + args.steps):
             (b,) = get(s)
-            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-            loss.backward()
+            loss_of(model, b).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             tokens += int(b["attention_mask"].sum())
         return tokens / (time.perf_counter() - t0)
+
+    def bare(offset: int) -> float:
+        return bare_loop(fresh_model(), lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                       labels=b["labels"]).loss, offset)
 
     def ours(offset: int, tmp: str) -> float:
         cfg = load_config(SFTConfig, None, [f"run.out_dir={tmp}", f"run.name=r{offset}", f"train.max_steps={args.steps}",
@@ -112,18 +115,7 @@ def main() -> None:
             return {"lm": self.lm.loss_sum(b)}
 
     def bare_modules(offset: int) -> float:
-        model = ModulesLM()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-        tokens, t0 = 0, time.perf_counter()
-        for s in range(offset, offset + args.steps):
-            (b,) = get(s)
-            loss = model.loss_sum(b) / (b["labels"][:, 1:] != -100).sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tokens += int(b["attention_mask"].sum())
-        return tokens / (time.perf_counter() - t0)
+        return bare_loop(ModulesLM(), lambda m, b: m.loss_sum(b) / (b["labels"][:, 1:] != -100).sum(), offset)
 
     def ours_modules(offset: int, tmp: str) -> float:
         from conceptlm.core.config import RunConfig
