@@ -1,0 +1,337 @@
+"""Training a CoCoMix student and its baselines with the shared loop (paper §2.2, Eq. 4; spec §3.4, §4).
+
+``L = L_NTP + lam * L_concept (+ kd_weight * L_KD)``; every arm of the comparison is the same unit with another
+``student`` / ``cocomix`` section (:func:`make_arm`): CoCoMix, NTP with matched active parameters or matched FLOPs,
+knowledge distillation, pause tokens, KD + pause, mixing only (lam = 0), concept loss only (no mixing) and ``add``.
+
+Batches are ``{"ids": (B,), "input_ids": (B, T)}`` plus, for the concept loss, ``"concept_labels"`` ``(B, T, A)``
+(SAE latent indices) and ``"concept_mask"`` ``(B, T)`` (True = the labels count). Labels may instead be computed on
+the device by a frozen ``labeler`` module (``labeler(input_ids) -> (labels, mask)``) in :meth:`StudentUnit.prepare`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conceptlm.cocomix.model import StudentLM, StudentSection
+from conceptlm.core import checkpoint as ckpt_lib
+from conceptlm.core.config import RunConfig, check
+from conceptlm.core.errors import ConfigError, DataError
+from conceptlm.core.recipe import fit, make_plan
+from conceptlm.core.run import run_session
+from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
+
+__all__ = [
+    "CocomixSection", "StudentTrainConfig", "StudentUnit", "train_student", "collate_windows", "load_student",
+    "count_parameters", "flops_per_token", "match_ntp", "make_arm", "ARMS",
+]
+
+
+@dataclass(kw_only=True)
+class CocomixSection:
+    """The objective (``cocomix:`` in a config); the architecture is ``student:``."""
+
+    lam: float = 0.1
+    """``λ``, weight of the concept loss (0 = not trained; its CE is then reported as the metric ``concept_ce``)."""
+    k_attr: int = 4
+    """``K_attr``: concept labels per token (checked against the batches)."""
+    kd_weight: float = 0.0
+    """``λ_KD`` of knowledge distillation from a teacher's next-token distribution (0 = off)."""
+    kd_temperature: float = 1.0
+    """Softmax temperature ``τ`` of both distributions in the KD term (the term is scaled by ``τ²``)."""
+
+    def validate(self) -> None:
+        check(self.lam >= 0, "cocomix.lam", "must be >= 0")
+        check(self.k_attr > 0, "cocomix.k_attr", "must be > 0")
+        check(self.kd_weight >= 0, "cocomix.kd_weight", "must be >= 0")
+        check(self.kd_temperature > 0, "cocomix.kd_temperature", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class StudentTrainConfig(RunConfig):
+    student: StudentSection = field(default_factory=StudentSection)
+    cocomix: CocomixSection = field(default_factory=CocomixSection)
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.cocomix.lam == 0 or self.student.concept_head, "cocomix.lam",
+              f"{self.cocomix.lam} trains a concept head: set student.concept_head=true or cocomix.lam=0")
+
+
+# ------------------------------------------------------------------------------------------------ cost model
+def _layer_macs(s: StudentSection) -> int:
+    mlp = (2 if s.style == "gpt2" else 3) * s.d_model * s.ffn_dim
+    return 4 * s.d_model * s.d_model + mlp
+
+
+def count_parameters(s: StudentSection) -> dict[str, int]:
+    """Parameter counts: ``base`` (LM without concept parts), ``total`` (stored) and ``active`` (the paper's count:
+    only ``K`` of the ``C`` compress columns touch a token; spec §3.6)."""
+    d, f = s.d_model, s.ffn_dim
+    gpt2 = s.style == "gpt2"
+    layer = _layer_macs(s) + ((4 * d + f + d + 4 * d) if gpt2 else 2 * d)  # + biases and norms
+    base = s.vocab_size * d * (1 if s.tie_embeddings else 2) + s.n_layers * layer + (2 * d if gpt2 else d)
+    base += s.max_len * d if gpt2 else 0
+    head_total = head_active = 0
+    if s.concept_head:
+        head_total = head_active = s.n_concepts * d + s.n_concepts + d  # predictor + pre_bias
+        if s.compresses:
+            head_total += s.n_concepts * d + d
+            head_active += s.concept_k * d + d
+    pause = d if s.mix == "pause" else 0
+    return {"base": base, "total": base + head_total + pause, "active": base + head_active + pause}
+
+
+def flops_per_token(s: StudentSection, seq_len: int, *, training: bool = True) -> dict[str, float]:
+    """Analytic matmul FLOPs per token (2 per multiply-add; a training step is 3x the forward: the backward does
+    one matmul for the input gradient and one for the weight gradient).
+
+    Per token: every block slot costs ``4d² + (2|3)·d·d_ff`` MACs plus causal attention ``2·d·(S+1)/2`` over its
+    ``S``-slot sequence; blocks from ``insert_layer`` on have 2 slots per token and ``S = 2T`` when doubled; the
+    concept head adds ``C·d`` (predictor) and ``K·d`` (sparse compression); the LM head ``V·d``. Norms,
+    softmaxes, top-K and embeddings are not counted.
+    """
+    d, t = s.d_model, seq_len
+    split = s.insert_layer if (s.concept_head or s.doubled) else s.n_layers
+    slot = lambda n_slots: _layer_macs(s) + d * (n_slots + 1)  # noqa: E731 - per-slot MACs in an S-slot sequence
+    lower = split * slot(t)
+    upper = (s.n_layers - split) * (2 * slot(2 * t) if s.doubled else slot(t))
+    head = (s.n_concepts * d + (s.concept_k * d if s.compresses else 0)) if s.concept_head else 0
+    parts = {"blocks": lower + upper, "concept_head": head, "lm_head": s.vocab_size * d}
+    scale = 2 * (3 if training else 1)
+    out = {k: float(v * scale) for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _ntp_like(s: StudentSection) -> StudentSection:
+    return dataclasses.replace(s, mix="none", concept_head=False)
+
+
+def _resized(s: StudentSection, d_model: int | None = None, n_layers: int | None = None) -> StudentSection:
+    d = d_model or s.d_model
+    d_ff = round(s.d_ff * d / s.d_model) if s.d_ff else 0
+    layers = n_layers or s.n_layers
+    return dataclasses.replace(s, d_model=d, d_ff=d_ff, n_layers=layers, insert_layer=min(s.insert_layer, layers - 1))
+
+
+def match_ntp(s: StudentSection, *, by: Literal["params", "flops"] = "params", seq_len: int | None = None,
+              vary: Literal["d_model", "n_layers"] = "d_model") -> StudentSection:
+    """The NTP baseline (no concept head, no mixing) whose active parameters (``by="params"``, the paper's
+    baseline) or training FLOPs per token at ``seq_len`` (``by="flops"``) are closest to those of ``s``, by changing
+    ``d_model`` (multiples of ``n_heads``; even head width for llama) or ``n_layers``."""
+    if by == "flops" and not seq_len:
+        raise ValueError("match_ntp(by='flops') needs seq_len")
+    cost = (lambda c: count_parameters(c)["active"]) if by == "params" else \
+        (lambda c: flops_per_token(c, seq_len)["total"])  # type: ignore[arg-type]
+    target = cost(s)
+    base = _ntp_like(s)
+    if vary == "d_model":
+        step = s.n_heads * (2 if s.style == "llama" else 1)
+        options = [_resized(base, d_model=d) for d in range(step, 8 * s.d_model + 1, step)]
+    else:
+        options = [_resized(base, n_layers=n) for n in range(1, 8 * s.n_layers + 1)]
+    return min(options, key=lambda c: abs(cost(c) - target))
+
+
+ARMS = ("cocomix", "ntp", "ntp_flops", "kd", "pause", "kd_pause", "mix_only", "concept_only", "add")
+"""Arms of the comparison (spec §4, §10.3): names accepted by :func:`make_arm`."""
+
+
+def make_arm(name: str, student: StudentSection, cocomix: CocomixSection, *, seq_len: int,
+             kd_weight: float = 0.1) -> tuple[StudentSection, CocomixSection]:
+    """``(student, cocomix)`` sections of one arm, derived from the CoCoMix ones.
+
+    ``ntp``: NTP with the CoCoMix student's active parameter count (wider); ``ntp_flops``: NTP with its training
+    FLOPs per token at ``seq_len``; ``kd``: the ``ntp`` model + KD (``kd_weight``, the paper's 0.1); ``pause`` /
+    ``kd_pause``: the CoCoMix architecture with a learned pause vector interleaved instead of the concept (no
+    concept head); ``mix_only``: lam = 0; ``concept_only``: concept loss, no mixing; ``add``: ``mix=add``.
+    """
+    if name not in ARMS:
+        raise ConfigError(f"unknown arm {name!r}; choose one of {', '.join(ARMS)}", field="arm")
+    s = dataclasses.replace(student, mix="interleave" if student.mix == "none" else student.mix, concept_head=True)
+    c = dataclasses.replace(cocomix, kd_weight=0.0)
+    off = dataclasses.replace(c, lam=0.0)
+    if name == "cocomix":
+        return s, c
+    if name in ("ntp", "kd"):
+        return match_ntp(s, by="params"), dataclasses.replace(off, kd_weight=kd_weight if name == "kd" else 0.0)
+    if name == "ntp_flops":
+        return match_ntp(s, by="flops", seq_len=seq_len), off
+    if name in ("pause", "kd_pause"):
+        return (dataclasses.replace(s, mix="pause", concept_head=False),
+                dataclasses.replace(off, kd_weight=kd_weight if name == "kd_pause" else 0.0))
+    if name == "mix_only":
+        return s, off
+    if name == "concept_only":
+        return dataclasses.replace(s, mix="none"), c
+    return dataclasses.replace(s, mix="add"), c
+
+
+# ------------------------------------------------------------------------------------------------ the unit
+def _logits_of(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class StudentUnit(TrainUnit):
+    """A :class:`StudentLM` trained with ``ntp`` (+ ``concept``, weight lam) (+ ``kd``, weight kd_weight).
+
+    Loss parts (sums; counts in brackets): ``ntp`` -- next-token CE [``B(T-1)`` predicted tokens]; ``concept`` --
+    ``(1/A) sum_a CE(z_t, label_a)`` over valid rows [rows with ``concept_mask``]; ``kd`` --
+    ``τ² KL(p_teacher(·|x_≤t) || p_student(·|x_≤t))`` [``B(T-1)``]. Metrics: ``concept_acc`` (arg-max concept is a
+    label, over valid rows) and, when lam = 0, ``concept_ce``.
+
+    Args:
+        teacher: frozen module ``teacher(input_ids) -> logits (B, T, V)`` (or an output with ``.logits``), required
+            when ``kd_weight > 0``; its log-probabilities are computed in :meth:`prepare`.
+        labeler: frozen module ``labeler(input_ids) -> (labels (B, T, A) long, mask (B, T) bool)`` used when a
+            batch carries no ``concept_labels``.
+    """
+
+    throughput_unit = "tokens"
+
+    def __init__(self, student: StudentSection, cocomix: CocomixSection, *, teacher: nn.Module | None = None,
+                 labeler: nn.Module | None = None) -> None:
+        super().__init__()
+        self.student_cfg, self.cocomix_cfg = student, cocomix
+        self.model = StudentLM(student)
+        self.loss_weights = {"ntp": 1.0}
+        has_head = student.concept_head
+        if has_head and cocomix.lam > 0:
+            self.loss_weights["concept"] = cocomix.lam
+        self.metric_names = (("concept_acc",) + (("concept_ce",) if cocomix.lam == 0 else ())) if has_head else ()
+        if cocomix.kd_weight > 0:
+            if teacher is None:
+                raise ConfigError(f"{cocomix.kd_weight} needs a teacher model", field="cocomix.kd_weight")
+            self.loss_weights["kd"] = cocomix.kd_weight
+        self.teacher = self._frozen(teacher) if cocomix.kd_weight > 0 else None
+        self.labeler = self._frozen(labeler) if (labeler is not None and has_head) else None
+
+    @staticmethod
+    def _frozen(module: nn.Module | None) -> nn.Module | None:
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+        return module
+
+    def train(self, mode: bool = True) -> StudentUnit:
+        super().train(mode)
+        for m in (self.teacher, self.labeler):
+            if m is not None:
+                m.eval()
+        return self
+
+    def frozen_modules(self) -> list[str]:
+        return [n for n in ("teacher", "labeler") if getattr(self, n) is not None]
+
+    # ------------------------------------------------------------------------------------------- batches
+    def prepare(self, batch: dict) -> dict:
+        ids = batch["input_ids"]
+        if self.student_cfg.concept_head:
+            if batch.get("concept_labels") is None and self.labeler is not None:
+                batch["concept_labels"], batch["concept_mask"] = self.labeler(ids)
+            self._check_labels(batch)
+        if self.teacher is not None:
+            logits = _logits_of(self.teacher(ids)).float()
+            if logits.shape != (*ids.shape, self.student_cfg.vocab_size):
+                raise DataError(f"teacher logits have shape {tuple(logits.shape)}, expected "
+                                f"{(*ids.shape, self.student_cfg.vocab_size)} (same vocabulary)", field="teacher")
+            batch["teacher_logprobs"] = F.log_softmax(logits / self.cocomix_cfg.kd_temperature, dim=-1)
+        return batch
+
+    def _check_labels(self, batch: dict) -> None:
+        labels = batch.get("concept_labels")
+        if labels is None:
+            if "concept" in self.loss_weights:
+                raise DataError("the batch has no concept labels (cocomix.lam > 0): give concept_labels or a "
+                                "labeler", field="concept_labels")
+            return
+        b, t = batch["input_ids"].shape
+        want = (b, t, self.cocomix_cfg.k_attr)
+        if tuple(labels.shape) != want:
+            raise DataError(f"shape {tuple(labels.shape)}, expected {want} (B, T, cocomix.k_attr)",
+                            field="concept_labels")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.student_cfg.n_concepts):
+            raise DataError(f"indices must lie in [0, student.n_concepts={self.student_cfg.n_concepts})",
+                            field="concept_labels")
+        mask = batch.get("concept_mask")
+        if mask is None:
+            batch["concept_mask"] = torch.ones(b, t, dtype=torch.bool, device=labels.device)
+        elif tuple(mask.shape) != (b, t):
+            raise DataError(f"shape {tuple(mask.shape)}, expected {(b, t)}", field="concept_mask")
+
+    def counts(self, batch: dict) -> dict:
+        b, t = batch["input_ids"].shape
+        out: dict[str, Any] = {"ntp": b * (t - 1), THROUGHPUT_KEY: b * t}
+        if "concept" in self.loss_weights:
+            out["concept"] = batch["concept_mask"].sum()
+        if "kd" in self.loss_weights:
+            out["kd"] = b * (t - 1)
+        return out
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, batch: dict) -> dict:
+        ids = batch["input_ids"]
+        labels = batch.get("concept_labels") if self.student_cfg.concept_head else None
+        out = self.model(ids, concept_labels=labels, concept_mask=batch.get("concept_mask"),
+                         concept_ce_grad="concept" in self.loss_weights)
+        logits = out.logits[:, :-1].float()
+        res: dict[str, Any] = {"ntp": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                      reduction="sum")}
+        if out.concept is not None and labels is not None:
+            if "concept" in self.loss_weights:
+                res["concept"] = out.concept.ce_sum
+            else:
+                res["concept_ce"] = (out.concept.ce_sum.detach(), out.concept.rows)
+            res["concept_acc"] = (out.concept.correct, out.concept.rows)
+        if "kd" in self.loss_weights:
+            tau = self.cocomix_cfg.kd_temperature
+            log_p = batch["teacher_logprobs"][:, :-1]
+            log_q = F.log_softmax(logits / tau, dim=-1)
+            res["kd"] = (log_p.exp() * (log_p - log_q)).sum() * tau ** 2
+        return res
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+def collate_windows(items: list[dict]) -> dict:
+    """Token windows ``{"id", "input_ids" (T,)[, "concept_labels" (T, A), "concept_mask" (T,)]}`` -> a batch."""
+    lengths = {int(it["input_ids"].shape[0]) for it in items}
+    if len(lengths) != 1:
+        raise DataError(f"windows of different lengths {sorted(lengths)} in one batch (ids "
+                        f"{[it['id'] for it in items][:8]}); the student trains on fixed windows", field="input_ids")
+    batch = {"ids": torch.tensor([int(it["id"]) for it in items]),
+             "input_ids": torch.stack([torch.as_tensor(it["input_ids"]).long() for it in items])}
+    if all(it.get("concept_labels") is not None for it in items):
+        batch["concept_labels"] = torch.stack([torch.as_tensor(it["concept_labels"]).long() for it in items])
+        if all(it.get("concept_mask") is not None for it in items):
+            batch["concept_mask"] = torch.stack([torch.as_tensor(it["concept_mask"]).bool() for it in items])
+    return batch
+
+
+def train_student(cfg: StudentTrainConfig, *, command: str | None = None, train_ds=None, eval_ds=None,
+                  teacher: nn.Module | None = None, labeler: nn.Module | None = None, on_eval=None):
+    """Train the student of ``cfg`` on ``train_ds`` (items as in :func:`collate_windows`); returns the
+    :class:`~conceptlm.core.trainer.TrainResult`. Checkpoints hold the unit's native safetensors."""
+    if train_ds is None:
+        raise ConfigError("no training windows given (pass train_ds: a dataset of token windows)", field="corpus")
+    with run_session(cfg, command) as session:
+        unit = StudentUnit(cfg.student, cfg.cocomix, teacher=teacher, labeler=labeler)
+        plan = make_plan(cfg, session.info, train_ds)
+        session.create_run_dir()
+        name = getattr(train_ds, "name", type(train_ds).__name__)
+        return fit(cfg, session.info, unit, train_ds=train_ds, eval_ds=eval_ds, collate_fn=collate_windows,
+                   source_name=f"cocomix-windows:{name}", on_eval=on_eval, plan=plan)
+
+
+def load_student(cfg: StudentTrainConfig, checkpoint: str | Path) -> StudentLM:
+    """The :class:`StudentLM` of a checkpoint folder of :func:`train_student` (strict load), in eval mode."""
+    unit = StudentUnit(cfg.student, dataclasses.replace(cfg.cocomix, kd_weight=0.0))
+    ckpt_lib.load_unit_state(unit, Path(checkpoint))
+    return unit.model.eval()
