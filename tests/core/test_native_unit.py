@@ -84,6 +84,10 @@ def test_frozen_teacher_is_not_checkpointed_nor_optimised_and_resume_is_exact(tm
     unit = ToyUnit(ToySection(teacher=True))
     keys = ckpt_lib.checkpoint_keys(unit)
     assert set(keys) == set(a) and "teacher.weight" not in keys
+    # items seen (vectors: batch 8 x seq 8 per step) are logged and continue across the resume
+    seen = [(r["step"], r["vectors_seen"]) for r in rows(split.run_dir, "train")]
+    assert seen == [(s, 64.0 * s) for s in range(1, 5)]
+    assert rows(split.run_dir, "eval")[-1]["vectors_seen"] == 256.0
     opt_state = torch.load(split.checkpoint / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
     n_trainable = sum(1 for n, p in unit.named_parameters() if p.requires_grad)
     assert len(opt_state) == n_trainable and n_trainable == len(a)

@@ -124,6 +124,9 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.strategy = resolve_strategy(cfg.dist.strategy, info.world_size)
         self.step = 0
+        # global items (the unit's throughput_unit) trained on so far; None after resuming a checkpoint that did
+        # not record it (then it is not logged rather than logged wrong)
+        self.items_seen: float | None = 0.0
         self.parts = sorted(unit.loss_weights)
         self.metric_names = sorted(getattr(unit, "metric_names", ()))
         self._check_names()
@@ -227,6 +230,8 @@ class Trainer:
             while self.step < tcfg.max_steps:
                 values, items = self._train_step(model, optimizer, scheduler, last_ckpt)
                 self.step += 1
+                if self.items_seen is not None:
+                    self.items_seen += items
                 bar.update(1)
                 window.add(values, items)
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
@@ -239,7 +244,7 @@ class Trainer:
                     if self.on_eval is not None:
                         last_eval.update(self.on_eval(self.step))
                     if last_eval:
-                        logger.log(self.step, "eval", last_eval)
+                        logger.log(self.step, "eval", {**last_eval, **self._seen()})
                 if (tcfg.save_every and self.step % tcfg.save_every == 0) or at_end:
                     last_ckpt = self.save(model, optimizer, scheduler)
         finally:
@@ -302,9 +307,14 @@ class Trainer:
     def _unit_name(self) -> str:
         return type(self.unit).__name__
 
+    def _seen(self) -> dict[str, float]:
+        """``{"<unit>_seen": items trained on so far}`` (e.g. ``tokens_seen``), for curves against data."""
+        return {} if self.items_seen is None else {f"{self.unit.throughput_unit}_seen": self.items_seen}
+
     def _window_row(self, window: _Window, lr: float) -> dict[str, float]:
         row = {k: v / window.steps for k, v in window.sums.items() if k != "lr"}
         row["lr"] = lr
+        row.update(self._seen())
         if window.items:
             row[f"{self.unit.throughput_unit}_per_s"] = window.items / max(time.perf_counter() - window.t0, 1e-9)
         return row
@@ -365,7 +375,8 @@ class Trainer:
         if self.info.is_main:
             full = {k: v.detach().cpu() for k, v in model_sd.items()}
             state = {"step": self.step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                     "rng": ckpt_lib.rng_state(), "data": self.data_state, "world_size": self.info.world_size}
+                     "rng": ckpt_lib.rng_state(), "data": self.data_state, "world_size": self.info.world_size,
+                     "items_seen": self.items_seen}
             path = ckpt_lib.save_checkpoint(
                 self.run_dir, self.step, unit_state={k: full[k] for k in self.ckpt_keys if k in full},
                 trainer_state=state, config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
@@ -397,6 +408,7 @@ class Trainer:
                 g["lr"] = o.lr * lam(scheduler.last_epoch)
         ckpt_lib.set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.items_seen = state.get("items_seen")
 
 
 def _count_vector(counts: dict[str, Any], keys: list[str], device: torch.device) -> torch.Tensor:
