@@ -223,19 +223,19 @@ def teacher_pass(teacher: nn.Module, input_ids: torch.Tensor, layer: int, *, gra
 # ----------------------------------------------------------------------------------------------------- SAE side
 
 def decoder_scale(sae: nn.Module, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-token factor mapping normalized-space directions back to the residual scale: ``d h_hat / d x_hat``.
+    """Per-token factor ``d h_hat / d x_hat`` from the SAE's normalized space back to the residual: ``sigma + eps``
+    (the inverse of ``x = (h - mu) / (sigma + eps)``), ones when the SAE does not normalize its input.
 
     Args:
-        sigma: (...,) or (..., 1) scale returned by ``sae.normalize``.
+        sigma: (..., 1) scale returned by ``sae.normalize``.
 
     Returns:
-        (...,) positive factors (ones when the SAE does not normalize its input).
+        (...,) positive factors.
     """
+    s = sigma.squeeze(-1)
     if not getattr(sae, "normalize_input", True):
-        return torch.ones_like(sigma).reshape(sigma.shape[:-1] if sigma.dim() and sigma.shape[-1] == 1
-                                              else sigma.shape)
-    s = sigma.squeeze(-1) if sigma.dim() and sigma.shape[-1] == 1 else sigma
-    return s + getattr(sae, "eps", 0.0)
+        return torch.ones_like(s)
+    return s + float(getattr(sae, "eps", 0.0))
 
 
 def _compute_dtype(sae: nn.Module) -> torch.dtype:

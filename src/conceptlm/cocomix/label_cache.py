@@ -1,0 +1,366 @@
+"""An on-disk cache of concept labels for fixed token windows (CoCoMix spec §10.2.1).
+
+The teacher and the SAE are frozen, so the labels are a deterministic function of the window: computed once, they
+serve every student seed and ablation, and the student's training steps no longer run the teacher.
+
+Layout of a cache folder::
+
+    header.json     what the labels were computed from (refused on mismatch): format, n_windows, window, k_attr,
+                    dtype, n_latents, labeling settings, SAE identity (sha256 of its tensors), teacher identity,
+                    corpus identity (incl. sha256 of the window tokens), batch_size, chunk_windows
+    labels.npy      (n_windows, window, k_attr) latent indices, uint16 when n_latents <= 65535 else int32
+    mask.npy        (n_windows, window) uint8, 1 = a valid label row
+    progress.json   {"windows_done", "chunks_done", "complete"}, rewritten atomically after every chunk
+
+The arrays are ``.npy`` files written through memory maps, chunk by chunk. A chunk's rows are flushed to disk
+before the progress record that covers them is replaced, so after a kill a restart continues from the last
+complete chunk and ends with the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from conceptlm.cocomix.attribution import ConceptLabeler
+from conceptlm.core.errors import ConceptLMError, DataError
+from conceptlm.core.io import atomic_write_text
+
+__all__ = [
+    "FORMAT", "LabelCacheError", "LabelCache", "LabeledWindows", "CacheSpec",
+    "label_dtype", "state_fingerprint", "windows_fingerprint", "window_ids", "cache_header", "write_label_cache",
+]
+
+FORMAT = "conceptlm.cocomix.label_cache/1"
+HEADER, PROGRESS, LABELS, MASK = "header.json", "progress.json", "labels.npy", "mask.npy"
+
+
+class LabelCacheError(ConceptLMError, ValueError):
+    """A label cache cannot be used: it was written for another configuration, is incomplete or damaged."""
+
+
+# ------------------------------------------------------------------------------------------------ identities
+
+def label_dtype(n_latents: int) -> np.dtype:
+    """Smallest integer type the cache stores latent indices in: uint16 up to 65535 latents, else int32."""
+    return np.dtype(np.uint16) if n_latents <= 65535 else np.dtype(np.int32)
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's parameters (names, dtypes, shapes and bytes, in order; tied ones once). Buffers are
+    left out: they are either derived from the config or training statistics (an SAE's firing counters)."""
+    digest = hashlib.sha256()
+    for name, t in module.named_parameters():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def window_ids(windows: Any, i: int) -> torch.Tensor:
+    """Token ids (T,) int64 of window ``i`` of a (N, T) tensor/array or a sequence of ``{"input_ids": ...}``."""
+    item = windows[i]
+    ids = item["input_ids"] if isinstance(item, dict) else item
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def windows_fingerprint(windows: Any) -> tuple[int, int, str]:
+    """(n_windows, window length T, sha256 of all token ids as int64) of a window set; windows must share T."""
+    digest, length = hashlib.sha256(), None
+    for i in range(len(windows)):
+        ids = window_ids(windows, i)
+        if length is None:
+            length = len(ids)
+        if ids.dim() != 1 or len(ids) != length:
+            raise DataError(f"window {i} has shape {tuple(ids.shape)}; every window must have {length} tokens",
+                            field="input_ids")
+        digest.update(ids.numpy().astype("<i8").tobytes())
+    if length is None or length < 2:
+        raise DataError("a label cache needs at least one window of at least 2 tokens", field="input_ids")
+    return len(windows), length, digest.hexdigest()
+
+
+@dataclass(kw_only=True)
+class CacheSpec:
+    """What a cache is requested for (its header is derived from it and compared on restart)."""
+
+    teacher: dict[str, Any]
+    """Teacher identity, e.g. ``{"name": "smollm2-135m", "sha256": state_fingerprint(teacher)}``."""
+    corpus: dict[str, Any]
+    """Corpus identity, e.g. the corpus config and split; the windows' token hash is added."""
+    batch_size: int = 8
+    chunk_windows: int = 64
+
+
+def cache_header(windows: Any, labeler: ConceptLabeler, spec: CacheSpec) -> dict[str, Any]:
+    """The header a cache of ``windows`` labelled by ``labeler`` under ``spec`` must carry."""
+    n, length, tokens_sha = windows_fingerprint(windows)
+    desc = labeler.describe()
+    return {
+        "format": FORMAT,
+        "n_windows": n,
+        "window": length,
+        "k_attr": desc["k_attr"],
+        "n_latents": desc["n_latents"],
+        "dtype": label_dtype(desc["n_latents"]).name,
+        "labeling": desc,
+        "sae": {"sha256": state_fingerprint(labeler.sae), **_sae_config(labeler.sae)},
+        "teacher": dict(spec.teacher),
+        "corpus": {**spec.corpus, "tokens_sha256": tokens_sha},
+        "batch_size": spec.batch_size,
+        "chunk_windows": spec.chunk_windows,
+    }
+
+
+def _sae_config(sae: nn.Module) -> dict[str, Any]:
+    return {"k": int(sae.k), "normalize_input": bool(getattr(sae, "normalize_input", True)),
+            "eps": float(getattr(sae, "eps", 0.0))}
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]} (cache {_short(old)}, requested {_short(new)})"]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 24 else text[:20] + "..."
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LabelCacheError(f"{path}: unreadable ({type(e).__name__}); delete the cache folder to rebuild it") \
+            from None
+    if not isinstance(data, dict):
+        raise LabelCacheError(f"{path}: not a JSON object; delete the cache folder to rebuild it")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------- writer
+
+def _open_arrays(path: Path, header: dict[str, Any], fresh: bool) -> tuple[np.memmap, np.memmap]:
+    shapes = {LABELS: ((header["n_windows"], header["window"], header["k_attr"]), np.dtype(header["dtype"])),
+              MASK: ((header["n_windows"], header["window"]), np.dtype(np.uint8))}
+    arrays = []
+    for name, (shape, dtype) in shapes.items():
+        file = path / name
+        if fresh:
+            arrays.append(np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape))
+            continue
+        try:
+            arr = np.lib.format.open_memmap(file, mode="r+")
+        except (OSError, ValueError) as e:
+            raise LabelCacheError(f"{file}: unreadable ({type(e).__name__}) although progress.json records "
+                                  f"finished chunks; delete the cache folder to rebuild it") from None
+        if arr.shape != shape or arr.dtype != dtype:
+            raise LabelCacheError(f"{file}: shape {arr.shape} {arr.dtype} does not match the header "
+                                  f"({shape} {dtype}); delete the cache folder to rebuild it")
+        arrays.append(arr)
+    return arrays[0], arrays[1]
+
+
+def _flush(arr: np.memmap) -> None:
+    arr.flush()
+    with open(arr.filename, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    disabled = not enabled or os.environ.get("CONCEPTLM_NO_PROGRESS", "0") == "1"
+    return tqdm(total=total, initial=initial, unit="win", desc=desc, disable=disabled)
+
+
+def write_label_cache(path: str | Path, windows: Any, labeler: ConceptLabeler,
+                      spec: CacheSpec, *, progress: bool = True, desc: str = "labels") -> dict[str, Any]:
+    """Compute the labels of every window and store them in the cache folder ``path``; resume an interrupted run.
+
+    Args:
+        path: cache folder (created).
+        windows: (N, T) token ids (tensor/array) or a sequence of ``{"input_ids": (T,)}`` records.
+        labeler: a :class:`~conceptlm.cocomix.attribution.ConceptLabeler` (its ``describe()``, ``sae`` and call).
+        spec: teacher/corpus identities and the batch/chunk sizes (``chunk_windows`` a multiple of ``batch_size``).
+        progress: show a progress bar.
+
+    Returns:
+        ``{"path", "windows", "tokens", "computed_windows", "resumed_from", "seconds", "tokens_per_s"}`` (tokens
+        per second over the windows computed by this call).
+
+    Raises:
+        LabelCacheError: the folder holds a cache of another configuration, or damaged files.
+    """
+    if spec.batch_size <= 0 or spec.chunk_windows <= 0 or spec.chunk_windows % spec.batch_size:
+        raise ValueError(f"chunk_windows ({spec.chunk_windows}) must be a positive multiple of batch_size "
+                         f"({spec.batch_size})")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    header = cache_header(windows, labeler, spec)
+    done = _resume_point(path, header)
+    n, length = header["n_windows"], header["window"]
+    summary = {"path": str(path), "windows": n, "tokens": n * length, "resumed_from": done}
+    if done >= n:
+        return {**summary, "computed_windows": 0, "seconds": 0.0, "tokens_per_s": 0.0}
+    labels_arr, mask_arr = _open_arrays(path, header, fresh=done == 0)
+    start = time.perf_counter()
+    with _progress_bar(n, done, progress, desc) as bar:
+        for lo in range(done, n, spec.chunk_windows):
+            hi = min(n, lo + spec.chunk_windows)
+            for b in range(lo, hi, spec.batch_size):
+                e = min(hi, b + spec.batch_size)
+                out = labeler(torch.stack([window_ids(windows, i) for i in range(b, e)]))
+                labels_arr[b:e] = out.labels.cpu().numpy().astype(labels_arr.dtype)
+                mask_arr[b:e] = out.mask.cpu().numpy().astype(np.uint8)
+                bar.update(e - b)
+            _flush(labels_arr)
+            _flush(mask_arr)
+            _write_progress(path, hi, spec.chunk_windows, complete=hi >= n)
+    seconds = time.perf_counter() - start
+    computed = n - done
+    del labels_arr, mask_arr
+    return {**summary, "computed_windows": computed, "seconds": seconds,
+            "tokens_per_s": computed * length / max(seconds, 1e-9)}
+
+
+def _write_progress(path: Path, windows_done: int, chunk_windows: int, *, complete: bool) -> None:
+    chunks = -(-windows_done // chunk_windows)
+    atomic_write_text(path / PROGRESS, json.dumps({"windows_done": windows_done, "chunks_done": chunks,
+                                                   "complete": complete}) + "\n")
+
+
+def _resume_point(path: Path, header: dict[str, Any]) -> int:
+    """Windows already stored under ``path`` for ``header`` (0 for a new cache); refuse another configuration."""
+    if not (path / HEADER).exists():
+        if (path / PROGRESS).exists():
+            raise LabelCacheError(f"{path}: progress.json without header.json; delete the cache folder to rebuild it")
+        atomic_write_text(path / HEADER, json.dumps(header, indent=1, sort_keys=True) + "\n")
+        return 0
+    old = _read_json(path / HEADER)
+    diffs = _differences(old, header)
+    if diffs:
+        raise LabelCacheError(f"label cache {path} was written for another configuration: {'; '.join(diffs)}; "
+                              f"delete it or choose another labels.cache_dir")
+    if not (path / PROGRESS).exists():
+        return 0
+    done = _read_json(path / PROGRESS).get("windows_done")
+    if not isinstance(done, int) or not 0 <= done <= header["n_windows"]:
+        raise LabelCacheError(f"{path / PROGRESS}: bad windows_done {done!r}; delete the cache folder to rebuild it")
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------- reader
+
+class LabelCache:
+    """Read a complete label cache: ``cache[i] -> (labels LongTensor (T, k_attr), mask BoolTensor (T,))``.
+
+    The arrays are memory-mapped lazily in each process (safe with DataLoader workers: the object pickles without
+    its maps).
+
+    Args:
+        path: cache folder.
+        expect: header entries the caller requires (e.g. ``{"k_attr": 4, "sae": {"sha256": ...}}``); compared
+            recursively, only the keys given.
+    """
+
+    def __init__(self, path: str | Path, *, expect: dict[str, Any] | None = None):
+        self.path = Path(path)
+        if not (self.path / HEADER).is_file():
+            raise LabelCacheError(f"{self.path}: no label cache here (header.json missing); run the label verb")
+        self.header = _read_json(self.path / HEADER)
+        if self.header.get("format") != FORMAT:
+            raise LabelCacheError(f"{self.path / HEADER}: format {self.header.get('format')!r} is not {FORMAT!r}")
+        prog = _read_json(self.path / PROGRESS) if (self.path / PROGRESS).is_file() else {}
+        if not prog.get("complete"):
+            raise LabelCacheError(f"{self.path}: incomplete label cache ({prog.get('windows_done', 0)}/"
+                                  f"{self.header['n_windows']} windows); rerun the label verb to finish it")
+        if expect:
+            diffs = _differences({k: _subset(self.header.get(k), v) for k, v in expect.items()}, expect)
+            if diffs:
+                raise LabelCacheError(f"label cache {self.path} does not match: {'; '.join(diffs)}")
+        self._maps: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def window(self) -> int:
+        return int(self.header["window"])
+
+    @property
+    def k_attr(self) -> int:
+        return int(self.header["k_attr"])
+
+    def __len__(self) -> int:
+        return int(self.header["n_windows"])
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._maps is None or self._maps[0] != os.getpid():
+            labels = np.load(self.path / LABELS, mmap_mode="r")
+            mask = np.load(self.path / MASK, mmap_mode="r")
+            want = (len(self), self.window, self.k_attr)
+            if labels.shape != want or mask.shape != want[:2] or labels.dtype != np.dtype(self.header["dtype"]):
+                raise LabelCacheError(f"{self.path}: array shapes {labels.shape}/{mask.shape} do not match the "
+                                      f"header {want}; delete the cache folder to rebuild it")
+            self._maps = (os.getpid(), labels, mask)
+        return self._maps[1], self._maps[2]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for a cache of {len(self)} windows")
+        labels, mask = self._arrays()
+        return (torch.from_numpy(np.asarray(labels[i], dtype=np.int64)),
+                torch.from_numpy(np.asarray(mask[i]) != 0))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": None}
+
+
+def _subset(have: Any, want: Any) -> Any:
+    """``have`` restricted to the keys of ``want`` (recursively), for partial header comparisons."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        return {k: _subset(have.get(k), v) for k, v in want.items()}
+    return have
+
+
+class LabeledWindows(torch.utils.data.Dataset):
+    """Windows with their cached labels: ``{"input_ids" (T,), "concept_labels" (T, k_attr), "concept_mask" (T,)}``
+    (plus ``"id"`` when the window records carry one).
+
+    Args:
+        windows: the windows the cache was built from (same order).
+        cache: the :class:`LabelCache`.
+        verify: check the windows' token hash against the cache header (one pass over the windows).
+    """
+
+    def __init__(self, windows: Sequence[Any] | Any, cache: LabelCache, *, verify: bool = True):
+        if len(windows) != len(cache):
+            raise LabelCacheError(f"{cache.path}: {len(cache)} cached windows, but {len(windows)} windows given")
+        if verify:
+            _, length, sha = windows_fingerprint(windows)
+            if sha != cache.header["corpus"].get("tokens_sha256") or length != cache.window:
+                raise LabelCacheError(f"{cache.path}: the windows given are not the ones the labels were computed "
+                                      f"for (token hash differs); rebuild the cache or pass the same windows")
+        self.windows, self.cache = windows, cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        labels, mask = self.cache[i]
+        item = {"input_ids": window_ids(self.windows, i), "concept_labels": labels, "concept_mask": mask}
+        record = self.windows[i]
+        if isinstance(record, dict) and "id" in record:
+            item["id"] = record["id"]
+        return item

@@ -1,0 +1,231 @@
+"""Label cache: cached labels equal online labels bit for bit; a run killed mid-way (exception, real SIGKILL) resumes
+to the identical files; a cache of another configuration is refused; the reader and the Dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conceptlm.cocomix.attribution import ConceptLabeler, LabelSection
+from conceptlm.cocomix.label_cache import (
+    HEADER, LABELS, MASK, PROGRESS, CacheSpec, LabelCache, LabelCacheError, LabeledWindows, label_dtype,
+    state_fingerprint, write_label_cache,
+)
+from tests.cocomix.test_attribution import VOCAB, RefTopKSAE, make_sae, make_teacher
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPO = Path(__file__).resolve().parents[2]
+N, T = 22, 10
+
+
+def make_windows(n: int = N, t: int = T, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def make_labeler(sae_seed: int = 0, **section) -> ConceptLabeler:
+    return ConceptLabeler(make_teacher("llama"), make_sae(sae_seed), 1, LabelSection(**section))
+
+
+def spec_for(labeler: ConceptLabeler, batch_size: int = 4, chunk_windows: int = 8, **corpus) -> CacheSpec:
+    return CacheSpec(teacher={"name": "tiny-llama", "sha256": state_fingerprint(labeler.teacher)},
+                     corpus={"name": "random", "split": "train", **corpus}, batch_size=batch_size,
+                     chunk_windows=chunk_windows)
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {name: (path / name).read_bytes() for name in (HEADER, LABELS, MASK, PROGRESS)}
+
+
+class FailingLabeler(ConceptLabeler):
+    """Raises on call number ``fail_at`` (a crash in the middle of a chunk)."""
+
+    def __init__(self, base: ConceptLabeler, fail_at: int):
+        super().__init__(base.teacher, base.sae, base.layer, base.section)
+        self.calls, self.fail_at = 0, fail_at
+
+    def __call__(self, input_ids):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("simulated crash")
+        return super().__call__(input_ids)
+
+
+@pytest.fixture(scope="module")
+def complete(tmp_path_factory):
+    """An uninterrupted cache of the default configuration."""
+    path = tmp_path_factory.mktemp("cache") / "train"
+    lab = make_labeler()
+    summary = write_label_cache(path, make_windows(), lab, spec_for(lab), progress=False)
+    return path, summary
+
+
+# ------------------------------------------------------------------------------------------------- contents
+def test_cached_labels_equal_online_labels_bit_for_bit(complete):
+    path, summary = complete
+    assert summary["windows"] == N and summary["tokens"] == N * T and summary["computed_windows"] == N
+    assert summary["resumed_from"] == 0 and summary["tokens_per_s"] > 0
+    lab, windows, cache = make_labeler(), make_windows(), LabelCache(path)
+    assert len(cache) == N and cache.window == T and cache.k_attr == 4
+    for b in range(0, N, 4):  # the batches the cache was written with
+        online = lab(windows[b:b + 4])
+        for i in range(b, min(N, b + 4)):
+            labels, mask = cache[i]
+            assert labels.dtype == torch.long and mask.dtype == torch.bool
+            assert torch.equal(labels, online.labels[i - b]) and torch.equal(mask, online.mask[i - b])
+    assert not cache[0][1][-1] and cache[0][1][:-1].all()  # the last position is masked on disk too
+    assert np.load(path / LABELS).dtype == np.uint16 and np.load(path / MASK).dtype == np.uint8
+    header = json.loads((path / HEADER).read_text())
+    assert header["n_windows"] == N and header["window"] == T and header["k_attr"] == 4
+    assert header["dtype"] == "uint16" and header["labeling"]["mode"] == "post"
+    assert header["sae"]["sha256"] == state_fingerprint(lab.sae) and header["corpus"]["tokens_sha256"]
+    assert json.loads((path / PROGRESS).read_text()) == {"windows_done": N, "chunks_done": 3, "complete": True}
+
+
+def test_label_dtype_and_a_wide_sae_cache(tmp_path):
+    assert label_dtype(65535) == np.uint16 and label_dtype(65536) == np.int32
+    torch.manual_seed(0)
+    sae = RefTopKSAE(32, 70_000, 8)
+    lab = ConceptLabeler(make_teacher("gpt2"), sae, 1, LabelSection(k_attr=2))
+    windows = make_windows(n=3)
+    write_label_cache(tmp_path, windows, lab, spec_for(lab, batch_size=3, chunk_windows=3), progress=False)
+    assert np.load(tmp_path / LABELS).dtype == np.int32
+    labels, mask = LabelCache(tmp_path)[1]
+    assert torch.equal(labels, lab(windows).labels[1]) and labels.max() < 70_000
+
+
+def test_complete_cache_is_not_recomputed(complete):
+    path, _ = complete
+    before = files(path)
+    lab = make_labeler()
+    summary = write_label_cache(path, make_windows(), lab, spec_for(lab), progress=False)
+    assert summary["computed_windows"] == 0 and summary["resumed_from"] == N and files(path) == before
+
+
+# --------------------------------------------------------------------------------------------------- resume
+def test_crash_mid_chunk_resumes_to_identical_files(tmp_path, complete):
+    lab, windows = make_labeler(), make_windows()
+    with pytest.raises(RuntimeError, match="simulated crash"):  # 2 batches per chunk: crash in chunk 3
+        write_label_cache(tmp_path, windows, FailingLabeler(lab, fail_at=5), spec_for(lab), progress=False)
+    assert json.loads((tmp_path / PROGRESS).read_text()) == {"windows_done": 16, "chunks_done": 2,
+                                                             "complete": False}
+    with pytest.raises(LabelCacheError, match="incomplete label cache"):
+        LabelCache(tmp_path)
+    arr = np.load(tmp_path / LABELS, mmap_mode="r+")  # a half-written chunk after the last progress record
+    arr[16:20] = 7
+    arr.flush()
+    del arr
+    summary = write_label_cache(tmp_path, windows, lab, spec_for(lab), progress=False)
+    assert summary["resumed_from"] == 16 and summary["computed_windows"] == N - 16
+    assert files(tmp_path) == files(complete[0])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_to_identical_files(tmp_path, complete):
+    """A real SIGKILL of a writing process at an arbitrary point (a few chunks in), then a resume in this one."""
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time, torch
+        torch.set_num_threads(1)
+        from tests.cocomix.test_label_cache import make_labeler, make_windows, spec_for
+        from conceptlm.cocomix.attribution import ConceptLabeler
+        from conceptlm.cocomix.label_cache import write_label_cache
+
+        class Slow(ConceptLabeler):
+            def __call__(self, ids):
+                time.sleep(0.05)
+                return super().__call__(ids)
+
+        base = make_labeler()
+        lab = Slow(base.teacher, base.sae, base.layer, base.section)
+        write_label_cache({str(tmp_path / 'cache')!r}, make_windows(n=64), lab,
+                          spec_for(base, batch_size=2, chunk_windows=2), progress=False)
+    """))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    child = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env)
+    progress, deadline = tmp_path / "cache" / PROGRESS, time.time() + 120
+    try:
+        while time.time() < deadline and child.poll() is None:
+            if progress.exists() and json.loads(progress.read_text())["chunks_done"] >= 3:
+                break
+            time.sleep(0.02)
+        assert child.poll() is None, "the child finished before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    done = json.loads(progress.read_text())
+    assert not done["complete"] and 3 <= done["chunks_done"] < 32
+    lab, windows = make_labeler(), make_windows(n=64)
+    summary = write_label_cache(tmp_path / "cache", windows, lab, spec_for(lab, batch_size=2, chunk_windows=2),
+                                progress=False)
+    assert summary["resumed_from"] == done["windows_done"]
+    fresh = tmp_path / "fresh"
+    write_label_cache(fresh, windows, lab, spec_for(lab, batch_size=2, chunk_windows=2), progress=False)
+    assert files(tmp_path / "cache") == files(fresh)
+
+
+# ------------------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("change,field", [
+    (dict(sae_seed=1), "sae.sha256"),
+    (dict(k_attr=3), "k_attr"),
+    (dict(mode="pre"), "labeling.mode"),
+    (dict(windows_seed=4), "corpus.tokens_sha256"),
+    (dict(split="val"), "corpus.split"),
+    (dict(batch_size=2), "batch_size"),
+])
+def test_header_mismatch_is_refused(complete, change, field):
+    path, _ = complete
+    before = files(path)
+    lab = make_labeler(sae_seed=change.get("sae_seed", 0),
+                       **{k: v for k, v in change.items() if k in ("k_attr", "mode")})
+    spec = spec_for(lab, batch_size=change.get("batch_size", 4), **{"split": change.get("split", "train")})
+    windows = make_windows(seed=change.get("windows_seed", 3))
+    with pytest.raises(LabelCacheError, match="written for another configuration") as err:
+        write_label_cache(path, windows, lab, spec, progress=False)
+    assert field in str(err.value) and "\n" not in str(err.value)
+    assert files(path) == before  # nothing touched
+
+
+def test_reader_refuses_missing_and_mismatched_caches(tmp_path, complete):
+    path, _ = complete
+    with pytest.raises(LabelCacheError, match="no label cache here"):
+        LabelCache(tmp_path)
+    with pytest.raises(LabelCacheError, match="k_attr"):
+        LabelCache(path, expect={"k_attr": 5})
+    lab = make_labeler()
+    ok = LabelCache(path, expect={"k_attr": 4, "sae": {"sha256": state_fingerprint(lab.sae)},
+                                  "labeling": {"layer": 1}})
+    with pytest.raises(IndexError):
+        ok[N]
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+def test_labeled_windows_dataset_with_records_and_workers_pickling(complete):
+    path, _ = complete
+    tensor = make_windows()
+    records = [{"id": f"w{i}", "input_ids": tensor[i].tolist()} for i in range(N)]
+    cache = LabelCache(path)
+    cache[0]  # opens the memory maps; pickling must drop them
+    ds = LabeledWindows(records, pickle.loads(pickle.dumps(cache)))
+    item = ds[5]
+    assert item["id"] == "w5" and torch.equal(item["input_ids"], tensor[5])
+    labels, mask = cache[5]
+    assert torch.equal(item["concept_labels"], labels) and torch.equal(item["concept_mask"], mask)
+    batch = next(iter(torch.utils.data.DataLoader(LabeledWindows(tensor, cache), batch_size=4)))
+    assert batch["concept_labels"].shape == (4, T, 4) and batch["concept_mask"].shape == (4, T)
+    with pytest.raises(LabelCacheError, match="not the ones the labels were computed"):
+        LabeledWindows(make_windows(seed=9), cache)
+    with pytest.raises(LabelCacheError, match="22 cached windows, but 21"):
+        LabeledWindows(tensor[:21], cache)
