@@ -1,0 +1,161 @@
+"""The Base-LCM training unit on the shared loop, and its data: documents cut into chunks, padded batches.
+
+Data. Any dataset whose items are documents ``{"id": ..., "vectors": FloatTensor (n, D), ...}`` works.
+:class:`DocumentChunks` cuts every document into consecutive chunks of at most ``max_sentences`` sentences (the
+reference's ``len_to_wrap_long_seq``: no packing of several documents into one row); a chunk shorter than
+``min_length`` (default 2: one context sentence and one target) is dropped and the number dropped is reported.
+Optional ``suffix`` vectors (e.g. the embedding of "End of text.") are appended to each document *before* cutting,
+as in the reference, so only a document's last chunk ends with them. :func:`collate_documents` right-pads a list
+of chunks into ``vectors (B, T, D)`` with ``mask (B, T)``.
+
+Batches hold a fixed number of chunks per micro-batch (the shared loop's length-bucketed plan) instead of the
+reference's "at most ``max_tokens`` sentence slots"; the loss is normalised by the number of targets either way.
+
+Objective (spec §3.2, recipes' ``compute_rmse: false``, ``reduction: sum``): the part ``mse`` is
+``sum over targets of ||y_{t-1} - z_t||^2`` in normalized space, a target being every real position
+``t >= max(1, min_context)``; its count is the number of targets, so the trainer optimises the mean squared error
+per predicted sentence over the global batch (the reference's gradient normalisation).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
+from conceptlm.lcm import metrics as M
+from conceptlm.lcm.model import BaseLCM, LCMSection
+
+__all__ = ["DocumentChunks", "collate_documents", "BaseLCMUnit", "target_mask"]
+
+log = logging.getLogger(__name__)
+
+
+class DocumentChunks:
+    """A view of a document dataset as chunks of at most ``max_sentences`` sentences.
+
+    Args:
+        documents: dataset of ``{"id", "vectors": (n, D)}`` items (``__len__``/``__getitem__``).
+        max_sentences: chunk length (documents longer than this are cut into consecutive chunks).
+        min_length: chunks with fewer sentences are dropped (counted in ``self.dropped``).
+        suffix: ``(k, D)`` vectors appended to every document before cutting (e.g. the end-of-text embedding).
+
+    Items are ``{"id": chunk index, "doc": document index, "start": first sentence, "vectors": (m, D)}``;
+    ``lengths`` lists the chunk lengths (for the batch plan's bucketing).
+    """
+
+    def __init__(self, documents, *, max_sentences: int, min_length: int = 2,
+                 suffix: torch.Tensor | None = None):
+        if max_sentences < 1 or min_length < 1:
+            raise ValueError("max_sentences and min_length must be >= 1")
+        self.documents, self.max_sentences, self.suffix = documents, max_sentences, suffix
+        doc_lengths = getattr(documents, "lengths", None)
+        if doc_lengths is None:
+            doc_lengths = [len(documents[i]["vectors"]) for i in range(len(documents))]
+        extra = 0 if suffix is None else len(suffix)
+        self.index: list[tuple[int, int, int]] = []  # (document, start, length)
+        self.dropped = 0
+        for d, n in enumerate(doc_lengths):
+            n = int(n) + extra
+            for start in range(0, n, max_sentences):
+                m = min(max_sentences, n - start)
+                if m >= min_length:
+                    self.index.append((d, start, m))
+                else:
+                    self.dropped += 1
+        if self.dropped:
+            log.info("%d chunk(s) shorter than %d sentences dropped (of %d documents)", self.dropped, min_length,
+                     len(doc_lengths))
+        self.lengths = [m for _, _, m in self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        d, start, m = self.index[i]
+        vectors = torch.as_tensor(self.documents[d]["vectors"]).float()
+        if self.suffix is not None:
+            vectors = torch.cat([vectors, self.suffix.to(vectors)], dim=0)
+        return {"id": i, "doc": d, "start": start, "vectors": vectors[start:start + m]}
+
+
+def collate_documents(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Right-pad documents: ``{"ids": (B,), "vectors": (B, T, D) (zeros after a document), "mask": (B, T) bool,
+    "lengths": (B,)}``."""
+    if not items:
+        raise ValueError("empty batch")
+    vecs = [torch.as_tensor(it["vectors"]).float() for it in items]
+    lengths = torch.tensor([len(v) for v in vecs])
+    b, t, dim = len(vecs), int(lengths.max()), vecs[0].shape[-1]
+    out = torch.zeros(b, t, dim)
+    for i, v in enumerate(vecs):
+        if v.ndim != 2 or v.shape[-1] != dim:
+            raise ValueError(f"document {items[i].get('id')}: vectors of shape {tuple(v.shape)}, expected (n, {dim})")
+        out[i, :len(v)] = v
+    mask = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+    return {"ids": torch.tensor([int(it["id"]) for it in items]), "vectors": out, "mask": mask, "lengths": lengths}
+
+
+def target_mask(mask: torch.Tensor, min_context: int) -> torch.Tensor:
+    """Bool ``(B, T)``: real positions ``t >= max(1, min_context)`` (the sentences that are predicted)."""
+    out = mask.clone()
+    out[:, :max(1, min_context)] = False
+    return out
+
+
+class BaseLCMUnit(TrainUnit):
+    """Base-LCM (MSE next-sentence regression) as a :class:`~conceptlm.core.unit.TrainUnit`.
+
+    Loss part ``mse`` (module docstring). Evaluation metrics, teacher-forced, in raw embedding space:
+    ``l2`` (ℓ2 of the prediction), ``l2_prev`` (ℓ2 of the "repeat the previous sentence" baseline), ``cos``
+    (cosine to the target), ``ca`` (contrastive accuracy against the other documents of the eval batch, as the
+    reference code) and ``par`` (paraphrasing score).
+    """
+
+    metric_names = ("l2", "l2_prev", "cos", "ca", "par")
+    throughput_unit = "sentences"
+
+    def __init__(self, cfg: LCMSection):
+        super().__init__()
+        self.cfg = cfg
+        self.loss_weights = {"mse": 1.0}
+        self.model = BaseLCM(cfg)
+
+    def counts(self, batch: dict) -> dict:
+        return {"mse": target_mask(batch["mask"], self.cfg.min_context)[:, 1:].sum(),
+                THROUGHPUT_KEY: batch["mask"].sum()}
+
+    def _predict(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized inputs ``z`` and predictions ``y`` aligned with their targets: ``y[:, t]`` predicts
+        ``z[:, t]`` (``y[:, 0]`` is a zero placeholder)."""
+        z = self.model.normalize(batch["vectors"])
+        y = self.model.forward_normalized(z)  # right padding: no key-padding mask needed
+        return z, torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)
+
+    def forward(self, batch: dict) -> dict:
+        z, y = self._predict(batch)
+        tm = target_mask(batch["mask"], self.cfg.min_context)
+        se = ((y.float() - z.float()) ** 2).sum(-1)
+        if not self.training:
+            batch["_pred_normalized"] = y.detach()  # reused by eval_metrics (no second forward pass)
+        return {"mse": se[tm].sum()}
+
+    @torch.no_grad()
+    def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
+        y = batch.pop("_pred_normalized", None)
+        if y is None:
+            y = self._predict(batch)[1]
+        x = batch["vectors"].float()
+        pred = self.model.denormalize(y).float()
+        tm = target_mask(batch["mask"], self.cfg.min_context)
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        doc = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(tm)[tm]
+        out = {"l2": M.as_sum_count(M.l2_distance(pred[tm], x[tm])),
+               "l2_prev": M.as_sum_count(M.l2_distance(prev[tm], x[tm])),
+               "cos": M.as_sum_count(torch.nn.functional.cosine_similarity(pred[tm], x[tm], dim=-1)),
+               "ca": M.as_sum_count(M.contrastive_accuracy(pred[tm], x[tm], doc)),
+               "par": M.as_sum_count(M.paraphrasing_score(pred, x, tm))}
+        return out
