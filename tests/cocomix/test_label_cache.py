@@ -22,7 +22,7 @@ from conceptlm.cocomix.label_cache import (
     HEADER, LABELS, MASK, PROGRESS, CacheSpec, LabelCache, LabelCacheError, LabeledWindows, label_dtype,
     state_fingerprint, write_label_cache,
 )
-from tests.cocomix.test_attribution import VOCAB, RefTopKSAE, make_sae, make_teacher
+from tests.cocomix.test_attribution import VOCAB, make_sae, make_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -95,8 +95,7 @@ def test_cached_labels_equal_online_labels_bit_for_bit(complete):
 
 def test_label_dtype_and_a_wide_sae_cache(tmp_path):
     assert label_dtype(65535) == np.uint16 and label_dtype(65536) == np.int32
-    torch.manual_seed(0)
-    sae = RefTopKSAE(32, 70_000, 8)
+    sae = make_sae(n_latents=70_000)
     lab = ConceptLabeler(make_teacher("gpt2"), sae, 1, LabelSection(k_attr=2))
     windows = make_windows(n=3)
     write_label_cache(tmp_path, windows, lab, spec_for(lab, batch_size=3, chunk_windows=3), progress=False)
