@@ -96,8 +96,8 @@ class StudentSection:
               "llama style (RoPE) needs an even head width d_model/n_heads")
         check(self.d_ff >= 0 and self.concept_chunk >= 0, "student", "d_ff and concept_chunk must be >= 0")
         check(0.0 <= self.dropout < 1.0, "student.dropout", "must be in [0, 1)")
-        check(0 <= self.insert_layer < self.n_layers, "student.insert_layer",
-              f"must be in [0, n_layers={self.n_layers})")
+        check(not (self.concept_head or self.doubled) or 0 <= self.insert_layer < self.n_layers,
+              "student.insert_layer", f"must be in [0, n_layers={self.n_layers})")
         check(self.concept_k <= self.n_concepts, "student.concept_k",
               f"{self.concept_k} exceeds student.n_concepts={self.n_concepts}")
         check(self.mix not in ("interleave", "add") or self.concept_head, "student.concept_head",
