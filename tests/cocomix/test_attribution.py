@@ -259,7 +259,11 @@ def test_labeler_freezes_and_describes():
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     assert lab.describe() == {"k_attr": 2, "mode": "post", "score": "signed", "selection": "attribution",
                               "include_sigma": False, "layer": 1, "n_latents": N_LATENTS}
-    assert lab(windows()).labels.shape == (3, T, 2)
+    labels, mask = lab(windows())
+    full = lab.labels(windows())
+    assert labels.shape == (3, T, 2) and torch.equal(labels, full.labels) and torch.equal(mask, full.mask)
+    lab.train()
+    assert not lab.teacher.training and not lab.sae.training
     with pytest.raises(ValueError, match="k_attr=9 exceeds"):
         concept_labels(teacher, make_sae(), windows(), layer=1, section=LabelSection(k_attr=9))
 

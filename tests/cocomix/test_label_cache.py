@@ -55,11 +55,11 @@ class FailingLabeler(ConceptLabeler):
         super().__init__(base.teacher, base.sae, base.layer, base.section)
         self.calls, self.fail_at = 0, fail_at
 
-    def __call__(self, input_ids):
+    def forward(self, input_ids):
         self.calls += 1
         if self.calls == self.fail_at:
             raise RuntimeError("simulated crash")
-        return super().__call__(input_ids)
+        return super().forward(input_ids)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_cached_labels_equal_online_labels_bit_for_bit(complete):
     lab, windows, cache = make_labeler(), make_windows(), LabelCache(path)
     assert len(cache) == N and cache.window == T and cache.k_attr == 4
     for b in range(0, N, 4):  # the batches the cache was written with
-        online = lab(windows[b:b + 4])
+        online = lab.labels(windows[b:b + 4])
         for i in range(b, min(N, b + 4)):
             labels, mask = cache[i]
             assert labels.dtype == torch.long and mask.dtype == torch.bool
@@ -101,7 +101,7 @@ def test_label_dtype_and_a_wide_sae_cache(tmp_path):
     write_label_cache(tmp_path, windows, lab, spec_for(lab, batch_size=3, chunk_windows=3), progress=False)
     assert np.load(tmp_path / LABELS).dtype == np.int32
     labels, mask = LabelCache(tmp_path)[1]
-    assert torch.equal(labels, lab(windows).labels[1]) and labels.max() < 70_000
+    assert torch.equal(labels, lab(windows)[0][1]) and labels.max() < 70_000
 
 
 def test_complete_cache_is_not_recomputed(complete):
@@ -142,9 +142,9 @@ def test_sigkill_mid_run_resumes_to_identical_files(tmp_path, complete):
         from conceptlm.cocomix.label_cache import write_label_cache
 
         class Slow(ConceptLabeler):
-            def __call__(self, ids):
+            def forward(self, ids):
                 time.sleep(0.05)
-                return super().__call__(ids)
+                return super().forward(ids)
 
         base = make_labeler()
         lab = Slow(base.teacher, base.sae, base.layer, base.section)

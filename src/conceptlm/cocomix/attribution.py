@@ -371,13 +371,16 @@ def concept_labels(teacher: nn.Module, sae: nn.Module, input_ids: torch.Tensor, 
     return select_labels(sae, tp.hidden, tp.grad, section)
 
 
-class ConceptLabeler:
-    """A frozen teacher + SAE + layer + settings, called on (B, T) windows (e.g. in a unit's ``prepare``).
+class ConceptLabeler(nn.Module):
+    """A frozen teacher + SAE + layer + settings as one frozen module (e.g. a student unit's ``labeler``).
 
-    The teacher and the SAE are frozen on construction (no parameter requires grad, eval mode).
+    ``labeler(input_ids) -> (labels (B, T, k_attr) int64, mask (B, T) bool)``; :meth:`labels` also returns the
+    scores. The teacher and the SAE are frozen on construction (no parameter requires grad, eval mode) and move
+    with the module (``.to(device)``); gradients are enabled locally, so it works inside ``no_grad``.
     """
 
     def __init__(self, teacher: nn.Module, sae: nn.Module, layer: int, section: LabelSection | None = None):
+        super().__init__()
         self.teacher, self.sae, self.layer = freeze(teacher), freeze(sae), layer
         self.section = section or LabelSection()
         self.section.validate()
@@ -386,9 +389,18 @@ class ConceptLabeler:
     def n_latents(self) -> int:
         return int(self.sae.W_dec.shape[0])
 
-    def __call__(self, input_ids: torch.Tensor) -> ConceptLabels:
-        """Labels of (B, T) windows; see :func:`concept_labels`."""
+    def train(self, mode: bool = True) -> ConceptLabeler:
+        """Stays in eval mode (a frozen teacher never runs dropout)."""
+        return super().train(False)
+
+    def labels(self, input_ids: torch.Tensor) -> ConceptLabels:
+        """Labels, masks and scores of (B, T) windows; see :func:`concept_labels`."""
         return concept_labels(self.teacher, self.sae, input_ids, layer=self.layer, section=self.section)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(labels (B, T, k_attr) int64, mask (B, T) bool)`` of (B, T) windows."""
+        out = self.labels(input_ids)
+        return out.labels, out.mask
 
     def describe(self) -> dict[str, Any]:
         """Settings that determine the labels: the section's plus layer and latent count."""

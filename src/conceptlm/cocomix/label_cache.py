@@ -194,7 +194,8 @@ def write_label_cache(path: str | Path, windows: Any, labeler: ConceptLabeler,
     Args:
         path: cache folder (created).
         windows: (N, T) token ids (tensor/array) or a sequence of ``{"input_ids": (T,)}`` records.
-        labeler: a :class:`~conceptlm.cocomix.attribution.ConceptLabeler` (its ``describe()``, ``sae`` and call).
+        labeler: a :class:`~conceptlm.cocomix.attribution.ConceptLabeler` (``labeler(ids) -> (labels, mask)``,
+            ``describe()``, ``sae``).
         spec: teacher/corpus identities and the batch/chunk sizes (``chunk_windows`` a multiple of ``batch_size``).
         progress: show a progress bar.
 
@@ -223,9 +224,9 @@ def write_label_cache(path: str | Path, windows: Any, labeler: ConceptLabeler,
             hi = min(n, lo + spec.chunk_windows)
             for b in range(lo, hi, spec.batch_size):
                 e = min(hi, b + spec.batch_size)
-                out = labeler(torch.stack([window_ids(windows, i) for i in range(b, e)]))
-                labels_arr[b:e] = out.labels.cpu().numpy().astype(labels_arr.dtype)
-                mask_arr[b:e] = out.mask.cpu().numpy().astype(np.uint8)
+                labels, mask = labeler(torch.stack([window_ids(windows, i) for i in range(b, e)]))
+                labels_arr[b:e] = labels.cpu().numpy().astype(labels_arr.dtype)
+                mask_arr[b:e] = mask.cpu().numpy().astype(np.uint8)
                 bar.update(e - b)
             _flush(labels_arr)
             _flush(mask_arr)
