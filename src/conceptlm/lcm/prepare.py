@@ -1,0 +1,325 @@
+"""The ``prepare`` verb: documents -> sentences -> embeddings in Parquet shards, plus the fitted normalizer.
+
+Documents (:mod:`~conceptlm.lcm.documents`) are segmented (:mod:`~conceptlm.lcm.segment`), optionally capped at
+``max_sentences`` and suffixed with the paper's end-of-document concept "End of text." (§2.3.1), and embedded
+(:mod:`~conceptlm.lcm.encoders`); every ``shard_size`` documents form one shard (layout in
+:mod:`~conceptlm.lcm.store`). Each shard is written to a temporary name and renamed, ``prepare_state.json`` records
+the settings, and ``manifest.json`` is written last.
+
+Resuming: a second run with the same settings walks the same deterministic document stream, keeps every shard
+already on disk (after checking that it holds exactly the documents it should) and encodes only the missing ones,
+so a run killed at any moment resumes without duplicates or holes. The normalizer is then fitted on the vectors
+of the training documents as stored (fp16), on at most ``normalizer_max_samples`` evenly strided vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from conceptlm.core.config import RunConfig, check
+from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
+from conceptlm.core.io import atomic_write_text
+from conceptlm.lcm.documents import DocsSection, iter_documents
+from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder
+from conceptlm.lcm.normalizer import METHODS, NORMALIZER_FILE, RobustNormalizer
+from conceptlm.lcm.segment import Segmenter, SegmentSection, get_segmenter
+from conceptlm.lcm.store import (FORMAT, MANIFEST_FILE, STATE_FILE, assign_split, documents_table, read_shard,
+                                 shard_name)
+
+__all__ = ["PrepareSection", "PrepareConfig", "prepare", "segment_document"]
+
+log = logging.getLogger(__name__)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SHARD_RE = re.compile(r"^shard-(\d{5})\.parquet$")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@dataclass(kw_only=True)
+class PrepareSection:
+    out_dir: str = "data/lcm/prepared"
+    shard_size: int = 1000
+    """Documents per shard (the unit of resumption)."""
+    max_sentences: int | None = None
+    """Cap on sentences per document, "End of text." included (None = no cap)."""
+    long_documents: Literal["truncate", "wrap"] = "truncate"
+    """Over the cap: keep the first ``max_sentences`` (no end-of-text, the document did not end), or cut into
+    consecutive chunks ``<id>#0``, ``<id>#1``, ... (only the last ends with "End of text."; all chunks of a
+    document share its split)."""
+    end_of_text: bool = True
+    """Append the end-of-document sentence to every document (the paper's ``eot = SONAR("End of text.")``)."""
+    end_of_text_sentence: str = "End of text."
+    skip_bad: bool = False
+    """Skip (and count) bad records, undecodable files and empty documents instead of stopping."""
+    val_fraction: float = 0.05
+    """Fraction of documents (by a hash of the id) in the ``validation`` split."""
+    split_seed: int = 0
+    vector_dtype: Literal["float16", "float32"] = "float16"
+    keep_text: bool = True
+    """Store the original document text in the ``text`` column."""
+    normalizer_method: str = "gaussian_robust"
+    normalizer_clip_proba: float | None = None
+    normalizer_max_samples: int = 1_000_000
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+
+    def validate(self) -> None:
+        check(bool(self.out_dir), "prepare.out_dir", "must be a folder path")
+        check(self.shard_size > 0, "prepare.shard_size", "must be > 0")
+        check(self.max_sentences is None or self.max_sentences >= 2, "prepare.max_sentences", "must be >= 2 or null")
+        check(0.0 <= self.val_fraction < 1.0, "prepare.val_fraction", "must be in [0, 1)")
+        check(bool(self.end_of_text_sentence.strip()), "prepare.end_of_text_sentence", "must not be empty")
+        check(self.normalizer_method in METHODS, "prepare.normalizer_method", f"one of {', '.join(METHODS)}")
+        check(self.normalizer_clip_proba is None or 0 < self.normalizer_clip_proba < 0.5,
+              "prepare.normalizer_clip_proba", "must be in (0, 0.5) or null")
+        check(self.normalizer_max_samples >= 2, "prepare.normalizer_max_samples", "must be >= 2")
+
+
+@dataclass(kw_only=True)
+class PrepareConfig(RunConfig):
+    """Config of the ``prepare`` verb: documents, segmenter, encoder and output settings."""
+
+    docs: DocsSection = field(default_factory=DocsSection)
+    segment: SegmentSection = field(default_factory=SegmentSection)
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    prepare: PrepareSection = field(default_factory=PrepareSection)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def segment_document(doc_id: str, text: str, segmenter: Segmenter, section: PrepareSection
+                     ) -> list[tuple[str, list[str]]]:
+    """``[(id, sentences)]`` for one document: segmented, end-of-text appended, capped/wrapped."""
+    sentences = segmenter.split(text)
+    if not sentences:
+        return []
+    cap = section.max_sentences
+    eot = [section.end_of_text_sentence] if section.end_of_text else []
+    if cap is None or len(sentences) + len(eot) <= cap:
+        return [(doc_id, sentences + eot)]
+    if section.long_documents == "truncate":
+        return [(doc_id, sentences[:cap])]
+    full = sentences + eot
+    return [(f"{doc_id}#{k}", full[i:i + cap]) for k, i in enumerate(range(0, len(full), cap))]
+
+
+def _state(cfg: PrepareConfig, identity: dict) -> dict:
+    prep = {k: v for k, v in asdict(cfg.prepare).items() if k != "out_dir"}
+    return {"format": FORMAT, "docs": asdict(cfg.docs), "segment": asdict(cfg.segment),
+            "encoder": {k: v for k, v in identity.items() if k != "path"}, "prepare": prep}
+
+
+def _check_state(out: Path, state: dict) -> None:
+    path = out / STATE_FILE
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConceptLMError(f"{path}: unreadable; delete the folder or choose another prepare.out_dir") from None
+    diffs = [f"{sec}.{k}" for sec in ("docs", "segment", "encoder", "prepare")
+             for k in sorted(set(old.get(sec, {})) | set(state[sec]))
+             if old.get(sec, {}).get(k) != state[sec].get(k)]
+    if diffs:
+        raise ConfigError(f"{out} holds shards prepared with other settings ({', '.join(diffs[:6])} differ); use "
+                          "another prepare.out_dir or delete it", field="prepare.out_dir")
+
+
+def _remove_temporaries(out: Path) -> None:
+    for p in out.glob(".tmp-*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def _write_shard(path: Path, docs: list[dict], dim: int, section: PrepareSection) -> None:
+    """Write a shard under a temporary name, fsync, rename."""
+    import pyarrow.parquet as pq
+
+    table = documents_table(docs, dim, section.vector_dtype)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression=None if section.compression == "none" else section.compression)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _embed(docs: list[dict], encoder: SentenceEncoder, batch_size: int | None) -> None:
+    """Fill ``doc["vectors"]`` ((n, dim) float32) for every document; identical sentences are encoded once."""
+    unique: dict[str, int] = {}
+    for d in docs:
+        for s in d["sentences"]:
+            unique.setdefault(s, len(unique))
+    vectors = encoder.encode(list(unique), batch_size=batch_size).numpy()
+    for d in docs:
+        d["vectors"] = vectors[[unique[s] for s in d["sentences"]]]
+
+
+def _documents(cfg: PrepareConfig, segmenter: Segmenter, skipped: Counter) -> Iterator[dict]:
+    seen: set[str] = set()
+    sec = cfg.prepare
+    for doc_id, text in iter_documents(cfg.docs, skip_bad=sec.skip_bad, skipped=skipped):
+        if _SURROGATE.search(text):
+            err = DataError("text holds a lone surrogate (not valid Unicode)", path=cfg.docs.source, field=doc_id)
+            if not sec.skip_bad:
+                raise err
+            skipped["bad_text"] += 1
+            continue
+        pieces = segment_document(doc_id, text, segmenter, sec)
+        if not pieces:
+            if not sec.skip_bad:
+                raise DataError("document has no sentence", path=cfg.docs.source, field=doc_id)
+            skipped["no_sentences"] += 1
+            continue
+        if doc_id in seen:
+            raise DataError(f"duplicate document id {doc_id!r}", path=cfg.docs.source, field=cfg.docs.id_field)
+        seen.add(doc_id)
+        split = assign_split(doc_id, sec.val_fraction, sec.split_seed)
+        for piece_id, sentences in pieces:
+            yield {"id": piece_id, "split": split, "text": text if sec.keep_text and len(pieces) == 1 else None,
+                   "sentences": sentences}
+
+
+def _progress(total: int | None):
+    if os.environ.get("CONCEPTLM_NO_PROGRESS", "0") == "1":
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="prepare", unit="doc")
+
+
+def _fit_normalizer(out: Path, shards: list[dict], dim: int, section: PrepareSection) -> RobustNormalizer:
+    n_train = sum(s["n_train_sentences"] for s in shards)
+    if n_train < 2:
+        raise ConceptLMError(f"{out}: fewer than 2 training sentences; cannot fit the normalizer "
+                             "(lower prepare.val_fraction or add documents)")
+    stride = max(1, -(-n_train // section.normalizer_max_samples))
+    parts, offset = [], 0
+    for s in shards:
+        data = read_shard(out / s["file"], ["split", "vectors"])
+        flat, offsets = data["vectors"]
+        rows = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r, sp in enumerate(data["split"])
+                               if sp == "train"] or [np.zeros(0, dtype=np.int64)])
+        take = rows[(offset + np.arange(len(rows))) % stride == 0]  # every stride-th training vector overall
+        offset += len(rows)
+        parts.append(torch.from_numpy(flat[take].astype(np.float32)))
+    x = torch.cat(parts)
+    norm = RobustNormalizer(dim, method=section.normalizer_method, clip_proba=section.normalizer_clip_proba)
+    return norm.fit(x)
+
+
+def _shard_record(name: str, docs: list[dict]) -> dict:
+    return {"file": name, "n_documents": len(docs),
+            "n_sentences": int(sum(len(d["sentences"]) for d in docs)),
+            "n_train_documents": sum(d["split"] == "train" for d in docs),
+            "n_train_sentences": int(sum(len(d["sentences"]) for d in docs if d["split"] == "train"))}
+
+
+def prepare(cfg: PrepareConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+    """Segment, embed and store ``cfg.docs`` in ``output`` (default ``cfg.prepare.out_dir``); resumable.
+
+    Args:
+        checkpoint: unused (the verb signature shared by all methods).
+        output: the output folder, overriding ``prepare.out_dir``.
+
+    Returns:
+        A JSON-able summary: counts of documents/sentences/shards (written and reused), skips by reason,
+        the encoder identity, the normalizer path and timings.
+    """
+    del checkpoint
+    t0 = time.perf_counter()
+    sec = cfg.prepare
+    out = Path(output or sec.out_dir)
+    segmenter = get_segmenter(cfg.segment)
+    encoder = get_encoder(cfg.encoder)
+    identity = encoder.identity()
+    state = _state(cfg, identity)
+    _check_state(out, state)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(out)
+    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=1) + "\n")
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # rewritten last
+
+    skipped: Counter = Counter()
+    records: list[dict] = []
+    written = reused = encoded_sentences = 0
+    encode_seconds = 0.0
+    bar = _progress(cfg.docs.n_documents if cfg.docs.source == "generated" else None)
+
+    def flush(buffer: list[dict]) -> None:
+        nonlocal written, reused, encoded_sentences, encode_seconds
+        name = shard_name(len(records))
+        path = out / name
+        if path.is_file():
+            have = read_shard(path, ["id"])["id"]
+            if have != [d["id"] for d in buffer]:
+                raise ConceptLMError(f"{path} holds other documents than the input gives now (the input changed "
+                                     "since it was written); delete the folder or choose another prepare.out_dir")
+            reused += 1
+        else:
+            t = time.perf_counter()
+            _embed(buffer, encoder, cfg.encoder.batch_size)
+            encode_seconds += time.perf_counter() - t
+            encoded_sentences += sum(len(d["sentences"]) for d in buffer)
+            _write_shard(path, buffer, encoder.dim, sec)
+            written += 1
+        records.append(_shard_record(name, buffer))
+        if bar is not None:
+            bar.set_postfix(shards=len(records))
+
+    buffer: list[dict] = []
+    for doc in _documents(cfg, segmenter, skipped):
+        buffer.append(doc)
+        if bar is not None:
+            bar.update(1)
+        if len(buffer) == sec.shard_size:
+            flush(buffer)
+            buffer = []
+    if buffer:
+        flush(buffer)
+    if bar is not None:
+        bar.close()
+    if not records:
+        raise ConceptLMError(f"{cfg.docs.source}: no documents to prepare")
+    stale = [p.name for p in out.iterdir() if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) >= len(records)]
+    if stale:
+        raise ConceptLMError(f"{out} holds shards beyond the {len(records)} this input makes ({', '.join(stale[:3])}"
+                             "); delete the folder or choose another prepare.out_dir")
+
+    norm = _fit_normalizer(out, records, encoder.dim, sec)
+    norm.save_pretrained(out)
+    totals = {"n_documents": sum(r["n_documents"] for r in records),
+              "n_sentences": sum(r["n_sentences"] for r in records),
+              "n_train_documents": sum(r["n_train_documents"] for r in records),
+              "n_train_sentences": sum(r["n_train_sentences"] for r in records)}
+    totals["n_validation_documents"] = totals["n_documents"] - totals["n_train_documents"]
+    manifest = {"format": FORMAT, "encoder": identity, "segmenter": segmenter.config(), "prepare": state["prepare"],
+                "docs": state["docs"], "normalizer": NORMALIZER_FILE, "shards": records,
+                "skipped": dict(sorted(skipped.items())), **totals}
+    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    seconds = time.perf_counter() - t0
+    summary = {"out_dir": str(out), **totals, "n_shards": len(records), "shards_written": written,
+               "shards_reused": reused, "skipped": dict(sorted(skipped.items())), "encoder": identity["name"],
+               "dim": encoder.dim, "normalizer": str(out / NORMALIZER_FILE), "seconds": round(seconds, 3),
+               "encode_seconds": round(encode_seconds, 3),
+               "sentences_per_second": round(encoded_sentences / encode_seconds, 1) if encode_seconds else None}
+    log.info("prepared %d documents (%d sentences) in %d shards at %s", totals["n_documents"],
+             totals["n_sentences"], len(records), out)
+    return summary

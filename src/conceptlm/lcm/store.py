@@ -1,0 +1,190 @@
+"""Prepared (segmented and embedded) documents in Parquet shards, and a Dataset over them.
+
+Layout of a prepared folder (written by :func:`conceptlm.lcm.prepare.prepare`)::
+
+    shard-00000.parquet    one row per document (see SCHEMA below), written atomically
+    shard-00001.parquet    ...
+    normalizer.json        RobustNormalizer fitted on the training documents' vectors
+    prepare_state.json     the settings the shards were made with (a resume must match them)
+    manifest.json          written last: encoder identity, segmenter config, shard list and counts
+
+Columns of a shard: ``id`` (string), ``split`` (``train`` | ``validation``, by a hash of the document id),
+``text`` (the document, or null), ``sentences`` (``list<string>``), ``vectors`` (``list<fixed_size_list<float16,
+dim>>``, one vector per sentence — the paper's FP16 storage), ``n_sentences`` (int32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from conceptlm.core.errors import ConceptLMError, DataError
+
+__all__ = ["EmbeddedDocuments", "assign_split", "shard_name", "shard_schema", "documents_table", "read_shard",
+           "load_manifest", "MANIFEST_FILE", "STATE_FILE", "SPLITS"]
+
+MANIFEST_FILE = "manifest.json"
+STATE_FILE = "prepare_state.json"
+SPLITS = ("train", "validation")
+FORMAT = "conceptlm-lcm-embedded/1"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def assign_split(doc_id: str, val_fraction: float, seed: int = 0) -> str:
+    """``validation`` for a fraction ``val_fraction`` of document ids (a hash: independent of order and of the
+    other documents), else ``train``."""
+    if val_fraction <= 0:
+        return "train"
+    digest = hashlib.sha256(f"{seed}\x00{doc_id}".encode("utf-8", "surrogatepass")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return "validation" if u < val_fraction else "train"
+
+
+def shard_schema(dim: int, vector_dtype: str = "float16"):
+    import pyarrow as pa
+
+    value = pa.float16() if vector_dtype == "float16" else pa.float32()
+    return pa.schema([("id", pa.string()), ("split", pa.string()), ("text", pa.string()),
+                      ("sentences", pa.list_(pa.string())), ("vectors", pa.list_(pa.list_(value, dim))),
+                      ("n_sentences", pa.int32())])
+
+
+def documents_table(docs: Sequence[dict], dim: int, vector_dtype: str = "float16"):
+    """A pyarrow Table of ``docs`` (dicts with ``id``, ``split``, ``text``, ``sentences`` and ``vectors``:
+    an (n, dim) float array)."""
+    import pyarrow as pa
+
+    np_dtype = np.float16 if vector_dtype == "float16" else np.float32
+    counts = [len(d["sentences"]) for d in docs]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    flat = (np.concatenate([np.asarray(d["vectors"], dtype=np.float32).reshape(-1) for d in docs])
+            if docs else np.zeros(0, dtype=np.float32)).astype(np_dtype)
+    schema = shard_schema(dim, vector_dtype)
+    vec_type = schema.field("vectors").type
+    values = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=vec_type.value_type.value_type), dim)
+    vectors = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, type=vec_type)
+    return pa.table({"id": [d["id"] for d in docs], "split": [d["split"] for d in docs],
+                     "text": [d.get("text") for d in docs], "sentences": [list(d["sentences"]) for d in docs],
+                     "vectors": vectors, "n_sentences": pa.array(counts, type=pa.int32())}, schema=schema)
+
+
+def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> dict:
+    """Columns of a shard as Python/numpy data: ``id``/``split``/``text``/``sentences`` lists, ``vectors`` as
+    ``(flat (total, dim) array, offsets (rows + 1,))`` in the stored dtype, ``n_sentences`` as an int array."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=list(columns) if columns else None)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"cannot read Parquet shard ({type(e).__name__})", path=path) from None
+    out: dict = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if name == "vectors":
+            offsets = col.offsets.to_numpy().astype(np.int64)
+            inner = col.flatten()
+            dim = inner.type.list_size
+            flat = inner.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            out[name] = (flat, offsets - offsets[0])
+        elif name == "n_sentences":
+            out[name] = col.to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            out[name] = col.to_pylist()
+    return out
+
+
+def load_manifest(root: str | Path) -> dict:
+    """The manifest of a complete preparation; one-line error when the folder is not one."""
+    path = Path(root) / MANIFEST_FILE
+    if not path.is_file():
+        raise ConceptLMError(f"{root}: no {MANIFEST_FILE} (not a prepared folder, or the preparation did not "
+                             "finish: run prepare again to complete it)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConceptLMError(f"{path}: unreadable manifest ({type(e).__name__})") from None
+    if manifest.get("format") != FORMAT:
+        raise ConceptLMError(f"{path}: not a conceptlm embedded-documents manifest")
+    return manifest
+
+
+class EmbeddedDocuments(Dataset):
+    """Documents of a prepared folder: ``ds[i] -> {"id": str, "vectors": FloatTensor (n, dim), "sentences":
+    list[str]}``.
+
+    Args:
+        root: the prepared folder (``manifest.json`` must exist).
+        split: ``train``, ``validation`` or ``all`` (the split is stored per document, so no document is in both).
+
+    Shards are decoded on first use and kept in memory in their stored dtype (fp16: 2 bytes per value), so a
+    dataset costs about its on-disk vector size once every shard has been touched. ``lengths`` holds the number
+    of sentences of each document (for length-bucketed batching).
+    """
+
+    def __init__(self, root: str | Path, split: Literal["train", "validation", "all"] = "all"):
+        if split not in (*SPLITS, "all"):
+            raise ValueError(f"split must be train, validation or all, got {split!r}")
+        self.root, self.split = Path(root), split
+        self.manifest = load_manifest(self.root)
+        self.dim = int(self.manifest["encoder"]["dim"])
+        self.shards = [self.root / s["file"] for s in self.manifest["shards"]]
+        self._index: list[tuple[int, int]] = []
+        lengths: list[int] = []
+        for k, path in enumerate(self.shards):
+            meta = read_shard(path, ["split", "n_sentences"])
+            for row, (sp, n) in enumerate(zip(meta["split"], meta["n_sentences"])):
+                if split == "all" or sp == split:
+                    self._index.append((k, row))
+                    lengths.append(int(n))
+        self.lengths = lengths
+        self._cache: dict[int, dict] = {}
+
+    @property
+    def encoder_identity(self) -> dict:
+        return self.manifest["encoder"]
+
+    def normalizer(self):
+        """The :class:`~conceptlm.lcm.normalizer.RobustNormalizer` fitted on the training documents."""
+        from conceptlm.lcm.normalizer import RobustNormalizer
+
+        return RobustNormalizer.from_pretrained(self.root / self.manifest["normalizer"])
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _shard(self, k: int) -> dict:
+        if k not in self._cache:
+            data = read_shard(self.shards[k], ["id", "sentences", "vectors"])
+            flat, offsets = data["vectors"]
+            if flat.shape[1] != self.dim:
+                raise DataError(f"vectors have dim {flat.shape[1]}, manifest says {self.dim}", path=self.shards[k])
+            for row, sents in enumerate(data["sentences"]):
+                if offsets[row + 1] - offsets[row] != len(sents):
+                    raise DataError(f"row {row}: {len(sents)} sentences but {offsets[row + 1] - offsets[row]} "
+                                    "vectors", path=self.shards[k], field="vectors")
+            self._cache[k] = data
+        return self._cache[k]
+
+    def __getitem__(self, i: int) -> dict:
+        k, row = self._index[i]
+        data = self._shard(k)
+        flat, offsets = data["vectors"]
+        vectors = torch.from_numpy(flat[offsets[row]:offsets[row + 1]].astype(np.float32))
+        return {"id": data["id"][row], "vectors": vectors, "sentences": data["sentences"][row]}
+
+    @property
+    def ids(self) -> list[str]:
+        """Document ids in dataset order (reads the id column of every shard)."""
+        cols = {k: read_shard(p, ["id"])["id"] for k, p in enumerate(self.shards)}
+        return [cols[k][row] for k, row in self._index]
