@@ -1,0 +1,336 @@
+"""Training and evaluating sentence decoders (embedding -> text) on the shared loop.
+
+The prefix decoder trains as a :class:`~conceptlm.core.unit.TrainUnit` with one loss part, ``ntp``: next-token
+cross-entropy of the sentence tokens (and EOS) given the ``n_prefix`` prefix embeddings of the sentence's vector.
+
+The frozen sentence encoder is **not part of the unit**: every sentence is embedded once, before training, and the
+dataset holds the vectors (a sentence is seen many times over the epochs; encoding it once is far cheaper than in
+every step, and the unit stays a plain LM that DDP/FSDP handle as usual). Training inputs are **noised** for
+robustness (paper §2.5.2, spec §11.2): ``x' = normalize(x + s * eps / sqrt(dim))``, ``eps ~ N(0, I)``, with ``s``
+``decoder.noise_std`` (``fixed``) or drawn per example from U[0, noise_std] (``uniform``). The draws come from
+``step_rng.per_example`` keyed by (step, sentence index): the same on whichever rank or micro-batch holds the
+sentence. Evaluation reads clean vectors.
+
+Evaluation: eval ``ntp`` / ``token_acc`` from the loop, plus, at every evaluation, decoding of the first
+``data.decode_eval`` held-out sentences: **AutoBLEU** (sacrebleu BLEU of ``decode(encode(s))`` against ``s``,
+corpus-level ``autobleu`` and the mean sentence-level ``autobleu_sentence``) and the **round-trip cosine**
+``cos(encode(decode(encode(s))), encode(s))`` (``round_trip_cos``).
+
+``decoder.kind: retrieval`` needs no training: ``train_decoder`` embeds the training sentences into a bank, saves it
+in ``{run_dir}/decoder`` and evaluates it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from conceptlm.core.config import RunConfig, check
+from conceptlm.core.errors import ConfigError
+from conceptlm.core.io import atomic_write_text
+from conceptlm.core.recipe import fit, make_plan
+from conceptlm.core.rng import StepRandomness, derive_seed
+from conceptlm.core.run import run_session
+from conceptlm.core.trainer import TrainResult
+from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
+from conceptlm.lcm.decoders import (DecoderSection, PrefixLMDecoder, RetrievalDecoder, SentenceDecoder,
+                                    build_prefix_decoder, load_decoder)
+from conceptlm.lcm.documents import DocsSection, iter_documents
+from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder
+from conceptlm.lcm.segment import SegmentSection, get_segmenter
+
+__all__ = [
+    "DecoderDataSection", "DecoderTrainConfig", "SentenceTargets", "TargetCollator",
+    "PrefixDecoderUnit", "noise_embeddings", "autobleu", "round_trip_cosine", "evaluate_decoder",
+    "corpus_sentences", "split_sentences", "train_decoder", "eval_decoder",
+]
+
+log = logging.getLogger(__name__)
+NOISE_PURPOSE = "lcm-decoder-noise"
+NOISE_SCALE_PURPOSE = "lcm-decoder-noise-scale"
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass(kw_only=True)
+class DecoderDataSection:
+    """Which sentences a decoder trains and is evaluated on (from ``docs`` + ``segment``, or given directly)."""
+
+    max_sentences: int = 20000
+    """Training sentences kept (after removing duplicates and the held-out ones)."""
+    eval_sentences: int = 256
+    """Held-out sentences (eval loss); drawn first from the shuffled unique sentences."""
+    decode_eval: int = 64
+    """Held-out sentences decoded at every evaluation for AutoBLEU and round-trip cosine (0 = none)."""
+    min_chars: int = 2
+    """Shorter sentences are dropped."""
+
+    def validate(self) -> None:
+        check(self.max_sentences > 0, "data.max_sentences", "must be > 0")
+        check(self.eval_sentences >= 0, "data.eval_sentences", "must be >= 0")
+        check(0 <= self.decode_eval <= self.eval_sentences, "data.decode_eval",
+              f"must be in [0, data.eval_sentences={self.eval_sentences}]")
+        check(self.min_chars >= 1, "data.min_chars", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class DecoderTrainConfig(RunConfig):
+    """``conceptlm lcm train-decoder``: a sentence decoder for the frozen encoder."""
+
+    decoder: DecoderSection = field(default_factory=DecoderSection)
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    docs: DocsSection = field(default_factory=DocsSection)
+    segment: SegmentSection = field(default_factory=SegmentSection)
+    data: DecoderDataSection = field(default_factory=DecoderDataSection)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def corpus_sentences(docs: DocsSection, segment: SegmentSection, *, min_chars: int = 2) -> list[str]:
+    """Every sentence of every document of ``docs`` split by ``segment`` (document order), short ones dropped."""
+    splitter = get_segmenter(segment)
+    return [s for _, text in iter_documents(docs) for s in splitter.split(text) if len(s) >= min_chars]
+
+
+def split_sentences(sentences: Sequence[str], *, n_eval: int, max_train: int, seed: int
+                    ) -> tuple[list[str], list[str]]:
+    """Unique sentences, shuffled with a seeded RNG: ``(train[:max_train], eval[:n_eval])``, disjoint."""
+    unique = list(dict.fromkeys(sentences))
+    random.Random(derive_seed("lcm-decoder-split", seed)).shuffle(unique)
+    return unique[n_eval:n_eval + max_train], unique[:n_eval]
+
+
+class SentenceTargets:
+    """Dataset of ``{"id", "vector", "ids"}``: sentence i's embedding (dim,) and its target token ids.
+
+    ``lengths`` (target tokens) lets the batch plan bucket sentences of similar length.
+    """
+
+    def __init__(self, vectors: torch.Tensor, targets: list[list[int]]):
+        if vectors.shape[0] != len(targets):
+            raise ValueError(f"{vectors.shape[0]} vectors for {len(targets)} targets")
+        self.vectors, self.targets = vectors, targets
+        self.lengths = [len(t) for t in targets]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"id": i, "vector": self.vectors[i], "ids": self.targets[i]}
+
+
+@dataclass(frozen=True)
+class TargetCollator:
+    """Right-pads target ids with ``pad_id``: ``ids`` (B,), ``vectors`` (B, dim), ``input_ids`` / ``labels`` /
+    ``attention_mask`` (B, T) with labels -100 at padding."""
+
+    pad_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        t = max(len(it["ids"]) for it in items)
+        input_ids = torch.full((len(items), t), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), t), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), t), dtype=torch.long)
+        for r, it in enumerate(items):
+            n = len(it["ids"])
+            input_ids[r, :n] = labels[r, :n] = torch.tensor(it["ids"], dtype=torch.long)
+            mask[r, :n] = 1
+        return {"ids": torch.tensor([it["id"] for it in items]), "vectors": torch.stack([it["vector"] for it in items]),
+                "input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------------------ unit
+def noise_embeddings(vectors: torch.Tensor, ids: Sequence[int] | torch.Tensor, rng: StepRandomness, *,
+                     std: float, schedule: str = "uniform") -> torch.Tensor:
+    """Noised unit-norm embeddings ``normalize(normalize(x) + s * eps / sqrt(dim))`` (B, dim).
+
+    ``eps ~ N(0, I)`` and (``schedule="uniform"``) ``s ~ U[0, std]`` are drawn per example from
+    ``rng.per_example`` keyed by the example ids, so an example's noise does not depend on the batch it is in;
+    ``schedule="fixed"`` uses ``s = std``. ``std`` is thus the expected noise norm relative to the unit vector.
+    """
+    dim = vectors.shape[1]
+    x = F.normalize(vectors.float(), dim=-1)
+    eps = rng.per_example(NOISE_PURPOSE, ids, (dim,), device=x.device)
+    if schedule == "uniform":
+        scale = std * rng.per_example(NOISE_SCALE_PURPOSE, ids, (1,), sampler=torch.rand, device=x.device)
+    elif schedule == "fixed":
+        scale = torch.full((x.shape[0], 1), float(std), device=x.device)
+    else:
+        raise ValueError(f"unknown noise schedule {schedule!r} (fixed or uniform)")
+    return F.normalize(x + scale * eps / math.sqrt(dim), dim=-1).to(vectors.dtype)
+
+
+class PrefixDecoderUnit(TrainUnit):
+    """Trains a :class:`PrefixLMDecoder`: loss part ``ntp`` (sentence tokens + EOS given the prefix), metric
+    ``token_acc`` (greedy next-token accuracy); throughput in sentences. Its export is the decoder folder."""
+
+    metric_names = ("token_acc",)
+    throughput_unit = "sentences"
+
+    def __init__(self, decoder: PrefixLMDecoder, *, noise_std: float = 0.0, noise_schedule: str = "uniform"):
+        super().__init__()
+        self.decoder = decoder
+        self.noise_std, self.noise_schedule = noise_std, noise_schedule
+        self.loss_weights = {"ntp": 1.0}
+
+    def counts(self, batch: dict) -> dict:
+        return {"ntp": (batch["labels"] != -100).sum(), THROUGHPUT_KEY: batch["labels"].shape[0]}
+
+    def forward(self, batch: dict) -> dict:
+        vectors = batch["vectors"]
+        if self.training and self.noise_std > 0 and self.step_rng is not None:
+            vectors = noise_embeddings(vectors, batch["ids"], self.step_rng, std=self.noise_std,
+                                       schedule=self.noise_schedule)
+        loss, n, correct = self.decoder.token_loss(vectors, batch["input_ids"], batch["labels"],
+                                                   batch["attention_mask"])
+        return {"ntp": loss, "token_acc": (correct, n)}
+
+    def export(self, directory: Path, state_dict: dict[str, torch.Tensor], artifacts: dict[str, Any]) -> bool:
+        sd = {k[len("decoder."):]: v for k, v in state_dict.items() if k.startswith("decoder.")}
+        self.decoder.write(Path(directory), sd)
+        return True
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def autobleu(refs: Sequence[str], hyps: Sequence[str], *, lowercase: bool = False) -> dict[str, float]:
+    """Auto-encoding BLEU (sacrebleu, 13a tokenization, 0-100) of decoded sentences against their sources.
+
+    Returns:
+        ``autobleu``: corpus BLEU over all pairs; ``autobleu_sentence``: mean sentence BLEU (exp smoothing).
+    """
+    import sacrebleu
+
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references for {len(hyps)} hypotheses")
+    if not refs:
+        return {"autobleu": float("nan"), "autobleu_sentence": float("nan")}
+    corpus = sacrebleu.corpus_bleu(list(hyps), [list(refs)], lowercase=lowercase).score
+    sent = [sacrebleu.sentence_bleu(h, [r], lowercase=lowercase).score for r, h in zip(refs, hyps)]
+    return {"autobleu": corpus, "autobleu_sentence": sum(sent) / len(sent)}
+
+
+def _round_trip(encoder: SentenceEncoder, decoder: SentenceDecoder, sentences: Sequence[str],
+                vectors: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor]:
+    x = encoder.encode(list(sentences)) if vectors is None else vectors
+    hyps = decoder.decode(x)
+    back = encoder.encode(hyps)
+    return hyps, F.cosine_similarity(back.float(), x.float().to(back.device), dim=-1)
+
+
+def round_trip_cosine(encoder: SentenceEncoder, decoder: SentenceDecoder, sentences: Sequence[str]) -> float:
+    """Mean ``cos(encode(decode(encode(s))), encode(s))`` over ``sentences``."""
+    return float(_round_trip(encoder, decoder, sentences)[1].mean())
+
+
+def evaluate_decoder(encoder: SentenceEncoder, decoder: SentenceDecoder, sentences: Sequence[str], *,
+                     vectors: torch.Tensor | None = None, examples: int = 0, lowercase: bool = False) -> dict:
+    """AutoBLEU and round-trip cosine of ``decoder`` on ``sentences`` with one decoding pass.
+
+    Args:
+        vectors: ``encoder.encode(sentences)`` when already computed (n, dim).
+        examples: how many ``{"ref", "hyp"}`` pairs to include under ``"examples"``.
+        lowercase: case-insensitive BLEU.
+
+    Returns:
+        ``{"autobleu", "autobleu_sentence", "round_trip_cos", "n"}`` (+ ``"examples"``).
+    """
+    hyps, cos = _round_trip(encoder, decoder, sentences, vectors)
+    out: dict[str, Any] = {**autobleu(sentences, hyps, lowercase=lowercase), "round_trip_cos": float(cos.mean()),
+                           "n": len(hyps)}
+    if examples:
+        out["examples"] = [{"ref": r, "hyp": h} for r, h in zip(list(sentences)[:examples], hyps[:examples])]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def _sentences(cfg: DecoderTrainConfig, given: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    d = cfg.data
+    if given is None:
+        given = corpus_sentences(cfg.docs, cfg.segment, min_chars=d.min_chars)
+    else:
+        given = [s for s in given if len(s) >= d.min_chars]
+    train_s, eval_s = split_sentences(given, n_eval=d.eval_sentences, max_train=d.max_sentences,
+                                      seed=cfg.train.seed)
+    if not train_s:
+        raise ConfigError(f"no training sentences left after holding out data.eval_sentences={d.eval_sentences} "
+                          f"of {len(set(given))} unique sentences", field="data.eval_sentences")
+    return train_s, eval_s
+
+
+def _train_retrieval(cfg: DecoderTrainConfig, session, encoder: SentenceEncoder, train_s: list[str],
+                     eval_s: list[str]) -> TrainResult:
+    bank = RetrievalDecoder.build(train_s, encoder, progress=cfg.train.progress)
+    session.create_run_dir()
+    metrics: dict[str, Any] = {}
+    if cfg.data.decode_eval:
+        metrics = evaluate_decoder(encoder, bank, eval_s[:cfg.data.decode_eval])
+    path = None
+    if session.info.is_main:
+        path = bank.save(cfg.run_dir / "decoder")
+        atomic_write_text(cfg.run_dir / "eval.json", json.dumps(metrics, indent=2))
+    return TrainResult(step=0, run_dir=cfg.run_dir, last_train={}, last_eval=metrics, checkpoint=path)
+
+
+def train_decoder(cfg: DecoderTrainConfig, *, command: str | None = None,
+                  sentences: Sequence[str] | None = None, encoder: SentenceEncoder | None = None) -> TrainResult:
+    """Train a prefix decoder on the shared loop (or build a retrieval bank) for the encoder of ``cfg.encoder``.
+
+    Args:
+        sentences: the training corpus (default: ``cfg.docs`` segmented by ``cfg.segment``); duplicates are
+            dropped and ``data.eval_sentences`` of them are held out.
+        encoder: an already built encoder (default: ``get_encoder(cfg.encoder)``).
+
+    Returns:
+        The loop's ``TrainResult``; the checkpoints' ``model/`` folder is the decoder (``load_decoder`` reads it).
+        For ``decoder.kind: retrieval``: step 0, ``checkpoint`` = the saved bank, ``last_eval`` its metrics.
+    """
+    with run_session(cfg, command) as session:
+        train_s, eval_s = _sentences(cfg, sentences)
+        encoder = encoder or get_encoder(cfg.encoder)
+        if cfg.decoder.kind == "retrieval":
+            return _train_retrieval(cfg, session, encoder, train_s, eval_s)
+        c = cfg.decoder
+        decoder = build_prefix_decoder(c, dim=encoder.dim, encoder_identity=encoder.identity(), sentences=train_s,
+                                       seed=cfg.train.seed)
+        log.info("embedding %d training and %d held-out sentences", len(train_s), len(eval_s))
+        vectors = encoder.encode(train_s + eval_s, progress=cfg.train.progress)
+        train_ds = SentenceTargets(vectors[:len(train_s)], decoder.target_ids(train_s))
+        eval_ds = SentenceTargets(vectors[len(train_s):], decoder.target_ids(eval_s)) if eval_s else None
+        unit = PrefixDecoderUnit(decoder, noise_std=c.noise_std, noise_schedule=c.noise_schedule)
+        plan = make_plan(cfg, session.info, train_ds)
+        session.create_run_dir()
+        k = cfg.data.decode_eval
+        on_eval = None
+        if k:
+            def on_eval(step: int) -> dict[str, float]:
+                m = evaluate_decoder(encoder, decoder, eval_s[:k], vectors=eval_ds.vectors[:k])
+                return {key: m[key] for key in ("autobleu", "autobleu_sentence", "round_trip_cos")}
+        return fit(cfg, session.info, unit, train_ds=train_ds, eval_ds=eval_ds,
+                   collate_fn=TargetCollator(decoder.pad_id), source_name="lcm-decoder-sentences",
+                   artifacts={"tokenizer": decoder.tokenizer}, on_eval=on_eval, plan=plan)
+
+
+def eval_decoder(cfg: DecoderTrainConfig, *, checkpoint: str | None = None, output: str | None = None,
+                 sentences: Sequence[str] | None = None, encoder: SentenceEncoder | None = None) -> dict:
+    """AutoBLEU and round-trip cosine of a saved decoder on the held-out sentences of ``cfg``.
+
+    ``checkpoint``: a decoder folder, a checkpoint or a run folder (default: ``decoder.path``, else the run's
+    newest checkpoint or bank). Writes the result as JSON to ``output`` when given (atomically).
+    """
+    _, eval_s = _sentences(cfg, sentences)
+    n = cfg.data.decode_eval or len(eval_s)
+    encoder = encoder or get_encoder(cfg.encoder)
+    source = checkpoint or cfg.decoder.path or cfg.run_dir
+    decoder = load_decoder(source, encoder=encoder)
+    res = {"decoder": decoder.identity(), "source": str(source),
+           **evaluate_decoder(encoder, decoder, eval_s[:n], examples=8)}
+    if output:
+        atomic_write_text(output, json.dumps(res, indent=2, ensure_ascii=False))
+    return res
