@@ -114,7 +114,7 @@ def _story(r: random.Random) -> list[str]:
     out = [f"{name} lived in a small house in {town}.",
            f"Every morning {he} walked to {place} with {his} {pet}."]
     if r.random() < 0.5:
-        out.append(f"The {pet} liked to run ahead and bark at the birds.")
+        out.append(f"The {pet} liked to run ahead and chase the birds.")
     out += [f"One day {name} found {obj} near {place}.",
             f"{_cap(he)} picked up {the_obj} and looked around, but nobody was there."]
     if r.random() < 0.6:
@@ -133,7 +133,7 @@ def _recipe(r: random.Random) -> list[str]:
     dish, (a, b, c), tool, serving = r.choice(_DISHES)
     minutes, cook, servings = r.choice([5, 10, 15]), r.choice([20, 25, 30, 40]), r.randint(2, 6)
     heat = "Preheat the oven" if tool == "oven" else f"Heat a little oil in a {tool}"
-    out = [f"This is a simple recipe for {dish}.", f"It serves {servings} people.",
+    out = [f"This is a simple recipe for {dish}.", f"The {dish} serves {servings} people.",
            f"You will need {a}, {b} and {c}.", f"First, weigh the {a} and the {b}.",
            f"Then put the {a} in a large bowl."]
     if r.random() < 0.5:
