@@ -1,0 +1,416 @@
+"""The CoCoMix text corpus: documents (generated offline or read from files), a train/val split by document, and
+fixed-length token windows.
+
+Sources (``CorpusSection.source``):
+
+- ``generated``: English-like documents with latent topics (:func:`generate_documents`). Every document draws a
+  mixture of ``topics_per_document`` topics; each sentence picks one of them (it tends to keep the previous
+  sentence's topic) and fills a phrase template with that topic's nouns, verbs and adjectives, mixed with shared
+  function words. A teacher trained on it has to infer the topic to predict well, which is the kind of concept an
+  SAE on its hidden states should isolate. Deterministic from ``seed``.
+- a ``.txt`` file: one document per paragraph (paragraphs are separated by blank lines) with ``txt_split:
+  paragraph``, or one document per non-empty line with ``txt_split: line``.
+- a ``.jsonl`` file: one JSON object per line; the document is the string at ``text_field``, a dotted path whose
+  integer parts index lists (``text``, ``messages.1.content``). Blank lines are skipped.
+- a directory: every ``*.txt`` and ``*.jsonl`` file in it (not recursive), in sorted name order.
+
+Windows: the documents of one split are tokenized (no special tokens), each followed by the tokenizer's EOS,
+concatenated and cut into consecutive windows of ``window`` tokens (the remainder is dropped), as in the reference
+code's OpenWebText preparation (spec §5.4) but with fixed windows, so labels can be cached. The split is by
+document: a seeded permutation puts ``round(val_fraction * n)`` documents (at least one when ``val_fraction > 0``)
+into validation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from conceptlm.core.config import check
+from conceptlm.core.errors import DataError
+from conceptlm.data.text import read_text_file
+
+__all__ = ["CorpusSection", "GeneratedDocument", "generate_documents", "read_documents", "load_documents",
+           "split_documents", "tokenize_windows", "WindowDataset", "collate_windows", "CorpusSplits",
+           "build_corpus", "corpus_identity", "TOPICS"]
+
+
+@dataclass(kw_only=True)
+class CorpusSection:
+    source: str = "generated"
+    """``generated``, or a ``.txt`` / ``.jsonl`` file, or a directory of them."""
+    text_field: str = "text"
+    """JSONL: dotted path of the document text (``text``, ``messages.1.content``)."""
+    txt_split: Literal["paragraph", "line"] = "paragraph"
+    """TXT: one document per blank-line-separated paragraph, or per non-empty line."""
+    n_documents: int = 2000
+    """``generated``: how many documents; files: use the first N documents (0 = all)."""
+    seed: int = 0
+    """Seeds the generator and the train/val split."""
+    window: int = 64
+    """Tokens per window."""
+    val_fraction: float = 0.05
+    n_topics: int = 16
+    """``generated``: number of latent topics."""
+    topics_per_document: int = 2
+    """``generated``: topics mixed in one document."""
+    sentences_per_document: tuple[int, int] = (6, 14)
+    """``generated``: inclusive range of sentences per document."""
+    topic_stickiness: float = 0.7
+    """``generated``: probability that a sentence keeps the previous sentence's topic."""
+
+    def validate(self) -> None:
+        check(bool(self.source), "corpus.source", "must be 'generated' or a .txt/.jsonl file or a directory")
+        if self.source != "generated":
+            p = Path(self.source)
+            check(p.is_dir() or (p.is_file() and p.suffix in (".txt", ".jsonl")), "corpus.source",
+                  f"{self.source!r} is neither 'generated', an existing .txt/.jsonl file, nor a directory")
+        check(bool(self.text_field), "corpus.text_field", "must be a non-empty dotted path")
+        check(self.n_documents >= 0, "corpus.n_documents", "must be >= 0")
+        check(self.source != "generated" or self.n_documents >= 2, "corpus.n_documents",
+              "the generator needs at least 2 documents (one for validation)")
+        check(self.window >= 2, "corpus.window", "must be >= 2")
+        check(0.0 <= self.val_fraction < 1.0, "corpus.val_fraction", "must be in [0, 1)")
+        check(self.n_topics >= 1, "corpus.n_topics", "must be >= 1")
+        check(1 <= self.topics_per_document <= self.n_topics, "corpus.topics_per_document",
+              f"must be in [1, n_topics={self.n_topics}]")
+        lo, hi = self.sentences_per_document
+        check(1 <= lo <= hi, "corpus.sentences_per_document", "must be (min, max) with 1 <= min <= max")
+        check(0.0 <= self.topic_stickiness <= 1.0, "corpus.topic_stickiness", "must be in [0, 1]")
+
+
+# ----------------------------------------------------------------------------------------------- generator
+# (name, nouns, verbs (3rd person), adjectives) of the built-in topics; more topics get invented words.
+TOPICS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (
+    ("cooking", ("soup", "oven", "recipe", "onion", "pan", "flour", "garlic", "kitchen", "sauce", "butter"),
+     ("bakes", "stirs", "chops", "roasts", "tastes", "boils"), ("spicy", "crispy", "sweet", "salty", "fresh")),
+    ("space", ("planet", "rocket", "orbit", "comet", "galaxy", "telescope", "astronaut", "moon", "star", "crater"),
+     ("launches", "orbits", "observes", "lands", "explores", "drifts"), ("distant", "lunar", "bright", "cosmic",
+                                                                        "silent")),
+    ("sports", ("team", "goal", "coach", "match", "player", "stadium", "ball", "league", "referee", "season"),
+     ("scores", "trains", "wins", "kicks", "defends", "passes"), ("fast", "tired", "strong", "loyal", "fierce")),
+    ("music", ("guitar", "song", "drummer", "melody", "concert", "piano", "chorus", "violin", "band", "album"),
+     ("plays", "sings", "records", "tunes", "performs", "hums"), ("loud", "gentle", "rhythmic", "catchy", "soft")),
+    ("medicine", ("doctor", "patient", "clinic", "vaccine", "fever", "nurse", "surgery", "pill", "symptom",
+                  "hospital"), ("treats", "heals", "examines", "prescribes", "recovers", "diagnoses"),
+     ("sick", "healthy", "sterile", "chronic", "painful")),
+    ("finance", ("bank", "loan", "market", "stock", "budget", "investor", "profit", "tax", "dollar", "account"),
+     ("invests", "borrows", "trades", "saves", "pays", "earns"), ("wealthy", "risky", "annual", "fiscal", "cheap")),
+    ("gardening", ("garden", "seed", "tomato", "soil", "flower", "shovel", "root", "hedge", "rose", "compost"),
+     ("plants", "waters", "prunes", "grows", "digs", "blooms"), ("green", "muddy", "leafy", "ripe", "wild")),
+    ("computing", ("computer", "program", "server", "keyboard", "network", "code", "database", "screen", "bug",
+                   "laptop"), ("compiles", "crashes", "downloads", "runs", "debugs", "stores"),
+     ("digital", "slow", "secure", "binary", "online")),
+    ("ocean", ("ship", "wave", "harbor", "sailor", "whale", "island", "anchor", "tide", "reef", "fisherman"),
+     ("sails", "swims", "floats", "dives", "anchors", "fishes"), ("salty", "stormy", "deep", "calm", "coastal")),
+    ("school", ("teacher", "student", "lesson", "homework", "classroom", "exam", "pencil", "library", "book",
+                "grade"), ("studies", "teaches", "reads", "writes", "learns", "grades"),
+     ("clever", "quiet", "curious", "strict", "eager")),
+    ("weather", ("rain", "cloud", "storm", "wind", "snow", "thunder", "forecast", "umbrella", "fog", "sunshine"),
+     ("pours", "blows", "freezes", "clears", "falls", "shines"), ("cold", "humid", "windy", "foggy", "warm")),
+    ("travel", ("train", "airport", "hotel", "passport", "ticket", "suitcase", "map", "tourist", "journey",
+                "border"), ("travels", "books", "visits", "departs", "arrives", "packs"),
+     ("foreign", "crowded", "scenic", "long", "early")),
+    ("farming", ("farmer", "tractor", "barn", "cow", "wheat", "field", "harvest", "sheep", "fence", "hay"),
+     ("harvests", "milks", "plows", "feeds", "herds", "sows"), ("rural", "dusty", "golden", "muddy", "busy")),
+    ("law", ("judge", "court", "lawyer", "trial", "verdict", "witness", "contract", "jury", "evidence", "appeal"),
+     ("argues", "rules", "sues", "testifies", "signs", "appeals"), ("legal", "guilty", "fair", "formal", "binding")),
+    ("art", ("painter", "canvas", "brush", "museum", "sculpture", "portrait", "gallery", "color", "sketch",
+             "easel"), ("paints", "draws", "carves", "sketches", "displays", "mixes"),
+     ("vivid", "abstract", "pale", "elegant", "bold")),
+    ("cars", ("engine", "driver", "wheel", "garage", "highway", "tire", "brake", "mechanic", "truck", "fuel"),
+     ("drives", "parks", "repairs", "accelerates", "honks", "steers"), ("rusty", "shiny", "noisy", "electric",
+                                                                       "heavy")),
+)
+_FUNCTION_WORDS = {
+    "det": ("the", "a", "this", "that", "every", "one"),
+    "prep": ("near", "with", "under", "behind", "after", "before", "beside"),
+    "adv": ("often", "slowly", "again", "quietly", "always", "rarely", "suddenly"),
+    "conj": ("and", "while", "because", "but", "so"),
+}
+_TEMPLATES = (
+    "{det} {adj} {noun} {verb} {det} {noun}.",
+    "{det} {noun} {adv} {verb} {prep} {det} {adj} {noun}.",
+    "{prep} {det} {noun}, {det} {noun} {verb} {det} {noun}.",
+    "{det} {noun} {verb} {det} {noun} {conj} {det} {noun} {verb}.",
+    "{det} {adj} {noun} {verb} {adv}.",
+    "they say {det} {noun} is {adj} {conj} {det} {noun} is {adj}.",
+    "{det} {noun} {verb} {det} {adj} {noun} {prep} {det} {noun}.",
+)
+_SYLLABLES = ("ka", "lo", "mi", "ten", "ru", "sa", "vor", "pel", "dri", "nu", "bex", "tal", "quo", "fen", "gri",
+              "zo", "har", "lim", "sto", "wen")
+
+
+@dataclass(frozen=True)
+class GeneratedDocument:
+    """A generated document and the topics it was written from."""
+
+    text: str
+    topics: tuple[int, ...]
+    """The document's topic ids, most frequent first."""
+    sentence_topics: tuple[int, ...]
+    """The topic of every sentence."""
+
+
+def _invented_topic(i: int) -> tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """A topic beyond the built-in ones: pronounceable invented words, distinct per topic."""
+    rng = random.Random(1_000_003 * (i + 1))
+
+    def word(suffix: str = "") -> str:
+        return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))) + suffix
+
+    nouns = tuple(dict.fromkeys(word() for _ in range(10)))
+    verbs = tuple(dict.fromkeys(word("s") for _ in range(6)))
+    adjs = tuple(dict.fromkeys(word("ish") for _ in range(5)))
+    return (f"topic{i}", nouns, verbs, adjs)
+
+
+def _topic_table(n_topics: int) -> list[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+    return [TOPICS[i] if i < len(TOPICS) else _invented_topic(i) for i in range(n_topics)]
+
+
+def generate_documents(n: int, *, n_topics: int = 16, seed: int = 0, topics_per_document: int = 2,
+                       sentences: tuple[int, int] = (6, 14), stickiness: float = 0.7,
+                       generic_rate: float = 0.1) -> list[GeneratedDocument]:
+    """``n`` English-like documents with latent topics (deterministic from ``seed``).
+
+    Each document draws ``topics_per_document`` distinct topics with Dirichlet(1) weights. Sentence topics follow
+    a sticky chain: keep the previous topic with probability ``stickiness``, else draw from the mixture. A slot of a
+    template takes a word of the sentence's topic, or with probability ``generic_rate`` a word of a random topic.
+    """
+    table = _topic_table(n_topics)
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        topics = rng.sample(range(n_topics), topics_per_document)
+        weights = [rng.expovariate(1.0) for _ in topics]
+        n_sent = rng.randint(*sentences)
+        current = rng.choices(topics, weights)[0]
+        sent_topics, parts = [], []
+        for _ in range(n_sent):
+            if rng.random() >= stickiness:
+                current = rng.choices(topics, weights)[0]
+            sent_topics.append(current)
+            parts.append(_sentence(rng, table, current, generic_rate))
+        counts = {t: sent_topics.count(t) for t in topics}
+        order = tuple(sorted((t for t in topics if counts[t]), key=lambda t: (-counts[t], t)))
+        docs.append(GeneratedDocument(" ".join(parts), order, tuple(sent_topics)))
+    return docs
+
+
+def _sentence(rng: random.Random, table, topic: int, generic_rate: float) -> str:
+    def pick(kind: int) -> str:
+        source = table[rng.randrange(len(table))] if rng.random() < generic_rate else table[topic]
+        return rng.choice(source[kind])
+
+    template = rng.choice(_TEMPLATES)
+    out, i = [], 0
+    while i < len(template):  # fill every {slot} independently (str.format would reuse one value per name)
+        j = template.find("{", i)
+        if j < 0:
+            out.append(template[i:])
+            break
+        out.append(template[i:j])
+        end = template.index("}", j)
+        slot = template[j + 1:end]
+        kinds = {"noun": 1, "verb": 2, "adj": 3}
+        out.append(pick(kinds[slot]) if slot in kinds else rng.choice(_FUNCTION_WORDS[slot]))
+        i = end + 1
+    text = "".join(out)
+    return text[0].upper() + text[1:]
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+def _field_value(obj: Any, path: str) -> Any:
+    """``obj`` at a dotted path (integer parts index lists); raises KeyError naming the first missing part."""
+    cur = obj
+    for part in path.split("."):
+        if isinstance(cur, list) and part.lstrip("-").isdigit():
+            i = int(part)
+            if not -len(cur) <= i < len(cur):
+                raise KeyError(part)
+            cur = cur[i]
+        elif isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            raise KeyError(part)
+    return cur
+
+
+def _read_jsonl(path: Path, text_field: str, limit: int) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
+        try:
+            value = _field_value(obj, text_field)
+        except KeyError as e:
+            raise DataError(f"missing (no {e.args[0]!r}); set corpus.text_field to the record's text",
+                            path=path, line=lineno, field=text_field) from None
+        if not isinstance(value, str):
+            raise DataError(f"must be a string, got {type(value).__name__}", path=path, line=lineno,
+                            field=text_field)
+        docs.append(value)
+        if limit and len(docs) >= limit:
+            break
+    return docs
+
+
+def _read_txt(path: Path, split: str, limit: int) -> list[str]:
+    text = read_text_file(path)
+    if split == "line":
+        docs = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        docs, current = [], []
+        for line in text.splitlines():
+            if line.strip():
+                current.append(line.rstrip())
+            elif current:
+                docs.append("\n".join(current))
+                current = []
+        if current:
+            docs.append("\n".join(current))
+    return docs[:limit] if limit else docs
+
+
+def read_documents(source: str | Path, *, text_field: str = "text", txt_split: str = "paragraph",
+                   limit: int = 0) -> list[str]:
+    """Documents of a ``.txt`` / ``.jsonl`` file or a directory of them (see the module docstring).
+
+    Raises:
+        DataError: ``file:line: field '...': reason`` for a bad record; a directory without such files.
+    """
+    p = Path(source)
+    files = sorted(f for f in p.iterdir() if f.suffix in (".txt", ".jsonl") and f.is_file()) if p.is_dir() else [p]
+    if not files:
+        raise DataError("holds no .txt or .jsonl files", path=p)
+    docs: list[str] = []
+    for f in files:
+        left = limit - len(docs) if limit else 0
+        if f.suffix == ".jsonl":
+            docs += _read_jsonl(f, text_field, left)
+        elif f.suffix == ".txt":
+            docs += _read_txt(f, txt_split, left)
+        else:
+            raise DataError("unsupported file type (expected .txt or .jsonl)", path=f)
+        if limit and len(docs) >= limit:
+            break
+    if not docs:
+        raise DataError("holds no documents", path=p)
+    return docs
+
+
+def load_documents(section: CorpusSection) -> list[str]:
+    """The section's documents: generated or read from its files."""
+    if section.source == "generated":
+        return [d.text for d in generate_documents(
+            section.n_documents, n_topics=section.n_topics, seed=section.seed,
+            topics_per_document=section.topics_per_document, sentences=tuple(section.sentences_per_document),
+            stickiness=section.topic_stickiness)]
+    return read_documents(section.source, text_field=section.text_field, txt_split=section.txt_split,
+                          limit=section.n_documents)
+
+
+def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, val) by document: a seeded permutation; ``round(val_fraction * n)`` (>= 1 if the fraction > 0)
+    documents go to validation, both keep their original order."""
+    n = len(docs)
+    n_val = 0 if val_fraction <= 0 else min(n - 1, max(1, round(val_fraction * n)))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val = set(order[:n_val])
+    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
+
+
+# ----------------------------------------------------------------------------------------------- windows
+def tokenize_windows(docs: list[str], tokenizer, window: int, *, name: str = "corpus") -> torch.Tensor:
+    """Tokenize ``docs``, append EOS to each, concatenate and cut into ``(n_windows, window)`` int64 windows.
+
+    Raises:
+        DataError: the tokenizer has no EOS token, or the documents hold fewer than ``window`` tokens.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token (needed between documents)", path=name)
+    stream: list[int] = []
+    if docs:
+        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            stream.append(eos)
+    n = len(stream) // window
+    if n == 0:
+        raise DataError(f"only {len(stream)} tokens, fewer than one window of {window}", path=name)
+    return torch.tensor(stream[: n * window], dtype=torch.long).view(n, window)
+
+
+class WindowDataset(Dataset):
+    """Fixed token windows; item ``i`` is ``{"id": i, "input_ids": LongTensor(window)}``."""
+
+    def __init__(self, windows: torch.Tensor):
+        if windows.dim() != 2 or windows.dtype != torch.long:
+            raise ValueError(f"windows must be a (N, T) int64 tensor, got {tuple(windows.shape)} {windows.dtype}")
+        self.windows = windows
+        self.lengths = [windows.shape[1]] * windows.shape[0]
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"id": int(index), "input_ids": self.windows[index]}
+
+    @property
+    def n_tokens(self) -> int:
+        return self.windows.numel()
+
+
+def collate_windows(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """``{"ids": (B,) int64, "input_ids": (B, T) int64}``."""
+    return {"ids": torch.tensor([it["id"] for it in items], dtype=torch.long),
+            "input_ids": torch.stack([it["input_ids"] for it in items])}
+
+
+@dataclass
+class CorpusSplits:
+    train: WindowDataset
+    val: WindowDataset | None
+    train_documents: list[str]
+    val_documents: list[str]
+
+
+def build_corpus(section: CorpusSection, tokenizer, *, documents: tuple[list[str], list[str]] | None = None
+                 ) -> CorpusSplits:
+    """Documents -> split by document -> token windows of both splits.
+
+    ``val`` is ``None`` when the split has no document (``val_fraction == 0``); a validation split shorter than
+    one window is a :class:`DataError`.
+
+    Args:
+        documents: an already computed ``(train, val)`` document split (e.g. the one a tokenizer was trained on).
+    """
+    if documents is None:
+        documents = split_documents(load_documents(section), section.val_fraction, section.seed)
+    train_docs, val_docs = documents
+    where = section.source
+    train = WindowDataset(tokenize_windows(train_docs, tokenizer, section.window, name=f"{where} (train split)"))
+    val = None
+    if val_docs:
+        val = WindowDataset(tokenize_windows(val_docs, tokenizer, section.window, name=f"{where} (val split)"))
+    return CorpusSplits(train, val, train_docs, val_docs)
+
+
+def corpus_identity(section: CorpusSection) -> str:
+    """A short string naming the data (checked on resume with the data order)."""
+    if section.source == "generated":
+        return (f"generated(n={section.n_documents},topics={section.n_topics},seed={section.seed},"
+                f"window={section.window})")
+    return f"{section.source}(field={section.text_field},n={section.n_documents},window={section.window})"

@@ -1,0 +1,216 @@
+"""Training a TopK SAE on a frozen teacher's residual stream, on the shared loop.
+
+``train_sae(cfg)``: (train a tiny teacher when ``teacher.path`` is null) -> load the frozen teacher -> token
+windows of the corpus -> initialise the SAE (``b_dec`` = mean of the normalized activations of the first
+``sae.init_windows`` training windows, the same on every rank) -> ``fit`` with :class:`SAEUnit` -> the final SAE in
+our own format in ``{run_dir}/sae`` (``sae.safetensors`` + ``sae.json``). Every checkpoint also holds the SAE in that
+format in its ``model/`` folder, and the SAE config as the ``sae_config`` artefact.
+
+Loss (per token, normalized space): ``||x - x_hat||^2 / d_in + aux_coef * ||e - e_hat||^2 / d_in`` (parts ``mse``
+and ``auxk``, averaged over tokens). Metrics: ``fvu`` (see :func:`conceptlm.cocomix.sae.fvu_terms`; the reference
+is the initialisation mean), ``dead`` (fraction of latents dead at the step), ``l0`` (non-zero activations per
+token).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from conceptlm.cocomix.corpus import CorpusSection, build_corpus, collate_windows, corpus_identity
+from conceptlm.cocomix.sae import (DEFAULT_DEAD_AFTER_TOKENS, TopKSAE, auxk_sum, fvu_terms, l0_terms, load_params,
+                                   mse_sum, save_sae)
+from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, TeacherSection, hidden_at_layer, load_teacher,
+                                       teacher_identity, teacher_width, train_tiny_teacher)
+from conceptlm.core.config import RunConfig, check
+from conceptlm.core.distributed import all_reduce_sum, barrier
+from conceptlm.core.recipe import fit, make_plan
+from conceptlm.core.run import run_session
+from conceptlm.core.trainer import TrainResult
+from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
+
+__all__ = ["SAESection", "SAETrainConfig", "SAEUnit", "train_sae", "build_sae", "SAE_OUTPUT_DIR"]
+
+log = logging.getLogger(__name__)
+
+SAE_OUTPUT_DIR = "sae"
+"""Folder of the run that holds the final SAE."""
+
+
+@dataclass(kw_only=True)
+class SAESection:
+    n_latents: int = 512
+    """Number of latents (concepts); the input width ``d_in`` is the teacher's."""
+    k: int = 16
+    """Active latents per token."""
+    aux_k: int | None = None
+    """Dead latents used by AuxK (default ``d_in // 2``); 0 disables AuxK."""
+    aux_coef: float = 1 / 32
+    dead_after_tokens: int = DEFAULT_DEAD_AFTER_TOKENS
+    """A latent that has not fired for this many tokens is dead (Gao et al.: 10M)."""
+    normalize_input: bool = True
+    eps: float = 1e-5
+    init_windows: int = 64
+    """Training windows whose mean activation initialises ``b_dec`` (and is the FVU reference)."""
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(self.n_latents >= 1, "sae.n_latents", "must be >= 1")
+        check(1 <= self.k <= self.n_latents, "sae.k", f"must be in [1, n_latents={self.n_latents}]")
+        check(self.aux_k is None or self.aux_k >= 0, "sae.aux_k", "must be >= 0 or null")
+        check(self.aux_coef >= 0, "sae.aux_coef", "must be >= 0")
+        check(self.dead_after_tokens >= 1, "sae.dead_after_tokens", "must be >= 1")
+        check(self.eps > 0, "sae.eps", "must be > 0")
+        check(self.init_windows >= 1, "sae.init_windows", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class SAETrainConfig(RunConfig):
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    sae: SAESection = field(default_factory=SAESection)
+
+
+def build_sae(section: SAESection, d_in: int) -> TopKSAE:
+    """An initialised SAE for a ``d_in``-wide residual stream."""
+    return TopKSAE(d_in, section.n_latents, section.k, normalize_input=section.normalize_input, eps=section.eps,
+                   k_aux=section.aux_k, dead_after_tokens=section.dead_after_tokens, seed=section.seed)
+
+
+class SAEUnit(TrainUnit):
+    """SAE training on activations a frozen teacher computes in ``prepare``.
+
+    Batches: ``{"ids": (B,), "input_ids": (B, T)}``; ``prepare`` adds ``"h"``: ``(B * T, d_in)`` fp32 activations
+    after block ``layer`` (no gradients, autocast off: the teacher runs in its own dtype).
+    """
+
+    metric_names = ("fvu", "dead", "l0")
+    throughput_unit = "tokens"
+
+    def __init__(self, sae: TopKSAE, teacher: nn.Module, layer: int, *, aux_coef: float,
+                 reference: torch.Tensor | None = None):
+        super().__init__()
+        self.sae, self.teacher, self.layer = sae, teacher, layer
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.loss_weights = {"mse": 1.0, "auxk": float(aux_coef)}
+        ref = torch.zeros(sae.d_in) if reference is None else reference.detach().float().clone()
+        self.register_buffer("fvu_reference", ref)
+
+    def frozen_modules(self) -> list[str]:
+        return ["teacher"]
+
+    def train(self, mode: bool = True) -> SAEUnit:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains (no dropout)
+        return self
+
+    @torch.no_grad()
+    def activations(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, T) -> (B * T, d_in)`` fp32 teacher activations after block ``layer``."""
+        with torch.autocast(input_ids.device.type, enabled=False):
+            h = hidden_at_layer(self.teacher, input_ids, self.layer)
+        return h.float().reshape(-1, h.shape[-1])
+
+    def prepare(self, batch: dict) -> dict:
+        return {**batch, "h": self.activations(batch["input_ids"])}
+
+    def counts(self, batch: dict) -> dict:
+        n = batch["h"].shape[0]
+        return {"mse": n, "auxk": n, THROUGHPUT_KEY: n}
+
+    def begin_step(self, step: int) -> None:
+        self.sae.commit_firing()  # the previous step's firing (all ranks) decides which latents are dead now
+        self.sae.normalize_decoder()
+
+    def forward(self, batch: dict) -> dict:
+        sae = self.sae
+        out = sae(batch["h"], track=False)
+        if self.training:
+            fired = sae.fired_latents(out.values, out.indices).detach()
+            tokens = torch.tensor([out.values.shape[0]], dtype=torch.long, device=fired.device)
+            both = all_reduce_sum(torch.cat([fired, tokens]))  # every rank records the global firing
+            sae.record_firing(both[:-1], both[-1])
+        dead = sae.dead_mask()
+        return {"mse": mse_sum(out), "auxk": auxk_sum(out),
+                "fvu": fvu_terms(out.x.detach(), out.x_hat.detach(), self.fvu_reference),
+                "dead": (dead.sum(), dead.numel()), "l0": l0_terms(out.values.detach())}
+
+    def export(self, directory: Path, state_dict: dict[str, torch.Tensor], artifacts: dict[str, Any]) -> bool:
+        sae = _sae_from_state(self.sae, state_dict)
+        save_sae(sae, directory, layer=self.layer, teacher=self.sae.meta.get("teacher"))
+        return True
+
+
+def _sae_from_state(template: TopKSAE, state_dict: dict[str, torch.Tensor]) -> TopKSAE:
+    """A CPU copy of the unit's SAE from a (gathered) state dict, decoder rows renormalized."""
+    sae = TopKSAE(**template.config(), seed=0)
+    load_params(sae, {k[len("sae."):]: v for k, v in state_dict.items()
+                      if k.startswith("sae.") and k[len("sae."):] in ("W_enc", "b_enc", "W_dec", "b_dec")},
+                source="checkpoint state")
+    sae.normalize_decoder()
+    sae.meta = dict(template.meta)
+    return sae
+
+
+class _SAEConfigArtifact:
+    """Checkpoint artefact ``sae_config/sae.json``: the SAE's configuration and its teacher."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def __call__(self, directory: Path) -> None:
+        (Path(directory) / "sae.json").write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
+
+
+@torch.no_grad()
+def _initial_mean(unit: SAEUnit, windows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Mean normalized activation over ``windows`` (computed in chunks)."""
+    total, n = None, 0
+    for chunk in windows.split(16):
+        x, _, _ = unit.sae.normalize(unit.activations(chunk.to(device)))
+        s = x.double().sum(0)
+        total = s if total is None else total + s
+        n += x.shape[0]
+    return (total / n).float()
+
+
+def train_sae(cfg: SAETrainConfig, *, command: str | None = None) -> TrainResult:
+    """Train the SAE of ``cfg`` (see the module docstring). Returns the loop's result; the SAE is in
+    ``{run_dir}/sae``."""
+    cfg.validate()
+    with run_session(cfg, command) as session:
+        info = session.info
+        teacher_path = cfg.teacher.path
+        session.create_run_dir()
+        if teacher_path is None:
+            teacher_path = str(train_tiny_teacher(cfg.corpus, cfg.teacher, cfg.run_dir / TINY_TEACHER_DIR, info,
+                                                  command=command, progress=cfg.train.progress))
+        teacher, tokenizer = load_teacher(cfg.teacher, path=teacher_path, device=info.device)
+        splits = build_corpus(cfg.corpus, tokenizer)
+        d_in = teacher_width(teacher)
+        sae = build_sae(cfg.sae, d_in)
+        identity = teacher_identity(teacher_path, cfg.teacher.layer)
+        sae.meta = {"layer": cfg.teacher.layer, "teacher": identity}
+        unit = SAEUnit(sae, teacher, cfg.teacher.layer, aux_coef=cfg.sae.aux_coef).to(info.device)
+        mean = _initial_mean(unit, splits.train.windows[: cfg.sae.init_windows], info.device)
+        with torch.no_grad():
+            sae.b_dec.copy_(mean)
+            unit.fvu_reference.copy_(mean)
+        plan = make_plan(cfg, info, splits.train)
+        config = {**sae.config(), "layer": cfg.teacher.layer, "teacher": identity}
+        result = fit(cfg, info, unit, train_ds=splits.train, eval_ds=splits.val, collate_fn=collate_windows,
+                     source_name=corpus_identity(cfg.corpus), plan=plan,
+                     artifacts={"sae_config": _SAEConfigArtifact(config), "tokenizer": tokenizer})
+        if info.is_main:
+            final = _sae_from_state(sae, {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()})
+            save_sae(final, cfg.run_dir / SAE_OUTPUT_DIR, layer=cfg.teacher.layer, teacher=identity)
+            log.info("SAE written to %s (%s)", cfg.run_dir / SAE_OUTPUT_DIR, result.last_eval)
+        barrier()
+        return result

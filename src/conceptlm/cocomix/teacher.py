@@ -1,0 +1,319 @@
+"""The frozen teacher whose hidden states the SAE reads: loading one, training a tiny one, and reading the
+residual stream after one block without running the blocks above it.
+
+``TeacherSection.path`` may be
+
+- an HF model folder, a ``.gguf`` file or a named offline model (``smollm2-135m``), see
+  :func:`conceptlm.core.hf.load_causal_lm`;
+- a conceptlm checkpoint folder (``runs/<name>/checkpoints/step_N``) or run folder (``runs/<name>``, its newest
+  checkpoint), whose HF export is in ``model/``;
+- ``null``: a tiny ``LlamaForCausalLM`` (or another tiny HF arch) trained from scratch on the corpus by
+  :func:`train_tiny_teacher`, with a BPE tokenizer trained on the corpus's training documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from conceptlm.cocomix.corpus import (CorpusSection, build_corpus, collate_windows, corpus_identity,
+                                      load_documents, split_documents)
+from conceptlm.core import checkpoint as ckpt_lib
+from conceptlm.core import hf
+from conceptlm.core.config import OptimSection, RunConfig, RunSection, ScheduleSection, TrainSection, check
+from conceptlm.core.distributed import DistInfo
+from conceptlm.core.errors import CheckpointError, ConfigError
+from conceptlm.core.lock import RunLock
+from conceptlm.core.recipe import fit, make_plan
+from conceptlm.core.run import create_run_dir
+from conceptlm.core.tokenizer import train_bpe_tokenizer
+from conceptlm.core.unit import THROUGHPUT_KEY
+from conceptlm.lm.unit import HFModelUnit
+
+__all__ = ["TeacherSection", "TinyTeacherConfig", "NextTokenUnit", "resolve_teacher_path", "load_teacher",
+           "train_tiny_teacher", "teacher_blocks", "hidden_at_layer", "teacher_identity", "teacher_width",
+           "TINY_TEACHER_DIR"]
+
+log = logging.getLogger(__name__)
+
+TINY_TEACHER_DIR = "teacher"
+"""Sub-folder of a run that holds its tiny teacher's own run (checkpoints, tokenizer)."""
+
+
+@dataclass(kw_only=True)
+class TeacherSection:
+    path: str | None = None
+    """HF folder, ``.gguf``, named model, conceptlm run/checkpoint folder; ``null`` = train a tiny teacher."""
+    layer: int = 1
+    """Index of the block whose output (residual stream) is the SAE input (spec: 5 of GPT-2's 12)."""
+    # tiny teacher (path: null)
+    arch: str = "llama"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    vocab_size: int = 512
+    """Size of the BPE vocabulary trained on the corpus."""
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    save_every: int = 0
+    """Tiny-teacher checkpoint cadence (0: only at the end)."""
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(self.layer >= 0, "teacher.layer", "must be >= 0")
+        check(self.arch in hf.ARCHS, "teacher.arch", f"must be one of {', '.join(hf.ARCHS)}")
+        for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size"):
+            check(getattr(self, name) > 0, f"teacher.{name}", "must be > 0")
+        check(self.hidden_size % self.num_heads == 0, "teacher.hidden_size", "must be a multiple of num_heads")
+        check(self.vocab_size >= 300, "teacher.vocab_size", "must be >= 300 (256 bytes + special tokens + merges)")
+        check(self.lr > 0, "teacher.lr", "must be > 0")
+        check(0 <= self.warmup_steps <= self.steps, "teacher.warmup_steps", "must be in [0, steps]")
+        check(self.save_every >= 0, "teacher.save_every", "must be >= 0")
+        if self.path is None:
+            check(self.layer < self.num_layers, "teacher.layer",
+                  f"{self.layer} is not a block of the tiny teacher (num_layers={self.num_layers})")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def resolve_teacher_path(path: str | Path) -> str:
+    """The loadable model location of ``path``: a conceptlm checkpoint's or run's ``model/`` export, else ``path``
+    unchanged (an HF folder, ``.gguf`` file or named model for :func:`conceptlm.core.hf.load_causal_lm`)."""
+    p = Path(path)
+    if p.is_dir() and (p / ckpt_lib.MANIFEST).is_file():
+        problem = ckpt_lib.verify_checkpoint(p)
+        if problem is not None:
+            raise CheckpointError(f"{p}: damaged checkpoint ({problem})")
+        return _export_of(p)
+    if p.is_dir() and (p / "checkpoints").is_dir() and not (p / "config.json").is_file():
+        latest = ckpt_lib.find_latest_checkpoint(p)
+        if latest is None:
+            raise ConfigError(f"{p} is a run folder without checkpoints", field="teacher.path")
+        return _export_of(latest)
+    return str(path)
+
+
+def _export_of(ckpt: Path) -> str:
+    model = ckpt / "model"
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"{ckpt} has no Hugging Face export in model/ (config.json); pass an HF model folder",
+                          field="teacher.path")
+    return str(model)
+
+
+def load_teacher(section: TeacherSection, *, path: str | Path | None = None,
+                 device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: frozen (``requires_grad=False``), eval mode, fp32, on ``device``.
+
+    Args:
+        path: overrides ``section.path`` (e.g. the export :func:`train_tiny_teacher` returned).
+
+    Raises:
+        ConfigError: no path (a tiny teacher must be trained first), or ``section.layer`` is not a block.
+        ModelPathError / CheckpointError: the model cannot be found or read (one line).
+    """
+    where = path if path is not None else section.path
+    if where is None:
+        raise ConfigError("no teacher path: set teacher.path, or train the tiny teacher (train_tiny_teacher) and "
+                          "pass its export", field="teacher.path")
+    resolved = resolve_teacher_path(where)
+    model = hf.load_causal_lm(resolved, dtype=torch.float32)
+    tokenizer = hf.load_tokenizer(resolved)
+    n = len(teacher_blocks(model))
+    if not 0 <= section.layer < n:
+        raise ConfigError(f"{section.layer} is not a block of the teacher at {resolved} ({n} blocks)",
+                          field="teacher.layer")
+    model.requires_grad_(False)
+    return model.float().eval().to(device), tokenizer
+
+
+def teacher_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of an HF causal LM (``model.layers`` for Llama-style, ``transformer.h`` for GPT-2)."""
+    base = hf.backbone(model)
+    for name in ("layers", "h", "blocks"):
+        blocks = getattr(base, name, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return blocks
+    raise TypeError(f"{type(base).__name__}: cannot find its list of decoder blocks (layers / h / blocks)")
+
+
+def teacher_width(model: nn.Module) -> int:
+    """Width of the residual stream (``hidden_size`` / ``n_embd``)."""
+    cfg = model.config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"{type(cfg).__name__} has no hidden_size / n_embd")
+
+
+class _Stop(Exception):
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+
+def hidden_at_layer(model: nn.Module, input_ids: torch.Tensor, layer: int,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The residual stream after block ``layer``: ``(B, T) -> (B, T, D)``.
+
+    Equals ``model(input_ids, output_hidden_states=True).hidden_states[layer + 1]`` for every block but the last
+    (for the last block HF reports the stream after the final norm; this returns the block's own output). The
+    blocks above ``layer``, the final norm and the LM head are not run: a forward hook on block ``layer`` stops
+    the pass. Gradients flow as usual when enabled.
+    """
+    blocks = teacher_blocks(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is not a block (the model has {len(blocks)})")
+
+    def stop(_module, _args, output):
+        raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+    handle = blocks[layer].register_forward_hook(stop)
+    try:
+        hf.backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop as s:
+        return s.value
+    finally:
+        handle.remove()
+    raise RuntimeError(f"block {layer} did not run")  # pragma: no cover - the hook always fires
+
+
+def teacher_identity(path: str | Path, layer: int) -> dict[str, Any]:
+    """A JSON-able identity of a teacher folder: its path, architecture, width, depth, the SAE layer and a hash
+    of its ``config.json`` and weight file sizes (written into ``sae.json``)."""
+    resolved = Path(resolve_teacher_path(path))
+    if not resolved.is_dir():
+        from conceptlm.core.gguf import resolve_model_path
+
+        resolved = Path(resolve_model_path(path))
+    cfg = json.loads((resolved / "config.json").read_text(encoding="utf-8"))
+    digest = hashlib.sha256((resolved / "config.json").read_bytes())
+    for f in sorted(resolved.glob("*.safetensors")):
+        digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return {"path": str(path), "model_dir": str(resolved), "model_type": cfg.get("model_type"),
+            "hidden_size": cfg.get("hidden_size", cfg.get("n_embd")),
+            "num_layers": cfg.get("num_hidden_layers", cfg.get("n_layer")), "layer": layer,
+            "fingerprint": digest.hexdigest()[:16]}
+
+
+# ----------------------------------------------------------------------------------------------- tiny teacher
+@dataclass(kw_only=True)
+class TinyTeacherConfig(RunConfig):
+    """The run config of a tiny teacher (built by :func:`train_tiny_teacher` from the corpus and teacher
+    sections)."""
+
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+
+
+class NextTokenUnit(HFModelUnit):
+    """Next-token prediction on token windows (``nll``: summed cross-entropy over ``B * (T - 1)`` targets)."""
+
+    throughput_unit = "tokens"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.loss_weights = {"nll": 1.0}
+
+    def counts(self, batch: dict) -> dict:
+        b, t = batch["input_ids"].shape
+        return {"nll": b * (t - 1), THROUGHPUT_KEY: b * t}
+
+    def forward(self, batch: dict) -> dict:
+        ids = batch["input_ids"]
+        loss, _ = hf.causal_lm_loss_sum(self.model, ids, ids)
+        return {"nll": loss}
+
+
+def _tiny_config(corpus: CorpusSection, teacher: TeacherSection, out_dir: Path,
+                 progress: bool) -> TinyTeacherConfig:
+    cfg = TinyTeacherConfig(
+        run=RunSection(name=out_dir.name, out_dir=str(out_dir.parent), resume="auto"),
+        optim=OptimSection(lr=teacher.lr, weight_decay=teacher.weight_decay),
+        schedule=ScheduleSection(kind="cosine", warmup_steps=teacher.warmup_steps, min_lr_ratio=0.1),
+        train=TrainSection(max_steps=teacher.steps, micro_batch_size=teacher.batch_size, seed=teacher.seed,
+                           eval_every=0, save_every=teacher.save_every, log_every=max(1, teacher.steps // 10),
+                           keep_checkpoints=1, progress=progress, precision="fp32"),
+        corpus=corpus, teacher=teacher)
+    cfg.validate()
+    return cfg
+
+
+def _tokenizer(out_dir: Path, train_docs: list[str], vocab_size: int):
+    """The tiny teacher's tokenizer: reloaded from ``out_dir/tokenizer`` when a previous call saved it."""
+    from conceptlm.core.io import atomic_dir
+
+    where = out_dir / "tokenizer"
+    if (where / "tokenizer.json").is_file():
+        return hf.load_tokenizer(where)
+    tok = train_bpe_tokenizer(train_docs, vocab_size=vocab_size)
+    with atomic_dir(where) as tmp:
+        tok.save_pretrained(str(tmp))
+    return hf.load_tokenizer(where)
+
+
+def train_tiny_teacher(corpus: CorpusSection, teacher: TeacherSection, out_dir: str | Path, info: DistInfo, *,
+                       command: str | None = None, progress: bool = True) -> Path:
+    """Train (or finish, or reuse) a tiny HF causal LM on the corpus windows with next-token prediction.
+
+    The run lives in ``out_dir`` (checkpoints, metrics, config) and resumes from its newest checkpoint. Its
+    tokenizer is a BPE trained on the corpus's training documents (``teacher.vocab_size``).
+
+    Args:
+        info: the process's :class:`DistInfo` (from the caller's run session).
+
+    Returns:
+        The HF export (``checkpoints/step_N/model``) of the final step; it loads with ``from_pretrained``.
+    """
+    out_dir = Path(out_dir)
+    latest = ckpt_lib.find_resumable_checkpoint(out_dir) if out_dir.is_dir() else None
+    if latest is not None and _checkpoint_step(latest) >= teacher.steps:
+        return latest / "model"
+    cfg = _tiny_config(corpus, teacher, out_dir, progress)
+    train_docs, val_docs = split_documents(load_documents(corpus), corpus.val_fraction, corpus.seed)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer = _tokenizer(out_dir, train_docs, teacher.vocab_size)
+    from conceptlm.core.distributed import barrier
+
+    barrier()
+    if not info.is_main:
+        tokenizer = _tokenizer(out_dir, train_docs, teacher.vocab_size)
+    splits = build_corpus(corpus, tokenizer, documents=(train_docs, val_docs))
+    model = hf.build_tiny_model(teacher.arch, len(tokenizer), hidden_size=teacher.hidden_size,
+                                num_layers=teacher.num_layers, num_heads=teacher.num_heads,
+                                max_position_embeddings=max(corpus.window, 16),
+                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, seed=teacher.seed)
+    unit = NextTokenUnit(model)
+    plan = make_plan(cfg, info, splits.train)
+    lock = RunLock(cfg.run_dir)
+    try:
+        create_run_dir(cfg, info, command=command, lock=lock)
+        res = fit(cfg, info, unit, train_ds=splits.train, eval_ds=splits.val, collate_fn=collate_windows,
+                  source_name=corpus_identity(corpus), artifacts={"tokenizer": tokenizer}, plan=plan)
+    finally:
+        lock.release()
+    if res.checkpoint is None:
+        raise RuntimeError(f"the tiny teacher in {out_dir} wrote no checkpoint")
+    if info.is_main:
+        log.info("tiny teacher: step %d, %s", res.step, res.last_eval)
+    return Path(res.checkpoint) / "model"
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    try:
+        return int(ckpt.name.split("_")[-1])
+    except ValueError:
+        return -1
