@@ -17,8 +17,9 @@ from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
 from conceptlm.lcm.model import LCMSection
-from conceptlm.lcm.train import (LCMTrainConfig, SyntheticVectorDocuments, fit_robust_normalizer,
-                                 load_normalizer_artifact, train_lcm)
+from conceptlm.lcm.normalizer import RobustNormalizer
+from conceptlm.lcm.train import (LCMTrainConfig, SyntheticVectorDocuments, fit_normalizer, load_lcm,
+                                 sample_vectors, train_lcm)
 from conceptlm.lcm.unit import BaseLCMUnit, DocumentChunks, collate_documents
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -105,15 +106,21 @@ def test_eval_metrics_by_hand():
 
 
 # ------------------------------------------------------------------------------------------------ normalizer
-def test_robust_normalizer_fit_by_hand():
-    v = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [4.0, 5.0], [100.0, 5.0]])
-    center, scale = fit_robust_normalizer(v)
-    # dim 0: median 3, quartiles (linear) 2 and 4 -> IQR 2; dim 1: constant -> scale 1
-    assert center.tolist() == [3.0, 5.0]
-    assert scale.tolist() == pytest.approx([2 / 1.3489795, 1.0])
-    g = torch.randn(20000, 3, generator=torch.Generator().manual_seed(0)) * 0.2 + 1.0
-    c, s = fit_robust_normalizer(g)
-    assert c.tolist() == pytest.approx([1.0] * 3, abs=0.01) and s.tolist() == pytest.approx([0.2] * 3, rel=0.03)
+def test_normalizer_sampling_and_sources():
+    docs = Docs([torch.full((2, 3), float(i)) for i in range(8)])
+    docs.lengths = [2] * 8
+    assert sample_vectors(docs, 8)[:, 0].tolist() == [0, 0, 2, 2, 4, 4, 6, 6]  # every 2nd document
+    off = fit_normalizer(LCMSection(dim=3, normalize=False), docs)
+    assert torch.equal(off.center, torch.zeros(3)) and torch.equal(off.scale, torch.ones(3))
+    fitted = fit_normalizer(LCMSection(dim=3, normalizer_samples=8), docs)
+    # values 0,0,2,2,4,4,6,6: median 3, quartiles 1.5 and 4.5 -> scale 3 / 1.34898
+    assert fitted.center.tolist() == [3.0] * 3 and fitted.scale.tolist() == pytest.approx([3 / 1.3489795] * 3)
+    own = RobustNormalizer(3)
+    own.center.fill_(7.0)
+    docs.normalizer = lambda: own
+    assert fit_normalizer(LCMSection(dim=3), docs) is own
+    with pytest.raises(ConfigError, match="normalizer has dim 3 but lcm.dim=4"):
+        fit_normalizer(LCMSection(dim=4), docs)
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -142,14 +149,21 @@ def test_training_beats_repeating_the_previous_sentence(tmp_path):
     assert last["l2"] < first["l2"] and last["ca"] > 0.9
     train_rows = rows(res.run_dir, "train")
     assert "sentences_per_s" in train_rows[0] and train_rows[-1]["mse"] < train_rows[0]["mse"]
-    # the normalizer travels with the checkpoint, and equals the model's buffers
-    art = res.checkpoint / "artifacts" / "normalizer"
-    stats = load_normalizer_artifact(art)
+    # the normalizer travels with the checkpoint, equals the model's buffers and was fitted on the training data
+    norm = RobustNormalizer.from_pretrained(res.checkpoint / "artifacts" / "normalizer")
     weights = load_file(str(res.checkpoint / ckpt_lib.UNIT_FILE))
-    assert torch.equal(stats["center"], weights["model.center"]) and torch.equal(stats["scale"], weights["model.scale"])
+    assert torch.equal(norm.center, weights["model.center"]) and torch.equal(norm.scale, weights["model.scale"])
     ds = SyntheticVectorDocuments(256, 16)
-    assert torch.allclose(stats["center"], fit_robust_normalizer(torch.cat(ds.docs))[0])
-    assert json.loads((art / "normalizer.json").read_text())["n_samples"] == sum(ds.lengths)
+    assert norm.n_fit == sum(ds.lengths)
+    assert torch.allclose(norm.center, torch.cat(ds.docs).median(0).values, atol=0.02)
+    # and the checkpoint alone reloads the model: it reproduces the logged teacher-forced l2 of the eval set
+    model = load_lcm(res.checkpoint)
+    assert not model.training and torch.equal(model.center, norm.center)
+    unit = BaseLCMUnit(model.cfg)
+    unit.model = model
+    chunks = DocumentChunks(SyntheticVectorDocuments(32, 16, split=1), max_sentences=16)
+    s, n = unit.eval_metrics(collate_documents([chunks[i] for i in range(len(chunks))]))["l2"]
+    assert float(s) / n == pytest.approx(last["l2"], rel=1e-4)
 
 
 def test_resume_is_exact(tmp_path):

@@ -1,16 +1,19 @@
-"""The Base-LCM training recipe: ``train_lcm(cfg)`` on the shared loop.
+"""The Base-LCM training recipe: ``train_lcm(cfg)`` on the shared loop, and :func:`load_lcm` to reload a checkpoint.
 
 Config sections (besides run/optim/schedule/train/dist): ``lcm`` (:class:`~conceptlm.lcm.model.LCMSection`, the
 architecture) and ``lcm_data`` (:class:`LCMDataSection`). Data are any datasets of ``{"id", "vectors" (n, D)}``
-documents passed to :func:`train_lcm`, or, by default, :class:`SyntheticVectorDocuments` (vectors that follow a
-fixed noisy rotation, so the next vector is predictable from the previous ones).
+documents passed to :func:`train_lcm`; otherwise ``lcm_data.source`` names a prepared folder (the ``prepare``
+verb's Parquet shards, read as :class:`~conceptlm.lcm.store.EmbeddedDocuments`: ``train`` split for training,
+``validation`` for evaluation) or ``synthetic`` (:class:`SyntheticVectorDocuments`: vectors that follow a fixed
+noisy rotation, so the next vector is predictable from the previous ones).
 
-The normalizer (``lcm.normalize``) is fitted on up to ``lcm.normalizer_samples`` training sentence vectors before
-the run starts: ``center = median``, ``scale = IQR / 1.34898`` per dimension (the documented robust scaler of spec
-§2.3, not the reference code's percent-quantile bug), ``scale = 1`` where the IQR is 0. Its statistics are
-buffers of the model (so ``unit.safetensors`` alone can generate) and are also written with every checkpoint as
-the artefact ``artifacts/normalizer/`` (``normalizer.safetensors`` + ``normalizer.json``; read it back with
-:func:`load_normalizer_artifact`).
+Normalizer (``lcm.normalize``): the training data's own normalizer when it has one (a prepared folder's
+``normalizer.json``), else a :class:`~conceptlm.lcm.normalizer.RobustNormalizer` (``gaussian_robust``: median,
+IQR / 1.34898) fitted on at most ``lcm.normalizer_samples`` training vectors taken from evenly spaced documents.
+Its statistics become buffers of the model (``unit.safetensors`` alone can generate) and the normalizer is also
+written with every checkpoint as ``artifacts/normalizer/normalizer.json``
+(``RobustNormalizer.from_pretrained``). When the data know their encoder (a prepared folder), its identity is
+written as ``artifacts/encoder/encoder.json``.
 """
 
 from __future__ import annotations
@@ -22,25 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import yaml
 
+from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.config import RunConfig, check
-from conceptlm.core.errors import ConfigError
+from conceptlm.core.errors import CheckpointError, ConfigError
+from conceptlm.core.io import atomic_write_text
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
-from conceptlm.lcm.model import LCMSection
+from conceptlm.lcm.model import BaseLCM, LCMSection
+from conceptlm.lcm.normalizer import RobustNormalizer
 from conceptlm.lcm.unit import BaseLCMUnit, DocumentChunks, collate_documents
 
-__all__ = ["LCMDataSection", "LCMTrainConfig", "SyntheticVectorDocuments", "train_lcm", "fit_robust_normalizer",
-           "sample_vectors", "NormalizerArtifact", "load_normalizer_artifact", "GAUSSIAN_IQR"]
+__all__ = ["LCMDataSection", "LCMTrainConfig", "SyntheticVectorDocuments", "train_lcm", "load_lcm",
+           "sample_vectors", "fit_normalizer"]
 
 log = logging.getLogger(__name__)
-
-GAUSSIAN_IQR = 1.3489795003921634
-"""``Phi^-1(0.75) - Phi^-1(0.25)``: the IQR of a standard normal, so ``IQR / GAUSSIAN_IQR`` estimates a std."""
 
 
 @dataclass(kw_only=True)
@@ -48,8 +50,9 @@ class LCMDataSection:
     """Training data of an LCM run when no datasets are passed to :func:`train_lcm`."""
 
     source: str = "synthetic"
-    """``synthetic`` (:class:`SyntheticVectorDocuments`)."""
+    """``synthetic`` (:class:`SyntheticVectorDocuments`) or a folder written by the ``prepare`` verb."""
     n_train: int = 512
+    """Synthetic: training documents (the synthetic-only fields below are ignored for a prepared folder)."""
     n_eval: int = 64
     min_sentences: int = 4
     max_sentences: int = 24
@@ -62,8 +65,8 @@ class LCMDataSection:
     """Chunks with fewer sentences are dropped (a target needs one sentence of context)."""
 
     def validate(self) -> None:
-        check(self.source == "synthetic", "lcm_data.source",
-              f"{self.source!r}: only 'synthetic' is built in; pass datasets to train_lcm for other data")
+        check(self.source == "synthetic" or (Path(self.source) / "manifest.json").is_file(), "lcm_data.source",
+              f"{self.source!r} is neither 'synthetic' nor a prepared folder (no manifest.json)")
         check(self.n_train > 0 and self.n_eval >= 0, "lcm_data.n_train", "n_train must be > 0, n_eval >= 0")
         check(2 <= self.min_sentences <= self.max_sentences, "lcm_data.min_sentences",
               "need 2 <= min_sentences <= max_sentences")
@@ -118,43 +121,46 @@ class SyntheticVectorDocuments:
 
 # ------------------------------------------------------------------------------------------------ normalizer
 def sample_vectors(documents, limit: int) -> torch.Tensor:
-    """The first ``limit`` sentence vectors of ``documents`` in order ``(N, D)`` (deterministic)."""
+    """Sentence vectors ``(N, D)`` of evenly spaced documents (every ``k``-th, ``k`` chosen so that about
+    ``limit`` vectors are read; deterministic)."""
+    lengths = getattr(documents, "lengths", None)
+    total = sum(lengths) if lengths is not None else None
+    step = max(1, math.ceil(total / limit)) if total else 1
     rows, n = [], 0
-    for i in range(len(documents)):
-        v = torch.as_tensor(documents[i]["vectors"]).float()
-        rows.append(v[:limit - n])
+    for i in range(0, len(documents), step):
+        rows.append(torch.as_tensor(documents[i]["vectors"]).float())
         n += len(rows[-1])
         if n >= limit:
             break
     return torch.cat(rows)
 
 
-def fit_robust_normalizer(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(center, scale)`` ``(D,)``: the per-dimension median and ``IQR / 1.34898`` (1 where the IQR is 0)."""
-    q25, q50, q75 = np.quantile(vectors.double().numpy(), [0.25, 0.5, 0.75], axis=0)
-    scale = (q75 - q25) / GAUSSIAN_IQR
-    scale[scale <= 0] = 1.0
-    return torch.from_numpy(q50).float(), torch.from_numpy(scale).float()
+def fit_normalizer(cfg: LCMSection, documents) -> RobustNormalizer:
+    """The run's normalizer: identity when ``cfg.normalize`` is off, the data's own (``documents.normalizer()``)
+    when it has one, else ``gaussian_robust`` fitted on :func:`sample_vectors`."""
+    if not cfg.normalize:
+        return RobustNormalizer(cfg.dim)
+    own = getattr(documents, "normalizer", None)
+    if callable(own):
+        norm = own()
+        log.info("normalizer: the data's own (fitted on %d vectors)", norm.n_fit)
+    else:
+        norm = RobustNormalizer(cfg.dim).fit(sample_vectors(documents, cfg.normalizer_samples),
+                                             max_samples=cfg.normalizer_samples)
+        log.info("normalizer: gaussian_robust fitted on %d training vectors", norm.n_fit)
+    if norm.dim != cfg.dim:
+        raise ConfigError(f"the data's normalizer has dim {norm.dim} but lcm.dim={cfg.dim}", field="lcm.dim")
+    return norm
 
 
-class NormalizerArtifact:
-    """The checkpoint artefact of a model's normalizer: ``normalizer.safetensors`` (center, scale, clip_min,
-    clip_max) and ``normalizer.json`` (method and sample count)."""
+class _EncoderIdentity:
+    """Checkpoint artefact ``encoder.json``: which sentence encoder made the training vectors."""
 
-    def __init__(self, model, *, method: str, n_samples: int):
-        self.model, self.method, self.n_samples = model, method, n_samples
+    def __init__(self, identity: dict):
+        self.identity = identity
 
     def __call__(self, directory: Path) -> None:
-        m = self.model
-        save_file({k: getattr(m, k).detach().cpu().contiguous() for k in ("center", "scale", "clip_min", "clip_max")},
-                  str(directory / "normalizer.safetensors"))
-        meta = {"method": self.method, "n_samples": self.n_samples, "dim": int(m.center.numel())}
-        (directory / "normalizer.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-
-
-def load_normalizer_artifact(directory: str | Path) -> dict[str, torch.Tensor]:
-    """``{"center", "scale", "clip_min", "clip_max"}`` from a checkpoint's ``artifacts/normalizer`` folder."""
-    return load_file(str(Path(directory) / "normalizer.safetensors"))
+        atomic_write_text(Path(directory) / "encoder.json", json.dumps(self.identity, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -169,6 +175,11 @@ def _check_dim(documents, dim: int, what: str) -> None:
 
 def _datasets(cfg: LCMTrainConfig):
     d = cfg.lcm_data
+    if d.source != "synthetic":
+        from conceptlm.lcm.store import EmbeddedDocuments
+
+        train, evals = EmbeddedDocuments(d.source, "train"), EmbeddedDocuments(d.source, "validation")
+        return train, (evals if len(evals) else None)
     kw = dict(min_sentences=d.min_sentences, max_sentences=d.max_sentences, rotation=d.rotation, noise=d.noise,
               seed=d.seed)
     train = SyntheticVectorDocuments(d.n_train, cfg.lcm.dim, split=0, **kw)
@@ -177,13 +188,13 @@ def _datasets(cfg: LCMTrainConfig):
 
 
 def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None, eval_ds=None) -> TrainResult:
-    """Train a Base-LCM on ``train_ds`` (default: ``lcm_data``'s synthetic documents) with the shared loop.
+    """Train a Base-LCM with the shared loop.
 
     Args:
         cfg: the run config.
         command: the command line, written at the top of the run's ``config.yaml``.
-        train_ds / eval_ds: datasets of ``{"id", "vectors" (n, D)}`` documents (e.g. embedded documents from
-            the LCM data pipeline); given ``train_ds`` without ``eval_ds`` means no evaluation.
+        train_ds / eval_ds: datasets of ``{"id", "vectors" (n, D)}`` documents; when ``train_ds`` is given,
+            ``lcm_data.source`` is not read and no ``eval_ds`` means no evaluation.
     """
     with run_session(cfg, command) as session:
         if train_ds is None:
@@ -196,15 +207,37 @@ def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None,
         eval_chunks = (DocumentChunks(eval_ds, max_sentences=c.max_sentences, min_length=min_len)
                        if eval_ds is not None else None)
         unit = BaseLCMUnit(c)
-        n_fit = 0
-        if c.normalize:
-            vectors = sample_vectors(train_ds, c.normalizer_samples)
-            n_fit = len(vectors)
-            unit.model.set_normalizer(*fit_robust_normalizer(vectors))
+        norm = fit_normalizer(c, train_ds)
+        unit.model.set_normalizer(norm.center, norm.scale, norm.clip_min, norm.clip_max)
         plan = make_plan(cfg, session.info, chunks)  # too little data: an error before anything is written
         session.create_run_dir()
-        artifact = NormalizerArtifact(unit.model, method="median_iqr" if c.normalize else "identity",
-                                      n_samples=n_fit)
-        source = getattr(train_ds, "name", type(train_ds).__name__)
+        artifacts: dict[str, Any] = {"normalizer": norm}
+        identity = getattr(train_ds, "encoder_identity", None)
+        if isinstance(identity, dict):
+            artifacts["encoder"] = _EncoderIdentity(identity)
+        source = getattr(train_ds, "name", None) or str(getattr(train_ds, "root", type(train_ds).__name__))
         return fit(cfg, session.info, unit, train_ds=chunks, eval_ds=eval_chunks, collate_fn=collate_documents,
-                   source_name=f"lcm:{source}", artifacts={"normalizer": artifact}, plan=plan)
+                   source_name=f"lcm:{source}", artifacts=artifacts, plan=plan)
+
+
+def load_lcm(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> BaseLCM:
+    """The :class:`BaseLCM` of a checkpoint folder (its ``config.yaml`` and ``unit.safetensors``), in eval mode.
+
+    Raises:
+        CheckpointError: the folder is damaged or was not written by an LCM run.
+    """
+    ckpt = Path(checkpoint)
+    problem = ckpt_lib.verify_checkpoint(ckpt) if ckpt.is_dir() else "no such directory"
+    if problem is not None:
+        raise CheckpointError(f"{ckpt}: not a usable checkpoint ({problem})")
+    data = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")) or {}
+    if "lcm" not in data:
+        raise CheckpointError(f"{ckpt}/config.yaml: no 'lcm' section (not an LCM run)")
+    try:
+        cfg = LCMSection(**data["lcm"])
+        cfg.validate()
+    except (TypeError, ConfigError) as e:
+        raise CheckpointError(f"{ckpt}/config.yaml: the 'lcm' section does not fit this version ({e})") from None
+    unit = BaseLCMUnit(cfg)
+    ckpt_lib.load_unit_state(unit, ckpt)
+    return unit.model.to(device).eval()
