@@ -1,0 +1,210 @@
+"""The prepare verb and EmbeddedDocuments: Parquet round trip, resumption after an exception and after SIGKILL
+(no duplicates, no holes, same bytes), settings/input changes refused, bad input, caps, splits, the normalizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
+from conceptlm.lcm import prepare as prep_mod
+from conceptlm.lcm.documents import DocsSection, iter_documents
+from conceptlm.lcm.encoders import EncoderSection, get_encoder
+from conceptlm.lcm.normalizer import RobustNormalizer
+from conceptlm.lcm.prepare import PrepareConfig, PrepareSection, prepare, segment_document
+from conceptlm.lcm.segment import SegmentSection, get_segmenter
+from conceptlm.lcm.store import EmbeddedDocuments, assign_split
+from tests.lcm.test_encoders import SHARED_YELP, make_tiny_st_dir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    return make_tiny_st_dir(tmp_path_factory.mktemp("enc") / "tiny")
+
+
+def _cfg(encoder_dir: Path, out: Path, **prepare_kw) -> PrepareConfig:
+    docs = prepare_kw.pop("docs", DocsSection(n_documents=23, seed=1))
+    prepare_kw.setdefault("shard_size", 5)
+    prepare_kw.setdefault("val_fraction", 0.2)
+    return PrepareConfig(docs=docs, segment=SegmentSection(max_chars=64),
+                         encoder=EncoderSection(name=str(encoder_dir), batch_size=8),
+                         prepare=PrepareSection(out_dir=str(out), **prepare_kw))
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.glob("shard-*.parquet"))} | {
+        "normalizer.json": (root / "normalizer.json").read_bytes()}
+
+
+def test_parquet_round_trip_boundaries_vectors_and_normalizer(tiny_encoder_dir, tmp_path):
+    cfg = _cfg(tiny_encoder_dir, tmp_path / "out")
+    summary = prepare(cfg)
+    assert (summary["n_documents"], summary["n_shards"], summary["shards_written"]) == (23, 5, 5)
+    ds = EmbeddedDocuments(tmp_path / "out")
+    seg, enc = get_segmenter(cfg.segment), get_encoder(cfg.encoder)
+    expected = list(iter_documents(cfg.docs))
+    assert len(ds) == 23 and ds.ids == [i for i, _ in expected]
+    items = [ds[k] for k in range(len(ds))]
+    direct = enc.encode([s for it in items for s in it["sentences"]]).split([len(it["sentences"]) for it in items])
+    for (doc_id, text), item, vec in zip(expected, items, direct):
+        assert item["id"] == doc_id
+        assert item["sentences"] == seg.split(text) + ["End of text."]
+        assert item["vectors"].dtype == torch.float32 and item["vectors"].shape == (len(item["sentences"]), 32)
+        torch.testing.assert_close(item["vectors"], vec, atol=2e-3, rtol=2e-3)
+    assert ds.lengths == [len(ds[k]["sentences"]) for k in range(len(ds))]
+    train, val = EmbeddedDocuments(tmp_path / "out", "train"), EmbeddedDocuments(tmp_path / "out", "validation")
+    assert sorted(train.ids + val.ids) == sorted(ds.ids) and not set(train.ids) & set(val.ids)
+    assert all(assign_split(i, 0.2) == "validation" for i in val.ids) and len(val) == summary["n_validation_documents"]
+    # the normalizer is fitted on the stored training vectors
+    x = torch.cat([train[k]["vectors"] for k in range(len(train))])
+    ref = RobustNormalizer(32).fit(x)
+    norm = ds.normalizer()
+    assert torch.equal(norm.center, ref.center) and torch.equal(norm.scale, ref.scale) and norm.n_fit == len(x)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["encoder"]["fingerprint"] == enc.identity()["fingerprint"]
+    assert manifest["segmenter"]["max_chars"] == 64 and manifest["n_sentences"] == sum(ds.lengths)
+
+
+def test_resume_after_exception_has_no_duplicates_or_holes(tiny_encoder_dir, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    prepare(_cfg(tiny_encoder_dir, clean))
+    real_write = prep_mod._write_shard
+
+    def write_then_die(path, *args, **kw):
+        real_write(path, *args, **kw)
+        if path.name == "shard-00001.parquet":
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(prep_mod, "_write_shard", write_then_die)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare(_cfg(tiny_encoder_dir, out))
+    assert sorted(p.name for p in out.iterdir()) == ["prepare_state.json", "shard-00000.parquet",
+                                                       "shard-00001.parquet"]
+    monkeypatch.setattr(prep_mod, "_write_shard", real_write)
+    summary = prepare(_cfg(tiny_encoder_dir, out))
+    assert (summary["shards_reused"], summary["shards_written"]) == (2, 3)
+    assert _contents(out) == _contents(clean)  # byte for byte
+    again = prepare(_cfg(tiny_encoder_dir, out))
+    assert (again["shards_reused"], again["shards_written"]) == (5, 0)
+
+
+_KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from conceptlm.lcm import prepare as prep_mod
+from tests.lcm.test_prepare import _cfg
+real = prep_mod._write_shard
+def slow(path, *a, **k):
+    real(path, *a, **k)
+    time.sleep(30)
+prep_mod._write_shard = slow
+prep_mod.prepare(_cfg(Path({enc!r}), Path({out!r})))
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tiny_encoder_dir, tmp_path):
+    out = tmp_path / "killed"
+    script = _KILL_SCRIPT.format(repo=str(REPO), enc=str(tiny_encoder_dir), out=str(out))
+    env = dict(os.environ, CONCEPTLM_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (out / "shard-00000.parquet").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "subprocess did not write a shard in time"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.json").exists()
+    summary = prepare(_cfg(tiny_encoder_dir, out))
+    assert summary["shards_reused"] == 1 and summary["shards_written"] == 4
+    clean = tmp_path / "clean"
+    prepare(_cfg(tiny_encoder_dir, clean))
+    assert _contents(out) == _contents(clean)
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_changed_settings_or_input_are_refused(tiny_encoder_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(_cfg(tiny_encoder_dir, out))
+    cfg = _cfg(tiny_encoder_dir, out)
+    cfg.segment.max_chars = 32
+    with pytest.raises(ConfigError, match="segment.max_chars") as e:
+        prepare(cfg)
+    assert "\n" not in str(e.value)
+    # same settings, but the generator now yields other documents for shard 0
+    monkeypatch.setattr(prep_mod, "iter_documents",
+                        lambda section, **kw: ((f"other-{i}", "Some text. More text.") for i in range(23)))
+    with pytest.raises(ConceptLMError, match="holds other documents"):
+        prepare(_cfg(tiny_encoder_dir, out))
+
+
+def test_bad_input_error_or_counted_skip(tiny_encoder_dir, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'{"text": "A fine document. It has two sentences."}\n{"text": "bad \xff"}\n'
+                     b'{"text": ""}\n{"text": "Another one."}\n{"text": "\\ud800 lone surrogate."}\n')
+    docs = DocsSection(source=str(path))
+    with pytest.raises(DataError, match=r"docs\.jsonl:2: not valid UTF-8") as e:
+        prepare(_cfg(tiny_encoder_dir, tmp_path / "a", docs=docs))
+    assert "\n" not in str(e.value)
+    summary = prepare(_cfg(tiny_encoder_dir, tmp_path / "b", docs=docs, skip_bad=True, val_fraction=0.0))
+    assert summary["n_documents"] == 2
+    assert summary["skipped"] == {"bad_record": 1, "bad_text": 1, "empty_document": 1}
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["skipped"] == summary["skipped"]
+    assert [d for d in EmbeddedDocuments(tmp_path / "b").ids] == ["docs.jsonl:1", "docs.jsonl:4"]
+
+
+def test_caps_wrap_and_end_of_text():
+    seg = get_segmenter()
+    text = "One. Two. Three. Four. Five."
+    assert segment_document("d", text, seg, PrepareSection()) == [
+        ("d", ["One.", "Two.", "Three.", "Four.", "Five.", "End of text."])]
+    assert segment_document("d", text, seg, PrepareSection(end_of_text=False, max_sentences=5)) == [
+        ("d", ["One.", "Two.", "Three.", "Four.", "Five."])]
+    assert segment_document("d", text, seg, PrepareSection(max_sentences=4)) == [
+        ("d", ["One.", "Two.", "Three.", "Four."])]
+    assert segment_document("d", text, seg, PrepareSection(max_sentences=4, long_documents="wrap")) == [
+        ("d#0", ["One.", "Two.", "Three.", "Four."]), ("d#1", ["Five.", "End of text."])]
+    assert segment_document("d", "   ", seg, PrepareSection()) == []
+
+
+def test_wrapped_chunks_share_the_split(tiny_encoder_dir, tmp_path):
+    cfg = _cfg(tiny_encoder_dir, tmp_path / "w", max_sentences=4, long_documents="wrap", val_fraction=0.5,
+               docs=DocsSection(n_documents=6, seed=2))
+    prepare(cfg)
+    ds, val = EmbeddedDocuments(tmp_path / "w"), set(EmbeddedDocuments(tmp_path / "w", "validation").ids)
+    assert all(n <= 4 for n in ds.lengths) and any("#1" in i for i in ds.ids)
+    for i in ds.ids:
+        assert (i in val) == (assign_split(i.split("#")[0], 0.5) == "validation")
+
+
+def test_incomplete_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ConceptLMError, match="no manifest.json") as e:
+        EmbeddedDocuments(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_yelp_reviews_prepare(tiny_encoder_dir, tmp_path):
+    if not SHARED_YELP.is_file():
+        pytest.skip(f"shared data not available ({SHARED_YELP})")
+    docs = DocsSection(source=str(SHARED_YELP), text_field="messages.1.content", unescape=True, limit=12)
+    summary = prepare(_cfg(tiny_encoder_dir, tmp_path / "y", docs=docs))
+    ds = EmbeddedDocuments(tmp_path / "y")
+    assert summary["n_documents"] == 12 and ds[0]["id"] == "yelp_test.jsonl:1"
+    assert all(len(s) <= 64 or " " not in s for k in range(len(ds)) for s in ds[k]["sentences"])
