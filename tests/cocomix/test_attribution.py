@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from conceptlm.cocomix.attribution import (
-    ConceptLabeler, LabelSection, concept_labels, decoder_layers, decoder_scale, dense_attribution, freeze,
+    ConceptLabeler, LabelSection, concept_labels, decoder_scale, dense_attribution, freeze,
     post_attribution, teacher_pass,
 )
 from conceptlm.cocomix.sae import TopKSAE
+from conceptlm.cocomix.teacher import teacher_blocks
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.hf import build_tiny_model
 
@@ -52,7 +53,7 @@ def reference_code_pass(teacher, ids, layer):
         cache["h"] = out.detach()
         out.register_hook(lambda grad: cache.__setitem__("g", grad.detach()))
 
-    handle = decoder_layers(model)[layer].register_forward_hook(fwd)
+    handle = teacher_blocks(model)[layer].register_forward_hook(fwd)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     handle.remove()
@@ -173,7 +174,7 @@ def test_finite_difference_of_the_linearization(mode):
     torch.testing.assert_close(out.scores, ref.scores * decoder_scale(sae, sigma)[..., None], rtol=1e-10, atol=0)
 
     def loss_with(residual):
-        handle = decoder_layers(teacher)[layer].register_forward_hook(lambda *_: residual)
+        handle = teacher_blocks(teacher)[layer].register_forward_hook(lambda *_: residual)
         try:
             with torch.no_grad():  # fp64 throughout (HF's own loss upcasts only to fp32)
                 logits = teacher(input_ids=ids).logits
@@ -242,7 +243,7 @@ def test_abs_score_ranks_by_magnitude():
 def test_activation_selection_takes_most_active_latents_without_backward():
     teacher, sae, ids = make_teacher("gpt2"), make_sae(), windows()
     calls = []
-    handle = decoder_layers(teacher)[2].register_forward_hook(lambda *a: calls.append(1))
+    handle = teacher_blocks(teacher)[2].register_forward_hook(lambda *a: calls.append(1))
     out = concept_labels(teacher, sae, ids, layer=1, section=LabelSection(selection="activation", k_attr=3))
     handle.remove()
     assert not calls  # the forward pass stopped at the SAE's block

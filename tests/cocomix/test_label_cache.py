@@ -3,6 +3,7 @@ to the identical files; a cache of another configuration is refused; the reader 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,18 @@ import pytest
 import torch
 
 from conceptlm.cocomix.attribution import ConceptLabeler, LabelSection
+from conceptlm.cocomix.corpus import CorpusSection, build_corpus, load_documents
 from conceptlm.cocomix.label_cache import (
     HEADER, LABELS, MASK, PROGRESS, CacheSpec, LabelCache, LabelCacheError, LabeledWindows, label_dtype,
     state_fingerprint, write_label_cache,
 )
+from conceptlm.cocomix.labels import LABELS_DIR, SAE_DIR, label, open_labeled_windows
+from conceptlm.cocomix.sae import load_sae, save_sae
+from conceptlm.cocomix.teacher import TeacherSection, load_teacher, teacher_identity
+from conceptlm.core.config import RunSection
+from conceptlm.core.errors import ConfigError
+from conceptlm.core.hf import build_tiny_model, save_model
+from conceptlm.core.tokenizer import train_bpe_tokenizer
 from tests.cocomix.test_attribution import VOCAB, make_sae, make_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -228,3 +238,81 @@ def test_labeled_windows_dataset_with_records_and_workers_pickling(complete):
         LabeledWindows(make_windows(seed=9), cache)
     with pytest.raises(LabelCacheError, match="22 cached windows, but 21"):
         LabeledWindows(tensor[:21], cache)
+
+
+# ------------------------------------------------------------------------------------------------ label verb
+@dataclass(kw_only=True)
+class LabelConfig:
+    """The sections the label verb reads."""
+
+    run: RunSection
+    teacher: TeacherSection
+    corpus: CorpusSection
+    labels: LabelSection
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+@pytest.fixture(scope="module")
+def label_run(tmp_path_factory):
+    """A run folder with a tiny teacher export (model + tokenizer) and an SAE on its block 1."""
+    root = tmp_path_factory.mktemp("label_run")
+    corpus = CorpusSection(n_documents=24, window=16, val_fraction=0.25)
+    tok = train_bpe_tokenizer(load_documents(corpus), vocab_size=300)
+    model = build_tiny_model("llama", len(tok), hidden_size=32, num_layers=2, num_heads=4, seed=0,
+                             eos_token_id=tok.eos_token_id)
+    save_model(model, root / "teacher_export", tok)
+    cfg = LabelConfig(run=RunSection(name="run", out_dir=str(root)),
+                      teacher=TeacherSection(path=str(root / "teacher_export"), layer=1), corpus=corpus,
+                      labels=LabelSection(batch_size=4, chunk_windows=8, progress=False))
+    save_sae(make_sae(), cfg.run_dir / SAE_DIR, layer=1, teacher=teacher_identity(root / "teacher_export", 1))
+    return cfg
+
+
+def test_label_verb_writes_train_and_val_caches_equal_to_online_labels(label_run):
+    cfg = label_run
+    summary = label(cfg)
+    json.dumps(summary)  # JSON-able
+    cache_dir = cfg.run_dir / LABELS_DIR
+    assert summary["path"] == str(cache_dir) and set(summary["splits"]) == {"train", "val"}
+    teacher, tok = load_teacher(cfg.teacher)
+    splits = build_corpus(cfg.corpus, tok)
+    n_train, n_val = len(splits.train), len(splits.val)
+    assert summary["windows"] == n_train + n_val and summary["tokens"] == (n_train + n_val) * 16
+    assert summary["computed_tokens"] == summary["tokens"] and summary["tokens_per_s"] > 0
+    labeler = ConceptLabeler(teacher, load_sae(cfg.run_dir / SAE_DIR), 1, cfg.labels)
+    for split, data in (("train", splits.train), ("val", splits.val)):
+        ds = open_labeled_windows(cache_dir / split, data, k_attr=4, n_latents=96)
+        for b in range(0, len(data), 4):
+            labels, mask = labeler(data.windows[b:b + 4])
+            for i in range(b, min(len(data), b + 4)):
+                item = ds[i]
+                assert torch.equal(item["concept_labels"], labels[i - b])
+                assert torch.equal(item["concept_mask"], mask[i - b]) and item["id"] == i
+    again = label(cfg)  # complete caches are reused
+    assert again["computed_tokens"] == 0 and again["splits"]["train"]["resumed_from"] == n_train
+    with pytest.raises(LabelCacheError, match="k_attr"):
+        open_labeled_windows(cache_dir / "train", splits.train, k_attr=3)
+
+
+def test_label_verb_refuses_wrong_layer_missing_sae_and_changed_settings(label_run, tmp_path):
+    cfg = label_run
+    wrong = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, layer=0))
+    with pytest.raises(ConfigError, match="trained on block 1"):
+        label(wrong, output=tmp_path / "a")
+    with pytest.raises(ConfigError, match="no SAE at"):
+        label(cfg, checkpoint=tmp_path / "nowhere", output=tmp_path / "b")
+    foreign = tmp_path / "foreign_sae"
+    save_sae(make_sae(), foreign, layer=1, teacher={"path": "elsewhere", "fingerprint": "0123456789abcdef"})
+    with pytest.raises(ConfigError, match="trained on another teacher"):
+        label(cfg, checkpoint=foreign, output=tmp_path / "e")
+    # teacher.path null and no tiny teacher in the run: the teacher the SAE names is used
+    unnamed = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=None))
+    assert label(unnamed, output=tmp_path / "f")["teacher"] == str(cfg.teacher.path)
+    label(cfg, output=tmp_path / "c")
+    other = dataclasses.replace(cfg, labels=dataclasses.replace(cfg.labels, mode="pre"))
+    with pytest.raises(LabelCacheError, match="labeling.mode"):
+        label(other, output=tmp_path / "c")
+    assert label(other, output=tmp_path / "d")["splits"]["train"]["computed_windows"] > 0

@@ -48,12 +48,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from conceptlm.cocomix.teacher import teacher_blocks
 from conceptlm.core.config import check
 from conceptlm.core.hf import backbone, causal_lm_loss_sum
 
 __all__ = [
     "LabelSection", "ConceptLabels", "TeacherPass", "ConceptLabeler",
-    "decoder_layers", "freeze", "teacher_pass", "decoder_scale", "post_attribution", "dense_attribution",
+    "freeze", "teacher_pass", "decoder_scale", "post_attribution", "dense_attribution",
     "select_labels", "concept_labels",
 ]
 
@@ -138,16 +139,6 @@ class TeacherPass:
 
 # ------------------------------------------------------------------------------------------------- teacher side
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of an HF causal LM (``model.layers`` Llama-style, ``transformer.h`` GPT-2-style)."""
-    base = backbone(model)
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
-    raise TypeError(f"{type(base).__name__} has no decoder block list (layers / h / blocks)")
-
-
 def freeze(module: nn.Module) -> nn.Module:
     """Make ``module`` a frozen teacher: no parameter requires grad, eval mode (no dropout). Returns it."""
     module.requires_grad_(False)
@@ -199,7 +190,7 @@ def teacher_pass(teacher: nn.Module, input_ids: torch.Tensor, layer: int, *, gra
     Returns:
         :class:`TeacherPass` with hidden (B, T, d), grad (B, T, d) or None, loss or None.
     """
-    blocks = decoder_layers(teacher)
+    blocks = teacher_blocks(teacher)
     if not 0 <= layer < len(blocks):
         raise ValueError(f"layer {layer} is out of range for a teacher with {len(blocks)} blocks")
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
