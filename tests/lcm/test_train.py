@@ -227,3 +227,48 @@ def test_two_processes_equal_one_process(tmp_path):
     stats = {"model.center", "model.scale", "model.clip_min", "model.clip_max"}
     moved = max((a[k] - v).abs().max().item() for k, v in init.state_dict().items() if k in a and k not in stats)
     assert moved > 1e-4  # the runs did train
+
+
+# ------------------------------------------------------------------------------------------------ real embeddings
+@pytest.mark.slow
+def test_real_minilm_documents_train_and_generate(tmp_path):
+    """Generated documents -> prepare (segment, MiniLM, "End of text.", Parquet) -> train_lcm -> generate with the
+    end-of-text rule, decoded by nearest neighbour over the training sentences."""
+    import torch.nn.functional as F
+
+    from conceptlm.lcm.encoders import get_encoder
+    from conceptlm.lcm.generate import GenerationOptions, generate
+    from conceptlm.lcm.prepare import PrepareConfig, prepare
+    from conceptlm.lcm.store import EmbeddedDocuments
+
+    folder = tmp_path / "prepared"
+    prepare(load_config(PrepareConfig, None, ["docs.n_documents=160", f"prepare.out_dir={folder}",
+                                              "prepare.val_fraction=0.2", "prepare.shard_size=64",
+                                              f"run.out_dir={tmp_path / 'prep_runs'}", "train.progress=false"]))
+    res = train_lcm(cfg_for(tmp_path, "minilm", **{
+        "lcm_data.source": str(folder), "lcm.dim": 384, "lcm.d_model": 64, "lcm.n_heads": 2, "lcm.d_ff": 128,
+        "lcm.max_sentences": 32, "train.max_steps": 150, "train.micro_batch_size": 8, "optim.lr": 2e-3,
+        "schedule.warmup_steps": 10}))
+    ev = res.last_eval
+    print(f"\nMiniLM documents, validation: teacher-forced l2 {ev['l2']:.4f} vs repeat-previous {ev['l2_prev']:.4f}; "
+          f"cos {ev['cos']:.3f}; CA {ev['ca']:.3f}; PAR {ev['par']:.3f}")
+    assert ev["l2"] < 0.85 * ev["l2_prev"] and ev["ca"] > 0.6
+    assert json.loads((res.checkpoint / "artifacts" / "encoder" / "encoder.json").read_text())["dim"] == 384
+
+    train_docs, val_docs = EmbeddedDocuments(folder, "train"), EmbeddedDocuments(folder, "validation")
+    bank_text = [s for i in range(len(train_docs)) for s in train_docs[i]["sentences"]]
+    bank = F.normalize(torch.cat([train_docs[i]["vectors"] for i in range(len(train_docs))]), dim=-1)
+
+    def nearest(v: torch.Tensor) -> list[str]:
+        return [bank_text[i] for i in (F.normalize(v, dim=-1) @ bank.T).argmax(-1).tolist()]
+
+    eot = get_encoder().encode(["End of text."])[0]
+    model = load_lcm(res.checkpoint)
+    prompts = [val_docs[i]["vectors"][:3] for i in range(4)]
+    out = generate(model, prompts, eot=eot, decode=nearest, options=GenerationOptions(max_new_sentences=20))
+    for i, d in enumerate(out[:2]):
+        print(f"prompt: {' '.join(val_docs[i]['sentences'][:3])}\n  -> ({d.stop}, {d.steps} steps) {d.text}")
+    assert all(s in bank_text for d in out for s in d.sentences)
+    assert any(d.stop != "max_new_sentences" for d in out)  # the paper's rules (0.9 / 0.9) end documents
+    no_rules = generate(model, prompts, options=GenerationOptions(max_new_sentences=20, repetition_threshold=None))
+    assert all(d.stop == "max_new_sentences" and len(d.vectors) == 20 for d in no_rules)
