@@ -103,6 +103,9 @@ def test_eval_metrics_by_hand():
     assert m["ca"][1] == 3 and m["par"][1] <= 3 and m["cos"][1] == 3
     again = u.eval_metrics(batch)  # recomputed without the stash: the same
     assert all(float(m[k][0]) == pytest.approx(float(again[k][0]), abs=1e-6) and m[k][1] == again[k][1] for k in m)
+    assert "l2_r" not in m
+    u.round_trip = lambda v: torch.zeros_like(v)  # every prediction "decodes" to the origin
+    assert u.eval_metrics(batch)["l2_r"][0].item() == pytest.approx(5.0 + 1.0 + 2 ** 0.5)
 
 
 # ------------------------------------------------------------------------------------------------ normalizer
@@ -185,8 +188,10 @@ def test_data_of_another_width_is_refused_before_anything_is_written(tmp_path):
 
 def test_passed_datasets_are_used(tmp_path):
     docs = Docs([torch.randn(6, 16) for _ in range(16)])
-    res = train_lcm(cfg_for(tmp_path, "given", **{"train.max_steps": 2}), train_ds=docs, eval_ds=Docs(docs.docs[:4]))
-    assert res.step == 2 and "l2" in res.last_eval
+    res = train_lcm(cfg_for(tmp_path, "given", **{"train.max_steps": 2}), train_ds=docs, eval_ds=Docs(docs.docs[:4]),
+                    round_trip=torch.zeros_like)
+    want = sum(d[1:].norm(dim=-1).sum().item() for d in docs.docs[:4]) / 20  # ||0 - x_t|| over 4 x 5 targets
+    assert res.step == 2 and "l2" in res.last_eval and res.last_eval["l2_r"] == pytest.approx(want, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ processes

@@ -187,7 +187,8 @@ def _datasets(cfg: LCMTrainConfig):
     return train, evals
 
 
-def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None, eval_ds=None) -> TrainResult:
+def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None, eval_ds=None,
+              round_trip=None) -> TrainResult:
     """Train a Base-LCM with the shared loop.
 
     Args:
@@ -195,6 +196,7 @@ def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None,
         command: the command line, written at the top of the run's ``config.yaml``.
         train_ds / eval_ds: datasets of ``{"id", "vectors" (n, D)}`` documents; when ``train_ds`` is given,
             ``lcm_data.source`` is not read and no ``eval_ds`` means no evaluation.
+        round_trip: optional ``encode(decode(v))`` ``(N, D) -> (N, D)`` for the ``l2_r`` eval metric.
     """
     with run_session(cfg, command) as session:
         if train_ds is None:
@@ -206,7 +208,7 @@ def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None,
         chunks = DocumentChunks(train_ds, max_sentences=c.max_sentences, min_length=min_len)
         eval_chunks = (DocumentChunks(eval_ds, max_sentences=c.max_sentences, min_length=min_len)
                        if eval_ds is not None else None)
-        unit = BaseLCMUnit(c)
+        unit = BaseLCMUnit(c, round_trip=round_trip)
         norm = fit_normalizer(c, train_ds)
         unit.model.set_normalizer(norm.center, norm.scale, norm.clip_min, norm.clip_max)
         plan = make_plan(cfg, session.info, chunks)  # too little data: an error before anything is written

@@ -112,17 +112,23 @@ class BaseLCMUnit(TrainUnit):
     Loss part ``mse`` (module docstring). Evaluation metrics, teacher-forced, in raw embedding space:
     ``l2`` (ℓ2 of the prediction), ``l2_prev`` (ℓ2 of the "repeat the previous sentence" baseline), ``cos``
     (cosine to the target), ``ca`` (contrastive accuracy against the other documents of the eval batch, as the
-    reference code) and ``par`` (paraphrasing score).
+    reference code), ``par`` (paraphrasing score) and, given a ``round_trip``, ``l2_r`` (round-trip ℓ2).
+
+    Args:
+        cfg: the architecture.
+        round_trip: optional ``(N, D) -> (N, D)`` = ``encode(decode(v))`` (a frozen decoder and encoder, not part
+            of the unit's weights), for ``l2_r``.
     """
 
-    metric_names = ("l2", "l2_prev", "cos", "ca", "par")
+    metric_names = ("l2", "l2_prev", "l2_r", "cos", "ca", "par")
     throughput_unit = "sentences"
 
-    def __init__(self, cfg: LCMSection):
+    def __init__(self, cfg: LCMSection, *, round_trip: M.Vectors | None = None):
         super().__init__()
         self.cfg = cfg
         self.loss_weights = {"mse": 1.0}
         self.model = BaseLCM(cfg)
+        self.round_trip = round_trip
 
     def counts(self, batch: dict) -> dict:
         return {"mse": target_mask(batch["mask"], self.cfg.min_context)[:, 1:].sum(),
@@ -158,4 +164,6 @@ class BaseLCMUnit(TrainUnit):
                "cos": M.as_sum_count(torch.nn.functional.cosine_similarity(pred[tm], x[tm], dim=-1)),
                "ca": M.as_sum_count(M.contrastive_accuracy(pred[tm], x[tm], doc)),
                "par": M.as_sum_count(M.paraphrasing_score(pred, x, tm))}
+        if self.round_trip is not None:
+            out["l2_r"] = M.as_sum_count(M.round_trip_l2(pred[tm], x[tm], self.round_trip))
         return out
