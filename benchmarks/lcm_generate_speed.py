@@ -5,7 +5,7 @@ fixed number of sentences (stopping rules off, so both runs do the same work). C
 ``--repeats`` times (the machines are noisy: the ratio of medians measured side by side is the number to quote);
 the two outputs are also compared. Prints one JSON object.
 
-    python benchmarks/lcm_generate_speed.py [--new 64] [--batch 8] [--layers 4] [--d-model 256] [--threads 2]
+    python benchmarks/lcm_generate_speed.py [--new 64] [--batch 8] [--layers 4] [--d-model 256] [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny matmuls gain nothing from more, and a shared machine punishes oversubscription)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
