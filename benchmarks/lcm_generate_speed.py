@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny matmuls gain nothing from more, and a shared machine punishes oversubscription)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (tiny matmuls gain little from more; a shared machine punishes them)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
