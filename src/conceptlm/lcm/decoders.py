@@ -224,9 +224,10 @@ class DecoderSection:
     lora: int = 0
     """LoRA rank on the pretrained LM (0 = train all its weights; the projector always trains fully)."""
     lora_alpha: int = 16
-    noise_std: float = 0.1
+    noise_std: float = 0.3
     """Training noise: expected norm of the Gaussian noise added to the unit-norm embedding (per-dimension std
-    ``noise_std / sqrt(dim)``) before renormalizing; 0 disables it."""
+    ``noise_std / sqrt(dim)``) before renormalizing; 0 disables it. The paper-style ``sqrt(1-a) x + sqrt(a) sd eps``
+    with ``a <= 0.2`` (spec §11.2) corresponds to noise norms up to ``sqrt(a / (1 - a)) = 0.5``."""
     noise_schedule: Literal["fixed", "uniform"] = "uniform"
     """``fixed``: every example gets ``noise_std``; ``uniform``: a per-example std drawn from U[0, noise_std]."""
     max_tokens: int = 64
