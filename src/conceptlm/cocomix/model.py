@@ -198,7 +198,7 @@ class _ConceptHeadFn(torch.autograd.Function):
     """Chunked concept logits -> (CE sum, top-K values, top-K indices, correct flags); see :func:`concept_head`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, mask, k, chunk, ce_grad, steer):  # noqa: D401
+    def forward(ctx, x, weight, bias, labels, mask, k, chunk, ce_grad, steer):
         n, _ = x.shape
         c = weight.shape[0]
         ctx.set_materialize_grads(False)
