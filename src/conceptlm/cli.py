@@ -75,6 +75,19 @@ METHODS: dict[str, Method] = {
                "eval": Verb(_EVAL_HELP, "conceptlm.jepa.recipe:evaluate"),
                "analyze": Verb("embedding analysis of a checkpoint: Enc(Text)/Enc(Code) export, singular values, "
                                "linear-map residual, 2-D projection plot", "conceptlm.jepa.recipe:analyze")}),
+    "cocomix": Method(
+        help="CoCoMix: continuous-concept pretraining from a teacher's SAE concepts (arXiv 2502.08524)",
+        config="conceptlm.cocomix.config:CocomixConfig",
+        verbs={"pipeline": Verb("teacher -> SAE -> labels -> students -> report, each stage resumable and skipped "
+                                "when done", "conceptlm.cocomix.pipeline:pipeline"),
+               "train-sae": Verb("train the TopK SAE on the teacher's hidden states (trains a tiny teacher first "
+                                 "when teacher.path is null)", "conceptlm.cocomix.sae_train:train_sae", kind="train"),
+               "label": Verb("compute the concept labels of the corpus windows once and cache them (resumable)",
+                             "conceptlm.cocomix.labels:label"),
+               "train": Verb("train one student as configured (student + cocomix sections) on the cached labels",
+                             "conceptlm.cocomix.pipeline:train", kind="train"),
+               "report": Verb("rebuild the report (curves vs tokens and FLOPs, markdown table) from the student "
+                              "runs", "conceptlm.cocomix.pipeline:report")}),
 }
 """Every method and its verbs. A new method (or verb) is one entry here; nothing else in the CLI changes."""
 

@@ -362,6 +362,5 @@ class LabeledWindows(torch.utils.data.Dataset):
         labels, mask = self.cache[i]
         item = {"input_ids": window_ids(self.windows, i), "concept_labels": labels, "concept_mask": mask}
         record = self.windows[i]
-        if isinstance(record, dict) and "id" in record:
-            item["id"] = record["id"]
+        item["id"] = record["id"] if isinstance(record, dict) and "id" in record else i
         return item

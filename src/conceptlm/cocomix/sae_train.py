@@ -14,6 +14,8 @@ token).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 from dataclasses import dataclass, field
@@ -35,7 +37,7 @@ from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
-__all__ = ["SAESection", "SAETrainConfig", "SAEUnit", "train_sae", "build_sae", "SAE_OUTPUT_DIR"]
+__all__ = ["SAESection", "SAETrainConfig", "SAEUnit", "train_sae", "build_sae", "sae_run_config", "SAE_OUTPUT_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,18 @@ class SAESection:
     init_windows: int = 64
     """Training windows whose mean activation initialises ``b_dec`` (and is the FVU reference)."""
     seed: int = 0
+    # the SAE's own training length and step size, so one config can train the SAE and the students differently
+    steps: int | None = None
+    """Optimizer steps of the SAE run (``null`` = ``train.max_steps``)."""
+    batch_size: int | None = None
+    """Windows per micro-batch of the SAE run (``null`` = ``train.micro_batch_size``)."""
+    lr: float | None = None
+    """Peak learning rate of the SAE run (``null`` = ``optim.lr``)."""
 
     def validate(self) -> None:
+        check(self.steps is None or self.steps >= 1, "sae.steps", "must be >= 1 or null")
+        check(self.batch_size is None or self.batch_size >= 1, "sae.batch_size", "must be >= 1 or null")
+        check(self.lr is None or self.lr > 0, "sae.lr", "must be > 0 or null")
         check(self.n_latents >= 1, "sae.n_latents", "must be >= 1")
         check(1 <= self.k <= self.n_latents, "sae.k", f"must be in [1, n_latents={self.n_latents}]")
         check(self.aux_k is None or self.aux_k >= 0, "sae.aux_k", "must be >= 0 or null")
@@ -181,10 +193,22 @@ def _initial_mean(unit: SAEUnit, windows: torch.Tensor, device: torch.device) ->
     return (total / n).float()
 
 
+def sae_run_config(cfg: SAETrainConfig) -> SAETrainConfig:
+    """``cfg`` with ``sae.steps`` / ``sae.batch_size`` / ``sae.lr`` (when set) in place of the run's
+    ``train.max_steps`` / ``train.micro_batch_size`` / ``optim.lr``."""
+    s = cfg.sae
+    train = dataclasses.replace(cfg.train, max_steps=s.steps or cfg.train.max_steps,
+                                micro_batch_size=s.batch_size or cfg.train.micro_batch_size)
+    optim = dataclasses.replace(cfg.optim, lr=s.lr or cfg.optim.lr)
+    schedule = dataclasses.replace(cfg.schedule, warmup_steps=min(cfg.schedule.warmup_steps, train.max_steps))
+    return dataclasses.replace(cfg, train=train, optim=optim, schedule=schedule)
+
+
 def train_sae(cfg: SAETrainConfig, *, command: str | None = None) -> TrainResult:
     """Train the SAE of ``cfg`` (see the module docstring). Returns the loop's result; the SAE is in
     ``{run_dir}/sae``."""
     cfg.validate()
+    cfg = sae_run_config(cfg)
     with run_session(cfg, command) as session:
         info = session.info
         teacher_path = cfg.teacher.path

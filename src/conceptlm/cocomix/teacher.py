@@ -278,7 +278,7 @@ def train_tiny_teacher(corpus: CorpusSection, teacher: TeacherSection, out_dir: 
     """
     out_dir = Path(out_dir)
     latest = ckpt_lib.find_resumable_checkpoint(out_dir) if out_dir.is_dir() else None
-    if latest is not None and _checkpoint_step(latest) >= teacher.steps:
+    if latest is not None and ckpt_lib.checkpoint_step(latest) >= teacher.steps:
         return latest / "model"
     cfg = _tiny_config(corpus, teacher, out_dir, progress)
     train_docs, val_docs = split_documents(load_documents(corpus), corpus.val_fraction, corpus.seed)
@@ -310,10 +310,3 @@ def train_tiny_teacher(corpus: CorpusSection, teacher: TeacherSection, out_dir: 
     if info.is_main:
         log.info("tiny teacher: step %d, %s", res.step, res.last_eval)
     return Path(res.checkpoint) / "model"
-
-
-def _checkpoint_step(ckpt: Path) -> int:
-    try:
-        return int(ckpt.name.split("_")[-1])
-    except ValueError:
-        return -1

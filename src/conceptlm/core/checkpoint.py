@@ -40,7 +40,7 @@ from conceptlm.core.io import atomic_dir, atomic_write_text
 
 __all__ = ["save_checkpoint", "find_latest_checkpoint", "find_resumable_checkpoint", "verify_checkpoint",
            "load_trainer_state", "load_unit_state", "checkpoint_keys", "rng_state", "set_rng_state",
-           "list_checkpoints", "remove_stale_temporaries", "tied_parameter_names", "UNIT_FILE", "MANIFEST", "FORMAT"]
+           "list_checkpoints", "checkpoint_step", "run_finished", "remove_stale_temporaries", "tied_parameter_names", "UNIT_FILE", "MANIFEST", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,20 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_step(ckpt: str | Path) -> int:
+    """The optimizer step of a checkpoint folder ``step_XXXXXXXX``."""
+    m = _STEP_RE.match(Path(ckpt).name)
+    if m is None:
+        raise ValueError(f"{ckpt} is not a checkpoint folder (step_XXXXXXXX)")
+    return int(m.group(1))
+
+
+def run_finished(run_dir: str | Path, max_steps: int) -> bool:
+    """Whether the run folder holds an intact checkpoint at (or past) ``max_steps`` (a pipeline stage is done)."""
+    ckpt = find_resumable_checkpoint(run_dir)
+    return ckpt is not None and checkpoint_step(ckpt) >= max_steps
 
 
 def _sha256(path: Path) -> str:
