@@ -220,13 +220,18 @@ def test_packed_layout_and_token_accounting(tok):
     assert s.to("cpu").lm.input_ids.equal(s.lm.input_ids)
 
 
-def test_sliding_window_shorter_than_views_is_refused(tok, models):
+def test_sliding_window_shorter_than_views_is_applied(tok, models):
+    """Gemma-2's sliding layers with a window of 8 (views are longer): packed applies it, == separate.
+    (Every windowed family: tests/jepa/test_sliding_window.py.)"""
+    torch.manual_seed(0)
     model = models("gemma2")
-    exs = _examples(tok, ViewConfig())
+    exs = _examples(tok, ViewConfig(num_predictors=1))
+    assert max(ex.max_position for ex in exs) > 8
     old = model.config.sliding_window
-    model.config.sliding_window = 8
     try:
-        with pytest.raises(ValueError, match="sliding window"):
-            run_jepa_batch(model, collate_packed(exs, pad_token_id=tok.pad_token_id))
+        free = _run(model, collate_separate(exs, pad_token_id=tok.pad_token_id))
+        model.config.sliding_window = 8
+        ref, _ = _all_modes_agree(model, exs, tok.pad_token_id)
+        assert (free["lm_sum"] - ref["lm_sum"]).abs() > 1e-3  # the window changes the numbers
     finally:
         model.config.sliding_window = old

@@ -30,6 +30,11 @@ class JepaSection:
     """``context``: the user turn with its system prompt exactly as in the LM sequence (packed mode then shares the
     LM tokens and costs only k extra tokens); ``user_only``: the user turn alone (the reference code)."""
     direction: Literal["text_to_code", "code_to_text"] = "text_to_code"
+    code_view: Literal["with_system", "alone"] = "with_system"
+    """``with_system``: for chat templates that give every conversation a system turn (SmolLM2, Qwen2.5,
+    Llama-3.1), the Code view carries the LM sequence's own system turn instead of the template's default (shared
+    with the LM tokens in packed mode); other templates render the assistant turn alone. ``alone``: always the
+    assistant turn alone (the reference code)."""
     mode: Literal["packed", "separate"] = "packed"
     """``packed``: one forward per example with a tree attention mask; ``separate``: LM, Text and Code as
     independent sequences. Identical results."""

@@ -7,6 +7,9 @@ equal to rounding (tested to 1e-5 in fp32, gradients included):
   :func:`conceptlm.core.hf.causal_lm_loss_sum`, Text rows and Code rows through
   :func:`conceptlm.core.hf.hidden_states`), 2-D padding masks.
 * :class:`~conceptlm.jepa.packing.PackedBatch`: one forward over ``[F | R_T | C]`` rows with the 4-D tree mask.
+  A 4-D mask replaces the model's own masking, so the model's sliding window is applied inside the tree mask
+  (:func:`attention_windows`): one mask when every layer has the same window, else a ``{layer_type: mask}``
+  mapping for hybrid full/sliding models (Gemma-2, Qwen2 with ``max_window_layers``).
 
 With ``jepa_active=False`` (JEPA-loss dropout, a skipped step) both modes run only the plain LM forward on the LM
 rows with a 2-D mask — exactly the SFT computation.
@@ -26,7 +29,7 @@ from conceptlm.data.chat import IGNORE_INDEX
 from conceptlm.jepa.losses import jepa_distance
 from conceptlm.jepa.packing import PackedBatch, PaddedSequences, SeparateBatch, tree_attention_mask
 
-__all__ = ["JepaForwardOutput", "run_jepa_batch", "jepa_objective"]
+__all__ = ["JepaForwardOutput", "attention_windows", "run_jepa_batch", "jepa_objective"]
 
 
 @dataclass
@@ -66,14 +69,51 @@ class JepaForwardOutput:
         return self.enc_code if self.pred_is_text else self.enc_text
 
 
-def _check_window(model, max_position: int) -> None:
-    """Packed rows pass one 4-D mask to every layer, so a sliding window shorter than the views is not applied."""
+_WINDOWED_LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
+
+
+def attention_windows(model) -> dict[str | None, int | None]:
+    """The sliding window of each attention layer type of ``model``, as its HF implementation applies it.
+
+    * a config with ``layer_types`` (Gemma-2, Qwen2, …): ``full_attention`` → None, ``sliding_attention`` →
+      ``config.sliding_window``;
+    * a config without them (Mistral, Phi-3, Starcoder2, …): every layer uses ``config.sliding_window`` when it is
+      set (and ``use_sliding_window`` is not False), under the key None;
+    * no window at all (Llama, GPT-2, OLMo-2): ``{None: None}``.
+
+    Raises:
+        ValueError: a layer type the tree mask cannot express (chunked or linear attention, …).
+    """
     cfg = getattr(model, "config", None)
     window = getattr(cfg, "sliding_window", None)
-    layer_types = getattr(cfg, "layer_types", None) or ()
-    if window and "sliding_attention" in layer_types and max_position > window:
-        raise ValueError(f"packed mode: a view reaches position {max_position - 1} but the model's sliding window is "
-                         f"{window}; the 4-D mask does not apply the window — use separate mode for such lengths")
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(cfg, "layer_types", None)
+    if not layer_types:
+        return {None: window or None}
+    unknown = sorted(set(layer_types) - set(_WINDOWED_LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"packed mode cannot express attention layer type(s) {unknown} of "
+                         f"{type(cfg).__name__} in its tree mask; use jepa.mode=separate for this model")
+    return {t: (window or None) if _WINDOWED_LAYER_TYPES[t] else None for t in sorted(set(layer_types))}
+
+
+def _packed_mask(model, batch: PackedBatch) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The tree mask with the model's sliding window(s): one (B, 1, T, T) tensor, or one per layer type."""
+    longest = int(batch.position_ids.max()) + 1
+    windows = {t: (w if w is not None and w < longest else None)  # a window no view reaches changes nothing
+               for t, w in attention_windows(model).items()}
+    dtype = _model_dtype(model)
+
+    def build(window: int | None) -> torch.Tensor:
+        return tree_attention_mask(batch.segment_ids, batch.position_ids, batch.branch_len, dtype,
+                                   code_branch_len=batch.code_branch_len, sliding_window=window)
+
+    distinct = set(windows.values())
+    if len(distinct) == 1:
+        return build(distinct.pop())
+    masks = {w: build(w) for w in distinct}
+    return {t: masks[w] for t, w in windows.items()}
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -98,9 +138,7 @@ def _run_separate(model, batch: SeparateBatch) -> JepaForwardOutput:
 
 
 def _run_packed(model, batch: PackedBatch) -> JepaForwardOutput:
-    _check_window(model, int(batch.position_ids.max()) + 1)
-    mask = tree_attention_mask(batch.segment_ids, batch.position_ids, batch.branch_len, _model_dtype(model))
-    hid = hidden_states(model, batch.input_ids, mask, batch.position_ids)
+    hid = hidden_states(model, batch.input_ids, _packed_mask(model, batch), batch.position_ids)
     targets = batch.targets.to(hid.device)
     keep = targets != IGNORE_INDEX
     logits = logits_at(model, hid[keep]).float()

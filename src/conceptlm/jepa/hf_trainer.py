@@ -46,11 +46,19 @@ from torch import nn
 from conceptlm.jepa.config import JepaSection
 from conceptlm.jepa.forward import run_jepa_batch
 from conceptlm.jepa.losses import jepa_distance
-from conceptlm.jepa.packing import PackedBatch, SeparateBatch, collate_packed, collate_separate
+from conceptlm.jepa.packing import (
+    CODE_SEGMENT,
+    TEXT_SEGMENT,
+    VIEW_SETTINGS,
+    PackedBatch,
+    SeparateBatch,
+    collate_packed,
+    collate_separate,
+)
 from conceptlm.jepa.unit import jepa_step_active
-from conceptlm.jepa.views import JepaExample
+from conceptlm.jepa.views import JepaExample, predictor_token
 
-__all__ = ["BATCH_KEY", "jepa_loss", "JepaDataCollator", "JepaTrainer"]
+__all__ = ["BATCH_KEY", "jepa_loss", "JepaDataCollator", "JepaTrainer", "check_view_settings"]
 
 BATCH_KEY = "jepa_batch"
 """Key of the collated :class:`SeparateBatch` / :class:`PackedBatch` in the dict the collator returns."""
@@ -178,21 +186,23 @@ def jepa_loss(model: nn.Module, batch: SeparateBatch | PackedBatch, *, lam: floa
 # ----------------------------------------------------------------------------------------------------- collator
 
 _EXAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(JepaExample))
+_REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(JepaExample) if f.default is dataclasses.MISSING)
 
 
 def _as_example(feature: Any, i: int) -> JepaExample:
     if isinstance(feature, JepaExample):
         return feature
     if isinstance(feature, Mapping):
-        missing = [k for k in _EXAMPLE_FIELDS if k not in feature and k != "pred_is_text"]
+        missing = [k for k in _REQUIRED_FIELDS if k not in feature]
         if missing:
             raise ValueError(f"batch feature {i} lacks JepaExample field(s) {missing}; build the dataset with "
                              "conceptlm.jepa.views.build_views (or conceptlm.jepa.data.JepaDataset)")
         kw = {k: feature[k] for k in _EXAMPLE_FIELDS if k in feature}
         for k in ("lm_ids", "lm_labels", "text_ids", "code_ids"):
             kw[k] = tuple(int(x) for x in kw[k])
-        for k in ("text_enc", "code_enc", "text_prefix_len"):
-            kw[k] = int(kw[k])
+        for k in ("text_enc", "code_enc", "text_prefix_len", "code_prefix_len"):
+            if k in kw:
+                kw[k] = int(kw[k])
         return JepaExample(**kw)
     raise TypeError(f"batch feature {i} is a {type(feature).__name__}, expected a JepaExample (from "
                     "conceptlm.jepa.views.build_views) or a dict with its fields")
@@ -254,13 +264,85 @@ def _jepa_section(jepa_args: JepaSection | Mapping | None) -> JepaSection:
     return section
 
 
+_VIEW_FIELDS = (*VIEW_SETTINGS, "direction")
+
+
+def _given_view_fields(jepa_args: JepaSection | Mapping | None) -> tuple[str, ...]:
+    """The view fields the caller set: every one of a JepaSection, the keys of a dict, none for None."""
+    if isinstance(jepa_args, JepaSection):
+        return _VIEW_FIELDS
+    if isinstance(jepa_args, Mapping):
+        return tuple(f for f in _VIEW_FIELDS if f in jepa_args)
+    return ()
+
+
+def _predictor_ids(tokenizer: Any) -> list[int]:
+    """Ids of the ``<|predictor_i|>`` tokens in ``tokenizer``'s vocabulary (empty without a tokenizer)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return [vocab[predictor_token(i)] for i in range(1, 65) if predictor_token(i) in vocab]
+
+
+def _predictors_per_row(batch: SeparateBatch | PackedBatch, ids: list[int]) -> torch.Tensor:
+    """(B,) number of predictor tokens in each example's predicting view (up to its Enc token in packed mode)."""
+    ids_t = torch.tensor(ids, dtype=torch.long, device=batch.lm.input_ids.device)
+    if isinstance(batch, PackedBatch):
+        segment = TEXT_SEGMENT if batch.pred_is_text else CODE_SEGMENT
+        hits = torch.isin(batch.input_ids, ids_t) & (batch.segment_ids == segment)
+    else:
+        view = batch.text if batch.pred_is_text else batch.code
+        hits = torch.isin(view.input_ids, ids_t) & view.attention_mask.bool()
+    return hits.sum(1)
+
+
+def check_view_settings(section: JepaSection, batch: SeparateBatch | PackedBatch,
+                        fields: Sequence[str] = _VIEW_FIELDS, predictor_ids: Sequence[int] = ()) -> None:
+    """Raise when view settings of ``section`` contradict how the examples of ``batch`` were built.
+
+    Compared: ``direction`` (the batch's ``pred_is_text``) and the ``num_predictors`` / ``predictor_position`` /
+    ``text_view`` / ``code_view`` the examples recorded (``batch.view_settings``). For examples that recorded
+    nothing (dict rows written by an earlier version, hand-built examples), ``num_predictors`` is checked by
+    counting the predictor tokens of each predicting view when ``predictor_ids`` are given.
+
+    Args:
+        section: the trainer's ``jepa_args``.
+        batch: a collated batch.
+        fields: the view fields to compare (those the caller set).
+        predictor_ids: ids of ``<|predictor_1|>`` … in the tokenizer's vocabulary.
+
+    Raises:
+        ValueError: naming each contradicting field with both values.
+    """
+    wrong = []
+    if "direction" in fields:
+        built = "text_to_code" if batch.pred_is_text else "code_to_text"
+        if built != section.direction:
+            wrong.append(f"direction={section.direction!r} but the batch was built with {built!r}")
+    for name in VIEW_SETTINGS:
+        if name in fields and name in batch.view_settings and batch.view_settings[name] != getattr(section, name):
+            wrong.append(f"{name}={getattr(section, name)!r} but the batch was built with "
+                         f"{batch.view_settings[name]!r}")
+    if "num_predictors" in fields and "num_predictors" not in batch.view_settings and predictor_ids:
+        counts = sorted(set(_predictors_per_row(batch, list(predictor_ids)).tolist()))
+        if counts != [section.num_predictors]:
+            wrong.append(f"num_predictors={section.num_predictors} but the predicting views of the batch hold "
+                         f"{'/'.join(str(c) for c in counts)} predictor token(s)")
+    if wrong:
+        raise ValueError("jepa_args contradict the data: " + "; ".join(wrong) + ". Build the views with the same "
+                         "settings (ViewConfig(num_predictors=..., predictor_position=..., text_view=..., "
+                         "direction=..., code_view=...)) as jepa_args")
+
+
 class JepaTrainer(transformers.Trainer):
     """``transformers.Trainer`` that optimises the LLM-JEPA objective (normalisation: see the module docstring).
 
     The datasets hold :class:`~conceptlm.jepa.views.JepaExample` items (a list,
     :class:`conceptlm.jepa.data.JepaDataset`, or a torch/HF dataset of them); the collator defaults to
     :class:`JepaDataCollator` in ``jepa_args.mode`` with the pad id of ``processing_class``.
-    ``TrainingArguments(remove_unused_columns=False)`` is required. At every logging step the logs get ``lm``
+    ``TrainingArguments(remove_unused_columns=False)`` is required. View settings given in ``jepa_args``
+    (``num_predictors``, ``predictor_position``, ``text_view``, ``code_view``, ``direction``: every one of a
+    :class:`~conceptlm.jepa.config.JepaSection`, the keys present in a dict) must match how the examples were built
+    (:func:`check_view_settings` runs on every batch; a contradiction is a ``ValueError``, never silently ignored:
+    the views are built before the trainer sees them). At every logging step the logs get ``lm``
     (mean LM CE over the steps since the last log), ``jepa`` (mean distance over the steps that ran the JEPA term)
     and ``jepa_steps`` (the fraction of those steps). Evaluation reports ``eval_loss`` = the JEPA objective.
 
@@ -268,7 +350,8 @@ class JepaTrainer(transformers.Trainer):
         model: HF causal LM or PeftModel (predictor tokens already added: ``add_predictor_tokens``).
         args: ``transformers.TrainingArguments`` with ``remove_unused_columns=False``.
         jepa_args: :class:`~conceptlm.jepa.config.JepaSection` (λ, γ, metric, temperature, gather_negatives,
-            mode, jepa_ratio; the view fields are for building the data) or a dict of its fields; None = defaults.
+            mode, jepa_ratio; its view fields are checked against the batches) or a dict of its fields; None =
+            defaults (no view check).
         data_collator: optional; a :class:`JepaDataCollator` must use ``jepa_args.mode``.
         **kwargs: the usual ``Trainer`` arguments (train_dataset, eval_dataset, processing_class, callbacks, ...).
     """
@@ -277,6 +360,8 @@ class JepaTrainer(transformers.Trainer):
                  jepa_args: JepaSection | Mapping | None = None, data_collator: Callable | None = None,
                  **kwargs: Any):
         self.jepa_args = _jepa_section(jepa_args)
+        self._view_fields = _given_view_fields(jepa_args)
+        self._predictor_ids = _predictor_ids(kwargs.get("processing_class"))
         if args is None or args.remove_unused_columns:
             raise ValueError("JepaTrainer needs TrainingArguments(remove_unused_columns=False): the batches are "
                              "JEPA views, not model.forward arguments, and must not be filtered by column name")
@@ -349,6 +434,7 @@ class JepaTrainer(transformers.Trainer):
             raise ValueError(f"JepaTrainer expects batches {{'{BATCH_KEY}': ...}} from JepaDataCollator, got {keys}")
         batch = inputs[BATCH_KEY]
         _check_batch(batch)
+        check_view_settings(self.jepa_args, batch, self._view_fields, self._predictor_ids)
         batch = batch.to(self.args.device)
         cfg = self.jepa_args
         active = self._jepa_active(model)

@@ -9,9 +9,15 @@ Code views — each padded to its own longest row.
 * R_T (segment 1) = ``text_ids[p : text_enc + 1]``, the Text tokens after the prefix of p tokens it shares with F
   (e.g. just the k predictors when Text is a prefix of F): attends to F[0:p) and causally to itself, positions
   p … p+|R_T|−1. When R_T is empty (k = 0 and Text a prefix of F), Enc(Text) is read from F's own hidden state.
-* C (segment 2) = ``code_ids[: code_enc + 1]``: causal within itself, positions 0 … |C|−1.
+* C (segment 2) = ``code_ids[q : code_enc + 1]``, the Code tokens after the prefix of q tokens it shares with F
+  (q = ``code_prefix_len``: 0 unless the Code view starts with the LM sequence's system turn, see
+  :mod:`conceptlm.jepa.views`): attends to F[0:q) and causally to itself, positions q … q+|C|−1. When C is empty,
+  Enc(Code) is read from F's own hidden state.
 * No F token attends to a branch; padding (segment −1) attends only to itself, so no query row is fully masked
   (no NaN under eager attention).
+* Sliding-window attention (Mistral, Phi-3, Qwen2 with ``use_sliding_window``, Gemma-2's sliding layers): a key
+  is also dropped when its position is ``window`` or more below the query's, which is exactly the window the model
+  applies to each separate sequence (positions there are token indices).
 
 By causality, every hidden state equals the one of the separate passes (same tokens, same key sets, same
 positions), so the LM loss, both Enc vectors and all gradients match to rounding. Tokens after a view's Enc index are
@@ -24,7 +30,7 @@ into the (B, 1, T, T) additive mask on the device, vectorised.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -43,9 +49,14 @@ __all__ = [
     "collate_separate",
     "collate_packed",
     "tree_attention_mask",
+    "VIEW_SETTINGS",
 ]
 
 PAD_SEGMENT, LM_SEGMENT, TEXT_SEGMENT, CODE_SEGMENT = -1, 0, 1, 2
+
+VIEW_SETTINGS = ("num_predictors", "predictor_position", "text_view", "code_view")
+"""The :class:`~conceptlm.jepa.views.ViewConfig` fields a batch records in ``view_settings`` (with ``pred_is_text``
+for the direction), so that a trainer can check them against its own settings."""
 
 
 class _ToDevice:
@@ -98,12 +109,15 @@ class SeparateBatch(_ToDevice):
     Attributes:
         lm, text, code: :class:`PaddedSequences`; ``text.enc_index`` / ``code.enc_index`` are padded columns.
         pred_is_text: True for text→code (Text carries the predictors).
+        view_settings: the view settings the examples were built with (``VIEW_SETTINGS`` keys; those unknown —
+            examples built by hand — are absent).
     """
 
     lm: PaddedSequences
     text: PaddedSequences
     code: PaddedSequences
     pred_is_text: bool = True
+    view_settings: dict = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -132,22 +146,26 @@ class PackedBatch(_ToDevice):
         position_ids: (B, T) long (per-segment positions, see module doc).
         segment_ids: (B, T) long: -1 pad, 0 LM, 1 Text remainder, 2 Code.
         branch_len: (B,) long, p = LM tokens the Text remainder attends to (``text_prefix_len``).
+        code_branch_len: (B,) long, q = LM tokens the Code block attends to (``code_prefix_len``).
         targets: (B, T) long SHIFTED LM targets: at an LM slot holding token t, the label of token t+1
             (-100 elsewhere and at the last LM token).
         text_index, code_index: (B,) long columns of Enc(Text) and Enc(Code).
         lm: the LM sequences alone (2-D mask), used when the JEPA branch is skipped.
         pred_is_text: True for text→code.
+        view_settings: as in :class:`SeparateBatch`.
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     segment_ids: torch.Tensor
     branch_len: torch.Tensor
+    code_branch_len: torch.Tensor
     targets: torch.Tensor
     text_index: torch.Tensor
     code_index: torch.Tensor
     lm: PaddedSequences
     pred_is_text: bool = True
+    view_settings: dict = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -181,6 +199,19 @@ def _check_common(examples: Sequence[JepaExample], pad_token_id: int | None, pad
         raise ValueError("cannot collate an empty batch")
     if len({ex.pred_is_text for ex in examples}) != 1:
         raise ValueError("all examples of a batch must have the same direction (pred_is_text)")
+
+
+def _view_settings(examples: Sequence[JepaExample]) -> dict:
+    """The view settings shared by the examples (unknown ones left out); mixed settings are an error."""
+    out = {}
+    for name in VIEW_SETTINGS:
+        values = {getattr(ex, name) for ex in examples} - {None}
+        if len(values) > 1:
+            raise ValueError(f"the examples of one batch were built with different {name} ({sorted(values)}); "
+                             "build all views with one ViewConfig")
+        if values:
+            out[name] = values.pop()
+    return out
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], *, pad_token_id: int, padding_side: str = "right",
@@ -241,7 +272,8 @@ def collate_separate(examples: Sequence[JepaExample], *, pad_token_id: int, padd
     lm = pad_sequences([ex.lm_ids for ex in examples], labels=[ex.lm_labels for ex in examples], **kw)
     text = pad_sequences([ex.text_ids for ex in examples], enc=[ex.text_enc for ex in examples], **kw)
     code = pad_sequences([ex.code_ids for ex in examples], enc=[ex.code_enc for ex in examples], **kw)
-    return SeparateBatch(lm=lm, text=text, code=code, pred_is_text=examples[0].pred_is_text)
+    return SeparateBatch(lm=lm, text=text, code=code, pred_is_text=examples[0].pred_is_text,
+                         view_settings=_view_settings(examples))
 
 
 def collate_packed(examples: Sequence[JepaExample], *, pad_token_id: int, padding_side: str = "right",
@@ -258,23 +290,26 @@ def collate_packed(examples: Sequence[JepaExample], *, pad_token_id: int, paddin
         :class:`PackedBatch` (CPU tensors; the 4-D mask is built on the device by :func:`tree_attention_mask`).
     """
     _check_common(examples, pad_token_id, padding_side)
-    rows, segs, poss, tgts, tidx, cidx, plen = [], [], [], [], [], [], []
+    rows, segs, poss, tgts, tidx, cidx, plen, qlen = [], [], [], [], [], [], [], []
     for ex in examples:
-        n, p = len(ex.lm_ids), ex.text_prefix_len
+        n, p, q = len(ex.lm_ids), ex.text_prefix_len, ex.code_prefix_len
         if not (0 <= ex.text_enc < len(ex.text_ids) and 0 <= ex.code_enc < len(ex.code_ids)):
             raise ValueError("Enc index outside its view")
         if ex.text_ids[:p] != ex.lm_ids[:p] or p > ex.text_enc + 1:
             raise ValueError(f"text_prefix_len={p} is not a shared prefix of text_ids[:text_enc+1] and lm_ids")
+        if q < 0 or ex.code_ids[:q] != ex.lm_ids[:q] or q > ex.code_enc + 1:
+            raise ValueError(f"code_prefix_len={q} is not a shared prefix of code_ids[:code_enc+1] and lm_ids")
         r_t = ex.text_ids[p: ex.text_enc + 1]
-        code = ex.code_ids[: ex.code_enc + 1]
+        code = ex.code_ids[q: ex.code_enc + 1]
         r, c = len(r_t), len(code)
         rows.append(list(ex.lm_ids) + list(r_t) + list(code))
         segs.append([LM_SEGMENT] * n + [TEXT_SEGMENT] * r + [CODE_SEGMENT] * c)
-        poss.append(list(range(n)) + list(range(p, p + r)) + list(range(c)))
+        poss.append(list(range(n)) + list(range(p, p + r)) + list(range(q, q + c)))
         tgts.append(list(ex.lm_labels[1:]) + [IGNORE_INDEX] * (1 + r + c))
         tidx.append(ex.text_enc if r == 0 else n + r - 1)
-        cidx.append(n + r + c - 1)
+        cidx.append(ex.code_enc if c == 0 else n + r + c - 1)
         plen.append(p)
+        qlen.append(q)
     kw = dict(pad_token_id=pad_token_id, padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of)
     packed = pad_sequences(rows, labels=tgts, enc=tidx, **kw)
     shift = packed.enc_index - torch.tensor(tidx, dtype=torch.long)  # left-padding offset per row
@@ -285,25 +320,32 @@ def collate_packed(examples: Sequence[JepaExample], *, pad_token_id: int, paddin
     position_ids[real] = torch.tensor([q for row in poss for q in row], dtype=torch.long)
     lm = pad_sequences([ex.lm_ids for ex in examples], labels=[ex.lm_labels for ex in examples], **kw)
     return PackedBatch(input_ids=packed.input_ids, position_ids=position_ids, segment_ids=segment_ids,
-                       branch_len=torch.tensor(plen, dtype=torch.long), targets=packed.labels,
+                       branch_len=torch.tensor(plen, dtype=torch.long),
+                       code_branch_len=torch.tensor(qlen, dtype=torch.long), targets=packed.labels,
                        text_index=packed.enc_index, code_index=torch.tensor(cidx, dtype=torch.long) + shift, lm=lm,
-                       pred_is_text=examples[0].pred_is_text)
+                       pred_is_text=examples[0].pred_is_text, view_settings=_view_settings(examples))
 
 
 def tree_attention_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor, branch_len: torch.Tensor,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        dtype: torch.dtype = torch.float32, *, code_branch_len: torch.Tensor | None = None,
+                        sliding_window: int | None = None) -> torch.Tensor:
     """4-D additive attention mask of packed rows ``[F | R_T | C]`` (vectorised, no loops).
 
     Query i may attend key j iff
       * same non-pad segment and j ≤ i (causal within F, within R_T, within C), or
       * i ∈ R_T, j ∈ F and pos(j) < p (the shared Text prefix), or
-      * i = j (a padding token attends to itself only, so no row is fully masked).
+      * i ∈ C, j ∈ F and pos(j) < q (the shared Code prefix), or
+      * i = j (a padding token attends to itself only, so no row is fully masked);
+    and, with a sliding window w, pos(i) − pos(j) < w (what HF's sliding-window mask keeps of each separate
+    sequence, whose positions are its token indices).
 
     Args:
         segment_ids: (B, T) long, -1 pad / 0 LM / 1 Text remainder / 2 Code.
         position_ids: (B, T) long per-segment positions.
         branch_len: (B,) long, p per row.
         dtype: float dtype of the mask (the model's compute dtype).
+        code_branch_len: (B,) long, q per row (default 0: the Code block sees no LM token).
+        sliding_window: w ≥ 1, or None for full causal attention.
 
     Returns:
         (B, 1, T, T) tensor: 0 where attention is allowed, ``torch.finfo(dtype).min`` where blocked.
@@ -312,8 +354,17 @@ def tree_attention_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor, b
     idx = torch.arange(t, device=segment_ids.device)
     causal = idx[:, None] >= idx[None, :]  # (T, T): query row, key column
     sq, sk = segment_ids[:, :, None], segment_ids[:, None, :]
+    pq, pk = position_ids[:, :, None], position_ids[:, None, :]
     same = (sq == sk) & (sq != PAD_SEGMENT) & causal
-    branch = (sq == TEXT_SEGMENT) & (sk == LM_SEGMENT) & (position_ids[:, None, :] < branch_len[:, None, None])
+    from_lm = sk == LM_SEGMENT
+    branch = (sq == TEXT_SEGMENT) & from_lm & (pk < branch_len[:, None, None])
+    if code_branch_len is not None:
+        branch |= (sq == CODE_SEGMENT) & from_lm & (pk < code_branch_len.to(pk.device)[:, None, None])
+    if sliding_window is not None:
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        same &= pq - pk < sliding_window
+        branch &= pq - pk < sliding_window
     allowed = same | branch | torch.eye(t, dtype=torch.bool, device=segment_ids.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]

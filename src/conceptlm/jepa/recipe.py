@@ -12,6 +12,7 @@ from conceptlm.core.trainer import TrainResult
 from conceptlm.lm.build import apply_run_lora, build_base_model, build_tokenizer
 from conceptlm.lm.recipe import generation_eval, load_exported_model, load_sources, resolve_checkpoint
 from conceptlm.data.sources import Source, corpus_texts
+from conceptlm.data.templates import pin_template_date
 from conceptlm.jepa.config import JepaConfig
 from conceptlm.jepa.data import JepaDataset
 from conceptlm.jepa.packing import collate_packed, collate_separate
@@ -25,7 +26,7 @@ def view_config(cfg: JepaConfig) -> ViewConfig:
     j = cfg.jepa
     return ViewConfig(num_predictors=j.num_predictors, predictor_position=j.predictor_position,
                       text_view=j.text_view, direction=j.direction, label_mode=cfg.data.label_mode,
-                      enc_index_override=j.enc_index_override)
+                      enc_index_override=j.enc_index_override, code_view=j.code_view)
 
 
 def build_dataset(cfg: JepaConfig, source: Source, tokenizer) -> JepaDataset:
@@ -50,6 +51,7 @@ def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
         train_src, eval_src = load_sources(cfg)
         preds = [predictor_token(i) for i in range(1, k + 1)]
         tokenizer = build_tokenizer(cfg, corpus_texts(train_src), extra_special_tokens=preds)
+        pin_template_date(tokenizer, cfg.tokenizer.template_date)  # saved with the tokenizer: eval renders alike
         add_predictor_tokens(tokenizer, None, k)  # a loaded tokenizer gets them here; the model is resized below
         train_ds = build_dataset(cfg, train_src, tokenizer)
         eval_ds = build_dataset(cfg, eval_src, tokenizer) if eval_src is not None else None
@@ -78,6 +80,7 @@ def analyze(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | Non
     info = prepare_run(cfg)
     model_dir = resolve_checkpoint(cfg, checkpoint)
     model, tokenizer = load_exported_model(model_dir)
+    pin_template_date(tokenizer, cfg.tokenizer.template_date)
     model = model.to(info.device)
     train_src, eval_src = load_sources(cfg)
     src = eval_src or train_src

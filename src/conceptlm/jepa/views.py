@@ -12,6 +12,17 @@ A chat record ``[system?, user, ..., assistant]`` gives three token sequences (p
   Templates that reject a lone assistant message (Gemma-2 requires the first turn to be a user turn) get it with
   role ``user`` instead — the same fallback as the reference code.
 
+  Templates that give EVERY conversation a system turn (SmolLM2 and Qwen2.5 write a default system prompt,
+  Llama-3.1/3.2 a dated system header; see :func:`conceptlm.data.templates.default_system_prompt`) would put into
+  a lone assistant turn a system turn that no LM sequence of a record with its own system prompt contains: on
+  SYNTH with SmolLM2, "You are a helpful AI assistant named SmolLM, trained by Hugging Face" doubles the Code view
+  and Enc(Code) is read in a foreign context. For these templates (``code_view="with_system"``, the default) the
+  Code view is the assistant turn under the SAME system turn as the LM sequence: the record's own system message
+  when it has one, else the template's default (which the LM sequence then also starts with). That system turn is
+  a token prefix of the LM sequence (``code_prefix_len``), so packed mode reads it from the LM tokens and the Code
+  view costs only its assistant turn. Templates without such a system turn keep the lone assistant turn (there is
+  no foreign context to remove); ``code_view="alone"`` always renders the lone assistant turn (the reference).
+
 Paraphrase groups ``{"views": [s0, s1, ...]}`` (pretraining) give one example per consecutive pair (s_i predicts
 s_{i+1}); they are rendered as plain text without a chat template: LM = BOS + s_i + EOS (every token but the BOS is
 a target), Text = BOS + s_i + predictors, Code = BOS + s_{i+1}.
@@ -29,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from conceptlm.core.errors import DataError
-from conceptlm.data.templates import render_chat
+from conceptlm.data.templates import default_system_prompt, render_chat, token_id
 from conceptlm.data.chat import (
     IGNORE_INDEX,
     LABEL_MODES,
@@ -42,6 +53,7 @@ from conceptlm.data.chat import (
 __all__ = [
     "PREDICTOR_POSITIONS",
     "TEXT_VIEWS",
+    "CODE_VIEWS",
     "DIRECTIONS",
     "ViewConfig",
     "JepaExample",
@@ -53,6 +65,7 @@ __all__ = [
 
 PREDICTOR_POSITIONS = ("after", "before")
 TEXT_VIEWS = ("context", "user_only")
+CODE_VIEWS = ("with_system", "alone")
 DIRECTIONS = ("text_to_code", "code_to_text")
 _SENTINELS = ("\u00a7", "\u00b6")  # two different characters that no template rewrites or trims
 
@@ -74,6 +87,9 @@ class ViewConfig:
             or ``user_only`` (the user turn rendered alone, as the reference code does).
         direction: ``text_to_code`` (Pred(Enc(Text)) ≈ Enc(Code); predictors go on Text) or ``code_to_text``
             (predictors go on Code and it predicts Enc(Text)).
+        code_view: ``with_system`` (for templates that give every conversation a system turn, the Code view
+            carries the LM sequence's system turn, shared in packed mode; see the module docstring) or ``alone``
+            (the assistant turn rendered alone, the reference code).
         label_mode: LM targets, passed to ``tokenize_chat``: ``assistant`` or ``all``.
         enc_index_override: if set (a negative int), Enc of both views is read at ``len(view) + override``
             (the reference's ``--last_token``) instead of the derived content index.
@@ -84,6 +100,7 @@ class ViewConfig:
     text_view: str = "context"
     direction: str = "text_to_code"
     label_mode: str = "assistant"
+    code_view: str = "with_system"
     enc_index_override: int | None = None
 
     def __post_init__(self) -> None:
@@ -92,6 +109,7 @@ class ViewConfig:
         for name, value, allowed in (("predictor_position", self.predictor_position, PREDICTOR_POSITIONS),
                                      ("text_view", self.text_view, TEXT_VIEWS),
                                      ("direction", self.direction, DIRECTIONS),
+                                     ("code_view", self.code_view, CODE_VIEWS),
                                      ("label_mode", self.label_mode, LABEL_MODES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -114,6 +132,11 @@ class JepaExample:
         text_prefix_len: p = length of the longest common prefix of ``text_ids[:text_enc + 1]`` and ``lm_ids``
             (token ids); packed mode shares these p LM tokens with the Text view.
         pred_is_text: True for ``text_to_code`` (Text is the predicting view), False for ``code_to_text``.
+        code_prefix_len: q = LM tokens packed mode shares with the Code view: the common prefix of
+            ``code_ids[:code_enc + 1]`` and ``lm_ids`` when the Code view carries the LM sequence's system turn,
+            else 0.
+        num_predictors, predictor_position, text_view, code_view: the :class:`ViewConfig` the example was built
+            with (None when unknown), recorded so that trainers can check their settings against the data.
     """
 
     lm_ids: tuple[int, ...]
@@ -124,6 +147,11 @@ class JepaExample:
     code_enc: int
     text_prefix_len: int
     pred_is_text: bool = True
+    code_prefix_len: int = 0
+    num_predictors: int | None = None
+    predictor_position: str | None = None
+    text_view: str | None = None
+    code_view: str | None = None
 
     @property
     def text_remainder(self) -> tuple[int, ...]:
@@ -131,9 +159,14 @@ class JepaExample:
         return self.text_ids[self.text_prefix_len: self.text_enc + 1]
 
     @property
+    def code_remainder(self) -> tuple[int, ...]:
+        """C: the Code tokens after the shared prefix, up to and including the Enc token."""
+        return self.code_ids[self.code_prefix_len: self.code_enc + 1]
+
+    @property
     def packed_len(self) -> int:
-        """Slots of this example in packed mode: n + |R_T| + (code_enc + 1)."""
-        return len(self.lm_ids) + len(self.text_remainder) + self.code_enc + 1
+        """Slots of this example in packed mode: n + |R_T| + |C|."""
+        return len(self.lm_ids) + len(self.text_remainder) + len(self.code_remainder)
 
     @property
     def max_position(self) -> int:
@@ -183,8 +216,7 @@ def add_predictor_tokens(tokenizer, model=None, k: int = 1) -> list[int]:
 
 
 def _check_predictors(tokenizer, k: int) -> None:
-    vocab = tokenizer.get_vocab()
-    missing = [predictor_token(i) for i in range(1, k + 1) if predictor_token(i) not in vocab]
+    missing = [predictor_token(i) for i in range(1, k + 1) if token_id(tokenizer, predictor_token(i)) is None]
     if missing:
         raise ValueError(f"tokenizer lacks predictor tokens {missing}; call add_predictor_tokens(tokenizer, model, k) "
                          "first")
@@ -272,13 +304,17 @@ def _plain_view(tokenizer, content: str, *, eos: bool) -> tuple[str, int, int]:
     return text, len(bos), len(bos) + len(content)
 
 
-def _example(tokenizer, cfg: ViewConfig, lm_ids, lm_labels, text_r, code_r) -> JepaExample:
+def _example(tokenizer, cfg: ViewConfig, lm_ids, lm_labels, text_r, code_r, *,
+             code_shares_system: bool = False) -> JepaExample:
     text_ids, text_enc = _tokenize_view(tokenizer, *text_r, cfg.enc_index_override, "text")
     code_ids, code_enc = _tokenize_view(tokenizer, *code_r, cfg.enc_index_override, "code")
     p = common_prefix_len(text_ids[: text_enc + 1], lm_ids)
+    q = common_prefix_len(code_ids[: code_enc + 1], lm_ids) if code_shares_system else 0
     return JepaExample(lm_ids=tuple(lm_ids), lm_labels=tuple(lm_labels), text_ids=text_ids, text_enc=text_enc,
                        code_ids=code_ids, code_enc=code_enc, text_prefix_len=p,
-                       pred_is_text=cfg.direction == "text_to_code")
+                       pred_is_text=cfg.direction == "text_to_code", code_prefix_len=q,
+                       num_predictors=cfg.num_predictors, predictor_position=cfg.predictor_position,
+                       text_view=cfg.text_view, code_view=cfg.code_view)
 
 
 def _content_field(record: Mapping, key: str) -> str | None:
@@ -314,8 +350,30 @@ def _chat_example(tokenizer, messages: list[dict], cfg: ViewConfig, text: str | 
         text_msgs, text_idx = [{"role": "user", "content": text_content}], 0
     lm = tokenize_chat(tokenizer, messages, label_mode=cfg.label_mode)
     text_r = _render_with_span(tokenizer, text_msgs, text_idx)
-    code_r = _render_with_span(tokenizer, [{"role": "assistant", "content": code_content}], 0)
-    return _example(tokenizer, cfg, lm["input_ids"], lm["labels"], text_r, code_r)
+    code_msgs = _code_messages(tokenizer, messages, code_content, cfg)
+    code_r = _render_with_span(tokenizer, code_msgs, len(code_msgs) - 1)
+    return _example(tokenizer, cfg, lm["input_ids"], lm["labels"], text_r, code_r,
+                    code_shares_system=cfg.code_view == "with_system" and _has_system_turn(tokenizer))
+
+
+def _has_system_turn(tokenizer) -> bool:
+    """Whether the template writes a system turn into every conversation (cached per template)."""
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    if key not in _SYSTEM_TURN_CACHE:
+        _SYSTEM_TURN_CACHE[key] = default_system_prompt(tokenizer) is not None
+    return _SYSTEM_TURN_CACHE[key]
+
+
+_SYSTEM_TURN_CACHE: dict[tuple, bool] = {}
+
+
+def _code_messages(tokenizer, messages: list[dict], code_content: str, cfg: ViewConfig) -> list[dict]:
+    """The messages the Code view renders: the assistant turn, under the LM sequence's system message when the
+    template gives every conversation a system turn (``code_view="with_system"``, see the module docstring)."""
+    turn = {"role": "assistant", "content": code_content}
+    if cfg.code_view == "with_system" and messages[0]["role"] == "system" and _has_system_turn(tokenizer):
+        return [{"role": "system", "content": messages[0]["content"]}, turn]
+    return [turn]
 
 
 def _group_examples(tokenizer, views: Sequence[str], cfg: ViewConfig) -> list[JepaExample]:

@@ -59,9 +59,24 @@ class TokenizerSection:
     """A local tokenizer directory; when unset (and ``model.path`` is unset) a byte-level BPE is trained on the
     training data and saved with the run."""
     vocab_size: int = 1024
+    template_date: str = "26 Jul 2024"
+    """The date chat templates that read the clock see (Llama-3's "Today Date"), "26 Jul 2024" or "2024-07-26":
+    pinned so that token ids, and the caches built from them, do not change with the day a run starts."""
 
     def validate(self) -> None:
         _check(self.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 bytes + special tokens)")
+        _check(_is_template_date(self.template_date), "tokenizer.template_date",
+               f"{self.template_date!r} is not a date like '26 Jul 2024' or '2024-07-26'")
+
+
+def _is_template_date(value: str) -> bool:
+    from conceptlm.data.templates import parse_template_date
+
+    try:
+        parse_template_date(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(kw_only=True)
