@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptlm.core.errors import ConfigError
-from conceptlm.core.hf import build_tiny_model, save_model
+from conceptlm.core.hf import save_model
 from conceptlm.core.rng import derived_generator
 from conceptlm.lcm.decoders import (DecoderSection, PrefixLMDecoder, PrefixProjector, RetrievalDecoder,
                                     build_prefix_decoder, load_decoder)
