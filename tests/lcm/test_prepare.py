@@ -160,8 +160,9 @@ def test_bad_input_error_or_counted_skip(tiny_encoder_dir, tmp_path):
                      b'{"text": ""}\n{"text": "Another one."}\n{"text": "\\ud800 lone surrogate."}\n')
     docs = DocsSection(source=str(path))
     with pytest.raises(DataError, match=r"docs\.jsonl:2: not valid UTF-8") as e:
-        prepare(_cfg(tiny_encoder_dir, tmp_path / "a", docs=docs))
+        prepare(_cfg(tiny_encoder_dir, tmp_path / "b", docs=docs, val_fraction=0.0))
     assert "\n" not in str(e.value)
+    # the same folder, now skipping the bad records
     summary = prepare(_cfg(tiny_encoder_dir, tmp_path / "b", docs=docs, skip_bad=True, val_fraction=0.0))
     assert summary["n_documents"] == 2
     assert summary["skipped"] == {"bad_record": 1, "bad_text": 1, "empty_document": 1}

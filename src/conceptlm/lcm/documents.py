@@ -175,7 +175,8 @@ def _trip(r: random.Random) -> list[str]:
     late = r.random() < 0.4
     if late:
         out.append(f"Halfway to {dst}, the {vehicle} stopped for half an hour.")
-    out += [f"The trip from {src} to {dst} took {hours} hour{'s' if hours > 1 or late else ''}{' and a half' if late else ''}.",
+    duration = f"{hours} hour{'s' if hours > 1 or late else ''}{' and a half' if late else ''}"
+    out += [f"The trip from {src} to {dst} took {duration}.",
             f"In {dst}, {name} met {his} cousin at {r.choice(_PLACES)}.",
             f"Together they had lunch and talked about {src}."]
     if r.random() < 0.5:

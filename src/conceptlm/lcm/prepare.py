@@ -69,7 +69,7 @@ class PrepareSection:
     split_seed: int = 0
     vector_dtype: Literal["float16", "float32"] = "float16"
     keep_text: bool = True
-    """Store the original document text in the ``text`` column."""
+    """Store the original document text in the ``text`` column (null for the chunks of a wrapped document)."""
     normalizer_method: str = "gaussian_robust"
     normalizer_clip_proba: float | None = None
     normalizer_max_samples: int = 1_000_000
@@ -115,16 +115,20 @@ def segment_document(doc_id: str, text: str, segmenter: Segmenter, section: Prep
     return [(f"{doc_id}#{k}", full[i:i + cap]) for k, i in enumerate(range(0, len(full), cap))]
 
 
+# Settings that do not change what a written shard holds (skip_bad only decides whether a run stops).
+_NOT_CONTENT = ("out_dir", "skip_bad")
+
+
 def _state(cfg: PrepareConfig, identity: dict) -> dict:
-    prep = {k: v for k, v in asdict(cfg.prepare).items() if k != "out_dir"}
+    prep = {k: v for k, v in asdict(cfg.prepare).items() if k not in _NOT_CONTENT}
     return {"format": FORMAT, "docs": asdict(cfg.docs), "segment": asdict(cfg.segment),
             "encoder": {k: v for k, v in identity.items() if k != "path"}, "prepare": prep}
 
 
 def _check_state(out: Path, state: dict) -> None:
     path = out / STATE_FILE
-    if not path.is_file():
-        return
+    if not path.is_file() or not any(_SHARD_RE.match(p.name) for p in out.iterdir()):
+        return  # nothing written that the settings could contradict
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
