@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -82,11 +83,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     """The README's main job, shortened to 2 steps per arm."""
     assert main(["demo", "--out-dir", str(tmp_path), "--steps", "2"]) == 0
     out = capsys.readouterr().out
-    summary = json.loads(out[out.index("{\n"):])
-    assert set(summary["arms"]) == {"ntp", "jepa"}
-    for arm in summary["arms"].values():
+    summary = json.loads(out[out.rindex("\n{\n"):])
+    assert set(summary["jepa"]["arms"]) == {"ntp", "jepa"}
+    for arm in summary["jepa"]["arms"].values():
         assert arm["n_test"] == 300 and 0.0 <= arm["semantic_regex_accuracy"]["value"] <= 1.0
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 1000
+    cocomix = summary["cocomix"]
+    assert set(cocomix["final_val_loss"]) == {"ntp", "cocomix"} and cocomix["tokens_fraction_of_ntp"]["ntp"] == 1.0
+    assert "| cocomix |" in out and all(Path(p).stat().st_size > 1000 for p in cocomix["plots"])
 
 
 def test_plot_verb(tmp_path, capsys):
