@@ -1,0 +1,610 @@
+"""Interpretability and steering of a CoCoMix student (paper §3.2, Fig. 5, App. B.2; spec §7).
+
+Three verbs over a pipeline run folder (``{run_dir}/teacher``, ``sae``, ``students/{arm}-s{seed}``):
+
+* :func:`concepts`: what each SAE latent means. Over the corpus's training windows, the teacher's residual stream
+  after block ``teacher.layer`` is encoded by the SAE; for every latent the ``top_tokens`` tokens with the largest
+  activation are kept (a streaming top-N over batches, :class:`StreamingTopN`: memory ``C x N`` plus one batch),
+  each with a short context snippet, together with how often the latent fires. The result is
+  ``{sae_dir}/concepts.json``, written atomically, keyed by the SAE weights' sha256 (and the corpus and the
+  settings): it is computed once and recomputed only when one of them changes.
+* :func:`explain`: for every token of a prompt, the student's top predicted concepts (softmax of the concept head's
+  logits at ``student.insert_layer``, over all ``C`` concepts) with each concept's description.
+* :func:`steer`: the prompt continued twice with the same sampling seed, plainly and with
+  :class:`~conceptlm.cocomix.model.Steering` of one concept, and the measured effect: how often the concept's
+  top-activating tokens occur in each continuation, and the teacher's SAE activation of the concept on each
+  continuation (mean over its tokens, read with the whole text as context).
+
+The settings are the ``interpret`` section (:class:`InterpretSection`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conceptlm.cocomix.generate import generate
+from conceptlm.cocomix.model import Steering, StudentLM, sae_layer_norm
+from conceptlm.cocomix.sae import SAE_WEIGHTS, TopKSAE
+from conceptlm.core.config import check
+from conceptlm.core.errors import CheckpointError, ConfigError
+from conceptlm.core.io import atomic_write_text
+
+__all__ = [
+    "InterpretSection", "StreamingTopN", "ConceptDescriptions", "concepts", "explain", "steer",
+    "describe_concepts", "concept_logits", "concept_activation", "token_frequency", "sae_activations",
+    "CONCEPTS_FILE", "INTERPRET_DIR",
+]
+
+CONCEPTS_FILE = "concepts.json"
+"""Concept descriptions, next to the SAE's ``sae.safetensors``."""
+INTERPRET_DIR = "interpret"
+"""Sub-folder of a student run that receives ``explain.json`` / ``steer.json`` by default."""
+_FORMAT = "conceptlm-sae-concepts"
+_VERSION = 1
+_SHOWN_TOKENS = 3  # description tokens shown per concept in the printed tables
+
+
+@dataclass(kw_only=True)
+class InterpretSection:
+    """``interpret:`` in a CoCoMix config: the prompt, the student, and the explain / steer / description settings."""
+
+    prompt: str = ""
+    """Text to explain or continue; empty = the first ``prompt_tokens`` tokens of the first validation window."""
+    prompt_tokens: int = 32
+    """Length of the default prompt (0 = the whole window)."""
+    arm: str = "cocomix"
+    """Student arm (``students/{arm}-s{seed}``); it needs a concept head (and a mixed concept for steering)."""
+    seed: int = 0
+    top_concepts: int = 5
+    """Concepts shown per prompt token by ``explain``."""
+    steer_concept: int = -1
+    """Concept to steer; -1 = the concept the student predicts (arg-max) most often over the prompt."""
+    steer_factor: float = 10.0
+    """Multiplier of the concept's logit before the TopK (the paper uses [-10, 10])."""
+    steer_force: bool = False
+    """Always keep the concept, with value ``steer_factor * max(z)`` (steers a concept that is off; spec §7)."""
+    max_new_tokens: int = 40
+    temperature: float = 0.8
+    """Sampling temperature of both continuations (0 = greedy)."""
+    top_k: int = 0
+    top_p: float = 1.0
+    sample_seed: int = 0
+    """Seed of the sampler; the plain and the steered continuation use the same one."""
+    top_tokens: int = 10
+    """N of the concept descriptions: top-activating tokens kept per concept."""
+    context_tokens: int = 6
+    """Tokens either side of a top-activating token in its context snippet."""
+    describe_windows: int = 0
+    """Training windows scanned for the descriptions (0 = all)."""
+    batch_size: int = 16
+    """Windows per teacher pass while describing concepts."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        from conceptlm.cocomix.student import ARMS
+
+        check(self.arm in ARMS, "interpret.arm", f"unknown arm {self.arm!r}; choose from {', '.join(ARMS)}")
+        for name in ("top_concepts", "max_new_tokens", "top_tokens", "batch_size"):
+            check(getattr(self, name) > 0, f"interpret.{name}", "must be > 0")
+        for name in ("prompt_tokens", "context_tokens", "describe_windows", "top_k"):
+            check(getattr(self, name) >= 0, f"interpret.{name}", "must be >= 0")
+        check(self.steer_concept >= -1, "interpret.steer_concept", "must be a concept index, or -1 (automatic)")
+        check(self.temperature >= 0, "interpret.temperature", "must be >= 0")
+        check(0 < self.top_p <= 1, "interpret.top_p", "must be in (0, 1]")
+
+
+def _section(cfg: Any) -> InterpretSection:
+    section = getattr(cfg, "interpret", None) or InterpretSection()
+    section.validate()
+    return section
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ streaming top-N
+class StreamingTopN:
+    """The ``n`` largest positive activations of every latent over a stream of sparse SAE codes.
+
+    Order: larger activation first; equal activations by smaller position. The result equals sorting all
+    ``(activation, position)`` pairs of a latent at once, whatever the batch split. Memory: ``(C, n)`` tables plus
+    one batch.
+    """
+
+    def __init__(self, n_latents: int, n: int, device: torch.device | str = "cpu"):
+        self.n_latents, self.n = n_latents, n
+        self.values = torch.full((n_latents, n), float("-inf"), device=device)
+        self.positions = torch.full((n_latents, n), -1, dtype=torch.long, device=device)
+        self.fired = torch.zeros(n_latents, dtype=torch.long, device=device)
+        self.tokens = 0
+
+    def update(self, values: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor) -> None:
+        """Fold in one batch: ``values`` / ``indices`` ``(M, k)`` (the SAE's kept codes of ``M`` tokens) and
+        ``positions`` ``(M,)`` long (global token positions, each seen once)."""
+        dev = self.values.device
+        values, indices, positions = values.to(dev).float(), indices.to(dev), positions.to(dev)
+        active = values > 0
+        lat = indices[active]
+        val = values[active]
+        pos = positions[:, None].expand_as(indices)[active]
+        self.fired += torch.bincount(lat, minlength=self.n_latents)
+        self.tokens += int(positions.numel())
+        kept = self.positions >= 0
+        rows = torch.arange(self.n_latents, device=dev)[:, None].expand_as(self.positions)
+        lat = torch.cat((rows[kept], lat))
+        val = torch.cat((self.values[kept], val))
+        pos = torch.cat((self.positions[kept], pos))
+        order = torch.argsort(pos, stable=True)  # lexicographic (latent, -value, position) by stable sorts
+        order = order[torch.argsort(-val[order], stable=True)]
+        order = order[torch.argsort(lat[order], stable=True)]
+        lat, val, pos = lat[order], val[order], pos[order]
+        rank = torch.arange(lat.numel(), device=dev) - torch.searchsorted(lat, lat)
+        keep = rank < self.n
+        self.values.fill_(float("-inf"))
+        self.positions.fill_(-1)
+        self.values[lat[keep], rank[keep]] = val[keep]
+        self.positions[lat[keep], rank[keep]] = pos[keep]
+
+    def frequency(self) -> torch.Tensor:
+        """``(C,)`` fraction of the tokens seen on which each latent fired (positive activation)."""
+        return self.fired.double() / max(self.tokens, 1)
+
+
+def sae_activations(teacher: nn.Module, sae: TopKSAE, layer: int, input_ids: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SAE code of the teacher's residual stream after block ``layer``: ``(B, T) -> (values (B, T, k) >= 0,
+    indices (B, T, k))``."""
+    from conceptlm.cocomix.teacher import hidden_at_layer
+
+    with torch.no_grad():
+        h = hidden_at_layer(teacher, input_ids, layer)
+        x, _, _ = sae.normalize(h.to(sae.W_enc.dtype))
+        return sae.encode(x)
+
+
+def concept_activation(teacher: nn.Module, sae: TopKSAE, layer: int, input_ids: torch.Tensor, concept: int,
+                       start: int = 0) -> dict[str, float]:
+    """The teacher's SAE activation of ``concept`` on tokens ``start..`` of ``input_ids`` ``(1, L)`` (the whole
+    sequence is the context): ``{"mean": mean activation, "fired": fraction of those tokens where it is > 0}``."""
+    values, indices = sae_activations(teacher, sae, layer, input_ids)
+    act = torch.where(indices == concept, values, torch.zeros_like(values)).sum(-1)[0, start:]
+    if act.numel() == 0:
+        return {"mean": 0.0, "fired": 0.0}
+    return {"mean": float(act.mean()), "fired": float((act > 0).float().mean())}
+
+
+def token_frequency(token_ids: list[int], vocabulary: set[int]) -> float:
+    """Fraction of ``token_ids`` that lie in ``vocabulary`` (0 for an empty list)."""
+    return sum(t in vocabulary for t in token_ids) / len(token_ids) if token_ids else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ descriptions
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    disabled = not enabled or os.environ.get("CONCEPTLM_NO_PROGRESS", "0") == "1"
+    return tqdm(total=total, unit="win", desc=desc, disable=disabled)
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", "\\n")
+
+
+def _snippets(tokenizer, windows: torch.Tensor, positions: list[int], ctx: int) -> list[tuple[str, str]]:
+    """``(token text, context snippet)`` per global position; the token is marked ``«...»`` in its snippet."""
+    t = windows.shape[1]
+    flat = windows.reshape(-1).tolist()
+    parts: list[list[int]] = []
+    for p in positions:
+        w, i = divmod(p, t)
+        base = w * t
+        parts += [flat[base + max(0, i - ctx): base + i], [flat[p]], flat[base + i + 1: base + min(t, i + 1 + ctx)]]
+    texts = [_clean(s) for s in tokenizer.batch_decode(parts)] if parts else []
+    return [(texts[3 * j + 1], f"{texts[3 * j]}«{texts[3 * j + 1]}»{texts[3 * j + 2]}") for j in range(len(positions))]
+
+
+def _describe(tokens: list[str]) -> str:
+    return ", ".join(repr(t) for t in tokens) if tokens else "(never fires)"
+
+
+def _build_descriptions(top: StreamingTopN, windows: torch.Tensor, tokenizer, ctx: int) -> list[dict[str, Any]]:
+    t = windows.shape[1]
+    valid = top.positions >= 0
+    flat_pos = top.positions[valid].tolist()
+    snippets = iter(_snippets(tokenizer, windows, flat_pos, ctx))
+    flat_ids = windows.reshape(-1)
+    freq = top.frequency().tolist()
+    out = []
+    for c in range(top.n_latents):
+        entries, tokens, ids = [], [], []
+        for j in range(int(valid[c].sum())):
+            pos = int(top.positions[c, j])
+            tok_id = int(flat_ids[pos])
+            text, snippet = next(snippets)
+            entries.append({"token": text, "token_id": tok_id, "activation": float(top.values[c, j]),
+                            "window": pos // t, "position": pos % t, "context": snippet})
+            if tok_id not in ids:
+                ids.append(tok_id)
+                tokens.append(text)
+        out.append({"concept": c, "frequency": freq[c], "fired": int(top.fired[c]), "description": _describe(tokens),
+                    "tokens": tokens, "token_ids": ids, "top": entries})
+    return out
+
+
+@dataclass
+class ConceptDescriptions:
+    """The contents of ``concepts.json``: ``data["concepts"][c]`` describes latent ``c``; ``computed`` tells
+    whether this call computed it (False: read back)."""
+
+    path: Path
+    data: dict[str, Any]
+    computed: bool
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.data["concepts"])
+
+    def __getitem__(self, concept: int) -> dict[str, Any]:
+        return self.data["concepts"][concept]
+
+    def short(self, concept: int, n: int = _SHOWN_TOKENS) -> str:
+        """The first ``n`` distinct top-activating tokens of ``concept``, quoted."""
+        return _describe(self[concept]["tokens"][:n])
+
+
+def _description_key(cfg: Any, section: InterpretSection, sae_dir: Path, n_windows: int) -> dict[str, Any]:
+    from conceptlm.cocomix.corpus import corpus_identity
+
+    return {"sae_sha256": _sha256(sae_dir / SAE_WEIGHTS), "layer": cfg.teacher.layer,
+            "corpus": corpus_identity(cfg.corpus), "split": "train", "windows": n_windows,
+            "top_tokens": section.top_tokens, "context_tokens": section.context_tokens}
+
+
+def _read_descriptions(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None  # a damaged file is recomputed
+    ok = isinstance(data, dict) and data.get("format") == _FORMAT and data.get("version") == _VERSION
+    return data if ok and data.get("key") == key else None
+
+
+def describe_concepts(cfg: Any, *, teacher: nn.Module, tokenizer, sae: TopKSAE, sae_dir: str | Path,
+                      windows: torch.Tensor, section: InterpretSection | None = None,
+                      output: str | Path | None = None) -> ConceptDescriptions:
+    """Concept descriptions of ``sae`` over ``windows`` ``(N, T)`` (the training windows), from ``output``
+    (default ``{sae_dir}/concepts.json``) when that file has the same key, else computed and written atomically.
+
+    The key: the sha256 of ``{sae_dir}/sae.safetensors``, ``teacher.layer``, the corpus identity, the number of
+    windows scanned, ``top_tokens`` and ``context_tokens``.
+    """
+    section = section or _section(cfg)
+    sae_dir = Path(sae_dir)
+    path = Path(output) if output is not None else sae_dir / CONCEPTS_FILE
+    if section.describe_windows:
+        windows = windows[: section.describe_windows]
+    key = _description_key(cfg, section, sae_dir, windows.shape[0])
+    data = _read_descriptions(path, key)
+    if data is not None:
+        return ConceptDescriptions(path, data, computed=False)
+    device = sae.W_enc.device
+    top = StreamingTopN(sae.n_latents, section.top_tokens, device=device)
+    t = windows.shape[1]
+    with _progress(windows.shape[0], section.progress, "concept descriptions") as bar:
+        for s in range(0, windows.shape[0], section.batch_size):
+            batch = windows[s: s + section.batch_size].to(device)
+            values, indices = sae_activations(teacher, sae, cfg.teacher.layer, batch)
+            pos = torch.arange(s * t, s * t + batch.numel(), device=device)
+            top.update(values.reshape(-1, sae.k), indices.reshape(-1, sae.k), pos)
+            bar.update(batch.shape[0])
+    data = {"format": _FORMAT, "version": _VERSION, "key": key, "tokens": top.tokens,
+            "concepts": _build_descriptions(top, windows.cpu(), tokenizer, section.context_tokens)}
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False) + "\n")
+    return ConceptDescriptions(path, data, computed=True)
+
+
+# ------------------------------------------------------------------------------------------------ the run's parts
+class _Run:
+    """What the verbs read from a run folder: teacher + tokenizer, SAE, corpus windows, descriptions, student."""
+
+    def __init__(self, cfg: Any, section: InterpretSection):
+        from conceptlm.cocomix.corpus import build_corpus
+        from conceptlm.cocomix.labels import resolve_sae_dir, resolve_teacher
+        from conceptlm.cocomix.sae import load_sae
+        from conceptlm.cocomix.teacher import load_teacher
+
+        self.cfg, self.section, self.device = cfg, section, _device()
+        self.sae_dir = resolve_sae_dir(cfg)
+        self.sae = load_sae(self.sae_dir, device=self.device)
+        self.teacher, self.tokenizer = load_teacher(cfg.teacher, path=resolve_teacher(cfg, self.sae),
+                                                    device=self.device)
+        self._check_sae()
+        self.splits = build_corpus(cfg.corpus, self.tokenizer)
+        self._descriptions: ConceptDescriptions | None = None
+
+    def _check_sae(self) -> None:
+        from conceptlm.cocomix.sae import SAE_CONFIG
+        from conceptlm.cocomix.teacher import teacher_width
+
+        where = self.sae_dir / SAE_CONFIG
+        layer = self.sae.meta.get("layer")
+        if layer is not None and layer != self.cfg.teacher.layer:
+            raise ConfigError(f"the SAE at {self.sae_dir} reads block {layer}, but teacher.layer is "
+                              f"{self.cfg.teacher.layer}", path=where, field="teacher.layer")
+        width = teacher_width(self.teacher)
+        if self.sae.d_in != width:
+            raise ConfigError(f"the SAE at {self.sae_dir} reads width {self.sae.d_in}, the teacher's residual has "
+                              f"width {width}", path=where, field="d_in")
+
+    @property
+    def descriptions(self) -> ConceptDescriptions:
+        if self._descriptions is None:
+            self._descriptions = describe_concepts(
+                self.cfg, teacher=self.teacher, tokenizer=self.tokenizer, sae=self.sae, sae_dir=self.sae_dir,
+                windows=self.splits.train.windows, section=self.section)
+        return self._descriptions
+
+    def prompt_ids(self, limit: int) -> torch.Tensor:
+        """``(1, T)`` the prompt's tokens (``interpret.prompt``, else the start of the first validation window)."""
+        s = self.section
+        if s.prompt:
+            ids = self.tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
+            check(len(ids) > 0, "interpret.prompt", "tokenizes to no tokens")
+            check(len(ids) <= limit, "interpret.prompt",
+                  f"has {len(ids)} tokens; at most {limit} fit (student.max_len={self.cfg.student.max_len}"
+                  f"{', minus interpret.max_new_tokens' if limit < self.cfg.student.max_len else ''})")
+            return torch.tensor([ids], dtype=torch.long)
+        data = self.splits.val if self.splits.val is not None else self.splits.train
+        n = min(s.prompt_tokens or data.windows.shape[1], limit)
+        return data.windows[:1, :n].clone()
+
+    def student(self, checkpoint: str | Path | None) -> tuple[StudentLM, Path]:
+        """The student of ``interpret.arm`` / ``interpret.seed`` (newest checkpoint, or ``checkpoint``)."""
+        from conceptlm.cocomix.pipeline import _student_config
+        from conceptlm.cocomix.student import load_student
+        from conceptlm.core import checkpoint as ckpt_lib
+
+        s = self.section
+        sub = _student_config(self.cfg, s.arm, s.seed, len(self.tokenizer))
+        if not sub.student.concept_head:
+            raise ConfigError(f"arm {s.arm!r} has no concept head (nothing to explain or steer); use cocomix, "
+                              "mix_only, concept_only or add", field="interpret.arm")
+        self.run_dir = Path(sub.run_dir)
+        ckpt = _resolve_checkpoint(checkpoint, self.run_dir, s)
+        problem = ckpt_lib.verify_checkpoint(ckpt)
+        if problem is not None:
+            raise CheckpointError(f"{ckpt}: damaged checkpoint ({problem})")
+        return load_student(sub, ckpt).to(self.device), ckpt
+
+
+def _resolve_checkpoint(checkpoint: str | Path | None, run_dir: Path, s: InterpretSection) -> Path:
+    from conceptlm.core import checkpoint as ckpt_lib
+
+    if checkpoint is not None:
+        p = Path(checkpoint)
+        if (p / ckpt_lib.MANIFEST).is_file():
+            return p
+        latest = ckpt_lib.find_latest_checkpoint(p) if p.is_dir() else None
+        if latest is None:
+            raise ConfigError(f"{p} is neither a student checkpoint folder nor a run folder with checkpoints",
+                              field="checkpoint")
+        return latest
+    latest = ckpt_lib.find_latest_checkpoint(run_dir)
+    if latest is None:
+        raise ConfigError(f"no student checkpoint in {run_dir / 'checkpoints'}; train arm {s.arm!r} with seed "
+                          f"{s.seed} first (the pipeline verb) or pass --checkpoint", field="interpret.arm")
+    return latest
+
+
+def concept_logits(model: StudentLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """The concept head's logits for every token: ``(B, T) -> (B, T, C)`` fp32 (``z = W_p (LN(h) - pre_bias) +
+    b_p`` on the residual stream ``h`` at ``student.insert_layer``, un-steered, before the TopK)."""
+    if model.head is None:
+        raise ValueError("the student has no concept head")
+    seen: list[torch.Tensor] = []
+    handle = model.head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids)
+            head = model.head
+            x, _, _ = sae_layer_norm(seen[0])
+            return F.linear(x - head.pre_bias, head.predictor.weight, head.predictor.bias).float()
+    finally:
+        handle.remove()
+
+
+def _default_output(run: _Run, output: str | Path | None, name: str) -> Path:
+    return Path(output) if output is not None else run.run_dir / INTERPRET_DIR / name
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ verbs
+def concepts(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path | None = None) -> dict[str, Any]:
+    """``conceptlm cocomix concepts``: compute (or read back) the SAE's concept descriptions.
+
+    ``checkpoint``: the SAE folder (default ``labels.sae_path``, else ``{run_dir}/sae``); ``output``: the JSON path
+    (default ``{sae_dir}/concepts.json``). Returns the path, whether it was computed, and the most frequent
+    concepts."""
+    if checkpoint is not None:
+        cfg = dataclasses.replace(cfg, labels=dataclasses.replace(cfg.labels, sae_path=str(checkpoint)))
+    run = _Run(cfg, _section(cfg))
+    if output is not None:
+        run._descriptions = describe_concepts(cfg, teacher=run.teacher, tokenizer=run.tokenizer, sae=run.sae,
+                                              sae_dir=run.sae_dir, windows=run.splits.train.windows,
+                                              section=run.section, output=output)
+    desc = run.descriptions
+    items = sorted(desc.data["concepts"], key=lambda c: -c["frequency"])
+    alive = sum(c["fired"] > 0 for c in items)
+    print(f"{desc.path}: {desc.n_concepts} concepts over {desc.data['tokens']} tokens, {alive} fire at least once"
+          f" ({'computed' if desc.computed else 'read back'})")
+    for c in items[:10]:
+        print(f"  c{c['concept']:<6} {100 * c['frequency']:6.2f}%  {_describe(c['tokens'][:5])}")
+    return {"path": str(desc.path), "computed": desc.computed, "concepts": desc.n_concepts, "firing": alive,
+            "tokens": desc.data["tokens"],
+            "most_frequent": [{k: c[k] for k in ("concept", "frequency", "description")} for c in items[:10]]}
+
+
+def _token_rows(tokenizer, ids: list[int], probs: torch.Tensor, logits: torch.Tensor, k: int,
+                desc: ConceptDescriptions) -> list[dict[str, Any]]:
+    top_p, top_i = probs.topk(k, dim=-1)
+    rows = []
+    for t, tok in enumerate(ids):
+        rows.append({"position": t, "token_id": tok, "token": _clean(tokenizer.decode([tok])), "concepts": [
+            {"concept": int(c), "p": float(p), "logit": float(logits[t, c]), "description": desc[int(c)]["description"],
+             "tokens": desc[int(c)]["tokens"][:_SHOWN_TOKENS]}
+            for p, c in zip(top_p[t].tolist(), top_i[t].tolist(), strict=True)]})
+    return rows
+
+
+def format_explain(result: dict[str, Any]) -> str:
+    """A readable table of :func:`explain`'s result: ``token | concept: description (p)``."""
+    width = max([len(repr(r["token"])) for r in result["tokens"]] + [5])
+    lines = [f"student {result['checkpoint']}", f"prompt: {result['prompt']!r}",
+             f"{'pos':>4}  {'token':<{width}} | top concepts: description (p)"]
+    for r in result["tokens"]:
+        cells = [f"c{c['concept']}: {_describe(c['tokens'])} ({c['p']:.3f})" for c in r["concepts"]]
+        lines.append(f"{r['position']:>4}  {r['token']!r:<{width}} | " + " ; ".join(cells))
+    return "\n".join(lines)
+
+
+def explain(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path | None = None) -> dict[str, Any]:
+    """``conceptlm cocomix explain``: the student's top predicted concepts for every token of the prompt.
+
+    Args:
+        cfg: a CoCoMix config with an ``interpret`` section (:class:`InterpretSection`).
+        checkpoint: a student checkpoint (or run) folder; default the newest checkpoint of
+            ``{run_dir}/students/{arm}-s{seed}``.
+        output: JSON path (default ``{student run}/interpret/explain.json``).
+
+    Returns:
+        ``{"checkpoint", "arm", "prompt", "concepts_file", "tokens": [{"position", "token_id", "token",
+        "concepts": [{"concept", "p", "logit", "description", "tokens"}]}]}``; ``p`` is the softmax over all ``C``
+        concept logits of that token.
+    """
+    section = _section(cfg)
+    run = _Run(cfg, section)
+    model, ckpt = run.student(checkpoint)
+    check(section.top_concepts <= model.config.n_concepts, "interpret.top_concepts",
+          f"{section.top_concepts} exceeds student.n_concepts={model.config.n_concepts}")
+    desc = run.descriptions
+    ids = run.prompt_ids(model.config.max_len).to(run.device)
+    logits = concept_logits(model, ids)[0]
+    rows = _token_rows(run.tokenizer, ids[0].tolist(), logits.softmax(-1), logits, section.top_concepts, desc)
+    result = {"checkpoint": str(ckpt), "arm": section.arm, "seed": section.seed,
+              "prompt": _clean(run.tokenizer.decode(ids[0].tolist())), "concepts_file": str(desc.path),
+              "tokens": rows}
+    path = _default_output(run, output, "explain.json")
+    result["output"] = str(path)
+    _write(path, result)
+    print(format_explain(result))
+    return result
+
+
+def _most_predicted(logits: torch.Tensor) -> int:
+    """The concept that is the arg-max of the most tokens (ties: the larger summed probability)."""
+    top1 = logits.argmax(-1).tolist()
+    probs = logits.softmax(-1).sum(0)
+    counts = Counter(top1)
+    return max(counts, key=lambda c: (counts[c], float(probs[c])))
+
+
+def _continuation(run: _Run, model: StudentLM, prompt: torch.Tensor, steering: Steering | None,
+                  section: InterpretSection, concept: int, vocabulary: set[int]) -> dict[str, Any]:
+    gen = torch.Generator(device=prompt.device).manual_seed(section.sample_seed)
+    seq = generate(model, prompt, max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                   top_k=section.top_k, top_p=section.top_p, generator=gen, steer=steering)
+    new = seq[0, prompt.shape[1]:].tolist()
+    act = concept_activation(run.teacher, run.sae, run.cfg.teacher.layer, seq, concept, start=prompt.shape[1])
+    return {"text": _clean(run.tokenizer.decode(new)), "token_ids": new,
+            "top_token_frequency": token_frequency(new, vocabulary), "sae_activation": act["mean"],
+            "sae_fired": act["fired"]}
+
+
+def format_steer(result: dict[str, Any]) -> str:
+    """A readable summary of :func:`steer`'s result."""
+    p, s = result["plain"], result["steered"]
+    how = f"x{result['factor']:g}" + (" (forced into the kept set)" if result["force"] else "")
+    return "\n".join([
+        f"student {result['checkpoint']}",
+        f"concept c{result['concept']} ({result['concept_choice']}): {result['description']}; fires on "
+        f"{100 * result['frequency']:.2f}% of corpus tokens",
+        f"prompt : {result['prompt']!r}",
+        f"plain  : {p['text']!r}",
+        f"steered: {s['text']!r}  [{how}]",
+        f"{'':34}{'plain':>9}{'steered':>9}",
+        f"{'top-token frequency':34}{p['top_token_frequency']:9.3f}{s['top_token_frequency']:9.3f}",
+        f"{'teacher SAE activation (mean)':34}{p['sae_activation']:9.3f}{s['sae_activation']:9.3f}",
+        f"{'teacher SAE fires (fraction)':34}{p['sae_fired']:9.3f}{s['sae_fired']:9.3f}",
+    ])
+
+
+def steer(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path | None = None) -> dict[str, Any]:
+    """``conceptlm cocomix steer``: continue the prompt plainly and with one concept amplified (same seed).
+
+    The concept is ``interpret.steer_concept`` (-1: the student's most frequent arg-max concept over the prompt);
+    steering multiplies its logit by ``interpret.steer_factor`` before the TopK at every position (prompt and new
+    tokens). ``checkpoint`` / ``output`` as in :func:`explain` (default ``{student run}/interpret/steer.json``).
+
+    Returns:
+        ``{"checkpoint", "concept", "concept_choice", "description", "frequency", "factor", "force", "prompt",
+        "identical", "plain": {...}, "steered": {...}}``; each continuation has ``text``, ``token_ids``,
+        ``top_token_frequency`` (fraction of its tokens among the concept's top-activating tokens),
+        ``sae_activation`` (the teacher's mean SAE activation of the concept over its tokens) and ``sae_fired``.
+    """
+    section = _section(cfg)
+    run = _Run(cfg, section)
+    model, ckpt = run.student(checkpoint)
+    if not model.config.compresses:
+        raise ConfigError(f"arm {section.arm!r} does not mix its predicted concept (student.mix is "
+                          f"{model.config.mix!r}); steering needs cocomix, mix_only or add", field="interpret.arm")
+    n_concepts = model.config.n_concepts
+    check(section.steer_concept < n_concepts, "interpret.steer_concept",
+          f"{section.steer_concept} is out of range: the student has {n_concepts} concepts (0..{n_concepts - 1})")
+    limit = model.config.max_len - section.max_new_tokens
+    check(limit >= 1, "interpret.max_new_tokens",
+          f"{section.max_new_tokens} leaves no room for a prompt in student.max_len={model.config.max_len}")
+    prompt = run.prompt_ids(limit).to(run.device)
+    concept, choice = section.steer_concept, "interpret.steer_concept"
+    if concept < 0:
+        concept, choice = _most_predicted(concept_logits(model, prompt)[0]), "most predicted over the prompt"
+    desc = run.descriptions
+    vocabulary = set(desc[concept]["token_ids"])
+    steering = Steering(concept=concept, factor=section.steer_factor, force=section.steer_force)
+    plain = _continuation(run, model, prompt, None, section, concept, vocabulary)
+    steered = _continuation(run, model, prompt, steering, section, concept, vocabulary)
+    result = {"checkpoint": str(ckpt), "arm": section.arm, "seed": section.seed, "concept": concept,
+              "concept_choice": choice, "description": desc[concept]["description"],
+              "frequency": desc[concept]["frequency"], "factor": section.steer_factor, "force": section.steer_force,
+              "prompt": _clean(run.tokenizer.decode(prompt[0].tolist())), "temperature": section.temperature,
+              "sample_seed": section.sample_seed, "identical": plain["token_ids"] == steered["token_ids"],
+              "plain": plain, "steered": steered}
+    path = _default_output(run, output, "steer.json")
+    result["output"] = str(path)
+    _write(path, result)
+    print(format_steer(result))
+    return result
