@@ -229,24 +229,23 @@ def _describe(tokens: list[str]) -> str:
 
 def _build_descriptions(top: StreamingTopN, windows: torch.Tensor, tokenizer, ctx: int) -> list[dict[str, Any]]:
     t = windows.shape[1]
-    valid = top.positions >= 0
-    flat_pos = top.positions[valid].tolist()
-    snippets = iter(_snippets(tokenizer, windows, flat_pos, ctx))
-    flat_ids = windows.reshape(-1)
-    freq = top.frequency().tolist()
+    positions, values = top.positions.cpu().tolist(), top.values.cpu().tolist()
+    flat_ids = windows.reshape(-1).tolist()
+    snippets = iter(_snippets(tokenizer, windows, [p for row in positions for p in row if p >= 0], ctx))
+    fired, freq = top.fired.cpu().tolist(), top.frequency().cpu().tolist()
     out = []
     for c in range(top.n_latents):
         entries, tokens, ids = [], [], []
-        for j in range(int(valid[c].sum())):
-            pos = int(top.positions[c, j])
-            tok_id = int(flat_ids[pos])
+        for pos, value in zip(positions[c], values[c], strict=True):
+            if pos < 0:
+                break
             text, snippet = next(snippets)
-            entries.append({"token": text, "token_id": tok_id, "activation": float(top.values[c, j]),
-                            "window": pos // t, "position": pos % t, "context": snippet})
-            if tok_id not in ids:
-                ids.append(tok_id)
+            entries.append({"token": text, "token_id": flat_ids[pos], "activation": value, "window": pos // t,
+                            "position": pos % t, "context": snippet})
+            if flat_ids[pos] not in ids:
+                ids.append(flat_ids[pos])
                 tokens.append(text)
-        out.append({"concept": c, "frequency": freq[c], "fired": int(top.fired[c]), "description": _describe(tokens),
+        out.append({"concept": c, "frequency": freq[c], "fired": fired[c], "description": _describe(tokens),
                     "tokens": tokens, "token_ids": ids, "top": entries})
     return out
 
