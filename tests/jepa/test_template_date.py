@@ -113,3 +113,26 @@ def test_parse_and_config_field():
     TokenizerSection(template_date="2025-01-31").validate()
     with pytest.raises(ConfigError, match="tokenizer.template_date"):
         TokenizerSection(template_date="31/01/2025").validate()
+
+
+
+@pytest.mark.parametrize("source", ["trained", "path"])
+def test_build_tokenizer_pins_the_configured_date(tmp_path, clock, source):
+    """A trained tokenizer and a loaded one (which recorded another date) both see ``tokenizer.template_date``."""
+    from conceptlm.lm.build import build_tokenizer
+    from conceptlm.lm.config import LMRunConfig
+
+    clock(dt.datetime(2031, 3, 5))
+    path = None
+    if source == "path":
+        t = train_bpe_tokenizer(CORPUS, vocab_size=320)
+        t.chat_template = CLOCK
+        pin_template_date(t, "3 Feb 2020")
+        path = str(_save(t, tmp_path / "tok"))
+    cfg = LMRunConfig(tokenizer=TokenizerSection(template_date="2024-12-01", vocab_size=320, path=path))
+    tok = build_tokenizer(cfg, CORPUS)
+    tok.chat_template = CLOCK
+    text = render_chat(tok, CHAT)
+    assert "01 December 2024" in text and "2031" not in text and "2020" not in text
+    clock(dt.datetime(2019, 11, 23))
+    assert render_chat(load_tokenizer(_save(tok, tmp_path / "saved")), CHAT) == text  # kept by save_pretrained

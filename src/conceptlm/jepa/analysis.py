@@ -7,7 +7,11 @@ exported; then
   top 100 (JEPA concentrates the Text→Code difference in few directions);
 * the least-squares linear-map residual min_X ‖Enc(Text)·X − Enc(Code)‖_F (fp64 ``lstsq``); it is 0 whenever
   N ≤ d and Enc(Text) has full row rank, so it is only meaningful for N > d (reported with N and d);
-* a 2-D PCA projection of both sets of embeddings (PNG).
+* a 2-D PCA projection of both sets of embeddings (PNG);
+* collapse diagnostics over the whole split (:func:`collapse_report`): the JEPA distance on matched pairs and on
+  mismatched pairs (the targets rolled by one example), the mean cosine of matched pairs and of all mismatched
+  pairs (i ≠ j), the per-dimension variance and effective rank of Enc(Text) and Enc(Code), and retrieval accuracy
+  Enc(Text_i) → Enc(Code_i) among all N codes by cosine (top-1, top-5; ties count as misses).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["top_singular_values", "linear_map_residual", "pca_2d", "encode_views", "analyze_embeddings"]
+__all__ = ["top_singular_values", "linear_map_residual", "pca_2d", "encode_views", "collapse_report",
+           "analyze_embeddings"]
 
 
 def top_singular_values(enc_text: torch.Tensor, enc_code: torch.Tensor, k: int = 100) -> torch.Tensor:
@@ -65,10 +70,49 @@ def encode_views(model, dataset, collate, *, batch_size: int = 64) -> tuple[torc
     return torch.cat(texts), torch.cat(codes)
 
 
+def collapse_report(enc_text: torch.Tensor, enc_code: torch.Tensor, *, metric: str = "cosine",
+                    temperature: float = 0.07, pred_is_text: bool = True) -> dict:
+    """Collapse diagnostics of a whole split (N ≥ 2 examples).
+
+    Args:
+        enc_text, enc_code: (N, D) Enc(Text) and Enc(Code) (the predicting view with its predictor tokens).
+        metric, temperature: the JEPA distance (``jepa.metric``; InfoNCE's negatives are then the whole split).
+        pred_is_text: text→code (Pred = Enc(Text)); False for code→text.
+
+    Returns:
+        ``jepa_matched`` / ``jepa_mismatched`` (mean distance, mismatched = targets rolled by one example),
+        ``cos_matched`` (mean cos(Text_i, Code_i)) / ``cos_mismatched`` (mean over all i ≠ j),
+        ``enc_{text,code}_var`` (mean per-dimension variance), ``enc_{text,code}_erank`` (effective rank, at most
+        min(N, D)), ``retrieval_top1`` / ``retrieval_top5`` (Enc(Text) → Enc(Code) among the N codes, cosine).
+    """
+    from conceptlm.jepa.collapse import (cosine_matched_mismatched, effective_rank, mean_dim_variance, mismatched,
+                                         retrieval_accuracy)
+    from conceptlm.jepa.losses import jepa_distance
+
+    pred, target = (enc_text, enc_code) if pred_is_text else (enc_code, enc_text)
+    pred, target = pred.float(), target.float()
+
+    def dist(t: torch.Tensor) -> float:
+        return float(jepa_distance(pred, t, metric, temperature=temperature).double().mean())
+
+    cos_m, cos_mis = cosine_matched_mismatched(enc_text, enc_code)
+    acc = retrieval_accuracy(enc_text, enc_code, ks=(1, 5))
+    return {
+        "jepa_metric": metric,
+        "jepa_matched": dist(target), "jepa_mismatched": dist(mismatched(target)),
+        "cos_matched": cos_m, "cos_mismatched": cos_mis,
+        "enc_text_var": float(mean_dim_variance(enc_text)), "enc_code_var": float(mean_dim_variance(enc_code)),
+        "enc_text_erank": float(effective_rank(enc_text)), "enc_code_erank": float(effective_rank(enc_code)),
+        "retrieval_top1": acc[1], "retrieval_top5": acc[5],
+    }
+
+
 def analyze_embeddings(enc_text: torch.Tensor, enc_code: torch.Tensor, out_dir: str | Path, *,
-                       label: str = "", k: int = 100) -> dict:
-    """Write ``embeddings.safetensors``, ``singular_values.json``, ``projection.png`` into ``out_dir``; return the
-    summary (mean of the top-k singular values, linear-map residual, N, d, mean cosine(Text, Code))."""
+                       label: str = "", k: int = 100, metric: str = "cosine", temperature: float = 0.07,
+                       pred_is_text: bool = True) -> dict:
+    """Write ``embeddings.safetensors``, ``analysis.json``, ``projection.png`` into ``out_dir``; return the
+    summary (mean of the top-k singular values, linear-map residual, N, d, mean cosine(Text, Code), and the
+    :func:`collapse_report` entries when N ≥ 2)."""
     from safetensors.torch import save_file
 
     from conceptlm.core.io import atomic_write_text
@@ -90,6 +134,9 @@ def analyze_embeddings(enc_text: torch.Tensor, enc_code: torch.Tensor, out_dir: 
         "mean_cosine_text_code": float(torch.nn.functional.cosine_similarity(enc_text.double(),
                                                                              enc_code.double()).mean()),
     }
+    if n >= 2:
+        summary.update(collapse_report(enc_text, enc_code, metric=metric, temperature=temperature,
+                                       pred_is_text=pred_is_text))
     atomic_write_text(out / "analysis.json", json.dumps(summary, indent=2))
     proj = pca_2d(torch.cat([enc_text, enc_code]))
     summary["projection_png"] = str(plot_projection(proj[:n], proj[n:], out / "projection.png",

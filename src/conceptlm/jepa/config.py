@@ -41,6 +41,27 @@ class JepaSection:
     jepa_ratio: float = 1.0
     """Probability that an optimizer step uses the JEPA loss (paper: 1 − LD). Drawn per step from a generator
     seeded by (train.seed, step): reproducible, identical on every rank. Skipped steps run the LM forward only."""
+    anti_collapse: Literal["none", "vicreg"] = "none"
+    """A regularizer against representation collapse of Enc (not in the paper; ``none`` = the paper's objective,
+    bit for bit). ``vicreg`` adds, per micro-batch of B ≥ 2 examples, VICReg's variance hinge and covariance penalty
+    (arXiv 2105.04906) on BOTH Enc(Text) (with the predictors) and Enc(Code):
+
+        L += vicreg_var_weight · [v(Enc(Text)) + v(Enc(Code))] + vicreg_cov_weight · [c(Enc(Text)) + c(Enc(Code))]
+
+    with v = mean over dimensions of max(0, vicreg_gamma − std over the batch) and c = (1/D)·Σ of squared off-diagonal
+    batch covariances. What it changes vs the paper: the JEPA term stays the paper's d(Pred(Enc(Text)), Enc(Code))
+    (the invariance term), but Enc is now also pushed to spread every dimension across examples and to decorrelate
+    dimensions, so a constant Enc no longer minimises the loss. Enc is the LM head's input, so the regularizer also
+    acts on the LM's last hidden state at those positions. The statistics are per micro-batch (not gathered over
+    ranks or accumulation steps), so their value depends on ``train.micro_batch_size``; the logged parts
+    ``vicreg_var`` / ``vicreg_cov`` are the B-weighted means of the per-batch values. Steps without the JEPA term
+    (``jepa_ratio``) skip it too."""
+    vicreg_var_weight: float = 1.0
+    """Weight of the variance hinge (VICReg's μ/λ = 25/25)."""
+    vicreg_cov_weight: float = 0.04
+    """Weight of the covariance penalty (VICReg's ν/λ = 1/25)."""
+    vicreg_gamma: float = 1.0
+    """Target standard deviation γ of every Enc dimension across the batch."""
     enc_index_override: int | None = None
     """Read Enc at ``len(view) + override`` (a negative int, the reference's ``--last_token``) instead of the
     view's last content/predictor token derived from the tokenization."""
@@ -56,6 +77,12 @@ class JepaSection:
         check(self.temperature > 0, "temperature", "must be > 0")
         check(0 <= self.num_predictors <= 64, "num_predictors", "must be in [0, 64]")
         check(0.0 <= self.jepa_ratio <= 1.0, "jepa_ratio", "must be in [0, 1]")
+        check(self.anti_collapse in ("none", "vicreg"), "anti_collapse", "must be none or vicreg")
+        check(self.vicreg_var_weight >= 0, "vicreg_var_weight", "must be >= 0")
+        check(self.vicreg_cov_weight >= 0, "vicreg_cov_weight", "must be >= 0")
+        check(self.vicreg_gamma > 0, "vicreg_gamma", "must be > 0")
+        check(self.anti_collapse == "none" or self.lam > 0, "anti_collapse",
+              "needs jepa.lam > 0 (with lam = 0 the JEPA views are not run)")
         check(self.enc_index_override is None or self.enc_index_override < 0, "enc_index_override",
               "must be a negative integer (-1 = last token) or null")
 

@@ -261,6 +261,9 @@ def _jepa_section(jepa_args: JepaSection | Mapping | None) -> JepaSection:
         raise TypeError(f"jepa_args must be a conceptlm.jepa.config.JepaSection, a dict of its fields or None, got "
                         f"{type(jepa_args).__name__}")
     section.validate()
+    if section.anti_collapse != "none":
+        raise ValueError(f"jepa_args.anti_collapse={section.anti_collapse!r} is not supported by JepaTrainer (only "
+                         "the paper's objective); use `conceptlm jepa train` for the regularized objective")
     return section
 
 

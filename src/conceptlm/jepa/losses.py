@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["METRICS", "jepa_distance", "gather_with_grad"]
+__all__ = ["METRICS", "jepa_distance", "gather_with_grad", "vicreg_variance", "vicreg_covariance"]
 
 METRICS: tuple[str, ...] = ("cosine", "l2", "mse", "infonce")
 
@@ -126,3 +126,49 @@ def jepa_distance(pred: torch.Tensor, target: torch.Tensor, metric: str = "cosin
     logits = u_hat @ a_hat.T / temperature
     labels = torch.arange(u.shape[0], device=u.device) + offset
     return F.cross_entropy(logits, labels, reduction="none")
+
+
+def vicreg_variance(z: torch.Tensor, *, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg variance hinge over a batch (Bardes, Ponce, LeCun, arXiv 2105.04906, eq. 1):
+
+        v(Z) = (1/D) Σ_j max(0, γ − sqrt(Var(z^j) + ε)),
+
+    with Var the unbiased variance over the B rows of dimension j. Zero once every dimension's standard deviation
+    across the batch reaches γ; 1·γ-ish when the batch has collapsed to one vector.
+
+    Args:
+        z: (B, D) embeddings, B ≥ 2 (cast to float32, computed outside autocast).
+        gamma: target standard deviation γ > 0.
+        eps: ε inside the square root (keeps the gradient finite at zero variance).
+
+    Returns:
+        float32 0-d tensor (with gradient).
+    """
+    if z.dim() != 2 or z.shape[0] < 2:
+        raise ValueError(f"vicreg_variance needs (B >= 2, D) embeddings, got {tuple(z.shape)}")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        std = torch.sqrt(z.float().var(dim=0, unbiased=True) + eps)
+        return F.relu(gamma - std).mean()
+
+
+def vicreg_covariance(z: torch.Tensor) -> torch.Tensor:
+    """VICReg covariance penalty over a batch (arXiv 2105.04906, eq. 3-4):
+
+        C(Z) = (1/(B−1)) Σ_i (z_i − z̄)(z_i − z̄)ᵀ,    c(Z) = (1/D) Σ_{i≠j} C(Z)_ij²,
+
+    the squared off-diagonal covariances (decorrelated dimensions give 0).
+
+    Args:
+        z: (B, D) embeddings, B ≥ 2 (cast to float32, computed outside autocast).
+
+    Returns:
+        float32 0-d tensor (with gradient).
+    """
+    if z.dim() != 2 or z.shape[0] < 2:
+        raise ValueError(f"vicreg_covariance needs (B >= 2, D) embeddings, got {tuple(z.shape)}")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        x = z.float()
+        x = x - x.mean(dim=0, keepdim=True)
+        cov = x.T @ x / (x.shape[0] - 1)
+        off = cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()
+        return off / x.shape[1]

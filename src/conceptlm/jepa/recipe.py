@@ -50,8 +50,8 @@ def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
         k = cfg.jepa.num_predictors
         train_src, eval_src = load_sources(cfg)
         preds = [predictor_token(i) for i in range(1, k + 1)]
+        # pinned to tokenizer.template_date by build_tokenizer, saved with the tokenizer: eval renders alike
         tokenizer = build_tokenizer(cfg, corpus_texts(train_src), extra_special_tokens=preds)
-        pin_template_date(tokenizer, cfg.tokenizer.template_date)  # saved with the tokenizer: eval renders alike
         add_predictor_tokens(tokenizer, None, k)  # a loaded tokenizer gets them here; the model is resized below
         train_ds = build_dataset(cfg, train_src, tokenizer)
         eval_ds = build_dataset(cfg, eval_src, tokenizer) if eval_src is not None else None
@@ -87,7 +87,9 @@ def analyze(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | Non
     ds = build_dataset(cfg, src, tokenizer)
     enc_text, enc_code = encode_views(model, ds, collate_fn(cfg, tokenizer), batch_size=cfg.train.eval_batch_size)
     out_dir = output or (cfg.run_dir / "analysis")
-    summary = analyze_embeddings(enc_text, enc_code, out_dir, label=f"({src.name})")
+    j = cfg.jepa
+    summary = analyze_embeddings(enc_text, enc_code, out_dir, label=f"({src.name})", metric=j.metric,
+                                 temperature=j.temperature, pred_is_text=j.direction == "text_to_code")
     summary.pop("top_singular_values")
     summary.update({"checkpoint": str(model_dir), "split": src.name, "out_dir": str(out_dir)})
     return summary

@@ -4,6 +4,16 @@ Parts returned to the trainer: ``lm`` = summed next-token CE over LM targets (no
 count) and ``jepa`` = summed per-example distance d(Pred(Enc(Text_i)), Enc(Code_i)) (normalised by the global
 example count). Weights: γ and λ. With λ = 0 the JEPA views are never built or run, so the unit computes exactly
 the SFT loss.
+
+With ``jepa.anti_collapse=vicreg`` two more parts: ``vicreg_var`` and ``vicreg_cov`` = B · (the VICReg term of
+Enc(Text) + that of Enc(Code)) per micro-batch of B ≥ 2 examples, counted B, weighted ``vicreg_var_weight`` and
+``vicreg_cov_weight`` (the global value is the B-weighted mean of per-micro-batch statistics). With ``none`` the
+parts, weights and loss are exactly the paper objective's.
+
+Evaluation metrics (whenever the JEPA views run in evaluation, i.e. λ > 0): the collapse statistics of
+:func:`conceptlm.jepa.collapse.batch_stats` — the JEPA distance on mismatched pairs (``jepa_mismatch``, next to the
+matched ``jepa`` part), matched/mismatched cosine, and the per-dimension variance and effective rank of Enc(Text)
+and Enc(Code) — as ``(value · B, B)`` pairs, so the logged value is the B-weighted mean over eval batches and ranks.
 """
 
 from __future__ import annotations
@@ -15,7 +25,8 @@ from conceptlm.core.unit import TOKENS_KEY
 from conceptlm.lm.unit import HFModelUnit
 from conceptlm.jepa.config import JepaSection
 from conceptlm.jepa.forward import run_jepa_batch
-from conceptlm.jepa.losses import jepa_distance
+from conceptlm.jepa.collapse import BATCH_STAT_NAMES, batch_stats
+from conceptlm.jepa.losses import jepa_distance, vicreg_covariance, vicreg_variance
 
 __all__ = ["JepaUnit", "jepa_step_active"]
 
@@ -49,6 +60,9 @@ class JepaUnit(HFModelUnit):
         self.cfg = cfg
         self.seed = seed
         self.loss_weights = {"lm": cfg.gamma, "jepa": cfg.lam}
+        if cfg.anti_collapse == "vicreg":
+            self.loss_weights.update(vicreg_var=cfg.vicreg_var_weight, vicreg_cov=cfg.vicreg_cov_weight)
+        self.metric_names = BATCH_STAT_NAMES
         self._step_active = True
 
     def begin_step(self, step: int) -> None:
@@ -59,15 +73,33 @@ class JepaUnit(HFModelUnit):
         """JEPA views are run: λ > 0 and (evaluation, or a training step kept by the dropout draw)."""
         return self.cfg.lam > 0 and (self._step_active or not self.training)
 
+    @property
+    def vicreg(self) -> bool:
+        return self.cfg.anti_collapse == "vicreg"
+
     def counts(self, batch) -> dict[str, int]:
-        return {"lm": batch.num_lm_targets, "jepa": batch.num_examples if self.jepa_active else 0,
-                TOKENS_KEY: batch.lm.real_tokens}
+        n_jepa = batch.num_examples if self.jepa_active else 0
+        c = {"lm": batch.num_lm_targets, "jepa": n_jepa, TOKENS_KEY: batch.lm.real_tokens}
+        if self.vicreg:
+            n_reg = n_jepa if n_jepa >= 2 else 0  # batch statistics need two examples
+            c.update(vicreg_var=n_reg, vicreg_cov=n_reg)
+        return c
+
+    def _distance(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return jepa_distance(pred, target, self.cfg.metric, temperature=self.cfg.temperature,
+                             gather_negatives=self.cfg.gather_negatives)
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
         out = run_jepa_batch(self.model, batch, jepa_active=self.jepa_active)
         parts = {"lm": out.lm_loss_sum}
         if out.jepa_active:
-            d = jepa_distance(out.pred, out.target, self.cfg.metric, temperature=self.cfg.temperature,
-                              gather_negatives=self.cfg.gather_negatives)
-            parts["jepa"] = d.sum()
+            parts["jepa"] = self._distance(out.pred, out.target).sum()
+            b = out.enc_text.shape[0]
+            if self.vicreg and b >= 2:
+                g = self.cfg.vicreg_gamma
+                parts["vicreg_var"] = b * (vicreg_variance(out.enc_text, gamma=g)
+                                           + vicreg_variance(out.enc_code, gamma=g))
+                parts["vicreg_cov"] = b * (vicreg_covariance(out.enc_text) + vicreg_covariance(out.enc_code))
+            if not self.training:
+                parts.update(batch_stats(out.pred, out.target, out.enc_text, out.enc_code, self._distance))
         return parts

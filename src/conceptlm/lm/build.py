@@ -9,6 +9,7 @@ from conceptlm.core import hf
 from conceptlm.lm.config import LMRunConfig
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
+from conceptlm.data.templates import pin_template_date
 
 __all__ = ["build_tokenizer", "build_model", "build_base_model", "apply_run_lora"]
 
@@ -16,16 +17,22 @@ log = logging.getLogger(__name__)
 
 
 def build_tokenizer(cfg: LMRunConfig, corpus: Iterable[str], *, extra_special_tokens: Sequence[str] = ()):
-    """``tokenizer.path`` > ``model.path`` > a byte-level BPE trained on ``corpus`` (saved with the run)."""
+    """``tokenizer.path`` > ``model.path`` > a byte-level BPE trained on ``corpus`` (saved with the run).
+
+    The tokenizer's chat template sees ``tokenizer.template_date`` (:func:`~conceptlm.data.templates.pin_template_date`;
+    kept by ``save_pretrained``), so every tokenizer built from a config renders the same tokens on any day.
+    """
     path = cfg.tokenizer.path or cfg.model.path
     if path:
         tok = hf.load_tokenizer(path)
         if tok.chat_template is None:
             log.warning("%s has no chat template; chat data needs one", path)
         hf.ensure_pad_token(tok)
-        return tok
-    return train_bpe_tokenizer(corpus, vocab_size=cfg.tokenizer.vocab_size,
-                               extra_special_tokens=list(extra_special_tokens))
+    else:
+        tok = train_bpe_tokenizer(corpus, vocab_size=cfg.tokenizer.vocab_size,
+                                  extra_special_tokens=list(extra_special_tokens))
+    pin_template_date(tok, cfg.tokenizer.template_date)
+    return tok
 
 
 def build_model(cfg: LMRunConfig, tokenizer, *, save_base: bool = True):
