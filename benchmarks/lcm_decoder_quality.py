@@ -71,7 +71,7 @@ def prefix_config(out_dir: Path, name: str, steps: int, extra: dict) -> DecoderT
     base = {"run.out_dir": str(out_dir), "run.name": name, "run.resume": "never", "train.max_steps": steps,
             "train.eval_every": 0, "train.log_every": 25, "train.progress": False,
             "schedule.warmup_steps": min(20, steps),
-            "data.eval_sentences": 0, "data.decode_eval": 0, "data.max_sentences": 10 ** 7}
+            "decoder_train.eval_sentences": 0, "decoder_train.decode_eval": 0, "decoder_train.max_sentences": 10 ** 7}
     base.update(extra)
     return load_config(DecoderTrainConfig, None, [f"{k}={v}" for k, v in base.items()])
 

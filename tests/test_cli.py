@@ -91,6 +91,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     cocomix = summary["cocomix"]
     assert set(cocomix["final_val_loss"]) == {"ntp", "cocomix"} and cocomix["tokens_fraction_of_ntp"]["ntp"] == 1.0
     assert "| cocomix |" in out and all(Path(p).stat().st_size > 1000 for p in cocomix["plots"])
+    lcm = summary["lcm"]
+    assert lcm["sentences"] > 0 and {"l2", "l2_prev", "ca", "l2_r"} <= set(lcm["teacher_forced"])
+    assert "continuation (" in out and Path(lcm["generate"]).is_file()
 
 
 def test_plot_verb(tmp_path, capsys):

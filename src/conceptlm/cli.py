@@ -16,7 +16,6 @@ import importlib
 import json
 import shlex
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from conceptlm.core.errors import ConceptLMError
@@ -87,7 +86,30 @@ METHODS: dict[str, Method] = {
                "train": Verb("train one student as configured (student + cocomix sections) on the cached labels",
                              "conceptlm.cocomix.pipeline:train", kind="train"),
                "report": Verb("rebuild the report (curves vs tokens and FLOPs, markdown table) from the student "
-                              "runs", "conceptlm.cocomix.pipeline:report")}),
+                              "runs", "conceptlm.cocomix.pipeline:report"),
+               "concepts": Verb("describe every SAE latent by its top-activating teacher tokens (cached in "
+                                "sae/concepts.json)", "conceptlm.cocomix.interpret:concepts"),
+               "explain": Verb("the student's top predicted concepts for every token of interpret.prompt, with "
+                               "descriptions", "conceptlm.cocomix.interpret:explain"),
+               "steer": Verb("continue interpret.prompt plainly and with one concept amplified; measured effect",
+                             "conceptlm.cocomix.interpret:steer")}),
+    "lcm": Method(
+        help="Large Concept Model: next-sentence-embedding modelling over segmented, embedded documents "
+             "(arXiv 2412.08821)",
+        config="conceptlm.lcm.config:LCMConfig",
+        verbs={"prepare": Verb("segment and embed the documents, store them as Parquet shards (resumable)",
+                               "conceptlm.lcm.recipe:prepare"),
+               "train": Verb("train the Base-LCM on the prepared documents (works under torchrun)",
+                             "conceptlm.lcm.recipe:train", kind="train"),
+               "train-decoder": Verb("train the sentence decoder (embedding -> text) or build its retrieval bank",
+                                     "conceptlm.lcm.recipe:train_decoder", kind="train"),
+               "eval-decoder": Verb("AutoBLEU and round-trip cosine of the decoder on held-out sentences",
+                                    "conceptlm.lcm.recipe:eval_decoder"),
+               "generate": Verb("continue a prompt sentence by sentence and print the decoded continuation",
+                                "conceptlm.lcm.recipe:generate"),
+               "evaluate": Verb("teacher-forced l2, round-trip l2, contrastive accuracy, paraphrasing, MI and "
+                                "text metrics of continuations on validation documents",
+                                "conceptlm.lcm.recipe:evaluate")}),
 }
 """Every method and its verbs. A new method (or verb) is one entry here; nothing else in the CLI changes."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 from conceptlm.cocomix.config import CocomixConfig
 from conceptlm.cocomix.corpus import build_corpus
 from conceptlm.cocomix.generate import generate
-from conceptlm.cocomix.interpret import (CONCEPTS_FILE, InterpretSection, StreamingTopN, concept_activation,
+from conceptlm.cocomix.interpret import (CONCEPTS_FILE, StreamingTopN, concept_activation,
                                          concept_logits, concepts, explain, sae_activations, steer, token_frequency)
 from conceptlm.cocomix.labels import resolve_teacher
 from conceptlm.cocomix.model import Steering, StudentLM, StudentSection, sae_layer_norm
@@ -39,17 +38,8 @@ TINY = [
 ]
 
 
-@dataclass(kw_only=True)
-class _Cfg(CocomixConfig):
-    interpret: InterpretSection = field(default_factory=InterpretSection)
-
-    def validate(self) -> None:
-        super().validate()
-        self.interpret.validate()
-
-
-def _cfg(out_dir, *extra: str) -> _Cfg:
-    return load_config(_Cfg, CONFIG, [f"run.out_dir={out_dir}", *TINY, *extra])
+def _cfg(out_dir, *extra: str) -> CocomixConfig:
+    return load_config(CocomixConfig, CONFIG, [f"run.out_dir={out_dir}", *TINY, *extra])
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,9 @@ def test_decoder_gradient_is_orthogonal_to_rows_and_rows_renormalize():
     mse_sum(sae(torch.randn(32, 16))).backward()
     g = sae.W_dec.grad
     assert g.abs().max() > 0
-    torch.testing.assert_close((g * sae.W_dec).sum(-1), torch.zeros(48), atol=1e-6, rtol=0)
+    # cosine between each row's gradient and the row itself: zero up to fp32 rounding
+    cos = (g * sae.W_dec).sum(-1) / (g.norm(dim=-1) * sae.W_dec.norm(dim=-1)).clamp_min(1e-12)
+    assert cos.abs().max() < 1e-5, cos.abs().max()
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(48, 1) + 0.5)
     sae.normalize_decoder()

@@ -43,7 +43,7 @@ def overrides(tmp_path, name: str, **extra) -> list[str]:
             "decoder.hidden_size": 64, "decoder.num_layers": 2, "decoder.num_heads": 2, "decoder.vocab_size": 300,
             "decoder.n_prefix": 2, "decoder.projector": "linear", "decoder.noise_std": 0.0,
             "decoder.max_position_embeddings": 64, "decoder.max_tokens": 32, "decoder.max_new_tokens": 32,
-            "data.eval_sentences": 8, "data.decode_eval": 8}
+            "decoder_train.eval_sentences": 8, "decoder_train.decode_eval": 8}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -150,7 +150,7 @@ def memorized(tmp_path_factory, minilm):
     sentences = generated_sentences(72)
     cfg = load_config(DecoderTrainConfig, None, overrides(tmp, "mem"))
     res = train_decoder(cfg, sentences=sentences, encoder=minilm)
-    train_s, held = split_sentences(sentences, n_eval=8, max_train=cfg.data.max_sentences, seed=0)
+    train_s, held = split_sentences(sentences, n_eval=8, max_train=cfg.decoder_train.max_sentences, seed=0)
     return cfg, res, train_s, held
 
 
@@ -199,11 +199,11 @@ def test_retrieval_recipe_builds_and_evaluates_a_bank(tmp_path):
 
 
 def test_config_errors_are_one_line_and_nothing_is_written(tmp_path):
-    with pytest.raises(ConfigError, match="data.decode_eval"):
-        load_config(DecoderTrainConfig, None, overrides(tmp_path, "x", **{"data.decode_eval": 20}))
+    with pytest.raises(ConfigError, match="decoder_train.decode_eval"):
+        load_config(DecoderTrainConfig, None, overrides(tmp_path, "x", **{"decoder_train.decode_eval": 20}))
     with pytest.raises(ConfigError, match="decoder.lora"):
         load_config(DecoderTrainConfig, None, overrides(tmp_path, "x", **{"decoder.lora": 4}))
-    cfg = load_config(DecoderTrainConfig, None, overrides(tmp_path, "x", **{"data.eval_sentences": 8}))
+    cfg = load_config(DecoderTrainConfig, None, overrides(tmp_path, "x", **{"decoder_train.eval_sentences": 8}))
     with pytest.raises(ConfigError, match="no training sentences left"):
         train_decoder(cfg, sentences=generated_sentences(8), encoder=BagEncoder())
     assert not (tmp_path / "runs").exists()
@@ -219,8 +219,9 @@ def test_noised_training_is_independent_of_the_micro_batch_split(tmp_path):
     enc, sentences = BagEncoder(), generated_sentences(40)
 
     def weights(name: str, **extra) -> dict:
-        ov = overrides(tmp_path, name, **{"train.max_steps": 3, "decoder.noise_std": 0.5, "data.eval_sentences": 0,
-                                          "data.decode_eval": 0, "schedule.warmup_steps": 1, **extra})
+        ov = overrides(tmp_path, name, **{"train.max_steps": 3, "decoder.noise_std": 0.5,
+                                          "decoder_train.eval_sentences": 0, "decoder_train.decode_eval": 0,
+                                          "schedule.warmup_steps": 1, **extra})
         res = train_decoder(load_config(DecoderTrainConfig, None, ov), sentences=sentences, encoder=enc)
         return load_file(str(res.checkpoint / UNIT_FILE))
 

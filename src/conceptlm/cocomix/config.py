@@ -10,6 +10,8 @@ Sections:
 * ``student`` (:class:`~conceptlm.cocomix.model.StudentSection`) and ``cocomix``
   (:class:`~conceptlm.cocomix.student.CocomixSection`): the student architecture and its objective;
 * ``pipeline`` (:class:`PipelineSection`): which arms and seeds the ``pipeline`` verb trains;
+* ``interpret`` (:class:`~conceptlm.cocomix.interpret.InterpretSection`): the ``concepts`` / ``explain`` /
+  ``steer`` verbs;
 * ``run`` / ``optim`` / ``schedule`` / ``train`` / ``dist``: the shared loop's sections, used by the students
   (the teacher and the SAE carry their own length and step size).
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 
 from conceptlm.cocomix.attribution import LabelSection
 from conceptlm.cocomix.corpus import CorpusSection
+from conceptlm.cocomix.interpret import InterpretSection
 from conceptlm.cocomix.model import StudentSection
 from conceptlm.cocomix.sae_train import SAESection
 from conceptlm.cocomix.student import ARMS, CocomixSection
@@ -60,6 +63,7 @@ class CocomixConfig(RunConfig):
     student: StudentSection = field(default_factory=StudentSection)
     cocomix: CocomixSection = field(default_factory=CocomixSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    interpret: InterpretSection = field(default_factory=InterpretSection)
 
     def validate(self) -> None:
         super().validate()

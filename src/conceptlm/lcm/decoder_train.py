@@ -22,6 +22,7 @@ in ``{run_dir}/decoder`` and evaluates it the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder
 from conceptlm.lcm.segment import SegmentSection, get_segmenter
 
 __all__ = [
-    "DecoderDataSection", "DecoderTrainConfig", "SentenceTargets", "TargetCollator",
+    "DecoderTrainSection", "decoder_run_config", "DecoderTrainConfig", "SentenceTargets", "TargetCollator",
     "PrefixDecoderUnit", "noise_embeddings", "autobleu", "round_trip_cosine", "evaluate_decoder",
     "corpus_sentences", "split_sentences", "train_decoder", "eval_decoder",
 ]
@@ -61,8 +62,9 @@ NOISE_SCALE_PURPOSE = "lcm-decoder-noise-scale"
 
 # ------------------------------------------------------------------------------------------------ config
 @dataclass(kw_only=True)
-class DecoderDataSection:
-    """Which sentences a decoder trains and is evaluated on (from ``docs`` + ``segment``, or given directly)."""
+class DecoderTrainSection:
+    """``decoder_train:``: which sentences a decoder trains and is evaluated on (from ``docs`` + ``segment``, or
+    given directly), and the decoder run's own length and step size."""
 
     max_sentences: int = 20000
     """Training sentences kept (after removing duplicates and the held-out ones)."""
@@ -72,13 +74,22 @@ class DecoderDataSection:
     """Held-out sentences decoded at every evaluation for AutoBLEU and round-trip cosine (0 = none)."""
     min_chars: int = 2
     """Shorter sentences are dropped."""
+    steps: int | None = None
+    """Optimizer steps of the decoder run (None = ``train.max_steps``)."""
+    batch_size: int | None = None
+    """Sentences per micro-batch (None = ``train.micro_batch_size``)."""
+    lr: float | None = None
+    """Peak learning rate (None = ``optim.lr``)."""
 
     def validate(self) -> None:
-        check(self.max_sentences > 0, "data.max_sentences", "must be > 0")
-        check(self.eval_sentences >= 0, "data.eval_sentences", "must be >= 0")
-        check(0 <= self.decode_eval <= self.eval_sentences, "data.decode_eval",
-              f"must be in [0, data.eval_sentences={self.eval_sentences}]")
-        check(self.min_chars >= 1, "data.min_chars", "must be >= 1")
+        check(self.max_sentences > 0, "decoder_train.max_sentences", "must be > 0")
+        check(self.eval_sentences >= 0, "decoder_train.eval_sentences", "must be >= 0")
+        check(0 <= self.decode_eval <= self.eval_sentences, "decoder_train.decode_eval",
+              f"must be in [0, decoder_train.eval_sentences={self.eval_sentences}]")
+        check(self.min_chars >= 1, "decoder_train.min_chars", "must be >= 1")
+        check(self.steps is None or self.steps > 0, "decoder_train.steps", "must be > 0 or null")
+        check(self.batch_size is None or self.batch_size > 0, "decoder_train.batch_size", "must be > 0 or null")
+        check(self.lr is None or self.lr > 0, "decoder_train.lr", "must be > 0 or null")
 
 
 @dataclass(kw_only=True)
@@ -89,7 +100,19 @@ class DecoderTrainConfig(RunConfig):
     encoder: EncoderSection = field(default_factory=EncoderSection)
     docs: DocsSection = field(default_factory=DocsSection)
     segment: SegmentSection = field(default_factory=SegmentSection)
-    data: DecoderDataSection = field(default_factory=DecoderDataSection)
+    decoder_train: DecoderTrainSection = field(default_factory=DecoderTrainSection)
+
+
+def decoder_run_config(cfg):
+    """``cfg`` with ``decoder_train.steps`` / ``batch_size`` / ``lr`` (when set) in place of the run's
+    ``train.max_steps`` / ``train.micro_batch_size`` / ``optim.lr`` (the decoder is trained with its own length
+    when it shares a config with the LCM)."""
+    d = cfg.decoder_train
+    train = dataclasses.replace(cfg.train, max_steps=d.steps or cfg.train.max_steps,
+                                micro_batch_size=d.batch_size or cfg.train.micro_batch_size)
+    optim = dataclasses.replace(cfg.optim, lr=d.lr or cfg.optim.lr)
+    schedule = dataclasses.replace(cfg.schedule, warmup_steps=min(cfg.schedule.warmup_steps, train.max_steps))
+    return dataclasses.replace(cfg, train=train, optim=optim, schedule=schedule)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -251,7 +274,7 @@ def evaluate_decoder(encoder: SentenceEncoder, decoder: SentenceDecoder, sentenc
 
 # ------------------------------------------------------------------------------------------------ recipes
 def _sentences(cfg: DecoderTrainConfig, given: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    d = cfg.data
+    d = cfg.decoder_train
     if given is None:
         given = corpus_sentences(cfg.docs, cfg.segment, min_chars=d.min_chars)
     else:
@@ -260,7 +283,7 @@ def _sentences(cfg: DecoderTrainConfig, given: Sequence[str] | None) -> tuple[li
                                       seed=cfg.train.seed)
     if not train_s:
         raise ConfigError(f"no training sentences left after holding out data.eval_sentences={d.eval_sentences} "
-                          f"of {len(set(given))} unique sentences", field="data.eval_sentences")
+                          f"of {len(set(given))} unique sentences", field="decoder_train.eval_sentences")
     return train_s, eval_s
 
 
@@ -269,8 +292,8 @@ def _train_retrieval(cfg: DecoderTrainConfig, session, encoder: SentenceEncoder,
     bank = RetrievalDecoder.build(train_s, encoder, progress=cfg.train.progress)
     session.create_run_dir()
     metrics: dict[str, Any] = {}
-    if cfg.data.decode_eval:
-        metrics = evaluate_decoder(encoder, bank, eval_s[:cfg.data.decode_eval])
+    if cfg.decoder_train.decode_eval:
+        metrics = evaluate_decoder(encoder, bank, eval_s[:cfg.decoder_train.decode_eval])
     path = None
     if session.info.is_main:
         path = bank.save(cfg.run_dir / "decoder")
@@ -291,6 +314,7 @@ def train_decoder(cfg: DecoderTrainConfig, *, command: str | None = None,
         The loop's ``TrainResult``; the checkpoints' ``model/`` folder is the decoder (``load_decoder`` reads it).
         For ``decoder.kind: retrieval``: step 0, ``checkpoint`` = the saved bank, ``last_eval`` its metrics.
     """
+    cfg = decoder_run_config(cfg)
     with run_session(cfg, command) as session:
         train_s, eval_s = _sentences(cfg, sentences)
         encoder = encoder or get_encoder(cfg.encoder)
@@ -306,7 +330,7 @@ def train_decoder(cfg: DecoderTrainConfig, *, command: str | None = None,
         unit = PrefixDecoderUnit(decoder, noise_std=c.noise_std, noise_schedule=c.noise_schedule)
         plan = make_plan(cfg, session.info, train_ds)
         session.create_run_dir()
-        k = cfg.data.decode_eval
+        k = cfg.decoder_train.decode_eval
         on_eval = None
         if k:
             def on_eval(step: int) -> dict[str, float]:
@@ -325,7 +349,7 @@ def eval_decoder(cfg: DecoderTrainConfig, *, checkpoint: str | None = None, outp
     newest checkpoint or bank). Writes the result as JSON to ``output`` when given (atomically).
     """
     _, eval_s = _sentences(cfg, sentences)
-    n = cfg.data.decode_eval or len(eval_s)
+    n = cfg.decoder_train.decode_eval or len(eval_s)
     encoder = encoder or get_encoder(cfg.encoder)
     source = checkpoint or cfg.decoder.path or cfg.run_dir
     decoder = load_decoder(source, encoder=encoder)

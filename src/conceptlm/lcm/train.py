@@ -65,8 +65,7 @@ class LCMDataSection:
     """Chunks with fewer sentences are dropped (a target needs one sentence of context)."""
 
     def validate(self) -> None:
-        check(self.source == "synthetic" or (Path(self.source) / "manifest.json").is_file(), "lcm_data.source",
-              f"{self.source!r} is neither 'synthetic' nor a prepared folder (no manifest.json)")
+        check(bool(self.source), "lcm_data.source", "must be 'synthetic', 'prepared' or a prepared folder")
         check(self.n_train > 0 and self.n_eval >= 0, "lcm_data.n_train", "n_train must be > 0, n_eval >= 0")
         check(2 <= self.min_sentences <= self.max_sentences, "lcm_data.min_sentences",
               "need 2 <= min_sentences <= max_sentences")
@@ -178,6 +177,9 @@ def _datasets(cfg: LCMTrainConfig):
     if d.source != "synthetic":
         from conceptlm.lcm.store import EmbeddedDocuments
 
+        if not (Path(d.source) / "manifest.json").is_file():
+            raise ConfigError(f"{d.source!r} is neither 'synthetic' nor a prepared folder (no manifest.json); "
+                              "run 'conceptlm lcm prepare' first", field="lcm_data.source")
         train, evals = EmbeddedDocuments(d.source, "train"), EmbeddedDocuments(d.source, "validation")
         return train, (evals if len(evals) else None)
     kw = dict(min_sentences=d.min_sentences, max_sentences=d.max_sentences, rotation=d.rotation, noise=d.noise,

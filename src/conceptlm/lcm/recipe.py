@@ -1,0 +1,292 @@
+"""The ``conceptlm lcm`` verbs over one :class:`~conceptlm.lcm.config.LCMConfig`.
+
+Typical order (each verb reads what the previous ones wrote)::
+
+    conceptlm lcm prepare       --config configs/lcm/tiny_cpu.yaml   # documents -> sentence embeddings (Parquet)
+    conceptlm lcm train-decoder --config configs/lcm/tiny_cpu.yaml   # embedding -> text ({run_dir}/decoder)
+    conceptlm lcm train         --config configs/lcm/tiny_cpu.yaml   # Base-LCM on the prepared documents
+    conceptlm lcm generate      --config configs/lcm/tiny_cpu.yaml   # continue a prompt, print the text
+    conceptlm lcm evaluate      --config configs/lcm/tiny_cpu.yaml   # Table 3 metrics on validation documents
+
+``generate`` and ``evaluate`` read the run's newest checkpoint (or ``--checkpoint``), the encoder of ``encoder``
+(checked against the one recorded with the checkpoint) and the decoder of ``decoder.path`` or
+``{run_dir}/decoder``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conceptlm.core import checkpoint as ckpt_lib
+from conceptlm.core.errors import CheckpointError, ConfigError
+from conceptlm.core.io import atomic_write_text
+from conceptlm.lcm import metrics as M
+from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
+from conceptlm.lcm.unit import BaseLCMUnit, DocumentChunks, collate_documents, target_mask
+
+__all__ = ["prepare", "train", "train_decoder", "eval_decoder", "generate", "evaluate", "load_run"]
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def prepare(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+    """``conceptlm lcm prepare``: segment, embed and store ``docs`` in ``prepare.out_dir`` (resumable)."""
+    from conceptlm.lcm.prepare import prepare as run_prepare
+
+    if checkpoint:
+        raise ConfigError("prepare takes no --checkpoint", field="checkpoint")
+    return run_prepare(prepare_config(cfg), output=output)
+
+
+def train(cfg: LCMConfig, *, command: str | None = None):
+    """``conceptlm lcm train``: the Base-LCM on ``lcm_data`` in the run folder (works under torchrun)."""
+    from conceptlm.lcm.train import train_lcm
+
+    return train_lcm(lcm_train_config(cfg), command=command)
+
+
+def train_decoder(cfg: LCMConfig, *, command: str | None = None):
+    """``conceptlm lcm train-decoder``: the sentence decoder of ``decoder`` in ``{run_dir}/decoder``."""
+    from conceptlm.lcm.decoder_train import train_decoder as run
+
+    return run(decoder_config(cfg), command=command)
+
+
+def eval_decoder(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+    """``conceptlm lcm eval-decoder``: AutoBLEU and round-trip cosine of the decoder on held-out sentences."""
+    from conceptlm.lcm.decoder_train import eval_decoder as run
+
+    return run(decoder_config(cfg), checkpoint=checkpoint or str(cfg.decoder_dir), output=output)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+class LoadedRun:
+    """What ``generate`` / ``evaluate`` need: the model, its checkpoint, the encoder and (optionally) the decoder."""
+
+    def __init__(self, model, checkpoint: Path, encoder, decoder):
+        self.model, self.checkpoint, self.encoder, self.decoder = model, checkpoint, encoder, decoder
+
+    def decode(self, vectors: torch.Tensor) -> list[str]:
+        return self.decoder.decode(vectors.float())
+
+    def round_trip(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode(self.decode(vectors)).to(vectors)
+
+
+def _checkpoint(cfg: LCMConfig, checkpoint: str | None) -> Path:
+    if checkpoint:
+        return Path(checkpoint)
+    latest = ckpt_lib.find_latest_checkpoint(cfg.run_dir)
+    if latest is None:
+        raise CheckpointError(f"{cfg.run_dir} holds no checkpoint: run 'conceptlm lcm train' with this config "
+                              "first, or pass --checkpoint")
+    return latest
+
+
+def load_run(cfg: LCMConfig, checkpoint: str | None = None, *, need_decoder: bool = True) -> LoadedRun:
+    """The run's model (newest checkpoint or ``checkpoint``), encoder and decoder, checked against each other."""
+    from conceptlm.lcm.decoders import load_decoder
+    from conceptlm.lcm.encoders import get_encoder, verify_identity
+    from conceptlm.lcm.train import load_lcm
+
+    ckpt = _checkpoint(cfg, checkpoint)
+    model = load_lcm(ckpt)
+    encoder = get_encoder(cfg.encoder)
+    identity_file = ckpt / "encoder.json"
+    if identity_file.is_file():
+        verify_identity(json.loads(identity_file.read_text(encoding="utf-8")), encoder, where=str(ckpt))
+    elif cfg.lcm_data.source == "synthetic":
+        raise ConfigError(f"{ckpt} was trained on synthetic vectors, which have no text: train on prepared "
+                          "documents (lcm_data.source=prepared) to generate or evaluate text", field="lcm_data.source")
+    if encoder.dim != model.cfg.dim:
+        raise ConfigError(f"the encoder gives {encoder.dim}-d vectors but the model takes {model.cfg.dim}",
+                          field="encoder.name")
+    decoder = None
+    if need_decoder:
+        where = cfg.decoder_dir
+        if not where.exists():
+            raise ConfigError(f"no decoder at {where}: run 'conceptlm lcm train-decoder' with this config first, or "
+                              "set decoder.path to a saved decoder", field="decoder.path")
+        decoder = load_decoder(where, encoder=encoder)
+    return LoadedRun(model, ckpt, encoder, decoder)
+
+
+def _validation_documents(cfg: LCMConfig, limit: int) -> list[dict]:
+    from conceptlm.lcm.store import EmbeddedDocuments
+
+    folder = cfg.data_dir
+    if folder is None or not (folder / "manifest.json").is_file():
+        raise ConfigError(f"no prepared documents at {folder}: run 'conceptlm lcm prepare' first",
+                          field="lcm_data.source")
+    docs = EmbeddedDocuments(folder, "validation")
+    if len(docs) == 0:
+        raise ConfigError(f"{folder} has no validation documents: raise prepare.val_fraction and prepare again",
+                          field="prepare.val_fraction")
+    return [docs[i] for i in range(min(limit, len(docs)))]
+
+
+def _content(doc: dict, cfg: LCMConfig) -> int:
+    """Sentences of ``doc`` before its end-of-text sentence."""
+    s = doc["sentences"]
+    return len(s) - 1 if cfg.prepare.end_of_text and s and s[-1] == cfg.prepare.end_of_text_sentence else len(s)
+
+
+def _eot(cfg: LCMConfig, encoder) -> torch.Tensor | None:
+    return encoder.encode([cfg.prepare.end_of_text_sentence])[0] if cfg.prepare.end_of_text else None
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def generate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+    """``conceptlm lcm generate``: continue ``generate.prompt`` (or validation documents) sentence by sentence,
+    decode the new sentences and print them. Writes ``{run_dir}/generate.json`` (or ``output``)."""
+    from conceptlm.lcm.generate import generate as run_generate
+    from conceptlm.lcm.segment import get_segmenter
+
+    g = cfg.generate
+    run = load_run(cfg, checkpoint)
+    prompts: list[torch.Tensor] = []
+    cases: list[dict[str, Any]] = []
+    if g.prompt.strip():
+        sentences = get_segmenter(cfg.segment).split(g.prompt)
+        if not sentences:
+            raise ConfigError("the prompt has no sentence", field="generate.prompt")
+        prompts.append(run.encoder.encode(sentences))
+        cases.append({"id": "prompt", "prompt": sentences, "reference": None})
+    else:
+        for doc in _validation_documents(cfg, g.documents):
+            n = _content(doc, cfg)
+            p = max(1, min(g.prompt_sentences, n - 1))
+            prompts.append(doc["vectors"][:p])
+            cases.append({"id": doc["id"], "prompt": doc["sentences"][:p], "reference": doc["sentences"][p:n]})
+    results = run_generate(run.model, prompts, eot=_eot(cfg, run.encoder), options=g.options(), decode=run.decode)
+    for case, res in zip(cases, results):
+        case.update(continuation=res.sentences, stop=res.stop, new_sentences=len(res.vectors))
+        print(f"\n[{case['id']}] prompt: {' '.join(case['prompt'])}")
+        print(f"continuation ({len(res.vectors)} sentences, stopped by {res.stop}): {res.text}")
+        if case["reference"]:
+            print(f"reference: {' '.join(case['reference'])}")
+    out = Path(output) if output else cfg.run_dir / "generate.json"
+    summary = {"checkpoint": str(run.checkpoint), "decoder": str(cfg.decoder_dir), "output": str(out),
+               "documents": cases}
+    atomic_write_text(out, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return {"checkpoint": str(run.checkpoint), "output": str(out), "documents": len(cases),
+            "stops": dict(Counter(c["stop"] for c in cases))}
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def _mi_scorer(name: str):
+    from conceptlm.core.hf import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(name, dtype=torch.float32)
+    return M.CausalLMScorer(model, load_tokenizer(name))
+
+
+def _teacher_forced(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> tuple[dict[str, float], list, list]:
+    """Sums of the unit's eval metrics over the documents, plus up to ``evaluate.mi_sentences`` predicted
+    vectors with their ground-truth context sentences (for MI)."""
+    e = cfg.evaluate
+    chunks = DocumentChunks(docs, max_sentences=run.model.cfg.max_sentences, min_length=2)
+    use_rt = e.round_trip and run.decoder is not None
+    unit = BaseLCMUnit(run.model.cfg, round_trip=run.round_trip if use_rt else None)
+    unit.model = run.model
+    unit.eval()
+    sums: dict[str, list[float]] = {}
+    mi_vectors: list[torch.Tensor] = []
+    mi_contexts: list[list[str]] = []
+    with torch.no_grad():
+        for start in range(0, len(chunks), e.batch_size):
+            items = [chunks[i] for i in range(start, min(start + e.batch_size, len(chunks)))]
+            batch = collate_documents(items)
+            unit.forward(batch)
+            pred = run.model.denormalize(batch["_pred_normalized"]).float() if e.mi_model else None
+            for name, (s, c) in unit.eval_metrics(batch).items():
+                acc = sums.setdefault(name, [0.0, 0.0])
+                acc[0] += float(s)
+                acc[1] += float(c)
+            if pred is None or len(mi_vectors) >= e.mi_sentences:
+                continue
+            tm = target_mask(batch["mask"], run.model.cfg.min_context)
+            for b, it in enumerate(items):
+                sents = docs[it["doc"]]["sentences"][it["start"]:it["start"] + len(it["vectors"])]
+                for t in tm[b].nonzero().flatten().tolist():
+                    if len(mi_vectors) < e.mi_sentences:
+                        mi_vectors.append(pred[b, t])
+                        mi_contexts.append(sents[:t])
+    return {k: s / c for k, (s, c) in sums.items() if c}, mi_vectors, mi_contexts
+
+
+def _text_metrics(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> dict[str, Any]:
+    """Continue each document from its first half; ROUGE-L against the true second half, OVL-3 against the
+    prompt, REP-4 (word n-grams) and the character 1-4-gram versions."""
+    from conceptlm.lcm.generate import generate as run_generate
+
+    prompts, refs, sources = [], [], []
+    for doc in docs:
+        n = _content(doc, cfg)
+        if n < 2:
+            continue
+        p = max(1, n // 2)
+        if p >= run.model.cfg.max_sentences:
+            p = run.model.cfg.max_sentences - 1
+        prompts.append(doc["vectors"][:p])
+        sources.append(" ".join(doc["sentences"][:p]))
+        refs.append(doc["sentences"][p:n])
+        if len(prompts) == cfg.evaluate.generate_documents:
+            break
+    if not prompts:
+        return {}
+    opts = cfg.generate.options()
+    opts.max_new_sentences = max(len(r) for r in refs)
+    results = run_generate(run.model, prompts, eot=_eot(cfg, run.encoder), options=opts, decode=run.decode)
+    rows = {"rouge_l": [], "ovl3": [], "rep4": [], "ovl_char14": [], "rep_char14": []}
+    for res, ref, src in zip(results, refs, sources):
+        text = res.text or ""
+        rows["rouge_l"].append(M.rouge_l(text, " ".join(ref)))
+        rows["ovl3"].append(M.ovl3(text, src))
+        rows["rep4"].append(M.rep4(text))
+        rows["ovl_char14"].append(M.ngram_overlap_char14(text, src))
+        rows["rep_char14"].append(M.repetition_char14(text))
+    out: dict[str, Any] = {k: sum(v) / len(v) for k, v in rows.items()}
+    out["documents"] = len(results)
+    out["mean_new_sentences"] = sum(len(r.vectors) for r in results) / len(results)
+    out["stops"] = dict(Counter(r.stop for r in results))
+    out["example"] = {"prompt": sources[0], "continuation": results[0].text, "reference": " ".join(refs[0])}
+    return out
+
+
+def evaluate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+    """``conceptlm lcm evaluate``: the paper's Table 3 pre-training metrics on validation documents.
+
+    Teacher-forced (vectors, in raw embedding space): ``l2`` and the copy-previous baseline ``l2_prev``, ``cos``,
+    contrastive accuracy ``ca``, paraphrasing ``par``, round-trip ``l2_r`` (decoder, then encoder); ``mi``
+    (coherence of the decoded predictions given their true context, with ``evaluate.mi_model``); and text metrics
+    of continuations generated from each document's first half. Writes ``{run_dir}/evaluate.json`` (or
+    ``output``).
+    """
+    e = cfg.evaluate
+    run = load_run(cfg, checkpoint, need_decoder=e.round_trip or bool(e.mi_model) or e.generate_documents > 0)
+    docs = _validation_documents(cfg, e.documents)
+    log.info("evaluating %s on %d validation documents", run.checkpoint, len(docs))
+    tf, mi_vectors, mi_contexts = _teacher_forced(cfg, run, docs)
+    result: dict[str, Any] = {"checkpoint": str(run.checkpoint), "documents": len(docs), "teacher_forced": tf}
+    if e.mi_model and mi_vectors:
+        scorer = _mi_scorer(e.mi_model)
+        generated = run.decode(torch.stack(mi_vectors))
+        total, tokens = M.mutual_information(generated, mi_contexts, scorer, k=e.mi_context)
+        result["mi"] = total / tokens if tokens else math.nan
+        result["mi_sentences"] = len(generated)
+    if e.generate_documents and run.decoder is not None:
+        result["generation"] = _text_metrics(cfg, run, docs)
+    out = Path(output) if output else cfg.run_dir / "evaluate.json"
+    atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    result["output"] = str(out)
+    return result
+

@@ -1,0 +1,111 @@
+"""The ``conceptlm lcm`` verbs end to end on one config: prepare -> train-decoder -> train -> generate -> evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conceptlm.cli import main
+from conceptlm.core.config import load_config
+from conceptlm.core.errors import CheckpointError, ConfigError
+from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
+from conceptlm.lcm.recipe import evaluate, generate, prepare, train, train_decoder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _overrides(tmp_path: Path) -> list[str]:
+    return [f"run.out_dir={tmp_path}", "run.name=lcm", f"prepare.out_dir={tmp_path}/data", "docs.n_documents=40",
+            "prepare.val_fraction=0.2", "prepare.shard_size=16", "train.max_steps=30", "train.eval_every=0",
+            "train.micro_batch_size=8", "schedule.warmup_steps=3", "evaluate.documents=6",
+            "evaluate.generate_documents=3", "decoder_train.eval_sentences=8", "decoder_train.decode_eval=8",
+            "generate.documents=2", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lcm_recipe")
+    cfg = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml", _overrides(tmp))
+    summary = prepare(cfg)
+    dec = train_decoder(cfg)
+    res = train(cfg)
+    return cfg, summary, dec, res
+
+
+def test_stage_configs_share_the_run_sections(tmp_path):
+    cfg = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml", _overrides(tmp_path))
+    p = prepare_config(cfg)
+    assert p.docs is cfg.docs and p.encoder is cfg.encoder and p.run == cfg.run
+    d = decoder_config(cfg)
+    assert d.run_dir == cfg.run_dir / "decoder" and d.decoder_train is cfg.decoder_train
+    with pytest.raises(ConfigError, match="lcm_data.source.*conceptlm lcm prepare"):
+        lcm_train_config(cfg)  # nothing prepared yet: a clear error naming the verb to run
+    synthetic = load_config(LCMConfig, None, [f"run.out_dir={tmp_path}", "lcm_data.source=synthetic"])
+    assert lcm_train_config(synthetic).lcm_data.source == "synthetic"
+
+
+def test_generate_section_errors_name_the_field():
+    with pytest.raises(ConfigError, match="generate.max_new_sentences"):
+        load_config(LCMConfig, None, ["generate.max_new_sentences=0"])
+    with pytest.raises(ConfigError, match="generate.temperature"):
+        load_config(LCMConfig, None, ["generate.temperature=-1"])
+
+
+def test_verbs_end_to_end(trained, capsys):
+    cfg, summary, dec, res = trained
+    assert summary["n_documents"] == 40 and summary["n_validation_documents"] > 0
+    assert dec.checkpoint is not None and Path(dec.checkpoint).is_dir()
+    assert res.step == 30 and (cfg.run_dir / "checkpoints").is_dir()
+
+    out = generate(cfg)
+    printed = capsys.readouterr().out
+    assert out["documents"] == 2 and "continuation (" in printed and "reference:" in printed
+    saved = json.loads(Path(out["output"]).read_text())
+    for doc in saved["documents"]:
+        assert len(doc["prompt"]) == cfg.generate.prompt_sentences
+        assert doc["new_sentences"] == len(doc["continuation"]) >= 0
+        assert doc["stop"] in ("eot", "repetition", "max_new_sentences", "max_sentences")
+        # retrieval decoding: every generated sentence is a sentence of the training documents
+        assert all(isinstance(s, str) and s for s in doc["continuation"])
+
+    ev = evaluate(cfg)
+    tf = ev["teacher_forced"]
+    assert set(tf) == {"l2", "l2_prev", "cos", "ca", "par", "l2_r"}
+    assert 0.0 <= tf["ca"] <= 1.0 and -1.0 <= tf["cos"] <= 1.0 and tf["l2"] > 0 and tf["l2_r"] > 0
+    gen = ev["generation"]
+    assert gen["documents"] == 3 and 0.0 <= gen["rouge_l"] <= 1.0 and 0.0 <= gen["rep4"] <= 1.0
+    assert json.loads(Path(ev["output"]).read_text())["teacher_forced"] == tf
+
+
+def test_generate_from_a_prompt_text(trained, capsys):
+    cfg, *_ = trained
+    import dataclasses
+
+    text = "Anna lived in a small house in Riverton. Every morning she walked to the harbor with her dog."
+    cfg2 = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, prompt=text))
+    out = generate(cfg2, output=str(cfg.run_dir / "prompt.json"))
+    doc = json.loads(Path(out["output"]).read_text())["documents"][0]
+    assert doc["prompt"] == ["Anna lived in a small house in Riverton.",
+                             "Every morning she walked to the harbor with her dog."]
+    assert doc["reference"] is None and "continuation (" in capsys.readouterr().out
+
+
+def test_generate_without_a_run_or_decoder_says_what_to_run(tmp_path, trained):
+    cfg = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml", _overrides(tmp_path))
+    with pytest.raises(CheckpointError, match="conceptlm lcm train"):
+        generate(cfg)
+    trained_cfg = trained[0]
+    with pytest.raises(ConfigError, match="train-decoder"):
+        generate(load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml",
+                             _overrides(tmp_path) + [f"decoder.path={tmp_path}/nowhere"]),
+                 checkpoint=str(trained_cfg.run_dir / "checkpoints" / "step_00000030"))
+
+
+def test_cli_lists_the_lcm_verbs(capsys):
+    with pytest.raises(SystemExit):
+        main(["lcm", "--help"])
+    text = capsys.readouterr().out
+    for verb in ("prepare", "train", "train-decoder", "eval-decoder", "generate", "evaluate"):
+        assert verb in text
