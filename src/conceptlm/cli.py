@@ -73,7 +73,9 @@ METHODS: dict[str, Method] = {
         verbs={"train": Verb("train a model (works under torchrun)", "conceptlm.jepa.recipe:train", kind="train"),
                "eval": Verb(_EVAL_HELP, "conceptlm.jepa.recipe:evaluate"),
                "analyze": Verb("embedding analysis of a checkpoint: Enc(Text)/Enc(Code) export, singular values, "
-                               "linear-map residual, 2-D projection plot", "conceptlm.jepa.recipe:analyze")}),
+                               "linear-map residual, collapse diagnostics (mismatched distance, variance, effective "
+                               "rank), Text->Code retrieval top-1/5, 2-D projection plot",
+                               "conceptlm.jepa.recipe:analyze")}),
     "cocomix": Method(
         help="CoCoMix: continuous-concept pretraining from a teacher's SAE concepts (arXiv 2502.08524)",
         config="conceptlm.cocomix.config:CocomixConfig",
