@@ -20,7 +20,8 @@ def _overrides(tmp_path: Path) -> list[str]:
     return [f"run.out_dir={tmp_path}", "run.name=lcm", f"prepare.out_dir={tmp_path}/data", "docs.n_documents=40",
             "prepare.val_fraction=0.2", "prepare.shard_size=16", "train.max_steps=30", "train.eval_every=0",
             "train.micro_batch_size=8", "schedule.warmup_steps=3", "evaluate.documents=6",
-            "evaluate.generate_documents=3", "decoder_train.eval_sentences=8", "decoder_train.decode_eval=8",
+            "evaluate.generate_documents=3", "evaluate.fragility_sentences=4", "decoder_train.eval_sentences=8",
+            "decoder_train.decode_eval=8",
             "generate.documents=2", "train.progress=false"]
 
 
@@ -77,6 +78,7 @@ def test_verbs_end_to_end(trained, capsys):
     gen = ev["generation"]
     assert gen["documents"] == 3 and 0.0 <= gen["rouge_l"] <= 1.0 and 0.0 <= gen["rep4"] <= 1.0
     assert json.loads(Path(ev["output"]).read_text())["teacher_forced"] == tf
+    assert ev["fragility"]["sentences"] == 4 and -100.0 <= ev["fragility"]["mean"] <= 0.0
 
 
 def test_generate_from_a_prompt_text(trained, capsys):
@@ -90,6 +92,10 @@ def test_generate_from_a_prompt_text(trained, capsys):
     assert doc["prompt"] == ["Anna lived in a small house in Riverton.",
                              "Every morning she walked to the harbor with her dog."]
     assert doc["reference"] is None and "continuation (" in capsys.readouterr().out
+    too_long = " ".join(f"Sentence number {i} is here." for i in range(cfg.lcm.max_sentences + 2))
+    cfg3 = dataclasses.replace(cfg, generate=dataclasses.replace(cfg.generate, prompt=too_long))
+    with pytest.raises(ConfigError, match="generate.prompt.*max_sentences"):
+        generate(cfg3)
 
 
 def test_generate_without_a_run_or_decoder_says_what_to_run(tmp_path, trained):

@@ -128,8 +128,9 @@ class _Stages:
         train_ds, val_ds = self.datasets()
         online = self.cfg.pipeline.labels == "online"
         done: dict[str, Any] = {}
-        for arm in self.cfg.pipeline.arms:
-            for seed in self.cfg.pipeline.seeds:
+        # seed-major: a pipeline stopped part-way leaves every arm with the same seeds done (a usable report)
+        for seed in self.cfg.pipeline.seeds:
+            for arm in self.cfg.pipeline.arms:
                 sub = _student_config(self.cfg, arm, seed, len(tokenizer))
                 if ckpt_lib.run_finished(sub.run_dir, sub.train.max_steps):
                     log.info("student %s: finished, skipped", sub.run.name)

@@ -50,7 +50,8 @@ class GenerateSection:
     ``prompt_sentences`` sentences of the first ``documents`` validation documents of the prepared data."""
     prompt_sentences: int = 4
     documents: int = 1
-    """Validation documents continued when ``prompt`` is empty."""
+    """Validation documents continued when ``prompt`` is empty (the first ones with at least two sentences; the
+    prompt keeps at least one sentence back as the reference)."""
     max_new_sentences: int = 8
     min_new_sentences: int = 1
     eos_threshold: float | None = 0.9
@@ -98,6 +99,11 @@ class EvaluateSection:
     """Predicted sentences scored for MI (two LM passes each)."""
     generate_documents: int = 16
     """Documents continued from their first half for the text metrics (ROUGE-L, OVL-3, REP-4; 0 = none)."""
+    fragility_sentences: int = 0
+    """Validation sentences whose fragility (Eq. 26: minus the expected sentence BLEU of the decoded, noised
+    embedding, alpha ~ U[0, 1]) is estimated with the decoder (0 = off)."""
+    fragility_samples: int = 2
+    """Noise draws per sentence for the fragility estimate."""
 
     def validate(self) -> None:
         check(self.documents >= 1, "evaluate.documents", "must be >= 1")
@@ -105,6 +111,8 @@ class EvaluateSection:
         check(self.mi_context >= 0, "evaluate.mi_context", "must be >= 0")
         check(self.mi_sentences >= 1, "evaluate.mi_sentences", "must be >= 1")
         check(self.generate_documents >= 0, "evaluate.generate_documents", "must be >= 0")
+        check(self.fragility_sentences >= 0, "evaluate.fragility_sentences", "must be >= 0")
+        check(self.fragility_samples >= 1, "evaluate.fragility_samples", "must be >= 1")
 
 
 @dataclass(kw_only=True)

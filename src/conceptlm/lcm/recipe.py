@@ -161,12 +161,20 @@ def generate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
         prompts.append(run.encoder.encode(sentences))
         cases.append({"id": "prompt", "prompt": sentences, "reference": None})
     else:
-        for doc in _validation_documents(cfg, g.documents):
+        docs = [d for d in _validation_documents(cfg, 10 ** 9) if _content(d, cfg) >= 2][:g.documents]
+        if not docs:
+            raise ConfigError("no validation document has two sentences to split into a prompt and a reference; "
+                              "set generate.prompt", field="generate.prompt")
+        for doc in docs:
             n = _content(doc, cfg)
             p = max(1, min(g.prompt_sentences, n - 1))
             prompts.append(doc["vectors"][:p])
             cases.append({"id": doc["id"], "prompt": doc["sentences"][:p], "reference": doc["sentences"][p:n]})
-    results = run_generate(run.model, prompts, eot=_eot(cfg, run.encoder), options=g.options(), decode=run.decode)
+    try:
+        results = run_generate(run.model, prompts, eot=_eot(cfg, run.encoder), options=g.options(),
+                               decode=run.decode)
+    except ValueError as e:  # e.g. a prompt longer than the model's max_sentences
+        raise ConfigError(str(e), field="generate.prompt") from None
     for case, res in zip(cases, results):
         case.update(continuation=res.sentences, stop=res.stop, new_sentences=len(res.vectors))
         print(f"\n[{case['id']}] prompt: {' '.join(case['prompt'])}")
@@ -267,8 +275,9 @@ def evaluate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
 
     Teacher-forced (vectors, in raw embedding space): ``l2`` and the copy-previous baseline ``l2_prev``, ``cos``,
     contrastive accuracy ``ca``, paraphrasing ``par``, round-trip ``l2_r`` (decoder, then encoder); ``mi``
-    (coherence of the decoded predictions given their true context, with ``evaluate.mi_model``); and text metrics
-    of continuations generated from each document's first half. Writes ``{run_dir}/evaluate.json`` (or
+    (coherence of the decoded predictions given their true context, with ``evaluate.mi_model``); text metrics
+    of continuations generated from each document's first half; and the decoder's ``fragility`` (Eq. 26, noise
+    added in the model's normalized space). Writes ``{run_dir}/evaluate.json`` (or
     ``output``).
     """
     e = cfg.evaluate
@@ -285,6 +294,15 @@ def evaluate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
         result["mi_sentences"] = len(generated)
     if e.generate_documents and run.decoder is not None:
         result["generation"] = _text_metrics(cfg, run, docs)
+    if e.fragility_sentences and run.decoder is not None:
+        sentences = [s for d in docs for s in d["sentences"][:_content(d, cfg)]][:e.fragility_sentences]
+        model = run.model
+        frag = M.fragility(sentences, encode=run.encoder.encode, decode=run.decode, n_samples=e.fragility_samples,
+                           normalize=lambda v: model.normalize(v.to(next(model.parameters()).device)).float(),
+                           denormalize=lambda z: model.denormalize(z).float(),
+                           generator=torch.Generator().manual_seed(cfg.train.seed))
+        result["fragility"] = {"mean": float(frag.mean()), "sentences": len(sentences),
+                               "samples": e.fragility_samples}
     out = Path(output) if output else cfg.run_dir / "evaluate.json"
     atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     result["output"] = str(out)
