@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conceptlm.cli import main
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
-from conceptlm.lcm.recipe import evaluate, generate, prepare, train, train_decoder
+from conceptlm.lcm.recipe import StoredVectorsEncoder, evaluate, generate, prepare, train, train_decoder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,3 +116,43 @@ def test_cli_lists_the_lcm_verbs(capsys):
     text = capsys.readouterr().out
     for verb in ("prepare", "train", "train-decoder", "eval-decoder", "generate", "evaluate"):
         assert verb in text
+
+
+class _CountingEncoder:
+    name, dim = "fake", 3
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def identity(self) -> dict:
+        return {"name": "fake", "dim": 3}
+
+    def encode(self, sentences, batch_size=None, progress=False):
+        self.calls.append(list(sentences))
+        return torch.tensor([[float(len(s)), 0.0, 1.0] for s in sentences])
+
+
+def test_stored_vectors_are_reused_and_only_new_sentences_encoded():
+    inner = _CountingEncoder()
+    enc = StoredVectorsEncoder(inner, {"known.": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)})
+    out = enc.encode(["known.", "new one.", "known.", "new one."])
+    assert inner.calls == [["new one."]]  # each unknown sentence encoded once
+    torch.testing.assert_close(out, torch.tensor([[1.0, 2.0, 3.0], [8.0, 0.0, 1.0]] * 2))
+    assert enc.identity() == inner.identity() and enc.dim == 3 and enc.encode([]).shape == (0, 3)
+
+
+def test_retrieval_bank_takes_the_prepared_vectors(trained):
+    from conceptlm.lcm.decoders import load_decoder
+    from conceptlm.lcm.store import EmbeddedDocuments
+
+    cfg, *_ = trained
+    bank = load_decoder(cfg.decoder_dir)
+    docs = EmbeddedDocuments(cfg.data_dir, "all")
+    stored = {}
+    for i in range(len(docs)):
+        for sentence, v in zip(docs[i]["sentences"], docs[i]["vectors"]):
+            stored.setdefault(sentence, v)
+    rows = [j for j, s_ in enumerate(bank.sentences) if s_ in stored][:20]
+    assert rows
+    want = torch.nn.functional.normalize(torch.stack([stored[bank.sentences[j]] for j in rows]), dim=-1)
+    torch.testing.assert_close(bank.embeddings[rows], want)

@@ -53,11 +53,68 @@ def train(cfg: LCMConfig, *, command: str | None = None):
     return train_lcm(lcm_train_config(cfg), command=command)
 
 
-def train_decoder(cfg: LCMConfig, *, command: str | None = None):
-    """``conceptlm lcm train-decoder``: the sentence decoder of ``decoder`` in ``{run_dir}/decoder``."""
-    from conceptlm.lcm.decoder_train import train_decoder as run
+class StoredVectorsEncoder:
+    """An encoder that answers from the vectors a ``prepare`` run already stored (fp16) and encodes only the
+    sentences it has not seen; same identity as the wrapped encoder."""
 
-    return run(decoder_config(cfg), command=command)
+    def __init__(self, encoder, table: dict[str, torch.Tensor]):
+        self.encoder, self.table = encoder, table
+        self.name = encoder.name
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def identity(self) -> dict:
+        return self.encoder.identity()
+
+    def encode(self, sentences, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+        sentences = list(sentences)
+        missing = list(dict.fromkeys(s for s in sentences if s not in self.table))
+        fresh = dict(zip(missing, self.encoder.encode(missing, batch_size=batch_size, progress=progress))) \
+            if missing else {}
+        if not sentences:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self.table[s] if s in self.table else fresh[s] for s in sentences]).float()
+
+
+def _stored_vectors(cfg: LCMConfig, encoder) -> dict[str, torch.Tensor] | None:
+    """Sentence -> vector of the prepared folder, when it was made from the same documents with this encoder."""
+    from conceptlm.core.errors import ConceptLMError
+    from conceptlm.lcm.encoders import verify_identity
+    from conceptlm.lcm.store import EmbeddedDocuments, load_manifest
+
+    folder = cfg.data_dir
+    if folder is None or not (folder / "manifest.json").is_file():
+        return None
+    manifest = load_manifest(folder)
+    try:
+        verify_identity(manifest["encoder"], encoder, where=str(folder))
+    except ConceptLMError:
+        return None
+    docs = EmbeddedDocuments(folder, "all")
+    table: dict[str, torch.Tensor] = {}
+    for i in range(len(docs)):
+        d = docs[i]
+        for sentence, vector in zip(d["sentences"], d["vectors"]):
+            table.setdefault(sentence, vector)
+    return table
+
+
+def train_decoder(cfg: LCMConfig, *, command: str | None = None):
+    """``conceptlm lcm train-decoder``: the sentence decoder of ``decoder`` in ``{run_dir}/decoder``.
+
+    When the prepared folder was made with the same encoder, every sentence found in its shards takes the stored
+    vector (fp16, as the LCM sees it) instead of being encoded again; the others are encoded."""
+    from conceptlm.lcm.decoder_train import train_decoder as run
+    from conceptlm.lcm.encoders import get_encoder
+
+    encoder = get_encoder(cfg.encoder)
+    table = _stored_vectors(cfg, encoder)
+    if table:
+        log.info("decoder: %d sentence vectors reused from %s", len(table), cfg.data_dir)
+        encoder = StoredVectorsEncoder(encoder, table)
+    return run(decoder_config(cfg), command=command, encoder=encoder)
 
 
 def eval_decoder(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
