@@ -193,11 +193,15 @@ def rows(run_dir: Path, split: str) -> list[dict]:
 
 
 def test_short_run_learns_both_losses_and_the_checkpoint_reloads(tmp_path):
-    res = main(overrides(tmp_path, "co", **{"train.max_steps": 40, "train.eval_every": 20, "optim.lr": 1e-2}))
+    res = main(overrides(tmp_path, "co", **{"train.max_steps": 80, "train.eval_every": 20, "optim.lr": 1e-2}))
     tr, ev = rows(res.run_dir, "train"), rows(res.run_dir, "eval")
     assert {"ntp", "concept", "concept_acc", "tokens_per_s", "loss"} <= set(tr[0])
-    assert tr[-1]["ntp"] < tr[0]["ntp"] - 0.5 and tr[-1]["concept"] < tr[0]["concept"] - 0.3
-    assert ev[-1]["concept_acc"] > ev[0]["concept_acc"]
+
+    def late(key: str) -> float:  # the curves are noisy step to step: compare the mean of the last 5 logged steps
+        return sum(r[key] for r in tr[-5:]) / 5
+
+    assert late("ntp") < tr[0]["ntp"] - 0.5 and late("concept") < tr[0]["concept"] - 0.3
+    assert sum(r["concept_acc"] for r in ev[1:]) / len(ev[1:]) > ev[0]["concept_acc"]
     cfg = load_config(StudentTrainConfig, None, ["student.vocab_size=48", "student.d_model=32", "student.n_layers=2",
                                                  "student.n_heads=4", "student.max_len=16", "student.n_concepts=64",
                                                  "student.concept_k=4", "cocomix.k_attr=3"])
