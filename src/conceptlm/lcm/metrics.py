@@ -20,6 +20,7 @@ Text metrics: :func:`rouge_l` (``rouge-score``), :func:`ovl3` / :func:`rep4` (wo
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -176,11 +177,19 @@ class CausalLMScorer:
 def rouge_l(prediction: str, reference: str, *, summary_level: bool = False) -> float:
     """ROUGE-L F-measure in [0, 1] (``rouge-score``, no stemming). ``summary_level`` = ROUGE-Lsum over
     newline-separated sentences (split the texts with ``"\\n"`` yourself; no NLTK data is needed)."""
+    kind = "rougeLsum" if summary_level else "rougeL"
+    return float(_rouge_scorer(kind).score(reference, prediction)[kind].fmeasure)
+
+
+@functools.lru_cache(maxsize=2)
+def _rouge_scorer(kind: str):
+    """One scorer per kind (building one logs an absl INFO line each time; it is silenced here)."""
+    import logging
+
     from rouge_score import rouge_scorer
 
-    kind = "rougeLsum" if summary_level else "rougeL"
-    scorer = rouge_scorer.RougeScorer([kind], use_stemmer=False, split_summaries=False)
-    return float(scorer.score(reference, prediction)[kind].fmeasure)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    return rouge_scorer.RougeScorer([kind], use_stemmer=False, split_summaries=False)
 
 
 _WORD = re.compile(r"\w+")
