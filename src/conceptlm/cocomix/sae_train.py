@@ -14,7 +14,6 @@ token).
 
 from __future__ import annotations
 
-import dataclasses
 
 import json
 import logging
@@ -30,7 +29,7 @@ from conceptlm.cocomix.sae import (DEFAULT_DEAD_AFTER_TOKENS, TopKSAE, auxk_sum,
                                    mse_sum, save_sae)
 from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, TeacherSection, hidden_at_layer, load_teacher,
                                        teacher_identity, teacher_width, train_tiny_teacher)
-from conceptlm.core.config import RunConfig, check
+from conceptlm.core.config import RunConfig, check, with_own_length
 from conceptlm.core.distributed import all_reduce_sum, barrier
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
@@ -196,12 +195,7 @@ def _initial_mean(unit: SAEUnit, windows: torch.Tensor, device: torch.device) ->
 def sae_run_config(cfg: SAETrainConfig) -> SAETrainConfig:
     """``cfg`` with ``sae.steps`` / ``sae.batch_size`` / ``sae.lr`` (when set) in place of the run's
     ``train.max_steps`` / ``train.micro_batch_size`` / ``optim.lr``."""
-    s = cfg.sae
-    train = dataclasses.replace(cfg.train, max_steps=s.steps or cfg.train.max_steps,
-                                micro_batch_size=s.batch_size or cfg.train.micro_batch_size)
-    optim = dataclasses.replace(cfg.optim, lr=s.lr or cfg.optim.lr)
-    schedule = dataclasses.replace(cfg.schedule, warmup_steps=min(cfg.schedule.warmup_steps, train.max_steps))
-    return dataclasses.replace(cfg, train=train, optim=optim, schedule=schedule)
+    return with_own_length(cfg, steps=cfg.sae.steps, batch_size=cfg.sae.batch_size, lr=cfg.sae.lr)
 
 
 def train_sae(cfg: SAETrainConfig, *, command: str | None = None) -> TrainResult:

@@ -25,7 +25,7 @@ from conceptlm.core.errors import ConfigError
 
 __all__ = [
     "RunSection", "OptimSection", "ScheduleSection", "TrainSection", "DistSection", "RunConfig",
-    "load_config", "config_to_dict", "save_config", "parse_override", "check",
+    "load_config", "config_to_dict", "save_config", "parse_override", "check", "with_own_length",
 ]
 
 
@@ -138,6 +138,17 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
+
+
+def with_own_length(cfg: RunConfig, *, steps: int | None, batch_size: int | None, lr: float | None):
+    """``cfg`` with a stage's own ``steps`` / ``batch_size`` / ``lr`` (each when set) in place of the run's
+    ``train.max_steps`` / ``train.micro_batch_size`` / ``optim.lr``, warmup capped at the new length (for stages such
+    as an SAE or a decoder that share a config with the main run)."""
+    train = dataclasses.replace(cfg.train, max_steps=steps or cfg.train.max_steps,
+                                micro_batch_size=batch_size or cfg.train.micro_batch_size)
+    optim = dataclasses.replace(cfg.optim, lr=lr or cfg.optim.lr)
+    schedule = dataclasses.replace(cfg.schedule, warmup_steps=min(cfg.schedule.warmup_steps, train.max_steps))
+    return dataclasses.replace(cfg, train=train, optim=optim, schedule=schedule)
 
 
 # ----------------------------------------------------------------------------------------------------------------

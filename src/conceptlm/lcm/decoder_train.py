@@ -22,7 +22,6 @@ in ``{run_dir}/decoder`` and evaluates it the same way.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from conceptlm.core.config import RunConfig, check
+from conceptlm.core.config import RunConfig, check, with_own_length
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.core.recipe import fit, make_plan
@@ -108,11 +107,7 @@ def decoder_run_config(cfg):
     ``train.max_steps`` / ``train.micro_batch_size`` / ``optim.lr`` (the decoder is trained with its own length
     when it shares a config with the LCM)."""
     d = cfg.decoder_train
-    train = dataclasses.replace(cfg.train, max_steps=d.steps or cfg.train.max_steps,
-                                micro_batch_size=d.batch_size or cfg.train.micro_batch_size)
-    optim = dataclasses.replace(cfg.optim, lr=d.lr or cfg.optim.lr)
-    schedule = dataclasses.replace(cfg.schedule, warmup_steps=min(cfg.schedule.warmup_steps, train.max_steps))
-    return dataclasses.replace(cfg, train=train, optim=optim, schedule=schedule)
+    return with_own_length(cfg, steps=d.steps, batch_size=d.batch_size, lr=d.lr)
 
 
 # ------------------------------------------------------------------------------------------------ data
