@@ -42,8 +42,9 @@ DECODER_RUN = "decoder"
 
 
 @dataclass(kw_only=True)
-class GenerateSection:
-    """``generate:``: the prompt of ``conceptlm lcm generate`` and the stopping rules (the paper's defaults)."""
+class GenerateSection(GenerationOptions):
+    """``generate:``: the prompt of ``conceptlm lcm generate`` and, inherited from
+    :class:`~conceptlm.lcm.generate.GenerationOptions`, the stopping rules and sampling (the paper's defaults)."""
 
     prompt: str = ""
     """Prompt text (segmented and embedded with the run's segmenter and encoder); empty = the first
@@ -53,28 +54,16 @@ class GenerateSection:
     """Validation documents continued when ``prompt`` is empty (the first ones with at least two sentences; the
     prompt keeps at least one sentence back as the reference)."""
     max_new_sentences: int = 8
-    min_new_sentences: int = 1
-    eos_threshold: float | None = 0.9
-    """Stop when the cosine of a new sentence to the end-of-text embedding reaches it (null: off)."""
-    repetition_threshold: float | None = 0.9
-    """Stop when the cosine of a new sentence to the previous one reaches it (null: off)."""
-    trim_stop_sentence: bool = True
-    temperature: float = 0.0
-    """Gaussian noise scale added to each prediction in normalized space (0 = deterministic)."""
-    seed: int = 0
-    use_cache: bool = True
 
     def options(self) -> GenerationOptions:
-        return GenerationOptions(max_new_sentences=self.max_new_sentences, min_new_sentences=self.min_new_sentences,
-                                 eos_threshold=self.eos_threshold, repetition_threshold=self.repetition_threshold,
-                                 trim_stop_sentence=self.trim_stop_sentence, temperature=self.temperature,
-                                 seed=self.seed, use_cache=self.use_cache)
+        """The :class:`GenerationOptions` part (a new object: callers may change it)."""
+        return GenerationOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationOptions)})
 
     def validate(self) -> None:
         check(self.prompt_sentences >= 1, "generate.prompt_sentences", "must be >= 1")
         check(self.documents >= 1, "generate.documents", "must be >= 1")
         try:
-            self.options().validate()
+            super().validate()
         except ValueError as e:
             name = str(e).split()[0]
             raise ConfigError(str(e).split(" ", 1)[1], field=f"generate.{name}") from None
