@@ -21,21 +21,31 @@ step so a document's output does not depend on the rest of the batch.
 
 Decoding to text is the caller's: pass ``decode(vectors (N, D)) -> list[str]``; it is called once for all
 generated vectors of the batch, and a document's text is its sentences joined with spaces.
+
+Every LCM variant plugs into the same loop through a :class:`NextSentencePredictor` (``model.predictor(options)``):
+the loop owns prompts, padding, stopping and batching; the predictor owns the model's state (KV caches, cached
+cross-attention memories) and how one next sentence is produced (a regression, a diffusion sampler, residual
+codes). A predictor draws its randomness from ``(options.seed, document row, step)`` only, so a document's output
+does not depend on the other documents of the batch, nor on whether caches are used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from conceptlm.core.modules import KVCache, positions_from_padding
 from conceptlm.core.rng import derived_generator
-from conceptlm.lcm.model import BaseLCM
+from conceptlm.lcm.diffusion.config import SamplerOptions
+from conceptlm.lcm.model import BaseLCM, NormalizedModel
+from conceptlm.lcm.quant_config import QuantSamplingOptions
 
-__all__ = ["GenerationOptions", "GeneratedDocument", "generate", "STOP_REASONS"]
+__all__ = ["GenerationOptions", "GeneratedDocument", "generate", "STOP_REASONS", "NextSentencePredictor",
+           "BaseLCMPredictor", "row_generator"]
 
 STOP_REASONS = ("eot", "repetition", "max_new_sentences", "max_sentences")
 
@@ -55,8 +65,16 @@ class GenerationOptions:
     temperature: float = 0.0
     seed: int = 0
     use_cache: bool = True
+    """Reuse the model's caches across steps (KV caches, cross-attention memories); off = recompute everything
+    each step (same output, for checking and timing)."""
+    diffusion: SamplerOptions = field(default_factory=SamplerOptions)
+    """The diffusion sampler of One-/Two-Tower models (ignored by the others)."""
+    quant: QuantSamplingOptions = field(default_factory=QuantSamplingOptions)
+    """Unit sampling of Quant-LCMs (ignored by the others)."""
 
     def validate(self) -> None:
+        self.diffusion.validate()
+        self.quant.validate()
         if self.max_new_sentences < 1:
             raise ValueError("max_new_sentences must be >= 1")
         if not 0 <= self.min_new_sentences <= self.max_new_sentences:
@@ -78,22 +96,93 @@ class GeneratedDocument:
     """Sentences predicted, including a trimmed stop sentence."""
 
 
-@dataclass
-class _Batch:
-    """The still-running documents: their row in the input, left-padded raw sequence, mask and positions."""
+def row_generator(purpose: str, seed: int, row: int, step: int) -> torch.Generator:
+    """The CPU generator of document ``row`` at generation ``step`` (draws independent of the batch)."""
+    return derived_generator(purpose, seed, row, step)
 
-    rows: list[int]
-    seq: torch.Tensor  # (A, S, D) raw
-    keep: torch.Tensor  # (A, S) bool
-    positions: torch.Tensor  # (A, S) long
-    cache: KVCache | None = None
 
-    def select(self, index: list[int]) -> None:
-        idx = torch.tensor(index, device=self.seq.device)
-        self.rows = [self.rows[i] for i in index]
-        self.seq, self.keep, self.positions = self.seq[idx], self.keep[idx], self.positions[idx]
+class NextSentencePredictor(Protocol):
+    """The model side of :func:`generate`. All embeddings are in the model's normalized space.
+
+    ``rows`` are the documents' indices in the caller's prompt list (for per-document randomness, see
+    :func:`row_generator`); ``step`` counts the sentences generated so far (0 for the first).
+    """
+
+    def start(self, z: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Prompts ``z`` ``(A, S, D)`` left-padded (``keep`` bool ``(A, S)``, sentence ``positions`` long
+        ``(A, S)``) -> the first generated sentence ``(A, D)``."""
+        ...
+
+    def step(self, z_new: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
+        """Append the last generated sentence ``z_new`` ``(A, D)`` to every running document -> the next one
+        ``(A, D)``."""
+        ...
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the running documents ``index`` (long ``(A',)``), in that order."""
+        ...
+
+
+class SequenceState:
+    """The left-padded normalized sequences of the running documents (the part every predictor keeps)."""
+
+    def __init__(self, z: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor) -> None:
+        self.z, self.keep, self.positions = z, keep, positions
+
+    def append(self, z_new: torch.Tensor) -> None:
+        self.z = torch.cat([self.z, z_new.unsqueeze(1)], dim=1)
+        self.keep = torch.cat([self.keep, torch.ones_like(self.keep[:, :1])], dim=1)
+        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.z, self.keep, self.positions = self.z[index], self.keep[index], self.positions[index]
+
+
+class BaseLCMPredictor:
+    """Base-LCM: the regression output is the next sentence (plus optional ``temperature`` noise, the reference's
+    ``sample_latent_variable``); with the cache each new sentence costs one position per layer."""
+
+    def __init__(self, model: BaseLCM, options: GenerationOptions) -> None:
+        self.model, self.o = model, options
+        self.cache = KVCache() if options.use_cache else None
+        self.seq: SequenceState | None = None
+
+    def _sample(self, y: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
+        if self.o.temperature > 0:
+            noise = torch.stack([torch.randn(y.shape[-1], generator=row_generator("lcm-generate", self.o.seed, r, step))
+                                 for r in rows]).to(y)
+            y = y + self.o.temperature * noise
+        return y
+
+    def start(self, z, keep, positions, rows):
+        self.seq = SequenceState(z, keep, positions)
+        y = self.model.forward_normalized(z, positions=positions, key_padding_mask=keep, cache=self.cache)
+        return self._sample(y[:, -1], rows, 0)
+
+    def step(self, z_new, rows, step):
+        s = self.seq
+        s.append(z_new)
+        if self.cache is None:  # the whole sequence every step
+            y = self.model.forward_normalized(s.z, positions=s.positions, key_padding_mask=s.keep)
+        else:  # one position per document
+            y = self.model.forward_normalized(z_new.unsqueeze(1), positions=s.positions[:, -1:],
+                                              key_padding_mask=s.keep, cache=self.cache)
+        return self._sample(y[:, -1], rows, step)
+
+    def select(self, index):
+        self.seq.select(index)
         if self.cache is not None:
-            self.cache.reorder(idx)
+            self.cache.reorder(index)
+
+
+def make_predictor(model: NormalizedModel, options: GenerationOptions) -> NextSentencePredictor:
+    """``model.predictor(options)`` (every LCM variant defines one; Base-LCM: :class:`BaseLCMPredictor`)."""
+    if isinstance(model, BaseLCM):
+        return BaseLCMPredictor(model, options)
+    factory = getattr(model, "predictor", None)
+    if factory is None:
+        raise TypeError(f"{type(model).__name__} has no predictor(options) for generation")
+    return factory(options)
 
 
 def _left_pad(prompts: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +196,7 @@ def _left_pad(prompts: Sequence[torch.Tensor], device: torch.device) -> tuple[to
     return seq, keep
 
 
-def _check_prompts(model: BaseLCM, prompts: Sequence[torch.Tensor]) -> None:
+def _check_prompts(model: NormalizedModel, prompts: Sequence[torch.Tensor]) -> None:
     if not prompts:
         raise ValueError("no prompts")
     for i, p in enumerate(prompts):
@@ -116,24 +205,6 @@ def _check_prompts(model: BaseLCM, prompts: Sequence[torch.Tensor]) -> None:
         if len(p) >= model.cfg.max_sentences:
             raise ValueError(f"prompt {i} has {len(p)} sentences; the model's max_sentences is "
                              f"{model.cfg.max_sentences} (prompt + at least one new sentence must fit)")
-
-
-def _next(model: BaseLCM, b: _Batch, new: torch.Tensor | None) -> torch.Tensor:
-    """Append ``new`` ``(A, D)`` raw (``None`` on the first call) and return the normalized prediction of the
-    next sentence ``(A, D)``."""
-    if new is not None:
-        b.seq = torch.cat([b.seq, new.unsqueeze(1)], dim=1)
-        b.keep = torch.cat([b.keep, torch.ones_like(b.keep[:, :1])], dim=1)
-        b.positions = torch.cat([b.positions, b.positions[:, -1:] + 1], dim=1)
-    if b.cache is None:  # the whole sequence every step
-        y = model.forward_normalized(model.normalize(b.seq), positions=b.positions, key_padding_mask=b.keep)
-    elif new is None:  # prefill the prompts
-        y = model.forward_normalized(model.normalize(b.seq), positions=b.positions, key_padding_mask=b.keep,
-                                     cache=b.cache)
-    else:  # one position per document
-        y = model.forward_normalized(model.normalize(new.unsqueeze(1)), positions=b.positions[:, -1:],
-                                     key_padding_mask=b.keep, cache=b.cache)
-    return y[:, -1]
 
 
 def _stop_reason(o: GenerationOptions, n_new: int, length: int, max_len: int, cos_eot: float | None,
@@ -151,13 +222,13 @@ def _stop_reason(o: GenerationOptions, n_new: int, length: int, max_len: int, co
 
 
 @torch.no_grad()
-def generate(model: BaseLCM, prompts: Sequence[torch.Tensor], *, eot: torch.Tensor | None = None,
+def generate(model: NormalizedModel, prompts: Sequence[torch.Tensor], *, eot: torch.Tensor | None = None,
              options: GenerationOptions | None = None,
              decode: Callable[[torch.Tensor], list[str]] | None = None) -> list[GeneratedDocument]:
     """Continue each prompt document sentence by sentence (module docstring).
 
     Args:
-        model: a :class:`BaseLCM` (put in eval mode here; restored afterwards).
+        model: any LCM variant (put in eval mode here; restored afterwards).
         prompts: raw sentence embeddings ``(n_i, D)`` per document, ``n_i`` may differ.
         eot: ``(D,)`` embedding of the end-of-text sentence (the end-of-text rule is off without it).
         options: stopping rules and sampling.
@@ -173,25 +244,21 @@ def generate(model: BaseLCM, prompts: Sequence[torch.Tensor], *, eot: torch.Tens
     was_training = model.training
     model.eval()
     seq, keep = _left_pad(prompts, device)
-    b = _Batch(rows=list(range(len(prompts))), seq=seq, keep=keep, positions=positions_from_padding(keep),
-               cache=KVCache() if o.use_cache else None)
+    predictor = make_predictor(model, o)
+    rows = list(range(len(prompts)))
     eot_unit = F.normalize(eot.to(device).float().reshape(1, -1), dim=-1) if eot is not None else None
     results: dict[int, GeneratedDocument] = {}
-    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in b.rows}
+    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in rows}
     prev = torch.stack([p[-1].to(device).float() for p in prompts])
-    y = _next(model, b, None)
     step = 0
     try:
+        y = predictor.start(model.normalize(seq), keep, positions_from_padding(keep), rows)
         while True:
-            if o.temperature > 0:
-                noise = torch.stack([torch.randn(y.shape[-1], generator=derived_generator(
-                    "lcm-generate", o.seed, r, step)) for r in b.rows]).to(y)
-                y = y + o.temperature * noise
             x = model.denormalize(y).float()  # (A, D)
             cos_prev = F.cosine_similarity(x, prev, dim=-1).tolist()
             cos_eot = (F.normalize(x, dim=-1) @ eot_unit.T).squeeze(-1).tolist() if eot_unit is not None else None
             running = []
-            for a, r in enumerate(b.rows):
+            for a, r in enumerate(rows):
                 outputs[r].append(x[a])
                 n_new = len(outputs[r])
                 reason = _stop_reason(o, n_new, len(prompts[r]) + n_new, model.cfg.max_sentences,
@@ -204,12 +271,14 @@ def generate(model: BaseLCM, prompts: Sequence[torch.Tensor], *, eot: torch.Tens
                     vectors=torch.stack(vecs) if vecs else x.new_zeros(0, x.shape[-1]), stop=reason, steps=n_new)
             if not running:
                 break
-            if len(running) < len(b.rows):
-                b.select(running)
-                x = x[running]
+            if len(running) < len(rows):
+                index = torch.tensor(running, device=device)
+                predictor.select(index)
+                rows = [rows[a] for a in running]
+                x, y = x[index], y[index]
             prev = x
-            y = _next(model, b, x)
             step += 1
+            y = predictor.step(model.normalize(x), rows, step)
     finally:
         model.train(was_training)
     docs = [results[i] for i in range(len(prompts))]

@@ -21,7 +21,7 @@ recipe also writes them as a checkpoint artefact for the decoders and evaluation
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -29,8 +29,13 @@ from torch import nn
 
 from conceptlm.core.config import check
 from conceptlm.core.modules import Decoder, DecoderConfig, KVCache
+from conceptlm.lcm.diffusion.config import DiffusionSection
+from conceptlm.lcm.quant_config import QuantSection
 
-__all__ = ["LCMSection", "BaseLCM", "swiglu_inner_dim"]
+__all__ = ["LCMSection", "NormalizedModel", "BaseLCM", "swiglu_inner_dim", "LCM_VARIANTS"]
+
+LCM_VARIANTS = ("base", "two_tower", "one_tower", "quant_d", "quant_c")
+"""``lcm.model`` values: Base-LCM (MSE), the two diffusion LCMs, Quant-LCM with discrete / continuous targets."""
 
 LEARNED_POSITION_STD = 0.006
 """Init std of learned positions in the reference frontend (the SONAR per-dimension std)."""
@@ -46,13 +51,16 @@ def swiglu_inner_dim(ffn_inner_dim: int, multiple_of: int = 256) -> int:
 class LCMSection:
     """The Base-LCM architecture (section ``lcm`` of an LCM run config)."""
 
-    model: Literal["base"] = "base"
-    """LCM variant (only ``base`` = MSE regression here)."""
+    model: Literal["base", "two_tower", "one_tower", "quant_d", "quant_c"] = "base"
+    """LCM variant: ``base`` (MSE regression), ``two_tower`` / ``one_tower`` (diffusion, section ``diffusion``),
+    ``quant_d`` / ``quant_c`` (Quantized LCM with discrete / continuous targets, section ``quant``)."""
     dim: int = 384
     """Sentence-embedding width ``D``; must equal the data's (checked against the data by the recipe)."""
     d_model: int = 256
     n_layers: int = 2
-    """Decoder blocks (0 = PreNet -> PostNet, a linear next-vector baseline)."""
+    """Decoder blocks (0 = PreNet -> PostNet, a linear next-vector baseline); the Two-Tower's contextualizer."""
+    n_denoiser_layers: int = 2
+    """Two-Tower only: blocks of the denoiser (AdaLN-zero, identity self-attention, cross-attention)."""
     n_heads: int = 4
     d_ff: int = 768
     """SwiGLU hidden width (the reference's ``swiglu_inner_dim(ffn)``: ffn 8192 -> 5632)."""
@@ -75,6 +83,10 @@ class LCMSection:
     """At most this many training sentence vectors are used to fit the normalizer."""
     min_context: int = 1
     """Positions ``< min_context`` of each chunk are never targets (reference ``min_context_size``)."""
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    """Noise process and objective of ``two_tower`` / ``one_tower`` (ignored by the other variants)."""
+    quant: QuantSection = field(default_factory=QuantSection)
+    """Quantizer of ``quant_d`` / ``quant_c`` (ignored by the other variants)."""
 
     def validate(self) -> None:
         check(self.dim > 0, "lcm.dim", "must be > 0")
@@ -90,6 +102,21 @@ class LCMSection:
         check(self.normalizer_samples > 0, "lcm.normalizer_samples", "must be > 0")
         check(0 <= self.min_context < self.max_sentences, "lcm.min_context",
               f"must be in [0, max_sentences={self.max_sentences})")
+        check(self.model in LCM_VARIANTS, "lcm.model", f"must be one of {', '.join(LCM_VARIANTS)}")
+        check(self.n_denoiser_layers >= 1, "lcm.n_denoiser_layers", "must be >= 1")
+        self.diffusion.validate()
+        self.quant.validate()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LCMSection:
+        """The section of a saved ``config.yaml`` (its ``diffusion`` / ``quant`` sub-sections as dicts; files
+        written before they existed have none). Raises ``TypeError`` for unknown fields."""
+        data = dict(data)
+        sub = {"diffusion": DiffusionSection, "quant": QuantSection}
+        for name, kind in sub.items():
+            if isinstance(data.get(name), dict):
+                data[name] = kind(**data[name])
+        return cls(**data)
 
     def decoder_config(self) -> DecoderConfig:
         """The shared-blocks config of the reference architecture: RMSNorm, SwiGLU and attention with biases."""
@@ -99,36 +126,18 @@ class LCMSection:
                              attn_dropout=self.attn_dropout, causal=True)
 
 
-class BaseLCM(nn.Module):
-    """PreNet -> causal :class:`~conceptlm.core.modules.Decoder` -> PostNet, normalizer inside (module docstring).
-
-    Args:
-        cfg: the architecture.
-    """
+class NormalizedModel(nn.Module):
+    """Base of every LCM variant: the normalizer as frozen buffers ``center``/``scale``/``clip_min``/``clip_max``
+    ``(D,)`` (checkpointed with the weights) and ``cfg`` (:class:`LCMSection`)."""
 
     def __init__(self, cfg: LCMSection) -> None:
         super().__init__()
         self.cfg = cfg
-        d, dim = cfg.d_model, cfg.dim
-        self.prenet = nn.Linear(dim, d)
-        self.position = None
-        if cfg.positions == "learned":
-            self.position = nn.Embedding(cfg.max_sentences, d)
-            nn.init.normal_(self.position.weight, std=LEARNED_POSITION_STD)
-        self.decoder = Decoder(cfg.decoder_config())
-        self._init_attention_outputs()
-        self.postnet = nn.Linear(d, dim)
+        dim = cfg.dim
         self.register_buffer("center", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
         self.register_buffer("clip_min", torch.full((dim,), -math.inf))
         self.register_buffer("clip_max", torch.full((dim,), math.inf))
-
-    def _init_attention_outputs(self) -> None:
-        """Reference init: attention output projections xavier-uniform with zero bias (PreNet/PostNet keep the
-        ``nn.Linear`` kaiming-uniform init; the other decoder weights keep the shared blocks' init)."""
-        for layer in self.decoder.layers:
-            nn.init.xavier_uniform_(layer.attn.o_proj.weight)
-            nn.init.zeros_(layer.attn.o_proj.bias)
 
     # ----------------------------------------------------------------------------------------- normalizer
     @torch.no_grad()
@@ -155,6 +164,33 @@ class BaseLCM(nn.Module):
         """Normalized ``(..., D)`` -> raw ``(..., D)`` (clamped to the clip bounds first)."""
         z = torch.maximum(torch.minimum(z, self.clip_max), self.clip_min)
         return z * self.scale + self.center
+
+
+class BaseLCM(NormalizedModel):
+    """PreNet -> causal :class:`~conceptlm.core.modules.Decoder` -> PostNet, normalizer inside (module docstring).
+
+    Args:
+        cfg: the architecture.
+    """
+
+    def __init__(self, cfg: LCMSection) -> None:
+        super().__init__(cfg)
+        d, dim = cfg.d_model, cfg.dim
+        self.prenet = nn.Linear(dim, d)
+        self.position = None
+        if cfg.positions == "learned":
+            self.position = nn.Embedding(cfg.max_sentences, d)
+            nn.init.normal_(self.position.weight, std=LEARNED_POSITION_STD)
+        self.decoder = Decoder(cfg.decoder_config())
+        self._init_attention_outputs()
+        self.postnet = nn.Linear(d, dim)
+
+    def _init_attention_outputs(self) -> None:
+        """Reference init: attention output projections xavier-uniform with zero bias (PreNet/PostNet keep the
+        ``nn.Linear`` kaiming-uniform init; the other decoder weights keep the shared blocks' init)."""
+        for layer in self.decoder.layers:
+            nn.init.xavier_uniform_(layer.attn.o_proj.weight)
+            nn.init.zeros_(layer.attn.o_proj.bias)
 
     # ----------------------------------------------------------------------------------------- forward
     def forward_normalized(self, z: torch.Tensor, *, positions: torch.Tensor | None = None,

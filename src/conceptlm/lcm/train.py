@@ -238,7 +238,7 @@ def load_lcm(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> B
     if "lcm" not in data:
         raise CheckpointError(f"{ckpt}/config.yaml: no 'lcm' section (not an LCM run)")
     try:
-        cfg = LCMSection(**data["lcm"])
+        cfg = LCMSection.from_dict(data["lcm"])
         cfg.validate()
     except (TypeError, ConfigError) as e:
         raise CheckpointError(f"{ckpt}/config.yaml: the 'lcm' section does not fit this version ({e})") from None

@@ -29,7 +29,11 @@ from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.model import BaseLCM, LCMSection
 
-__all__ = ["DocumentChunks", "collate_documents", "BaseLCMUnit", "target_mask"]
+__all__ = ["DocumentChunks", "collate_documents", "BaseLCMUnit", "target_mask", "teacher_forced_metrics",
+           "TEACHER_FORCED_METRICS"]
+
+TEACHER_FORCED_METRICS = ("l2", "l2_prev", "l2_r", "cos", "ca", "par")
+"""The eval metrics every LCM variant reports (:func:`teacher_forced_metrics`)."""
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,32 @@ def target_mask(mask: torch.Tensor, min_context: int) -> torch.Tensor:
     return out
 
 
+def teacher_forced_metrics(pred: torch.Tensor, x: torch.Tensor, tm: torch.Tensor,
+                           round_trip: M.Vectors | None = None) -> dict[str, tuple[Any, Any]]:
+    """The Table 3 metrics of teacher-forced predictions as ``(sum, count)`` pairs (the shared loop's format).
+
+    Args:
+        pred: raw predictions ``(B, T, D)`` aligned with their targets (``pred[:, t]`` predicts ``x[:, t]``).
+        x: raw targets ``(B, T, D)``.
+        tm: bool ``(B, T)``, the positions scored (:func:`target_mask`; never position 0).
+        round_trip: ``encode(decode(v))`` for ``l2_r`` (omitted without it).
+
+    Returns ``l2``, ``l2_prev`` (the repeat-the-previous-sentence baseline), ``cos``, ``ca`` (negatives: the other
+    documents of the batch), ``par`` and, with ``round_trip``, ``l2_r``.
+    """
+    x, pred = x.float(), pred.float()
+    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    doc = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(tm)[tm]
+    out = {"l2": M.as_sum_count(M.l2_distance(pred[tm], x[tm])),
+           "l2_prev": M.as_sum_count(M.l2_distance(prev[tm], x[tm])),
+           "cos": M.as_sum_count(torch.nn.functional.cosine_similarity(pred[tm], x[tm], dim=-1)),
+           "ca": M.as_sum_count(M.contrastive_accuracy(pred[tm], x[tm], doc)),
+           "par": M.as_sum_count(M.paraphrasing_score(pred, x, tm))}
+    if round_trip is not None:
+        out["l2_r"] = M.as_sum_count(M.round_trip_l2(pred[tm], x[tm], round_trip))
+    return out
+
+
 class BaseLCMUnit(TrainUnit):
     """Base-LCM (MSE next-sentence regression) as a :class:`~conceptlm.core.unit.TrainUnit`.
 
@@ -120,7 +150,7 @@ class BaseLCMUnit(TrainUnit):
             of the unit's weights), for ``l2_r``.
     """
 
-    metric_names = ("l2", "l2_prev", "l2_r", "cos", "ca", "par")
+    metric_names = TEACHER_FORCED_METRICS
     throughput_unit = "sentences"
 
     def __init__(self, cfg: LCMSection, *, round_trip: M.Vectors | None = None):
@@ -154,16 +184,6 @@ class BaseLCMUnit(TrainUnit):
         y = batch.pop("_pred_normalized", None)
         if y is None:
             y = self._predict(batch)[1]
-        x = batch["vectors"].float()
         pred = self.model.denormalize(y).float()
-        tm = target_mask(batch["mask"], self.cfg.min_context)
-        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-        doc = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(tm)[tm]
-        out = {"l2": M.as_sum_count(M.l2_distance(pred[tm], x[tm])),
-               "l2_prev": M.as_sum_count(M.l2_distance(prev[tm], x[tm])),
-               "cos": M.as_sum_count(torch.nn.functional.cosine_similarity(pred[tm], x[tm], dim=-1)),
-               "ca": M.as_sum_count(M.contrastive_accuracy(pred[tm], x[tm], doc)),
-               "par": M.as_sum_count(M.paraphrasing_score(pred, x, tm))}
-        if self.round_trip is not None:
-            out["l2_r"] = M.as_sum_count(M.round_trip_l2(pred[tm], x[tm], self.round_trip))
-        return out
+        return teacher_forced_metrics(pred, batch["vectors"], target_mask(batch["mask"], self.cfg.min_context),
+                                      self.round_trip)
