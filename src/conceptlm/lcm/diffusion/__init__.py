@@ -1,5 +1,21 @@
 """Diffusion for the LCMs: noise schedules, the DDIM sampler with classifier-free guidance, loss weighting."""
 
 from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
+from conceptlm.lcm.diffusion.cosine import cosine_betas
+from conceptlm.lcm.diffusion.linear import linear_betas
+from conceptlm.lcm.diffusion.quadratic import quadratic_betas
+from conceptlm.lcm.diffusion.schedule import (
+    PREDICTIONS,
+    NoiseSchedule,
+    betas_from_alpha_bar,
+    build_schedule,
+    inference_timesteps,
+    rescale_zero_terminal_snr,
+)
+from conceptlm.lcm.diffusion.sigmoid import sigmoid_betas
 
-__all__ = ["DiffusionSection", "SamplerOptions"]
+__all__ = [
+    "DiffusionSection", "SamplerOptions",
+    "PREDICTIONS", "NoiseSchedule", "betas_from_alpha_bar", "build_schedule", "inference_timesteps",
+    "rescale_zero_terminal_snr", "cosine_betas", "linear_betas", "quadratic_betas", "sigmoid_betas",
+]
