@@ -29,7 +29,8 @@ from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
-from conceptlm.lcm.unit import BaseLCMUnit, DocumentChunks, collate_documents, target_mask
+from conceptlm.lcm.unit import DocumentChunks, collate_documents, target_mask, teacher_forced_metrics
+from conceptlm.lcm.variants import build_unit
 
 __all__ = ["prepare", "train", "train_decoder", "eval_decoder", "generate", "evaluate", "load_run"]
 
@@ -260,7 +261,7 @@ def _teacher_forced(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> tuple[d
     e = cfg.evaluate
     chunks = DocumentChunks(docs, max_sentences=run.model.cfg.max_sentences, min_length=2)
     use_rt = e.round_trip and run.decoder is not None
-    unit = BaseLCMUnit(run.model.cfg, round_trip=run.round_trip if use_rt else None)
+    unit = build_unit(run.model.cfg, round_trip=run.round_trip if use_rt else None)
     unit.model = run.model
     unit.eval()
     sums: dict[str, list[float]] = {}
@@ -270,15 +271,15 @@ def _teacher_forced(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> tuple[d
         for start in range(0, len(chunks), e.batch_size):
             items = [chunks[i] for i in range(start, min(start + e.batch_size, len(chunks)))]
             batch = collate_documents(items)
-            unit.forward(batch)
-            pred = run.model.denormalize(batch["_pred_normalized"]).float() if e.mi_model else None
-            for name, (s, c) in unit.eval_metrics(batch).items():
+            pred = unit.teacher_forced(batch)
+            tm = target_mask(batch["mask"], run.model.cfg.min_context)
+            metrics = teacher_forced_metrics(pred, batch["vectors"], tm, unit.round_trip)
+            for name, (s, c) in metrics.items():
                 acc = sums.setdefault(name, [0.0, 0.0])
                 acc[0] += float(s)
                 acc[1] += float(c)
-            if pred is None or len(mi_vectors) >= e.mi_sentences:
+            if not e.mi_model or len(mi_vectors) >= e.mi_sentences:
                 continue
-            tm = target_mask(batch["mask"], run.model.cfg.min_context)
             for b, it in enumerate(items):
                 sents = docs[it["doc"]]["sentences"][it["start"]:it["start"] + len(it["vectors"])]
                 for t in tm[b].nonzero().flatten().tolist():

@@ -1,4 +1,5 @@
-"""The Base-LCM training recipe: ``train_lcm(cfg)`` on the shared loop, and :func:`load_lcm` to reload a checkpoint.
+"""The LCM training recipe: ``train_lcm(cfg)`` on the shared loop for every ``lcm.model`` variant (Base-LCM,
+Two-Tower, One-Tower, Quant-LCM-D/C; :mod:`conceptlm.lcm.variants`), and :func:`load_lcm` to reload a checkpoint.
 
 Config sections (besides run/optim/schedule/train/dist): ``lcm`` (:class:`~conceptlm.lcm.model.LCMSection`, the
 architecture) and ``lcm_data`` (:class:`LCMDataSection`). Data are any datasets of ``{"id", "vectors" (n, D)}``
@@ -35,9 +36,10 @@ from conceptlm.core.io import atomic_write_text
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
-from conceptlm.lcm.model import BaseLCM, LCMSection
+from conceptlm.lcm.model import LCMSection, NormalizedModel
 from conceptlm.lcm.normalizer import RobustNormalizer
-from conceptlm.lcm.unit import BaseLCMUnit, DocumentChunks, collate_documents
+from conceptlm.lcm.unit import DocumentChunks, collate_documents
+from conceptlm.lcm.variants import build_unit
 
 __all__ = ["LCMDataSection", "LCMTrainConfig", "SyntheticVectorDocuments", "train_lcm", "load_lcm",
            "sample_vectors", "fit_normalizer"]
@@ -191,7 +193,8 @@ def _datasets(cfg: LCMTrainConfig):
 
 def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None, eval_ds=None,
               round_trip=None) -> TrainResult:
-    """Train a Base-LCM with the shared loop.
+    """Train the LCM of ``cfg.lcm.model`` with the shared loop (a Quant-LCM first fits its codebooks on at most
+    ``lcm.quant.fit_samples`` normalized training vectors).
 
     Args:
         cfg: the run config.
@@ -210,9 +213,15 @@ def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None,
         chunks = DocumentChunks(train_ds, max_sentences=c.max_sentences, min_length=min_len)
         eval_chunks = (DocumentChunks(eval_ds, max_sentences=c.max_sentences, min_length=min_len)
                        if eval_ds is not None else None)
-        unit = BaseLCMUnit(c, round_trip=round_trip)
+        unit = build_unit(c, round_trip=round_trip)
         norm = fit_normalizer(c, train_ds)
         unit.model.set_normalizer(norm.center, norm.scale, norm.clip_min, norm.clip_max)
+        fit_quantizer = getattr(unit.model, "fit_quantizer", None)
+        if callable(fit_quantizer):  # Quant-LCM: residual codebooks on the normalized training vectors
+            vectors = sample_vectors(train_ds, c.quant.fit_samples)[:c.quant.fit_samples]
+            log.info("fitting %d codebooks of %d units on %d training vectors", c.quant.n_codebooks,
+                     c.quant.codebook_size, len(vectors))
+            fit_quantizer(unit.model.normalize(vectors), torch.Generator().manual_seed(cfg.train.seed))
         plan = make_plan(cfg, session.info, chunks)  # too little data: an error before anything is written
         session.create_run_dir()
         artifacts: dict[str, Any] = {"normalizer": norm}
@@ -224,8 +233,9 @@ def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None,
                    source_name=f"lcm:{source}", artifacts=artifacts, plan=plan)
 
 
-def load_lcm(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> BaseLCM:
-    """The :class:`BaseLCM` of a checkpoint folder (its ``config.yaml`` and ``unit.safetensors``), in eval mode.
+def load_lcm(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> NormalizedModel:
+    """The model (any ``lcm.model`` variant) of a checkpoint folder (its ``config.yaml`` and
+    ``unit.safetensors``), in eval mode.
 
     Raises:
         CheckpointError: the folder is damaged or was not written by an LCM run.
@@ -242,6 +252,6 @@ def load_lcm(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> B
         cfg.validate()
     except (TypeError, ConfigError) as e:
         raise CheckpointError(f"{ckpt}/config.yaml: the 'lcm' section does not fit this version ({e})") from None
-    unit = BaseLCMUnit(cfg)
+    unit = build_unit(cfg)
     ckpt_lib.load_unit_state(unit, ckpt)
     return unit.model.to(device).eval()

@@ -180,6 +180,12 @@ class BaseLCMUnit(TrainUnit):
         return {"mse": se[tm].sum()}
 
     @torch.no_grad()
+    def teacher_forced(self, batch: dict) -> torch.Tensor:
+        """Raw predictions ``(B, T, D)``, ``[:, t]`` predicting sentence ``t`` from the true sentences before it
+        (``[:, 0]`` is a placeholder; it is never scored)."""
+        return self.model.denormalize(self._predict(batch)[1]).float()
+
+    @torch.no_grad()
     def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
         y = batch.pop("_pred_normalized", None)
         if y is None:
