@@ -32,7 +32,7 @@ from typing import Literal
 from conceptlm.core.config import check
 from conceptlm.core.errors import DataError
 
-__all__ = ["DocsSection", "iter_documents", "generate_document", "SCRIPTS"]
+__all__ = ["DocsSection", "iter_documents", "generate_document", "SCRIPTS", "instruction_text", "split_instruction"]
 
 
 @dataclass(kw_only=True)
@@ -51,6 +51,15 @@ class DocsSection:
     """JSONL: dotted path of a document id (default: ``<file>:<line>``)."""
     txt_split: Literal["file", "paragraphs", "lines"] = "paragraphs"
     """Plain text: one document per file, per blank-line separated block, or per non-empty line."""
+    target_field: str | None = None
+    """Instruction data (JSONL): dotted path of the answer, e.g. a summary. Each record becomes the document
+    ``text``, the ``instruction_marker`` sentence, then the answer's sentences; training predicts only the answer
+    (the reference's fine-tuning: source suffix "[MODEL]:")."""
+    generated_task: Literal["document", "summary"] = "document"
+    """``generated`` source: plain documents, or instruction pairs -- each document, the marker, then its summary
+    (the document's first and last sentences: an extractive lead-and-outcome summary a model can learn)."""
+    instruction_marker: str = "[MODEL]:"
+    """The sentence between an instruction's source and its answer (kept as a sentence of its own)."""
     unescape: bool = False
     """Turn the escape sequences ``\\n``, ``\\t`` and ``\\"`` left in some exported datasets into the characters
     they stand for."""
@@ -61,6 +70,9 @@ class DocsSection:
         check(self.limit is None or self.limit > 0, "docs.limit", "must be > 0 or null")
         check(bool(self.text_field) and all(self.text_field.split(".")), "docs.text_field",
               "must be a dotted path such as 'text' or 'messages.1.content'")
+        check(self.target_field is None or (bool(self.target_field) and all(self.target_field.split("."))),
+              "docs.target_field", "must be a dotted path or null")
+        check(bool(self.instruction_marker.strip()), "docs.instruction_marker", "must not be empty")
         if self.source != "generated":
             path = Path(self.source)
             check(path.exists(), "docs.source", f"not found: {self.source}")
@@ -213,11 +225,31 @@ SCRIPTS = {"story": _story, "recipe": _recipe, "weather": _weather, "trip": _tri
 """The document scripts of the built-in generator: ``name -> f(random.Random) -> list of sentences``."""
 
 
-def generate_document(seed: int, index: int) -> str:
-    """Document ``index`` of the built-in generator: sentences joined by single spaces (deterministic)."""
+def generate_document(seed: int, index: int, task: str = "document", marker: str = "[MODEL]:") -> str:
+    """Document ``index`` of the built-in generator: sentences joined by single spaces (deterministic); with
+    ``task="summary"`` followed by ``marker`` and its summary (first and last sentences, :func:`instruction_text`)."""
     r = random.Random(f"conceptlm-lcm-docs:{seed}:{index}")
     script = SCRIPTS[r.choice(sorted(SCRIPTS))]
-    return " ".join(script(r))
+    sentences = script(r)
+    text = " ".join(sentences)
+    if task == "summary":
+        return instruction_text(text, f"{sentences[0]} {sentences[-1]}", marker)
+    return text
+
+
+def instruction_text(source: str, target: str, marker: str) -> str:
+    """One instruction example as a document: ``source``, the marker on a line of its own, the answer
+    (:func:`split_instruction` undoes it)."""
+    return f"{source}\n{marker}\n{target}"
+
+
+def split_instruction(text: str, marker: str) -> tuple[str, str] | None:
+    """``(source, answer)`` of a text made by :func:`instruction_text`, or None when it holds no marker line."""
+    sep = f"\n{marker}\n"
+    if sep not in text:
+        return None
+    source, target = text.split(sep, 1)
+    return source, target
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,6 +309,11 @@ def _jsonl_docs(path: Path, section: DocsSection, skip_bad: bool, skipped: Count
                         else "invalid JSON"
                     raise DataError(msg, path=path, line=line_no) from None
                 doc = _field(obj, section.text_field, path, line_no)
+                if section.target_field:
+                    target = _field(obj, section.target_field, path, line_no)
+                    if not target.strip():
+                        raise DataError("empty answer", path=path, line=line_no, field=section.target_field)
+                    doc = instruction_text(doc, target, section.instruction_marker)
                 doc_id = f"{path.name}:{line_no}"
                 if section.id_field:
                     value = _field(obj, section.id_field, path, line_no, allow_number=True)
@@ -359,7 +396,8 @@ def iter_documents(section: DocsSection, *, skip_bad: bool = False, skipped: Cou
     """
     if section.source == "generated":
         for i in range(section.n_documents):
-            yield f"gen-{section.seed}-{i:06d}", generate_document(section.seed, i)
+            yield f"gen-{section.seed}-{i:06d}", generate_document(section.seed, i, section.generated_task,
+                                                                   section.instruction_marker)
         return
     root = Path(section.source)
     if not root.exists():

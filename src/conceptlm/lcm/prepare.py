@@ -32,7 +32,7 @@ import torch
 from conceptlm.core.config import RunConfig, check
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
 from conceptlm.core.io import atomic_write_text
-from conceptlm.lcm.documents import DocsSection, iter_documents
+from conceptlm.lcm.documents import DocsSection, iter_documents, split_instruction
 from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder
 from conceptlm.lcm.normalizer import METHODS, NORMALIZER_FILE, RobustNormalizer
 from conceptlm.lcm.segment import Segmenter, SegmentSection, get_segmenter
@@ -99,16 +99,29 @@ class PrepareConfig(RunConfig):
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def segment_document(doc_id: str, text: str, segmenter: Segmenter, section: PrepareSection
-                     ) -> list[tuple[str, list[str]]]:
-    """``[(id, sentences)]`` for one document: segmented, end-of-text appended, capped/wrapped."""
-    sentences = segmenter.split(text)
+def segment_document(doc_id: str, text: str, segmenter: Segmenter, section: PrepareSection,
+                     marker: str | None = None) -> list[tuple[str, list[str]]]:
+    """``[(id, sentences)]`` for one document: segmented, end-of-text appended, capped/wrapped. An instruction
+    example (``marker`` given and a marker line in the text) is its source's sentences, the marker as a sentence,
+    then its answer's sentences; it is never wrapped: beyond the cap its first source sentences are dropped (and
+    the example, if even the marker does not fit)."""
+    pair = split_instruction(text, marker) if marker else None
+    if pair is not None:
+        source, answer = (segmenter.split(part) for part in pair)
+        if not source or not answer:
+            return []
+        sentences = [*source, marker, *answer]
+    else:
+        sentences = segmenter.split(text)
     if not sentences:
         return []
     cap = section.max_sentences
     eot = [section.end_of_text_sentence] if section.end_of_text else []
     if cap is None or len(sentences) + len(eot) <= cap:
         return [(doc_id, sentences + eot)]
+    if pair is not None:  # too long: keep the end (the marker and the answer), drop sentences of the source
+        kept = (sentences + eot)[-cap:]
+        return [(doc_id, kept)] if marker in kept[:-1] else []
     if section.long_documents == "truncate":
         return [(doc_id, sentences[:cap])]
     full = sentences + eot
@@ -176,6 +189,11 @@ def _embed(docs: list[dict], encoder: SentenceEncoder, batch_size: int | None) -
         d["vectors"] = vectors[[unique[s] for s in d["sentences"]]]
 
 
+def _marker(docs: DocsSection) -> str | None:
+    """The instruction marker when the documents are instruction pairs, else None."""
+    return docs.instruction_marker if docs.target_field or docs.generated_task == "summary" else None
+
+
 def _documents(cfg: PrepareConfig, segmenter: Segmenter, skipped: Counter) -> Iterator[dict]:
     seen: set[str] = set()
     sec = cfg.prepare
@@ -186,7 +204,7 @@ def _documents(cfg: PrepareConfig, segmenter: Segmenter, skipped: Counter) -> It
                 raise err
             skipped["bad_text"] += 1
             continue
-        pieces = segment_document(doc_id, text, segmenter, sec)
+        pieces = segment_document(doc_id, text, segmenter, sec, marker=_marker(cfg.docs))
         if not pieces:
             if not sec.skip_bad:
                 raise DataError("document has no sentence", path=cfg.docs.source, field=doc_id)

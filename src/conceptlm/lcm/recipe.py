@@ -29,7 +29,7 @@ from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
-from conceptlm.lcm.unit import DocumentChunks, collate_documents, target_mask, teacher_forced_metrics
+from conceptlm.lcm.unit import DocumentChunks, collate_documents, scored_positions, teacher_forced_metrics
 from conceptlm.lcm.variants import build_unit
 
 __all__ = ["prepare", "train", "train_decoder", "eval_decoder", "generate", "evaluate", "load_run"]
@@ -197,6 +197,14 @@ def _content(doc: dict, cfg: LCMConfig) -> int:
     return len(s) - 1 if cfg.prepare.end_of_text and s and s[-1] == cfg.prepare.end_of_text_sentence else len(s)
 
 
+def _prompt_length(doc: dict, n: int, wanted: int) -> int:
+    """Prompt sentences of a validation document: an instruction example's source and marker (``loss_from``),
+    else ``wanted``, keeping at least one of its ``n`` content sentences back as the reference."""
+    if "loss_from" in doc:
+        return int(doc["loss_from"])
+    return max(1, min(wanted, n - 1))
+
+
 def _eot(cfg: LCMConfig, encoder) -> torch.Tensor | None:
     return encoder.encode([cfg.prepare.end_of_text_sentence])[0] if cfg.prepare.end_of_text else None
 
@@ -225,7 +233,7 @@ def generate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
                               "set generate.prompt", field="generate.prompt")
         for doc in docs:
             n = _content(doc, cfg)
-            p = max(1, min(g.prompt_sentences, n - 1))
+            p = _prompt_length(doc, n, g.prompt_sentences)
             prompts.append(doc["vectors"][:p])
             cases.append({"id": doc["id"], "prompt": doc["sentences"][:p], "reference": doc["sentences"][p:n]})
     try:
@@ -272,7 +280,7 @@ def _teacher_forced(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> tuple[d
             items = [chunks[i] for i in range(start, min(start + e.batch_size, len(chunks)))]
             batch = collate_documents(items)
             pred = unit.teacher_forced(batch)
-            tm = target_mask(batch["mask"], run.model.cfg.min_context)
+            tm = scored_positions(batch, run.model.cfg.min_context)
             metrics = teacher_forced_metrics(pred, batch["vectors"], tm, unit.round_trip)
             for name, (s, c) in metrics.items():
                 acc = sums.setdefault(name, [0.0, 0.0])
@@ -290,8 +298,9 @@ def _teacher_forced(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> tuple[d
 
 
 def _text_metrics(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> dict[str, Any]:
-    """Continue each document from its first half; ROUGE-L against the true second half, OVL-3 against the
-    prompt, REP-4 (word n-grams) and the character 1-4-gram versions."""
+    """Continue each document from its first half (an instruction example: answer its source); ROUGE-L against
+    the true second half (the reference answer), OVL-3 against the prompt (the source), REP-4 (word n-grams) and
+    the character 1-4-gram versions."""
     from conceptlm.lcm.generate import generate as run_generate
 
     prompts, refs, sources = [], [], []
@@ -299,11 +308,13 @@ def _text_metrics(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> dict[str,
         n = _content(doc, cfg)
         if n < 2:
             continue
-        p = max(1, n // 2)
-        if p >= run.model.cfg.max_sentences:
-            p = run.model.cfg.max_sentences - 1
+        instruction = "loss_from" in doc
+        p = int(doc["loss_from"]) if instruction else max(1, n // 2)
+        if instruction and (p >= n or p >= run.model.cfg.max_sentences):
+            continue  # no answer sentence, or no room to generate one
+        p = min(p, run.model.cfg.max_sentences - 1)
         prompts.append(doc["vectors"][:p])
-        sources.append(" ".join(doc["sentences"][:p]))
+        sources.append(" ".join(doc["sentences"][:p - 1] if instruction else doc["sentences"][:p]))  # no marker
         refs.append(doc["sentences"][p:n])
         if len(prompts) == cfg.evaluate.generate_documents:
             break

@@ -149,6 +149,11 @@ class EmbeddedDocuments(Dataset):
                     lengths.append(int(n))
         self.lengths = lengths
         self._cache: dict[int, dict] = {}
+        docs = self.manifest.get("docs") or {}
+        self.instruction_marker: str | None = (docs.get("instruction_marker", "[MODEL]:")
+                                               if docs.get("target_field") or docs.get("generated_task") == "summary"
+                                               else None)
+        """The marker sentence of instruction data (None for plain documents)."""
 
     @property
     def encoder_identity(self) -> dict:
@@ -181,7 +186,10 @@ class EmbeddedDocuments(Dataset):
         data = self._shard(k)
         flat, offsets = data["vectors"]
         vectors = torch.from_numpy(flat[offsets[row]:offsets[row + 1]].astype(np.float32))
-        return {"id": data["id"][row], "vectors": vectors, "sentences": data["sentences"][row]}
+        item = {"id": data["id"][row], "vectors": vectors, "sentences": data["sentences"][row]}
+        if self.instruction_marker is not None and self.instruction_marker in item["sentences"]:
+            item["loss_from"] = item["sentences"].index(self.instruction_marker) + 1  # the answer's first sentence
+        return item
 
     @property
     def ids(self) -> list[str]:

@@ -11,6 +11,11 @@ of chunks into ``vectors (B, T, D)`` with ``mask (B, T)``.
 Batches hold a fixed number of chunks per micro-batch (the shared loop's length-bucketed plan) instead of the
 reference's "at most ``max_tokens`` sentence slots"; the loss is normalised by the number of targets either way.
 
+Instruction data: a document item with ``loss_from`` (the index of its answer's first sentence, after the
+"[MODEL]:" marker) is trained on its answer only: chunks carry it over (relative to their start) and the batch gets
+``loss_mask (B, T)`` = real positions ``>= loss_from`` (documents without one: every position). Every variant
+restricts its loss and its scored positions to it (:func:`scored_positions`).
+
 Objective (spec §3.2, recipes' ``compute_rmse: false``, ``reduction: sum``): the part ``mse`` is
 ``sum over targets of ||y_{t-1} - z_t||^2`` in normalized space, a target being every real position
 ``t >= max(1, min_context)``; its count is the number of targets, so the trainer optimises the mean squared error
@@ -29,7 +34,8 @@ from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.model import BaseLCM, LCMSection
 
-__all__ = ["DocumentChunks", "collate_documents", "BaseLCMUnit", "target_mask", "teacher_forced_metrics",
+__all__ = ["DocumentChunks", "collate_documents", "BaseLCMUnit", "target_mask", "scored_positions",
+           "teacher_forced_metrics",
            "TEACHER_FORCED_METRICS"]
 
 TEACHER_FORCED_METRICS = ("l2", "l2_prev", "l2_r", "cos", "ca", "par")
@@ -80,15 +86,19 @@ class DocumentChunks:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         d, start, m = self.index[i]
-        vectors = torch.as_tensor(self.documents[d]["vectors"]).float()
+        doc = self.documents[d]
+        vectors = torch.as_tensor(doc["vectors"]).float()
         if self.suffix is not None:
             vectors = torch.cat([vectors, self.suffix.to(vectors)], dim=0)
-        return {"id": i, "doc": d, "start": start, "vectors": vectors[start:start + m]}
+        item = {"id": i, "doc": d, "start": start, "vectors": vectors[start:start + m]}
+        if "loss_from" in doc:
+            item["loss_from"] = max(0, int(doc["loss_from"]) - start)
+        return item
 
 
 def collate_documents(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Right-pad documents: ``{"ids": (B,), "vectors": (B, T, D) (zeros after a document), "mask": (B, T) bool,
-    "lengths": (B,)}``."""
+    "lengths": (B,)}``, plus ``loss_mask`` (B, T) when an item has ``loss_from`` (instruction data)."""
     if not items:
         raise ValueError("empty batch")
     vecs = [torch.as_tensor(it["vectors"]).float() for it in items]
@@ -100,7 +110,11 @@ def collate_documents(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
             raise ValueError(f"document {items[i].get('id')}: vectors of shape {tuple(v.shape)}, expected (n, {dim})")
         out[i, :len(v)] = v
     mask = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
-    return {"ids": torch.tensor([int(it["id"]) for it in items]), "vectors": out, "mask": mask, "lengths": lengths}
+    batch = {"ids": torch.tensor([int(it["id"]) for it in items]), "vectors": out, "mask": mask, "lengths": lengths}
+    if any("loss_from" in it for it in items):
+        start = torch.tensor([int(it.get("loss_from", 0)) for it in items])
+        batch["loss_mask"] = mask & (torch.arange(t).unsqueeze(0) >= start.unsqueeze(1))
+    return batch
 
 
 def target_mask(mask: torch.Tensor, min_context: int) -> torch.Tensor:
@@ -108,6 +122,13 @@ def target_mask(mask: torch.Tensor, min_context: int) -> torch.Tensor:
     out = mask.clone()
     out[:, :max(1, min_context)] = False
     return out
+
+
+def scored_positions(batch: dict, min_context: int) -> torch.Tensor:
+    """Bool ``(B, T)``: the positions teacher-forced metrics score -- :func:`target_mask`, restricted to the
+    answer (``loss_mask``) for instruction data."""
+    tm = target_mask(batch["mask"], min_context)
+    return tm & batch["loss_mask"] if "loss_mask" in batch else tm
 
 
 def teacher_forced_metrics(pred: torch.Tensor, x: torch.Tensor, tm: torch.Tensor,
@@ -161,8 +182,7 @@ class BaseLCMUnit(TrainUnit):
         self.round_trip = round_trip
 
     def counts(self, batch: dict) -> dict:
-        return {"mse": target_mask(batch["mask"], self.cfg.min_context)[:, 1:].sum(),
-                THROUGHPUT_KEY: batch["mask"].sum()}
+        return {"mse": scored_positions(batch, self.cfg.min_context).sum(), THROUGHPUT_KEY: batch["mask"].sum()}
 
     def _predict(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized inputs ``z`` and predictions ``y`` aligned with their targets: ``y[:, t]`` predicts
@@ -173,7 +193,7 @@ class BaseLCMUnit(TrainUnit):
 
     def forward(self, batch: dict) -> dict:
         z, y = self._predict(batch)
-        tm = target_mask(batch["mask"], self.cfg.min_context)
+        tm = scored_positions(batch, self.cfg.min_context)
         se = ((y.float() - z.float()) ** 2).sum(-1)
         if not self.training:
             batch["_pred_normalized"] = y.detach()  # reused by eval_metrics (no second forward pass)
@@ -191,5 +211,5 @@ class BaseLCMUnit(TrainUnit):
         if y is None:
             y = self._predict(batch)[1]
         pred = self.model.denormalize(y).float()
-        return teacher_forced_metrics(pred, batch["vectors"], target_mask(batch["mask"], self.cfg.min_context),
+        return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
                                       self.round_trip)
