@@ -2,6 +2,7 @@
 
 from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
 from conceptlm.lcm.diffusion.cosine import cosine_betas
+from conceptlm.lcm.diffusion.ddim import DDIMSampler, classifier_free_guidance, dynamic_threshold
 from conceptlm.lcm.diffusion.linear import linear_betas
 from conceptlm.lcm.diffusion.quadratic import quadratic_betas
 from conceptlm.lcm.diffusion.schedule import (
@@ -18,4 +19,5 @@ __all__ = [
     "DiffusionSection", "SamplerOptions",
     "PREDICTIONS", "NoiseSchedule", "betas_from_alpha_bar", "build_schedule", "inference_timesteps",
     "rescale_zero_terminal_snr", "cosine_betas", "linear_betas", "quadratic_betas", "sigmoid_betas",
+    "DDIMSampler", "classifier_free_guidance", "dynamic_threshold",
 ]
