@@ -101,8 +101,8 @@ METHODS: dict[str, Method] = {
         config="conceptlm.lcm.config:LCMConfig",
         verbs={"prepare": Verb("segment and embed the documents, store them as Parquet shards (resumable)",
                                "conceptlm.lcm.recipe:prepare"),
-               "train": Verb("train the Base-LCM on the prepared documents (works under torchrun)",
-                             "conceptlm.lcm.recipe:train", kind="train"),
+               "train": Verb("train the LCM of lcm.model (base, two_tower, one_tower, quant_d, quant_c) on the "
+                             "prepared documents (works under torchrun)", "conceptlm.lcm.recipe:train", kind="train"),
                "train-decoder": Verb("train the sentence decoder (embedding -> text) or build its retrieval bank",
                                      "conceptlm.lcm.recipe:train_decoder", kind="train"),
                "eval-decoder": Verb("AutoBLEU and round-trip cosine of the decoder on held-out sentences",
@@ -111,7 +111,9 @@ METHODS: dict[str, Method] = {
                                 "conceptlm.lcm.recipe:generate"),
                "evaluate": Verb("teacher-forced l2, round-trip l2, contrastive accuracy, paraphrasing, MI and "
                                 "text metrics of continuations on validation documents",
-                                "conceptlm.lcm.recipe:evaluate")}),
+                                "conceptlm.lcm.recipe:evaluate"),
+               "cost": Verb("inference FLOPs of LCM generation vs a token-level LLM by context and sentence length "
+                            "(table + plot, section cost)", "conceptlm.lcm.recipe:cost")}),
 }
 """Every method and its verbs. A new method (or verb) is one entry here; nothing else in the CLI changes."""
 

@@ -10,6 +10,7 @@ Sections:
   ``conceptlm lcm train-decoder`` in ``{run_dir}/decoder`` with its own length (``decoder_train.steps``);
 * ``generate``: the prompt and stopping rules of ``conceptlm lcm generate``;
 * ``evaluate``: what ``conceptlm lcm evaluate`` measures (the paper's Table 3 metrics);
+* ``cost``: the inference-FLOPs comparison of ``conceptlm lcm cost`` (LCM generation vs a token-level LLM);
 * ``run`` / ``optim`` / ``schedule`` / ``train`` / ``dist``: the shared loop's sections (the LCM run).
 
 Each verb reads the sections it needs; :func:`prepare_config`, :func:`lcm_train_config` and
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from conceptlm.core.config import RunConfig, check
 from conceptlm.core.errors import ConfigError
+from conceptlm.lcm.cost import CostSection
 from conceptlm.lcm.decoder_train import DecoderTrainConfig, DecoderTrainSection
 from conceptlm.lcm.decoders import DecoderSection
 from conceptlm.lcm.documents import DocsSection
@@ -116,6 +118,7 @@ class LCMConfig(RunConfig):
     decoder_train: DecoderTrainSection = field(default_factory=DecoderTrainSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    cost: CostSection = field(default_factory=CostSection)
 
     @property
     def data_dir(self) -> Path | None:

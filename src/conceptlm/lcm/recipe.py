@@ -32,7 +32,7 @@ from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, pr
 from conceptlm.lcm.unit import DocumentChunks, collate_documents, scored_positions, teacher_forced_metrics
 from conceptlm.lcm.variants import build_unit
 
-__all__ = ["prepare", "train", "train_decoder", "eval_decoder", "generate", "evaluate", "load_run"]
+__all__ = ["prepare", "train", "train_decoder", "eval_decoder", "generate", "evaluate", "cost", "load_run"]
 
 log = logging.getLogger(__name__)
 
@@ -377,3 +377,15 @@ def evaluate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
     result["output"] = str(out)
     return result
 
+
+
+# ------------------------------------------------------------------------------------------------ cost
+def cost(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+    """``conceptlm lcm cost``: the inference-FLOPs table of ``cost`` (``cost.lcm: run`` = this config's ``lcm``
+    sizes), printed and written as ``cost.md`` / ``cost.png`` to ``{run_dir}/cost`` (or the folder ``output``)."""
+    from conceptlm.lcm.cost import run_cost
+
+    if checkpoint:
+        raise ConfigError("cost takes no --checkpoint (it reads the sizes of the config)", field="checkpoint")
+    out = run_cost(cfg.cost, Path(output) if output else cfg.run_dir / "cost", cfg.lcm)
+    return {"break_even": out["break_even"], "files": out["files"]}
