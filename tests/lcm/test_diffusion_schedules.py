@@ -1,6 +1,6 @@
 """Noise schedules: the spec's ᾱ table (cosine, T=100, zero terminal SNR), sigmoid log-SNR centres, closed forms,
 the rescale's invariants, inference timestep lists, the forward process and target conversions — against hand
-values and diffusers' DDIMScheduler."""
+values and diffusers' DDIMScheduler. Training-step sampling and clamped-SNR loss weights, by hand."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from conceptlm.lcm.diffusion.schedule import (
     rescale_zero_terminal_snr,
 )
 from conceptlm.lcm.diffusion.sigmoid import sigmoid_betas
+from conceptlm.lcm.diffusion.weighting import loss_weights, sample_timesteps, step_probabilities
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -271,3 +272,66 @@ def test_snr():
     ab = s.alphas_cumprod[t]
     torch.testing.assert_close(snr, (ab / (1 - ab)).float())
     assert snr[1, 1].item() == 0.0
+
+
+# --- training steps and loss weights ---------------------------------------------------------------------------
+def _tiny_schedule():
+    # ᾱ = 0.9, 0.5, 0.2, 0 → SNR = 9, 1, 0.25, 0
+    return NoiseSchedule(torch.tensor([0.1, 1 - 0.5 / 0.9, 1 - 0.2 / 0.5, 1.0], dtype=torch.float64))
+
+
+def test_clamp_snr_weights_by_hand():
+    s = _tiny_schedule()
+    torch.testing.assert_close(s.snr(torch.arange(4)), torch.tensor([9.0, 1.0, 0.25, 0.0]))
+    t = torch.tensor([[0, 1, 2], [3, 0, 1]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    w = loss_weights(s, t, valid, "clamp_snr", 0.0, 5.0)
+    # clamped γ at the valid positions: 5, 1, 0.25, 0, 5 (sum 11.25); 5 valid positions
+    k = 5 / 11.25
+    torch.testing.assert_close(w, torch.tensor([[5 * k, 1 * k, 0.25 * k], [0.0, 5 * k, 0.0]]))
+    assert w.dtype == torch.float32 and w[valid].sum().item() == pytest.approx(5.0)
+    w = loss_weights(s, t, valid, "clamp_snr", 0.5, 5.0)  # γ = 5, 1, 0.5, 0.5, 5 (sum 12)
+    torch.testing.assert_close(w, torch.tensor([[5.0, 1.0, 0.5], [0.5, 5.0, 0.0]]) * (5 / 12))
+    torch.testing.assert_close(loss_weights(s, t, valid), torch.ones(2, 3))
+    # all positions valid: the reference's γ · numel / Σγ
+    full = torch.ones_like(valid)
+    g = s.snr(t).clamp(0, 5)
+    torch.testing.assert_close(loss_weights(s, t, full, "clamp_snr"), g * t.numel() / g.sum())
+    # nothing to renormalise: every valid γ is 0
+    assert torch.equal(loss_weights(s, torch.full((2,), 3), torch.ones(2, dtype=torch.bool), "clamp_snr"),
+                       torch.zeros(2))
+    with pytest.raises(ValueError, match="bool mask"):
+        loss_weights(s, t, torch.ones(2, 3), "clamp_snr")
+    with pytest.raises(ValueError, match="weighting"):
+        loss_weights(s, t, valid, "min_snr")
+
+
+def test_beta_step_probabilities_match_density():
+    T, a, b = 10, 0.8, 1.0
+    p = step_probabilities(T, "beta", a, b)
+    dens = [(k / T) ** (a - 1) * (1 - k / T) ** (b - 1) for k in range(1, T + 1)]
+    torch.testing.assert_close(p, torch.tensor(dens, dtype=torch.float64) / sum(dens))
+    assert p[0] > p[-1] and p.sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(step_probabilities(T, "beta", 1.0, 1.0), step_probabilities(T))
+    assert step_probabilities(5, "beta", 2.0, 2.0)[-1].item() == 0.0  # density 0 at u = 1
+    with pytest.raises(ValueError, match="infinite"):
+        step_probabilities(T, "beta", 0.8, 0.5)
+    n = 100_000
+    draws = sample_timesteps((n // 100, 100), T, torch.Generator().manual_seed(0), "beta", a, b)
+    assert draws.shape == (1000, 100) and draws.dtype == torch.long
+    freq = torch.bincount(draws.flatten(), minlength=T).double() / n
+    tol = 4 * (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= tol).all(), (freq, p)
+
+
+def test_uniform_step_sampling():
+    g = torch.Generator().manual_seed(1)
+    draws = sample_timesteps((50_000,), 5, g)
+    assert draws.min().item() == 0 and draws.max().item() == 4
+    freq = torch.bincount(draws, minlength=5).double() / 50_000
+    assert (freq - 0.2).abs().max().item() < 0.01
+    a = sample_timesteps((3, 4), 7, torch.Generator().manual_seed(3), "beta")
+    b = sample_timesteps((3, 4), 7, torch.Generator().manual_seed(3), "beta")
+    assert torch.equal(a, b) and sample_timesteps((0, 4), 7, None, "beta").shape == (0, 4)
+    with pytest.raises(ValueError, match="step sampling"):
+        sample_timesteps((2,), 5, g, "lognormal")

@@ -14,10 +14,12 @@ from conceptlm.lcm.diffusion.schedule import (
     rescale_zero_terminal_snr,
 )
 from conceptlm.lcm.diffusion.sigmoid import sigmoid_betas
+from conceptlm.lcm.diffusion.weighting import loss_weights, sample_timesteps, step_probabilities
 
 __all__ = [
     "DiffusionSection", "SamplerOptions",
     "PREDICTIONS", "NoiseSchedule", "betas_from_alpha_bar", "build_schedule", "inference_timesteps",
     "rescale_zero_terminal_snr", "cosine_betas", "linear_betas", "quadratic_betas", "sigmoid_betas",
     "DDIMSampler", "classifier_free_guidance", "dynamic_threshold",
+    "loss_weights", "sample_timesteps", "step_probabilities",
 ]
