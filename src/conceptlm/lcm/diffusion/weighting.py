@@ -66,8 +66,9 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor, valid: Tensor, kind: str = 
                  max_snr: float = 5.0) -> Tensor:
     """Per-position loss weights: float32 of ``t``'s shape (...) on its device.
 
-    ``none``: ones. ``clamp_snr``: ``γ = clamp(SNR_t, min_snr, max_snr)`` at the ``valid`` (bool, shape of ``t``)
-    positions, 0 elsewhere, times ``valid.sum() / Σγ`` so the valid weights sum to the number of valid positions.
+    ``none``: ones. ``clamp_snr``: ``γ = clamp(SNR_t, min_snr, max_snr)`` at the ``valid`` (mask of ``t``'s shape,
+    nonzero = valid) positions, 0 elsewhere, times ``valid.sum() / Σγ`` so the valid weights sum to the number of
+    valid positions.
     If every valid γ is 0 (e.g. all drawn steps are the pure-noise step and ``min_snr = 0``), all weights are 0.
     The reference sums over every position, padding included; here padding neither counts nor takes weight.
     """
@@ -75,12 +76,11 @@ def loss_weights(schedule: NoiseSchedule, t: Tensor, valid: Tensor, kind: str = 
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     if kind != "clamp_snr":
         raise ValueError(f"unknown loss weighting {kind!r}; choose one of {WEIGHTINGS}")
-    if valid.shape != t.shape or valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a bool mask of t's shape {tuple(t.shape)}, got {valid.dtype} "
-                         f"{tuple(valid.shape)}")
+    if valid.shape != t.shape:
+        raise ValueError(f"valid must be a mask of t's shape {tuple(t.shape)}, got {tuple(valid.shape)}")
     if not 0 <= min_snr <= max_snr:
         raise ValueError(f"need 0 <= min_snr <= max_snr, got {min_snr}, {max_snr}")
-    valid = valid.to(t.device)
+    valid = valid.to(device=t.device, dtype=torch.bool)  # nonzero = valid
     gamma = schedule.snr(t).clamp(min=min_snr, max=max_snr) * valid
     total = gamma.sum()
     n = valid.sum()
