@@ -20,7 +20,9 @@ from conceptlm.lcm.model import LCMSection
 from conceptlm.lcm.normalizer import RobustNormalizer
 from conceptlm.lcm.train import (LCMTrainConfig, SyntheticVectorDocuments, fit_normalizer, load_lcm,
                                  sample_vectors, train_lcm)
+from conceptlm.lcm.diffusion.config import DiffusionSection
 from conceptlm.lcm.unit import BaseLCMUnit, DocumentChunks, collate_documents
+from conceptlm.lcm.variants import build_unit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -214,12 +216,22 @@ def _cmd(tmp_path: Path, name: str, nproc: int, **extra) -> list[str]:
             "-m", "tests.lcm.lcm_worker", *args]
 
 
+VARIANT_OVERRIDES = {
+    "base": {},
+    # per-rank noise, timesteps and CFG row drops (drawn per example, so the split of the batch does not matter)
+    "two_tower": {"lcm.model": "two_tower", "lcm.n_denoiser_layers": 2, "lcm.diffusion.num_train_steps": 20,
+                  "lcm.diffusion.cfg_dropout": 0.5},
+}
+
+
 @pytest.mark.distributed
-def test_two_processes_equal_one_process(tmp_path):
-    one = subprocess.run(_cmd(tmp_path, "one", 1, **{"train.micro_batch_size": 8}), env=_env(), cwd=REPO,
+@pytest.mark.parametrize("variant", sorted(VARIANT_OVERRIDES))
+def test_two_processes_equal_one_process(tmp_path, variant):
+    extra = VARIANT_OVERRIDES[variant]
+    one = subprocess.run(_cmd(tmp_path, "one", 1, **{"train.micro_batch_size": 8}, **extra), env=_env(), cwd=REPO,
                          timeout=300, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(_cmd(tmp_path, "two", 2, **{"train.micro_batch_size": 2, "train.grad_accum": 2}),
+    two = subprocess.run(_cmd(tmp_path, "two", 2, **{"train.micro_batch_size": 2, "train.grad_accum": 2}, **extra),
                          env=_env(), cwd=REPO, timeout=300, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     step = "step_00000003"
@@ -228,7 +240,10 @@ def test_two_processes_equal_one_process(tmp_path):
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-5
     torch.manual_seed(0)  # train.seed: the runs' initial weights
-    init = BaseLCMUnit(LCMSection(dim=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_sentences=16))
+    sizes = dict(dim=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_sentences=16)
+    if variant == "two_tower":
+        sizes.update(model="two_tower", n_denoiser_layers=2, diffusion=DiffusionSection(num_train_steps=20))
+    init = build_unit(LCMSection(**sizes))
     stats = {"model.center", "model.scale", "model.clip_min", "model.clip_max"}
     moved = max((a[k] - v).abs().max().item() for k, v in init.state_dict().items() if k in a and k not in stats)
     assert moved > 1e-4  # the runs did train
