@@ -217,6 +217,9 @@ def test_add_noise_hand_and_diffusers():
     torch.testing.assert_close(a, ab)
     # one 0-d t applies to everything
     torch.testing.assert_close(s.add_noise(x0, eps, torch.tensor(19)), eps)
+    torch.testing.assert_close(s.add_noise(x0, eps, torch.tensor(7)), s.add_noise(x0, eps, torch.full(t.shape, 7)))
+    with pytest.raises(IndexError, match="outside"):
+        s.add_noise(x0, eps, torch.tensor(20))
     assert s.alpha_bar(torch.tensor([2, 5]), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
     d = _diffusers()
     ref = d.DDIMScheduler(num_train_timesteps=20, trained_betas=s.betas.numpy())

@@ -8,6 +8,7 @@ the three prediction targets (``x0``, ``epsilon``, ``v``). :func:`build_schedule
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -40,7 +41,9 @@ class NoiseSchedule:
     Every method takes ``t``, a long tensor of timesteps in ``0..T−1`` whose shape is that of ``x`` without its last
     (feature) dimension — or any shape that broadcasts after a trailing ``1`` is appended (a 0-d ``t`` applies one
     step to everything). The arithmetic runs in ``x``'s dtype on ``x``'s device; the square roots are taken in
-    float64 once and cached per (device, dtype).
+    float64 once and cached per (device, dtype); a 0-d CPU ``t`` uses Python-float coefficients (no device copy).
+    Tensor timesteps are not range-checked (that would synchronise a GPU); out-of-range values fail or wrap as
+    tensor indexing does.
     """
 
     def __init__(self, betas: Tensor):
@@ -81,7 +84,16 @@ class NoiseSchedule:
         """ᾱ_t: ``t`` (...) long → (..., 1) in ``like``'s dtype and device."""
         return self._gather(0, t, like)
 
-    def _coefs(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    def _coefs(self, t: Tensor, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """(sqrt(ᾱ_t), sqrt(1 − ᾱ_t)) as (..., 1) tensors; as Python floats for a 0-d CPU ``t`` (one step for the
+        whole tensor, as in sampling), which needs no table on ``like``'s device nor a host-to-device copy."""
+        t = torch.as_tensor(t)
+        if t.ndim == 0 and t.device.type == "cpu" and not (t.dtype.is_floating_point or t.dtype == torch.bool):
+            i = int(t)
+            if not 0 <= i < self.num_train_steps:
+                raise IndexError(f"timestep {i} outside 0..{self.num_train_steps - 1}")
+            ab = float(self.alphas_cumprod[i])
+            return math.sqrt(ab), math.sqrt(max(1.0 - ab, 0.0))
         return self._gather(1, t, like), self._gather(2, t, like)
 
     def snr(self, t: Tensor) -> Tensor:
