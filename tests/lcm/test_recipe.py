@@ -156,3 +156,61 @@ def test_retrieval_bank_takes_the_prepared_vectors(trained):
     assert rows
     want = torch.nn.functional.normalize(torch.stack([stored[bank.sentences[j]] for j in rows]), dim=-1)
     torch.testing.assert_close(bank.embeddings[rows], want)
+
+
+# ------------------------------------------------------------------------------------------------ variants
+VARIANTS = {
+    "two_tower": ["lcm.model=two_tower", "lcm.n_denoiser_layers=1", "lcm.diffusion.num_train_steps=20",
+                  "generate.diffusion.inference_steps=4"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_trains_generates_and_evaluates(trained, variant, capsys):
+    """The same prepared documents and decoder, another ``lcm.model``: train -> generate -> evaluate."""
+    base_cfg = trained[0]
+    over = _overrides(base_cfg.run_dir.parent) + [f"run.name={variant}", f"decoder.path={base_cfg.decoder_dir}",
+                                                   "train.max_steps=10", "evaluate.fragility_sentences=0",
+                                                   *VARIANTS[variant]]
+    cfg = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml", over)
+    res = train(cfg)
+    assert res.step == 10
+    out = generate(cfg)
+    assert out["documents"] == 2 and "continuation (" in capsys.readouterr().out
+    ev = evaluate(cfg)
+    tf = ev["teacher_forced"]
+    assert set(tf) >= {"l2", "l2_prev", "cos", "ca", "par", "l2_r"} and tf["l2"] > 0
+    assert ev["generation"]["documents"] == 3
+
+
+def test_instruction_data_trains_on_the_answer_and_is_scored_on_it(tmp_path):
+    """docs.generated_task=summary: source sentences, the [MODEL]: marker, the answer; only the answer is a
+    target, and evaluation answers each validation source."""
+    from conceptlm.lcm.store import EmbeddedDocuments
+    from conceptlm.lcm.unit import DocumentChunks, collate_documents
+
+    over = _overrides(tmp_path) + ["docs.generated_task=summary", "train.max_steps=8", "evaluate.fragility_sentences=0",
+                                   "evaluate.round_trip=false"]
+    cfg = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml", over)
+    prepare(cfg)
+    docs = EmbeddedDocuments(cfg.data_dir, "train")
+    doc = docs[0]
+    k = doc["sentences"].index("[MODEL]:")
+    assert doc["loss_from"] == k + 1 and doc["sentences"][-1] == "End of text."
+    assert doc["sentences"][k + 1] == doc["sentences"][0]  # the summary starts with the lead sentence
+    batch = collate_documents([DocumentChunks(docs, max_sentences=32)[i] for i in range(2)])
+    assert batch["loss_mask"][0].nonzero().min() == k + 1 and batch["loss_mask"].sum() < batch["mask"].sum()
+    train_decoder(cfg)
+    train(cfg)
+    ev = evaluate(cfg)
+    gen = ev["generation"]
+    assert gen["documents"] == 3 and 0.0 <= gen["rouge_l"] <= 1.0 and "[MODEL]:" not in gen["example"]["prompt"]
+
+
+def test_cost_verb_writes_the_table_and_plot(tmp_path, capsys):
+    main(["lcm", "cost", "--config", str(REPO / "configs/lcm/tiny_cpu.yaml"), f"run.out_dir={tmp_path}",
+          "cost.lcm=two_tower_1.6b"])
+    printed = capsys.readouterr().out
+    assert "Break-even sentence length" in printed
+    out = tmp_path / "lcm_tiny" / "cost"
+    assert (out / "cost.md").is_file() and (out / "cost.png").is_file()

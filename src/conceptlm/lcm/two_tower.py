@@ -368,8 +368,9 @@ class TwoTowerUnit(TrainUnit):
     from the denoiser's output when ``lcm.diffusion.prediction`` is not ``x0``; ``w_t`` from
     ``lcm.diffusion.weighting``), loss positions = ``batch["loss_mask"]`` if present (instruction data), else every
     real sentence including the first (predicted unconditionally). Eval metrics: :data:`TEACHER_FORCED_METRICS`,
-    each position sampled by DDIM from its ground-truth context (``self.eval_sampler``, the paper's settings;
-    fixed noise, so evaluations are comparable).
+    each position sampled by DDIM from its ground-truth context (``self.eval_sampler``: the paper's settings, at
+    most as many steps as the schedule has; ``conceptlm lcm evaluate`` uses ``generate.diffusion``; fixed noise, so
+    evaluations are comparable).
     """
 
     metric_names = TEACHER_FORCED_METRICS
@@ -381,7 +382,7 @@ class TwoTowerUnit(TrainUnit):
         self.loss_weights = {"mse": 1.0}
         self.model = TwoTowerLCM(cfg)
         self.round_trip = round_trip
-        self.eval_sampler = SamplerOptions()
+        self.eval_sampler = SamplerOptions(inference_steps=min(40, cfg.diffusion.num_train_steps))
 
     @staticmethod
     def loss_positions(batch: dict) -> torch.Tensor:
