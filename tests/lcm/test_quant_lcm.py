@@ -322,6 +322,30 @@ def test_cached_equals_uncached_and_batched_equals_single(model, quant):
     assert not all(torch.allclose(a.vectors, b.vectors) for a, b in zip(generate(m, prompts, options=o), outs[True]))
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_guidance_combines_the_conditional_and_the_context_free_query(use_cache):
+    torch.manual_seed(5)
+    m = fitted(QuantLCM(section("quant_c", n_layers=2, positions="learned"))).eval()
+    prompts = [torch.randn(3, DIM), torch.randn(1, DIM)]
+    g = 2.5
+    o = opts(temperature=0.0, guidance_scale=g)
+    o.use_cache = use_cache
+    pred = m.predictor(o)
+    keep = torch.tensor([[True, True, True], [False, False, True]])
+    z = torch.zeros(2, 3, DIM)
+    z[0], z[1, 2:] = prompts[0], prompts[1]
+    positions = torch.tensor([[0, 1, 2], [0, 0, 0]])
+    pred.start(z, keep, positions, [0, 1])
+    partial = torch.randn(2, DIM)
+    got = pred._query(partial, 1)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        h = torch.cat([m.embed(p[None], m.clean_index), m.embed(partial[i:i + 1, None], 1)], dim=1)
+        cond = m.head(m.trunk(h, torch.arange(n + 1)[None]))[0, -1]
+        unc = m.head(m.trunk(m.embed(partial[i:i + 1, None], 1), torch.tensor([[n]])))[0, -1]
+        assert torch.allclose(got[i], unc + g * (cond - unc), atol=1e-5)
+
+
 def test_greedy_models_emit_known_sums_of_centroids():
     m = hand_quantizer_model("quant_d", n_layers=1)
     with torch.no_grad():  # always unit 3, whatever the input

@@ -241,73 +241,78 @@ class QuantLCM(NormalizedModel):
 class QuantLCMPredictor:
     """Coarse-to-fine generation (module docstring): ``K`` query calls per sentence.
 
-    With ``options.use_cache`` the clean copies of the prefix are KV-cached (prefilled once, one position per
-    emitted sentence); each query call runs one position against the cache, which is then cropped back to the
-    prefix. Without it the whole ``[clean prefix, query]`` sequence is recomputed at every call. With guidance
-    (``generate.quant.guidance_scale != 1``) the batch holds every document twice, the second copy's query seeing
-    only itself (the unconditional branch). The uniforms of a sentence are ``torch.rand(K)`` of
-    ``row_generator("lcm-quant", seed, row, step)``, the ``j``-th for codebook ``j``, so a document's output depends
-    neither on the rest of the batch nor on the cache.
+    Only the clean copies of the known sentences and the query of the next one are needed (no position attends to
+    an earlier query copy): ``[z_0, ..., z_{n-1}, q_n]``. With ``options.use_cache`` the clean prefix is KV-cached
+    (the prompt prefilled once, then one clean position per emitted sentence); each query call runs only the query
+    against the cache, which is then cropped back to the prefix. Without it the whole sequence is recomputed at
+    every call. With guidance (``generate.quant.guidance_scale != 1``) the unconditional branch is a second query
+    position in the same call, at the same sentence position, that attends only to itself (no copy of the batch or
+    of the cache). The uniforms of a sentence are ``torch.rand(K)`` of ``row_generator("lcm-quant", seed, row,
+    step)``, the ``j``-th for codebook ``j``, so a document's output depends neither on the rest of the batch nor
+    on the cache.
     """
 
     def __init__(self, model: QuantLCM, options: GenerationOptions) -> None:
         model.quantizer.require_fitted()
         self.model, self.o, self.q = model, options, options.quant
-        self.guided = self.q.guidance_scale != 1.0
+        self.n_queries = 1 if self.q.guidance_scale == 1.0 else 2
         self.cache = KVCache() if options.use_cache else None
         self.seq: SequenceState | None = None
-
-    def _both(self, t: torch.Tensor) -> torch.Tensor:
-        """Rows ``(A, ...)`` -> ``(2A, ...)`` (conditional, unconditional) under guidance."""
-        return torch.cat([t, t]) if self.guided else t
-
-    def _append_clean(self, z: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> None:
-        """Run clean copies ``z`` ``(A, T, D)`` at ``positions`` into the cache (``keep``: all cached keys)."""
-        m = self.model
-        m.trunk(m.embed(self._both(z), m.clean_index), self._both(positions),
-                key_padding_mask=self._both(keep), cache=self.cache)
 
     def start(self, z, keep, positions, rows):
         self.seq = SequenceState(z, keep, positions)
         if self.cache is not None:
-            self._append_clean(z, positions, keep)
+            m = self.model
+            m.trunk(m.embed(z, m.clean_index), positions, key_padding_mask=keep, cache=self.cache)
         return self._sentence(rows, 0)
 
     def step(self, z_new, rows, step):
         s = self.seq
         s.append(z_new)
         if self.cache is not None:
-            self._append_clean(z_new.unsqueeze(1), s.positions[:, -1:], s.keep)
+            m = self.model
+            m.trunk(m.embed(z_new.unsqueeze(1), m.clean_index), s.positions[:, -1:], key_padding_mask=s.keep,
+                    cache=self.cache)
         return self._sentence(rows, step)
 
     def select(self, index):
-        a = self.seq.z.shape[0]  # running documents before the selection
         self.seq.select(index)
         if self.cache is not None:
-            self.cache.reorder(torch.cat([index, index + a]) if self.guided else index)
+            self.cache.reorder(index)
+
+    def _query_mask(self) -> torch.Tensor:
+        """Bool ``(A, 1, Q, S + Q)`` of the ``Q`` query rows over the prefix and the queries: the conditional query
+        sees the real prefix and itself, the unconditional one only itself."""
+        keep = self.seq.keep
+        a, prefix = keep.shape
+        n_q = self.n_queries
+        allow = torch.zeros(a, 1, n_q, prefix + n_q, dtype=torch.bool, device=keep.device)
+        allow[:, 0, 0, :prefix] = keep
+        allow[:, 0, torch.arange(n_q), prefix + torch.arange(n_q)] = True
+        return allow
 
     def _query(self, partial: torch.Tensor, stage: int) -> torch.Tensor:
         """Head output ``(A, C|D)`` for the query ``partial`` ``(A, D)`` of the next sentence (guided)."""
         m, s = self.model, self.seq
-        a, prefix = s.z.shape[0], s.z.shape[1]
-        nxt = s.positions[:, -1:] + 1  # (A, 1)
-        keep_q = torch.ones_like(s.keep[:, :1])
-        kpm = torch.cat([s.keep, keep_q], dim=1)  # conditional: the real prefix and itself
-        if self.guided:
-            kpm = torch.cat([kpm, torch.cat([torch.zeros_like(s.keep), keep_q], dim=1)])  # unconditional: itself
-        hq = m.embed(self._both(partial.unsqueeze(1).to(s.z.dtype)), stage)
+        a, prefix = s.keep.shape
+        n_q = self.n_queries
+        hq = m.embed(partial.to(s.z.dtype).unsqueeze(1).expand(a, n_q, -1), stage)
+        pos_q = (s.positions[:, -1:] + 1).expand(a, n_q)
+        allow = self._query_mask()
         if self.cache is not None:
-            h = m.trunk(hq, self._both(nxt), key_padding_mask=kpm, cache=self.cache)
+            h = m.trunk(hq, pos_q, attn_mask=allow, cache=self.cache)
             self.cache.crop(prefix)
         else:
-            hc = m.embed(self._both(s.z), m.clean_index)
-            pos = self._both(torch.cat([s.positions, nxt], dim=1))
-            h = m.trunk(torch.cat([hc, hq], dim=1), pos, key_padding_mask=kpm)[:, -1:]
-        out = m.head(h[:, 0]).float()
-        if self.guided:
-            cond, unc = out[:a], out[a:]
-            out = unc + self.q.guidance_scale * (cond - unc)
-        return out
+            full = torch.zeros(a, 1, prefix + n_q, prefix + n_q, dtype=torch.bool, device=allow.device)
+            full[:, 0, :prefix, :prefix] = s.keep.view(a, 1, prefix)  # causality is the decoder's
+            full[:, :, prefix:] = allow
+            h = m.trunk(torch.cat([m.embed(s.z, m.clean_index), hq], dim=1), torch.cat([s.positions, pos_q], dim=1),
+                        attn_mask=full)[:, prefix:]
+        out = m.head(h).float()  # (A, Q, C|D)
+        if n_q == 1:
+            return out[:, 0]
+        cond, unc = out[:, 0], out[:, 1]
+        return unc + self.q.guidance_scale * (cond - unc)
 
     def _sentence(self, rows: list[int], step: int) -> torch.Tensor:
         m = self.model
