@@ -256,11 +256,11 @@ class OneTowerPredictor:
 
     def _sample(self, rows: list[int], step: int) -> torch.Tensor:
         """One new sentence ``(A, D)`` (normalized) for the running documents ``rows``."""
-        dim, dev = self.model.cfg.dim, self.seq.z.device
+        dim = self.model.cfg.dim
         gens = [row_generator(GENERATE_PURPOSE, self.o.seed, r, step) for r in rows]
 
         def draw() -> torch.Tensor:
-            return torch.stack([torch.randn(dim, generator=g) for g in gens]).to(dev)
+            return torch.stack([torch.randn(dim, generator=g) for g in gens]).to(self.seq.z)
 
         layout = self._query_layout()
         x = self.sampler.initial_latent(draw())
