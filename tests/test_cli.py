@@ -75,7 +75,7 @@ def test_train_then_eval_through_cli(tmp_path, capsys):
     assert main(["sft", "eval", *ov]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 10 and 0.0 <= res["accuracy"] <= 1.0
-    rows = [json.loads(l) for l in open(res["predictions"], encoding="utf-8")]
+    rows = [json.loads(line) for line in open(res["predictions"], encoding="utf-8")]
     assert len(rows) == 10 and {"prompt", "reference", "prediction", "correct"} <= rows[0].keys()
 
 
@@ -94,6 +94,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     lcm = summary["lcm"]
     assert lcm["sentences"] > 0 and {"l2", "l2_prev", "ca", "l2_r"} <= set(lcm["teacher_forced"])
     assert "continuation (" in out and Path(lcm["generate"]).is_file()
+    tt = lcm["two_tower"]  # the diffusion continuation
+    assert "Two-Tower continuations" in out and Path(tt["generate"]).is_file()
+    assert {"l2", "l2_prev", "ca", "l2_r"} <= set(tt["teacher_forced"])
 
 
 def test_plot_verb(tmp_path, capsys):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from conceptlm.core.config import load_config
 
-__all__ = ["DEMO_OVERRIDES", "DEMO_ARMS", "COCOMIX_DEMO_OVERRIDES", "LCM_DEMO_OVERRIDES", "run_demo"]
+__all__ = ["DEMO_OVERRIDES", "DEMO_ARMS", "COCOMIX_DEMO_OVERRIDES", "LCM_DEMO_OVERRIDES",
+           "LCM_DIFFUSION_DEMO_OVERRIDES", "run_demo"]
 
 DEMO_OVERRIDES = [
     "data.train=generate:nlrx",
@@ -119,8 +120,16 @@ def _cocomix_demo(root: Path, steps: int | None) -> dict:
             "tokens_fraction_of_ntp": {a: v["tokens_fraction_of_baseline"] for a, v in arms.items()}}
 
 
+LCM_DIFFUSION_DEMO_OVERRIDES = [
+    "lcm.model=two_tower", "lcm.n_layers=2", "lcm.n_denoiser_layers=2", "generate.diffusion.inference_steps=20",
+    "train.eval_every=0", "evaluate.generate_documents=4", "evaluate.fragility_sentences=0",
+]
+"""The demo's diffusion part: a Two-Tower LCM of the same width on the same data (20 DDIM steps at generation)."""
+
+
 def _lcm_demo(root: Path, steps: int | None) -> dict:
-    """Generated stories -> MiniLM sentence embeddings -> Base-LCM -> a decoded continuation and Table 3 metrics."""
+    """Generated stories -> MiniLM sentence embeddings -> Base-LCM and a Two-Tower diffusion LCM -> decoded
+    continuations and Table 3 metrics."""
     from conceptlm.lcm import recipe
     from conceptlm.lcm.config import LCMConfig
 
@@ -144,9 +153,27 @@ def _lcm_demo(root: Path, steps: int | None) -> dict:
     print(f"[demo] lcm: teacher-forced l2 {tf['l2']:.3f} vs copy-previous {tf['l2_prev']:.3f}, contrastive accuracy "
           f"{tf['ca']:.3f}, round-trip l2 {tf.get('l2_r', float('nan')):.3f}; continuations ROUGE-L "
           f"{ev.get('generation', {}).get('rouge_l', float('nan')):.3f}")
-    return {"sentences": prep["n_sentences"], "checkpoint": str(res.checkpoint), "teacher_forced": tf,
-            "generation": {k: v for k, v in ev.get("generation", {}).items() if k != "example"},
-            "generate": gen["output"], "evaluate": ev["output"]}
+    out = {"sentences": prep["n_sentences"], "checkpoint": str(res.checkpoint), "teacher_forced": tf,
+           "generation": {k: v for k, v in ev.get("generation", {}).items() if k != "example"},
+           "generate": gen["output"], "evaluate": ev["output"]}
+    # a diffusion LCM on the same sentences and decoder: Two-Tower, sampled with DDIM and classifier-free guidance
+    diff = load_config(LCMConfig, None, overrides + LCM_DIFFUSION_DEMO_OVERRIDES
+                       + ["run.name=lcm_two_tower", f"decoder.path={cfg.decoder_dir}"])
+    print(f"[demo] lcm: Two-Tower diffusion LCM (contextualizer {diff.lcm.n_layers} + denoiser "
+          f"{diff.lcm.n_denoiser_layers} blocks, {diff.lcm.diffusion.num_train_steps} noise levels, CFG dropout "
+          f"{diff.lcm.diffusion.cfg_dropout}), {diff.train.max_steps} steps -> {diff.run_dir}")
+    res2 = recipe.train(diff, command=command + " two_tower")
+    d = diff.generate.diffusion
+    print(f"[demo] lcm: Two-Tower continuations ({d.inference_steps} DDIM steps, guidance {d.guidance_scale}, "
+          f"rescale {d.guidance_rescale}, initial noise {d.initial_noise_scale}):")
+    gen2 = recipe.generate(diff)
+    ev2 = recipe.evaluate(diff)
+    tf2 = ev2["teacher_forced"]
+    print(f"[demo] lcm: Two-Tower teacher-forced l2 {tf2['l2']:.3f} vs copy-previous {tf2['l2_prev']:.3f}, "
+          f"contrastive accuracy {tf2['ca']:.3f}, round-trip l2 {tf2.get('l2_r', float('nan')):.3f}")
+    out["two_tower"] = {"checkpoint": str(res2.checkpoint), "teacher_forced": tf2, "generate": gen2["output"],
+                        "evaluate": ev2["output"]}
+    return out
 
 
 def _jepa_demo(root: Path, steps: int | None) -> dict:
