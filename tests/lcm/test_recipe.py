@@ -162,6 +162,8 @@ def test_retrieval_bank_takes_the_prepared_vectors(trained):
 VARIANTS = {
     "two_tower": ["lcm.model=two_tower", "lcm.n_denoiser_layers=1", "lcm.diffusion.num_train_steps=20",
                   "generate.diffusion.inference_steps=4"],
+    "one_tower": ["lcm.model=one_tower", "lcm.positions=learned", "lcm.diffusion.num_train_steps=20",
+                  "generate.diffusion.inference_steps=4"],
 }
 
 

@@ -221,6 +221,7 @@ VARIANT_OVERRIDES = {
     # per-rank noise, timesteps and CFG row drops (drawn per example, so the split of the batch does not matter)
     "two_tower": {"lcm.model": "two_tower", "lcm.n_denoiser_layers": 2, "lcm.diffusion.num_train_steps": 20,
                   "lcm.diffusion.cfg_dropout": 0.5},
+    "one_tower": {"lcm.model": "one_tower", "lcm.diffusion.num_train_steps": 20, "lcm.diffusion.cfg_dropout": 0.5},
 }
 
 
@@ -243,6 +244,8 @@ def test_two_processes_equal_one_process(tmp_path, variant):
     sizes = dict(dim=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_sentences=16)
     if variant == "two_tower":
         sizes.update(model="two_tower", n_denoiser_layers=2, diffusion=DiffusionSection(num_train_steps=20))
+    elif variant == "one_tower":
+        sizes.update(model="one_tower", diffusion=DiffusionSection(num_train_steps=20))
     init = build_unit(LCMSection(**sizes))
     stats = {"model.center", "model.scale", "model.clip_min", "model.clip_max"}
     moved = max((a[k] - v).abs().max().item() for k, v in init.state_dict().items() if k in a and k not in stats)

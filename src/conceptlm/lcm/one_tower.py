@@ -59,7 +59,7 @@ from conceptlm.lcm.diffusion.weighting import loss_weights, sample_timesteps
 from conceptlm.lcm.generate import GenerationOptions, SequenceState, row_generator
 from conceptlm.lcm.interleave import interleave, interleaved_attention_mask, interleaved_positions
 from conceptlm.lcm.model import LEARNED_POSITION_STD, LCMSection, NormalizedModel
-from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, target_mask, teacher_forced_metrics
+from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, scored_positions, teacher_forced_metrics
 
 __all__ = ["OneTowerLCM", "OneTowerUnit", "OneTowerPredictor", "additive_mask", "TIMESTEP_FREQ_DIM"]
 
@@ -308,7 +308,8 @@ class OneTowerUnit(TrainUnit):
     """The One-Tower diffusion LCM as a :class:`~conceptlm.core.unit.TrainUnit` (objective in the module docstring).
 
     Eval metrics: the shared teacher-forced ones (:func:`~conceptlm.lcm.unit.teacher_forced_metrics`) of a DDIM run
-    with ``self.eval_sampler`` (default :class:`SamplerOptions`) for every position given the true clean context.
+    with ``self.eval_sampler`` (default: :class:`SamplerOptions`, at most the schedule's steps) for every position
+    given the true clean context.
 
     Args:
         cfg: the architecture (``cfg.model`` should be ``one_tower``).
@@ -324,7 +325,7 @@ class OneTowerUnit(TrainUnit):
         self.loss_weights = {"mse": 1.0}
         self.model = OneTowerLCM(cfg)
         self.round_trip = round_trip
-        self.eval_sampler = SamplerOptions()
+        self.eval_sampler = SamplerOptions(inference_steps=min(40, cfg.diffusion.num_train_steps))
 
     # --------------------------------------------------------------------------- randomness
     def _rng(self) -> StepRandomness:
@@ -401,5 +402,5 @@ class OneTowerUnit(TrainUnit):
     @torch.no_grad()
     def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
         pred = self.model.denormalize(self.teacher_forced(batch)).float()
-        return teacher_forced_metrics(pred, batch["vectors"], target_mask(batch["mask"], self.cfg.min_context),
+        return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
                                       self.round_trip)

@@ -283,7 +283,7 @@ def _teacher_forced(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> tuple[d
         for start in range(0, len(chunks), e.batch_size):
             items = [chunks[i] for i in range(start, min(start + e.batch_size, len(chunks)))]
             batch = collate_documents(items)
-            pred = unit.teacher_forced(batch)
+            pred = run.model.denormalize(unit.teacher_forced(batch)).float()
             tm = scored_positions(batch, run.model.cfg.min_context)
             metrics = teacher_forced_metrics(pred, batch["vectors"], tm, unit.round_trip)
             for name, (s, c) in metrics.items():

@@ -407,7 +407,7 @@ class TwoTowerUnit(TrainUnit):
 
     @torch.no_grad()
     def teacher_forced(self, batch: dict, options: SamplerOptions | None = None) -> torch.Tensor:
-        """Raw predictions ``(B, T, D)`` of every sentence from its ground-truth previous sentences."""
+        """Normalized predictions ``(B, T, D)`` of every sentence from its ground-truth previous sentences."""
         m = self.model
         sampler = _sampler(m, options or self.eval_sampler)
         z = m.normalize(batch["vectors"])
@@ -424,10 +424,10 @@ class TwoTowerUnit(TrainUnit):
             pc = m.denoise(x, mods, kv, memory_attn_mask=cond_mask)
             pu = m.denoise(x, mods, kv, memory_attn_mask=only_zero) if sampler.guided else None
             x, x0 = sampler.step(i, x, pc, pu)
-        return m.denormalize(x0)
+        return x0
 
     @torch.no_grad()
     def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
-        pred = self.teacher_forced(batch)
+        pred = self.model.denormalize(self.teacher_forced(batch)).float()
         return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
                                       self.round_trip)

@@ -201,9 +201,9 @@ class BaseLCMUnit(TrainUnit):
 
     @torch.no_grad()
     def teacher_forced(self, batch: dict) -> torch.Tensor:
-        """Raw predictions ``(B, T, D)``, ``[:, t]`` predicting sentence ``t`` from the true sentences before it
-        (``[:, 0]`` is a placeholder; it is never scored)."""
-        return self.model.denormalize(self._predict(batch)[1]).float()
+        """Normalized predictions ``(B, T, D)``, ``[:, t]`` predicting sentence ``t`` from the true sentences before
+        it (``[:, 0]`` is a placeholder; it is never scored)."""
+        return self._predict(batch)[1]
 
     @torch.no_grad()
     def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:

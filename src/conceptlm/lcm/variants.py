@@ -1,7 +1,7 @@
 """One place that maps ``lcm.model`` to its training unit (each unit holds its model as ``unit.model``).
 
 Every unit takes ``(cfg: LCMSection, *, round_trip=None)``, trains on :func:`~conceptlm.lcm.unit.collate_documents`
-batches, reports :data:`~conceptlm.lcm.unit.TEACHER_FORCED_METRICS` and has ``teacher_forced(batch)`` (raw
+batches, reports :data:`~conceptlm.lcm.unit.TEACHER_FORCED_METRICS` and has ``teacher_forced(batch)`` (normalized
 predictions aligned with their targets); every model is a :class:`~conceptlm.lcm.model.NormalizedModel` that
 :func:`~conceptlm.lcm.generate.generate` can continue.
 """
