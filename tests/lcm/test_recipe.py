@@ -164,6 +164,10 @@ VARIANTS = {
                   "generate.diffusion.inference_steps=4"],
     "one_tower": ["lcm.model=one_tower", "lcm.positions=learned", "lcm.diffusion.num_train_steps=20",
                   "generate.diffusion.inference_steps=4"],
+    "quant_d": ["lcm.model=quant_d", "lcm.quant.n_codebooks=3", "lcm.quant.codebook_size=16",
+                "lcm.quant.fit_samples=200", "lcm.quant.fit_iters=3"],
+    "quant_c": ["lcm.model=quant_c", "lcm.quant.n_codebooks=3", "lcm.quant.codebook_size=16",
+                "lcm.quant.fit_samples=200", "lcm.quant.fit_iters=3"],
 }
 
 

@@ -21,6 +21,7 @@ from conceptlm.lcm.normalizer import RobustNormalizer
 from conceptlm.lcm.train import (LCMTrainConfig, SyntheticVectorDocuments, fit_normalizer, load_lcm,
                                  sample_vectors, train_lcm)
 from conceptlm.lcm.diffusion.config import DiffusionSection
+from conceptlm.lcm.quant_config import QuantSection
 from conceptlm.lcm.unit import BaseLCMUnit, DocumentChunks, collate_documents
 from conceptlm.lcm.variants import build_unit
 
@@ -222,6 +223,9 @@ VARIANT_OVERRIDES = {
     "two_tower": {"lcm.model": "two_tower", "lcm.n_denoiser_layers": 2, "lcm.diffusion.num_train_steps": 20,
                   "lcm.diffusion.cfg_dropout": 0.5},
     "one_tower": {"lcm.model": "one_tower", "lcm.diffusion.num_train_steps": 20, "lcm.diffusion.cfg_dropout": 0.5},
+    # per-example codebook stages and CFG drops; codebooks fitted the same way in every process
+    "quant_d": {"lcm.model": "quant_d", "lcm.quant.n_codebooks": 3, "lcm.quant.codebook_size": 16,
+                "lcm.quant.fit_samples": 200, "lcm.quant.fit_iters": 3, "lcm.quant.cfg_dropout": 0.5},
 }
 
 
@@ -238,7 +242,8 @@ def test_two_processes_equal_one_process(tmp_path, variant):
     step = "step_00000003"
     a = load_file(str(tmp_path / "runs" / "one" / "checkpoints" / step / ckpt_lib.UNIT_FILE))
     b = load_file(str(tmp_path / "runs" / "two" / "checkpoints" / step / ckpt_lib.UNIT_FILE))
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())
+    diff = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
     assert diff <= 1e-5
     torch.manual_seed(0)  # train.seed: the runs' initial weights
     sizes = dict(dim=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_sentences=16)
@@ -246,8 +251,11 @@ def test_two_processes_equal_one_process(tmp_path, variant):
         sizes.update(model="two_tower", n_denoiser_layers=2, diffusion=DiffusionSection(num_train_steps=20))
     elif variant == "one_tower":
         sizes.update(model="one_tower", diffusion=DiffusionSection(num_train_steps=20))
+    elif variant == "quant_d":
+        sizes.update(model="quant_d", quant=QuantSection(n_codebooks=3, codebook_size=16, fit_samples=200))
     init = build_unit(LCMSection(**sizes))
-    stats = {"model.center", "model.scale", "model.clip_min", "model.clip_max"}
+    stats = {"model.center", "model.scale", "model.clip_min", "model.clip_max", "model.quantizer.codebooks",
+             "model.quantizer.fitted"}
     moved = max((a[k] - v).abs().max().item() for k, v in init.state_dict().items() if k in a and k not in stats)
     assert moved > 1e-4  # the runs did train
 

@@ -398,10 +398,14 @@ class QuantLCMUnit(TrainUnit):
         return {"mse": se[lm].sum()}
 
     @torch.no_grad()
-    def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
+    def teacher_forced(self, batch: dict) -> torch.Tensor:
+        """Normalized greedy predictions ``(B, T, D)`` of every sentence from its true prefix
+        (:meth:`QuantLCM.teacher_forced`)."""
         m = self.model
-        mask = batch["mask"]
-        y = m.teacher_forced(m.normalize(batch["vectors"]), keep=mask)
-        pred = m.denormalize(y).float()
+        return m.teacher_forced(m.normalize(batch["vectors"]), keep=batch["mask"])
+
+    @torch.no_grad()
+    def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
+        pred = self.model.denormalize(self.teacher_forced(batch)).float()
         tm = target_mask(self._loss_mask(batch), self.cfg.min_context)
         return teacher_forced_metrics(pred, batch["vectors"], tm, self.round_trip)
