@@ -83,18 +83,31 @@ def test_fit_is_deterministic_given_the_generator():
         x, iters=5, generator=torch.Generator().manual_seed(7), init="random").codebooks)
 
 
-def test_dead_units_are_reseeded_where_the_error_is():
-    # 50 copies of one point and two outliers: a random init takes three copies of the same point, two of its
-    # units are dead after the first assignment; re-seeding moves them onto the outliers -> zero error.
-    x = torch.cat([torch.zeros(50, 2), torch.tensor([[5.0, 0.0], [0.0, 7.0]])])
-    c, assign = kmeans(x, 3, iters=10, generator=torch.Generator().manual_seed(0), init="random")
-    assert torch.allclose(c[assign], x)
-    assert sorted(map(tuple, c.tolist())) == [(0.0, 0.0), (0.0, 7.0), (5.0, 0.0)]
-    # as many distinct points as units: every point becomes a unit (either init)
+def test_an_empty_unit_is_reseeded_by_splitting_a_cluster():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 2, generator=g) * torch.tensor([2.0, 0.3]) + torch.tensor([10.0, 10.0])
+    b = torch.randn(40, 2, generator=g) * torch.tensor([2.0, 0.3]) + torch.tensor([-10.0, -10.0])
+    x = torch.cat([a, b])
+    init = torch.tensor([[10.0, 10.0], [-10.0, -10.0], [100.0, 100.0]])  # the third unit gets no point
+
+    def sse(c, assign):
+        return float(((x - c[assign]) ** 2).sum())
+
+    two = sse(torch.stack([a.mean(0), b.mean(0)]), torch.arange(80) // 40)
+    c, assign = kmeans(x, 3, iters=20, generator=torch.Generator().manual_seed(1), init=init, empty="keep")
+    assert torch.equal(c[2], init[2]) and torch.bincount(assign, minlength=3)[2] == 0
+    assert sse(c, assign) == pytest.approx(two, rel=1e-5)
+    c, assign = kmeans(x, 3, iters=20, generator=torch.Generator().manual_seed(1), init=init, empty="split")
+    counts = torch.bincount(assign, minlength=3)
+    assert bool((counts > 0).all()) and int(counts.max()) == 40  # one cluster split in two, the other intact
+    assert sse(c, assign) < 0.75 * two  # split along its long axis: that cluster keeps 1 - 2/pi of its variance
+    # as many distinct points as units: every point becomes a unit (either seeding)
     pts = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
-    for init in ("kmeans++", "random"):
-        c, assign = kmeans(pts, 6, iters=3, generator=torch.Generator().manual_seed(2), init=init)
+    for seeding in ("kmeans++", "random"):
+        c, assign = kmeans(pts, 6, iters=3, generator=torch.Generator().manual_seed(2), init=seeding)
         assert torch.allclose(c[assign], pts)
+    with pytest.raises(ValueError, match="initial centroids"):
+        kmeans(x, 3, iters=1, generator=g, init=init[:2])
 
 
 def test_save_load_round_trip_and_errors(tmp_path):
