@@ -128,3 +128,35 @@ def test_yelp_reviews_read():
                                            limit=100)))
     assert len(docs) == 100 and all(t.strip() for _, t in docs)
     assert docs[0][0] == "yelp_test.jsonl:1" and "\\n" not in docs[0][1]
+
+
+# ------------------------------------------------------------------------------------------------ instructions
+def test_instruction_records_become_source_marker_answer(tmp_path):
+    from conceptlm.lcm.documents import split_instruction
+    from conceptlm.lcm.prepare import PrepareSection, segment_document
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"article": "The cat sat. It was warm.", "summary": "A warm cat."}) + "\n"
+                    + json.dumps({"article": "No summary here."}) + "\n", encoding="utf-8")
+    sec = DocsSection(source=str(path), text_field="article", target_field="summary")
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: field 'summary': missing"):
+        list(iter_documents(sec))
+    skipped = Counter()
+    docs = list(iter_documents(sec, skip_bad=True, skipped=skipped))
+    assert len(docs) == 1 and skipped["bad_record"] == 1
+    assert split_instruction(docs[0][1], "[MODEL]:") == ("The cat sat. It was warm.", "A warm cat.")
+    pieces = segment_document("d", docs[0][1], get_segmenter(), PrepareSection(), marker="[MODEL]:")
+    assert pieces == [("d", ["The cat sat.", "It was warm.", "[MODEL]:", "A warm cat.", "End of text."])]
+    # too long for the cap: the first source sentences go, the marker and the answer stay
+    capped = segment_document("d", docs[0][1], get_segmenter(), PrepareSection(max_sentences=4), marker="[MODEL]:")
+    assert capped == [("d", ["It was warm.", "[MODEL]:", "A warm cat.", "End of text."])]
+
+
+def test_generated_summaries_are_the_lead_and_the_last_sentence():
+    from conceptlm.lcm.documents import split_instruction
+
+    text = generate_document(0, 3, task="summary")
+    source, answer = split_instruction(text, "[MODEL]:")
+    assert source == generate_document(0, 3)
+    sentences = get_segmenter().split(source)
+    assert answer == f"{sentences[0]} {sentences[-1]}"
