@@ -325,7 +325,10 @@ def _text_metrics(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> dict[str,
     if not prompts:
         return {}
     opts = cfg.generate.options()
-    opts.max_new_sentences = max(len(r) for r in refs)
+    longest = max(len(r) for r in refs)
+    # a continuation gets the reference's length; an answer must also end itself (end-of-text rule)
+    instruction = any("loss_from" in d for d in docs)
+    opts.max_new_sentences = max(longest, cfg.generate.max_new_sentences) if instruction else longest
     results = run_generate(run.model, prompts, eot=_eot(cfg, run.encoder), options=opts, decode=run.decode)
     rows = {"rouge_l": [], "ovl3": [], "rep4": [], "ovl_char14": [], "rep_char14": []}
     for res, ref, src in zip(results, refs, sources):
