@@ -122,7 +122,7 @@ def _cocomix_demo(root: Path, steps: int | None) -> dict:
 
 LCM_DIFFUSION_DEMO_OVERRIDES = [
     "lcm.model=two_tower", "lcm.n_layers=2", "lcm.n_denoiser_layers=2", "generate.diffusion.inference_steps=20",
-    "train.eval_every=0", "evaluate.generate_documents=4", "evaluate.fragility_sentences=0",
+    "train.eval_every=0", "evaluate.documents=16", "evaluate.generate_documents=4", "evaluate.fragility_sentences=0",
 ]
 """The demo's diffusion part: a Two-Tower LCM of the same width on the same data (20 DDIM steps at generation)."""
 
