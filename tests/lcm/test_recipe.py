@@ -187,6 +187,11 @@ def test_every_variant_trains_generates_and_evaluates(trained, variant, capsys):
     tf = ev["teacher_forced"]
     assert set(tf) >= {"l2", "l2_prev", "cos", "ca", "par", "l2_r"} and tf["l2"] > 0
     assert ev["generation"]["documents"] == 3
+    if variant.endswith("tower"):  # more sampler steps than noise levels: a one-line error naming the field
+        too_many = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml",
+                               over + ["generate.diffusion.inference_steps=21"])
+        with pytest.raises(ConfigError, match="generate.diffusion.inference_steps"):
+            generate(too_many)
 
 
 def test_instruction_data_trains_on_the_answer_and_is_scored_on_it(tmp_path):

@@ -205,6 +205,15 @@ def _prompt_length(doc: dict, n: int, wanted: int) -> int:
     return max(1, min(wanted, n - 1))
 
 
+def _check_sampler(cfg: LCMConfig, model) -> None:
+    """A diffusion model cannot take more sampler steps than its schedule has (a one-line error naming the field)."""
+    schedule = getattr(model, "schedule", None)
+    steps = cfg.generate.diffusion.inference_steps
+    if schedule is not None and steps > schedule.num_train_steps:
+        raise ConfigError(f"{steps} inference steps but the model was trained with {schedule.num_train_steps} noise "
+                          "levels (lcm.diffusion.num_train_steps)", field="generate.diffusion.inference_steps")
+
+
 def _eot(cfg: LCMConfig, encoder) -> torch.Tensor | None:
     return encoder.encode([cfg.prepare.end_of_text_sentence])[0] if cfg.prepare.end_of_text else None
 
@@ -218,6 +227,7 @@ def generate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
 
     g = cfg.generate
     run = load_run(cfg, checkpoint)
+    _check_sampler(cfg, run.model)
     prompts: list[torch.Tensor] = []
     cases: list[dict[str, Any]] = []
     if g.prompt.strip():
@@ -358,6 +368,7 @@ def evaluate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
     """
     e = cfg.evaluate
     run = load_run(cfg, checkpoint, need_decoder=e.round_trip or bool(e.mi_model) or e.generate_documents > 0)
+    _check_sampler(cfg, run.model)
     docs = _validation_documents(cfg, e.documents)
     log.info("evaluating %s on %d validation documents", run.checkpoint, len(docs))
     tf, mi_vectors, mi_contexts = _teacher_forced(cfg, run, docs)
