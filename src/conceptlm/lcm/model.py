@@ -32,7 +32,7 @@ from conceptlm.core.modules import Decoder, DecoderConfig, KVCache
 from conceptlm.lcm.diffusion.config import DiffusionSection
 from conceptlm.lcm.quant_config import QuantSection
 
-__all__ = ["LCMSection", "NormalizedModel", "BaseLCM", "swiglu_inner_dim", "LCM_VARIANTS"]
+__all__ = ["LCMSection", "NormalizedModel", "CausalSentenceModel", "BaseLCM", "swiglu_inner_dim", "LCM_VARIANTS"]
 
 LCM_VARIANTS = ("base", "two_tower", "one_tower", "quant_d", "quant_c")
 """``lcm.model`` values: Base-LCM (MSE), the two diffusion LCMs, Quant-LCM with discrete / continuous targets."""
@@ -166,7 +166,48 @@ class NormalizedModel(nn.Module):
         return z * self.scale + self.center
 
 
-class BaseLCM(NormalizedModel):
+class CausalSentenceModel(NormalizedModel):
+    """A normalized model with the reference's causal sentence tower: PreNet (``D -> d``, optionally scaled by
+    ``sqrt(d)``, plus learned positions) and a causal :class:`~conceptlm.core.modules.Decoder` with a final norm.
+    The Base-LCM's decoder and the Two-Tower's contextualizer."""
+
+    def _build_causal_tower(self, name: str) -> None:
+        """Create ``prenet``, ``position`` and the decoder as attribute ``name``. Reference init: attention output
+        projections xavier-uniform with zero bias (the PreNet keeps the ``nn.Linear`` init; the other decoder
+        weights keep the shared blocks' init)."""
+        cfg = self.cfg
+        self.prenet = nn.Linear(cfg.dim, cfg.d_model)
+        self.position = None
+        if cfg.positions == "learned":
+            self.position = nn.Embedding(cfg.max_sentences, cfg.d_model)
+            nn.init.normal_(self.position.weight, std=LEARNED_POSITION_STD)
+        tower = Decoder(cfg.decoder_config())
+        for layer in tower.layers:
+            nn.init.xavier_uniform_(layer.attn.o_proj.weight)
+            nn.init.zeros_(layer.attn.o_proj.bias)
+        setattr(self, name, tower)
+        self._tower = name
+
+    def _run_causal_tower(self, z: torch.Tensor, *, positions: torch.Tensor | None = None,
+                          key_padding_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Normalized ``z`` ``(B, T, D)`` -> tower outputs ``(B, T, d)`` (positions default to ``past + arange(T)``,
+        ``past`` = the cache length)."""
+        b, t, _ = z.shape
+        if positions is None:
+            past = cache.length() if cache is not None else 0
+            positions = torch.arange(past, past + t, device=z.device).unsqueeze(0).expand(b, t)
+        if self.position is not None and int(positions.max()) >= self.cfg.max_sentences:
+            raise ValueError(f"sentence position {int(positions.max())} >= lcm.max_sentences="
+                             f"{self.cfg.max_sentences} (the learned position table)")
+        h = self.prenet(z)
+        if self.cfg.scale_embeddings:
+            h = h * math.sqrt(self.cfg.d_model)
+        if self.position is not None:
+            h = h + self.position(positions)
+        return getattr(self, self._tower)(h, positions=positions, key_padding_mask=key_padding_mask, cache=cache)
+
+
+class BaseLCM(CausalSentenceModel):
     """PreNet -> causal :class:`~conceptlm.core.modules.Decoder` -> PostNet, normalizer inside (module docstring).
 
     Args:
@@ -175,22 +216,8 @@ class BaseLCM(NormalizedModel):
 
     def __init__(self, cfg: LCMSection) -> None:
         super().__init__(cfg)
-        d, dim = cfg.d_model, cfg.dim
-        self.prenet = nn.Linear(dim, d)
-        self.position = None
-        if cfg.positions == "learned":
-            self.position = nn.Embedding(cfg.max_sentences, d)
-            nn.init.normal_(self.position.weight, std=LEARNED_POSITION_STD)
-        self.decoder = Decoder(cfg.decoder_config())
-        self._init_attention_outputs()
-        self.postnet = nn.Linear(d, dim)
-
-    def _init_attention_outputs(self) -> None:
-        """Reference init: attention output projections xavier-uniform with zero bias (PreNet/PostNet keep the
-        ``nn.Linear`` kaiming-uniform init; the other decoder weights keep the shared blocks' init)."""
-        for layer in self.decoder.layers:
-            nn.init.xavier_uniform_(layer.attn.o_proj.weight)
-            nn.init.zeros_(layer.attn.o_proj.bias)
+        self._build_causal_tower("decoder")
+        self.postnet = nn.Linear(cfg.d_model, cfg.dim)
 
     # ----------------------------------------------------------------------------------------- forward
     def forward_normalized(self, z: torch.Tensor, *, positions: torch.Tensor | None = None,
@@ -204,19 +231,7 @@ class BaseLCM(NormalizedModel):
                 right-padded batches (causal attention never lets a real sentence see a later pad).
             cache: :class:`KVCache` updated in place (incremental generation: one position per new sentence).
         """
-        b, t, _ = z.shape
-        if positions is None:
-            past = cache.length() if cache is not None else 0
-            positions = torch.arange(past, past + t, device=z.device).unsqueeze(0).expand(b, t)
-        if self.position is not None and int(positions.max()) >= self.cfg.max_sentences:
-            raise ValueError(f"sentence position {int(positions.max())} >= lcm.max_sentences="
-                             f"{self.cfg.max_sentences} (the learned position table)")
-        h = self.prenet(z)
-        if self.cfg.scale_embeddings:
-            h = h * math.sqrt(self.cfg.d_model)
-        if self.position is not None:
-            h = h + self.position(positions)
-        h = self.decoder(h, positions=positions, key_padding_mask=key_padding_mask, cache=cache)
+        h = self._run_causal_tower(z, positions=positions, key_padding_mask=key_padding_mask, cache=cache)
         return self.postnet(h)
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -42,20 +42,19 @@ one and skips its cross-attention, whose output with only the zero key is a per-
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conceptlm.core.modules import (AdaLNModulation, CrossAttention, Decoder, Modulation, RMSNorm, SwiGLU,
-                                    TimestepEmbedder, modulate)
+from conceptlm.core.modules import (AdaLNModulation, CrossAttention, Modulation, RMSNorm, SwiGLU, TimestepEmbedder,
+                                    modulate)
 from conceptlm.core.modules.cache import KVCache
 from conceptlm.core.rng import derived_generator
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm.diffusion.config import SamplerOptions
-from conceptlm.lcm.model import LEARNED_POSITION_STD, LCMSection, NormalizedModel
+from conceptlm.lcm.model import CausalSentenceModel, LCMSection
 from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, scored_positions, teacher_forced_metrics
 
 __all__ = ["TwoTowerLCM", "DenoiserBlock", "TwoTowerUnit", "TwoTowerPredictor", "cross_attention_keep",
@@ -130,7 +129,7 @@ def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
-class TwoTowerLCM(NormalizedModel):
+class TwoTowerLCM(CausalSentenceModel):
     """Contextualizer + denoiser (module docstring); ``cfg.diffusion`` defines the noise process."""
 
     def __init__(self, cfg: LCMSection) -> None:
@@ -138,15 +137,7 @@ class TwoTowerLCM(NormalizedModel):
         from conceptlm.lcm.diffusion.schedule import build_schedule
 
         d, dim = cfg.d_model, cfg.dim
-        self.prenet = nn.Linear(dim, d)
-        self.position = None
-        if cfg.positions == "learned":
-            self.position = nn.Embedding(cfg.max_sentences, d)
-            nn.init.normal_(self.position.weight, std=LEARNED_POSITION_STD)
-        self.contextualizer = Decoder(cfg.decoder_config())
-        for layer in self.contextualizer.layers:
-            nn.init.xavier_uniform_(layer.attn.o_proj.weight)
-            nn.init.zeros_(layer.attn.o_proj.bias)
+        self._build_causal_tower("contextualizer")
         self.pre_denoiser = nn.Linear(dim, d)
         self.time_embed = TimestepEmbedder(d, FREQ_DIM)
         self.denoiser = nn.ModuleList(DenoiserBlock(cfg) for _ in range(cfg.n_denoiser_layers))
@@ -170,19 +161,7 @@ class TwoTowerLCM(NormalizedModel):
                       key_padding_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Normalized sentences ``z`` ``(B, T, D)`` -> contextualizer outputs ``C`` ``(B, T, d)`` (causal; with a
         ``cache`` only the new positions are run)."""
-        b, t, _ = z.shape
-        if positions is None:
-            past = cache.length() if cache is not None else 0
-            positions = torch.arange(past, past + t, device=z.device).unsqueeze(0).expand(b, t)
-        if self.position is not None and int(positions.max()) >= self.cfg.max_sentences:
-            raise ValueError(f"sentence position {int(positions.max())} >= lcm.max_sentences="
-                             f"{self.cfg.max_sentences} (the learned position table)")
-        h = self.prenet(z)
-        if self.cfg.scale_embeddings:
-            h = h * math.sqrt(self.cfg.d_model)
-        if self.position is not None:
-            h = h + self.position(positions)
-        return self.contextualizer(h, positions=positions, key_padding_mask=key_padding_mask, cache=cache)
+        return self._run_causal_tower(z, positions=positions, key_padding_mask=key_padding_mask, cache=cache)
 
     def memory_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per denoiser block, the projected keys/values of ``[0; C]``: ``(B, H, T + 1, hd)`` each."""
