@@ -259,9 +259,39 @@ def test_analyze_reports_collapse_and_retrieval(tmp_path, chat_files, capsys):
     assert saved["retrieval_top5"] == res["retrieval_top5"]
 
 
-def test_hf_trainer_refuses_the_regularizer():
-    from conceptlm.jepa.hf_trainer import _jepa_section
+def test_hf_trainer_applies_the_regularizer_like_the_unit(tiny, tmp_path):
+    """JepaTrainer with anti_collapse=vicreg: its first-step loss is the unit's objective on the same batch
+    (γ·Σ CE/N + λ·Σ d/E + w_var·Σ B·var/E + w_cov·Σ B·cov/E), and the logs carry both VICReg parts."""
+    import transformers
 
-    assert _jepa_section({"anti_collapse": "none"}).anti_collapse == "none"
-    with pytest.raises(ValueError, match="anti_collapse='vicreg' is not supported by JepaTrainer"):
-        _jepa_section({"anti_collapse": "vicreg"})
+    from conceptlm.jepa.hf_trainer import JepaTrainer, _jepa_section
+
+    assert _jepa_section({"anti_collapse": "vicreg"}).anti_collapse == "vicreg"
+    model, batch = tiny
+    cfg = JepaSection(anti_collapse="vicreg", vicreg_var_weight=0.5, vicreg_cov_weight=0.1, vicreg_gamma=0.8)
+    unit = JepaUnit(model, cfg).train()
+    model.eval()  # no dropout: the trainer's forward below sees the same weights
+    with torch.no_grad():
+        p = unit(batch)
+        c = unit.counts(batch)
+    want = sum(unit.loss_weights[k] * float(p[k]) / int(c[k]) for k in p)
+    reg = sum(unit.loss_weights[k] * float(p[k]) / int(c[k]) for k in ("vicreg_var", "vicreg_cov"))
+    assert reg > 1e-3 * want  # the regularizer is a visible part of the objective, far above the tolerance
+
+    class One(JepaTrainer):
+        def get_train_dataloader(self):
+            return [{"jepa_batch": batch}] * 2
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                          per_device_train_batch_size=batch.num_examples, max_steps=1,
+                                          learning_rate=0.0, logging_steps=1, save_strategy="no",
+                                          disable_tqdm=True, remove_unused_columns=False)
+    fields = {k: getattr(cfg, k) for k in ("anti_collapse", "vicreg_var_weight", "vicreg_cov_weight",
+                                           "vicreg_gamma")}
+    trainer = One(model, args, jepa_args=fields, data_collator=lambda rows: rows[0], train_dataset=[0] * 4)
+    model.train()
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    assert log["loss"] == pytest.approx(want, rel=1e-5)
+    assert log["vicreg_var"] == pytest.approx(float(p["vicreg_var"]) / int(c["vicreg_var"]), rel=1e-5)
+    assert log["vicreg_cov"] == pytest.approx(float(p["vicreg_cov"]) / int(c["vicreg_cov"]), rel=1e-5)

@@ -45,7 +45,7 @@ from torch import nn
 
 from conceptlm.jepa.config import JepaSection
 from conceptlm.jepa.forward import run_jepa_batch
-from conceptlm.jepa.losses import jepa_distance
+from conceptlm.jepa.losses import jepa_distance, vicreg_covariance, vicreg_variance
 from conceptlm.jepa.packing import (
     CODE_SEGMENT,
     TEXT_SEGMENT,
@@ -117,13 +117,21 @@ def _call_through(model: nn.Module, fn: Callable[[nn.Module], dict[str, torch.Te
 
 
 def _jepa_parts(inner: nn.Module, batch: SeparateBatch | PackedBatch, *, active: bool, metric: str,
-                temperature: float, gather_negatives: bool) -> dict[str, torch.Tensor]:
-    """Summed LM CE, its target count and (when active) the summed JEPA distance of one batch."""
+                temperature: float, gather_negatives: bool, vicreg_gamma: float | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Summed LM CE, its target count and (when active) the summed JEPA distance of one batch; with
+    ``vicreg_gamma`` and at least 2 examples also ``var_sum`` / ``cov_sum`` = B · (the VICReg variance / covariance
+    term of Enc(Text) + that of Enc(Code)), as :class:`~conceptlm.jepa.unit.JepaUnit` computes them."""
     out = run_jepa_batch(inner, batch, jepa_active=active)
     parts = {"lm_sum": out.lm_loss_sum, "n_lm": out.n_lm_targets}
     if out.jepa_active:
         d = jepa_distance(out.pred, out.target, metric, temperature=temperature, gather_negatives=gather_negatives)
         parts["jepa_sum"] = d.sum()
+        b = out.enc_text.shape[0]
+        if vicreg_gamma is not None and b >= 2:
+            parts["var_sum"] = b * (vicreg_variance(out.enc_text, gamma=vicreg_gamma)
+                                    + vicreg_variance(out.enc_code, gamma=vicreg_gamma))
+            parts["cov_sum"] = b * (vicreg_covariance(out.enc_text) + vicreg_covariance(out.enc_code))
     return parts
 
 
@@ -261,9 +269,6 @@ def _jepa_section(jepa_args: JepaSection | Mapping | None) -> JepaSection:
         raise TypeError(f"jepa_args must be a conceptlm.jepa.config.JepaSection, a dict of its fields or None, got "
                         f"{type(jepa_args).__name__}")
     section.validate()
-    if section.anti_collapse != "none":
-        raise ValueError(f"jepa_args.anti_collapse={section.anti_collapse!r} is not supported by JepaTrainer (only "
-                         "the paper's objective); use `conceptlm jepa train` for the regularized objective")
     return section
 
 
@@ -382,12 +387,13 @@ class JepaTrainer(transformers.Trainer):
         if self.args.n_gpu > 1:
             raise ValueError(f"{self.args.n_gpu} GPUs in one process (DataParallel) are not supported; launch one "
                              "process per GPU with torchrun")
-        self._jepa_counts: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._jepa_counts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._steps_seen: dict[int, bool] = {}
         self._reset_parts()
 
     def _reset_parts(self) -> None:
-        self._acc_parts = torch.zeros(2, dtype=torch.float32, device=self.args.device)  # (lm, jepa) sums
+        # (lm, jepa, vicreg_var, vicreg_cov) sums
+        self._acc_parts = torch.zeros(4, dtype=torch.float32, device=self.args.device)
 
     # ---- counting -------------------------------------------------------------------------------------------
 
@@ -396,13 +402,14 @@ class JepaTrainer(transformers.Trainer):
         if not batch_samples or not all(isinstance(b, Mapping) and BATCH_KEY in b for b in batch_samples):
             return super()._get_num_items_in_batch(batch_samples, device)
         counts = torch.tensor([[sum(b[BATCH_KEY].num_lm_targets for b in batch_samples),
-                                sum(b[BATCH_KEY].num_examples for b in batch_samples)]], dtype=torch.long,
-                              device=device)
+                                sum(b[BATCH_KEY].num_examples for b in batch_samples),
+                                sum(b[BATCH_KEY].num_examples for b in batch_samples
+                                    if b[BATCH_KEY].num_examples >= 2)]], dtype=torch.long, device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = self.accelerator.gather(counts)
         counts = counts.sum(0)
-        n_lm, n_ex = counts[0], counts[1]
-        self._jepa_counts = (n_lm, n_ex)
+        n_lm, n_ex, n_reg = counts[0], counts[1], counts[2]
+        self._jepa_counts = (n_lm, n_ex, n_reg)
         return n_lm
 
     def _loss_scale(self) -> int:
@@ -420,7 +427,9 @@ class JepaTrainer(transformers.Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
-        """γ · Σ CE / N + λ · Σ d / E (× processes); micro-batch means when ``num_items_in_batch`` is None.
+        """γ · Σ CE / N + λ · Σ d / E (× processes); micro-batch means when ``num_items_in_batch`` is None. With
+        ``jepa_args.anti_collapse="vicreg"`` also + w_var · Σ B·var / E₂ + w_cov · Σ B·cov / E₂ (E₂: examples of the
+        micro-batches holding at least 2; the statistics are per micro-batch, as in ``conceptlm jepa train``).
 
         Args:
             model: the (possibly wrapped) model.
@@ -441,18 +450,22 @@ class JepaTrainer(transformers.Trainer):
         batch = batch.to(self.args.device)
         cfg = self.jepa_args
         active = self._jepa_active(model)
+        gamma = cfg.vicreg_gamma if cfg.anti_collapse == "vicreg" else None
         with self.accelerator.autocast():
             parts = _call_through(model, lambda m: _jepa_parts(m, batch, active=active, metric=cfg.metric,
                                                                temperature=cfg.temperature,
-                                                               gather_negatives=cfg.gather_negatives))
+                                                               gather_negatives=cfg.gather_negatives,
+                                                               vicreg_gamma=gamma))
         if num_items_in_batch is None:
             n_lm, n_ex, scale = parts["n_lm"].clamp(min=1), batch.num_examples, 1
+            n_reg = max(batch.num_examples, 1)
             self.loss_is_scaled_for_ga = False
         else:
             if self._jepa_counts is None or num_items_in_batch is not self._jepa_counts[0]:
                 raise ValueError("num_items_in_batch was not computed by JepaTrainer._get_num_items_in_batch; the "
                                  "JEPA term needs the example count of the accumulated batch too")
             n_lm, n_ex = self._jepa_counts[0].clamp(min=1), self._jepa_counts[1].clamp(min=1)
+            n_reg = self._jepa_counts[2].clamp(min=1)
             scale = self._loss_scale()
             self.loss_is_scaled_for_ga = True
         lm = parts["lm_sum"] / n_lm
@@ -461,10 +474,15 @@ class JepaTrainer(transformers.Trainer):
         if "jepa_sum" in parts:
             jepa = parts["jepa_sum"] / n_ex
             loss = loss + cfg.lam * jepa
+        var = cov = torch.zeros((), device=lm.device)
+        if "var_sum" in parts:
+            var, cov = parts["var_sum"] / n_reg, parts["cov_sum"] / n_reg
+            loss = loss + cfg.vicreg_var_weight * var + cfg.vicreg_cov_weight * cov
         loss = loss * scale
         if model.training:
             self._steps_seen[self.state.global_step] = "jepa_sum" in parts
-            self._acc_parts += torch.stack([lm.detach(), jepa.detach()]).float().to(self._acc_parts.device) * scale
+            step_parts = torch.stack([lm.detach(), jepa.detach(), var.detach(), cov.detach()]).float()
+            self._acc_parts += step_parts.to(self._acc_parts.device) * scale
         if return_outputs:
             return loss, {"lm": lm.detach(), "jepa": jepa.detach()}
         return loss
@@ -489,7 +507,8 @@ class JepaTrainer(transformers.Trainer):
     # ---- logging --------------------------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add ``lm``, ``jepa`` and ``jepa_steps`` to training logs (means since the previous log)."""
+        """Add ``lm``, ``jepa`` (and ``vicreg_var`` / ``vicreg_cov``) and ``jepa_steps`` to training logs (means
+        since the previous log)."""
         if "loss" in logs:
             done = sorted(s for s in self._steps_seen if s < self.state.global_step)
             if done:
@@ -497,10 +516,12 @@ class JepaTrainer(transformers.Trainer):
                 both = self._acc_parts[None]
                 if self.args.world_size > 1:
                     both = self.accelerator.gather(both)
-                lm_sum, jepa_sum = both.mean(0).tolist()
+                lm_sum, jepa_sum, var_sum, cov_sum = both.mean(0).tolist()
                 logs["lm"] = lm_sum / len(done)
                 if n_active:
                     logs["jepa"] = jepa_sum / n_active
+                    if self.jepa_args.anti_collapse == "vicreg":
+                        logs["vicreg_var"], logs["vicreg_cov"] = var_sum / n_active, cov_sum / n_active
                 logs["jepa_steps"] = n_active / len(done)
                 self._reset_parts()
         super().log(logs, start_time)
