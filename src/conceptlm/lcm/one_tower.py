@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +58,7 @@ from conceptlm.lcm.diffusion.weighting import loss_weights, sample_timesteps
 from conceptlm.lcm.generate import GenerationOptions, SequenceState, row_generator
 from conceptlm.lcm.interleave import interleave, interleaved_attention_mask, interleaved_positions
 from conceptlm.lcm.model import LEARNED_POSITION_STD, LCMSection, NormalizedModel
-from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, scored_positions, teacher_forced_metrics
+from conceptlm.lcm.unit import TeacherForcedEval
 
 __all__ = ["OneTowerLCM", "OneTowerUnit", "OneTowerPredictor", "additive_mask", "TIMESTEP_FREQ_DIM"]
 
@@ -304,7 +303,7 @@ def _timestep_sampler(num_steps: int, kind: str):
     return sampler
 
 
-class OneTowerUnit(TrainUnit):
+class OneTowerUnit(TeacherForcedEval, TrainUnit):
     """The One-Tower diffusion LCM as a :class:`~conceptlm.core.unit.TrainUnit` (objective in the module docstring).
 
     Eval metrics: the shared teacher-forced ones (:func:`~conceptlm.lcm.unit.teacher_forced_metrics`) of a DDIM run
@@ -315,9 +314,6 @@ class OneTowerUnit(TrainUnit):
         cfg: the architecture (``cfg.model`` should be ``one_tower``).
         round_trip: optional ``encode(decode(v))`` for ``l2_r``.
     """
-
-    metric_names = TEACHER_FORCED_METRICS
-    throughput_unit = "sentences"
 
     def __init__(self, cfg: LCMSection, *, round_trip: M.Vectors | None = None):
         super().__init__()
@@ -398,9 +394,3 @@ class OneTowerUnit(TrainUnit):
             pred_u = m.forward_unconditional(x, tt) if sampler.guided else None
             x, x0 = sampler.step(i, x, pred_c, pred_u, noise=noise[:, i + 1] if options.eta > 0 else None)
         return x0
-
-    @torch.no_grad()
-    def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
-        pred = self.model.denormalize(self.teacher_forced(batch)).float()
-        return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
-                                      self.round_trip)

@@ -40,7 +40,6 @@ vector for C); both branches run in one batched call. The emitted sentence is th
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,7 @@ from conceptlm.lcm.interleave import interleave, interleaved_attention_mask, int
 from conceptlm.lcm.model import LEARNED_POSITION_STD, LCMSection, NormalizedModel
 from conceptlm.lcm.quant_config import QuantSamplingOptions
 from conceptlm.lcm.rvq import ResidualQuantizer
-from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, target_mask, teacher_forced_metrics
+from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, TeacherForcedEval
 
 __all__ = ["QuantLCM", "QuantLCMUnit", "QuantLCMPredictor", "sample_units", "INDEX_EMBED_STD"]
 
@@ -328,7 +327,7 @@ class QuantLCMPredictor:
         return partial
 
 
-class QuantLCMUnit(TrainUnit):
+class QuantLCMUnit(TeacherForcedEval, TrainUnit):
     """Quant-LCM-d / -c training (``cfg.model`` chooses) as a :class:`~conceptlm.core.unit.TrainUnit`.
 
     Loss part ``ce`` (D) or ``mse`` (C), summed over the loss positions ``batch.get("loss_mask", batch["mask"])``;
@@ -343,8 +342,6 @@ class QuantLCMUnit(TrainUnit):
         cfg: the architecture (``cfg.quant``: codebooks, CFG dropout).
         round_trip: optional ``encode(decode(v))`` ``(N, D) -> (N, D)`` for ``l2_r``.
     """
-
-    throughput_unit = "sentences"
 
     def __init__(self, cfg: LCMSection, *, round_trip: M.Vectors | None = None):
         super().__init__()
@@ -403,9 +400,3 @@ class QuantLCMUnit(TrainUnit):
         (:meth:`QuantLCM.teacher_forced`)."""
         m = self.model
         return m.teacher_forced(m.normalize(batch["vectors"]), keep=batch["mask"])
-
-    @torch.no_grad()
-    def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
-        pred = self.model.denormalize(self.teacher_forced(batch)).float()
-        tm = target_mask(self._loss_mask(batch), self.cfg.min_context)
-        return teacher_forced_metrics(pred, batch["vectors"], tm, self.round_trip)

@@ -284,8 +284,6 @@ def _teacher_forced(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> tuple[d
     unit.eval()
     if hasattr(unit, "eval_sampler"):  # diffusion LCMs sample each prediction with generate.diffusion
         unit.eval_sampler = cfg.generate.diffusion
-    if hasattr(unit, "eval_sampling"):  # Quant-LCMs pick each unit with generate.quant
-        unit.eval_sampling = cfg.generate.quant
     sums: dict[str, list[float]] = {}
     mi_vectors: list[torch.Tensor] = []
     mi_contexts: list[list[str]] = []

@@ -42,7 +42,6 @@ one and skips its cross-attention, whose output with only the zero key is a per-
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,7 @@ from conceptlm.core.rng import derived_generator
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm.diffusion.config import SamplerOptions
 from conceptlm.lcm.model import CausalSentenceModel, LCMSection
-from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, scored_positions, teacher_forced_metrics
+from conceptlm.lcm.unit import TeacherForcedEval
 
 __all__ = ["TwoTowerLCM", "DenoiserBlock", "TwoTowerUnit", "TwoTowerPredictor", "cross_attention_keep",
            "draw_training_noise"]
@@ -274,7 +273,7 @@ class TwoTowerPredictor:
 
         gens = [row_generator("lcm-diffusion", self.o.seed, r, step) for r in rows]
         noise = torch.stack([torch.randn(dim, generator=g) for g in gens]).to(device)
-        return self.sampler.initial_latent(noise).unsqueeze(1), gens  # (A, 1, D)
+        return self.sampler.initial_latent(noise), gens  # (A, D)
 
     def _sample(self, rows: list[int], step: int) -> torch.Tensor:
         m, s = self.model, self.seq
@@ -302,7 +301,6 @@ class TwoTowerPredictor:
             pred = pred[:, 0]
             return (pred[:a], pred[a:]) if guided else (pred, None)
 
-        x = x[:, 0]
         x0 = x
         for i, t in enumerate(self.sampler.timesteps.tolist()):
             pc, pu = denoise(i, x, torch.tensor(t, device=x.device))
@@ -340,7 +338,7 @@ def draw_training_noise(cfg: LCMSection, step_rng, ids: torch.Tensor, t_len: int
             "drop": (u[:, :t_len] < d.cfg_dropout).to(device)}
 
 
-class TwoTowerUnit(TrainUnit):
+class TwoTowerUnit(TeacherForcedEval, TrainUnit):
     """The Two-Tower diffusion LCM as a :class:`~conceptlm.core.unit.TrainUnit`.
 
     Loss part ``mse``: ``sum over loss positions of w_t * ||x0^ - z||^2`` in normalized space (``x0^`` converted
@@ -351,9 +349,6 @@ class TwoTowerUnit(TrainUnit):
     most as many steps as the schedule has; ``conceptlm lcm evaluate`` uses ``generate.diffusion``; fixed noise, so
     evaluations are comparable).
     """
-
-    metric_names = TEACHER_FORCED_METRICS
-    throughput_unit = "sentences"
 
     def __init__(self, cfg: LCMSection, *, round_trip=None):
         super().__init__()
@@ -404,9 +399,3 @@ class TwoTowerUnit(TrainUnit):
             pu = m.denoise(x, mods, kv, memory_attn_mask=only_zero) if sampler.guided else None
             x, x0 = sampler.step(i, x, pc, pu)
         return x0
-
-    @torch.no_grad()
-    def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
-        pred = self.model.denormalize(self.teacher_forced(batch)).float()
-        return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
-                                      self.round_trip)

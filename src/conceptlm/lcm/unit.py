@@ -34,7 +34,8 @@ from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.model import BaseLCM, LCMSection
 
-__all__ = ["DocumentChunks", "collate_documents", "BaseLCMUnit", "target_mask", "scored_positions",
+__all__ = ["DocumentChunks", "collate_documents", "BaseLCMUnit", "TeacherForcedEval", "target_mask",
+           "scored_positions",
            "teacher_forced_metrics",
            "TEACHER_FORCED_METRICS"]
 
@@ -155,6 +156,21 @@ def teacher_forced_metrics(pred: torch.Tensor, x: torch.Tensor, tm: torch.Tensor
     if round_trip is not None:
         out["l2_r"] = M.as_sum_count(M.round_trip_l2(pred[tm], x[tm], round_trip))
     return out
+
+
+class TeacherForcedEval:
+    """``eval_metrics`` of a unit that has ``teacher_forced(batch)`` (normalized predictions aligned with their
+    targets), ``model.denormalize``, ``cfg.min_context`` and ``round_trip``: :func:`teacher_forced_metrics` at
+    :func:`scored_positions`. Mixed into the diffusion and Quant-LCM units (before :class:`TrainUnit`)."""
+
+    metric_names = TEACHER_FORCED_METRICS
+    throughput_unit = "sentences"
+
+    @torch.no_grad()
+    def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
+        pred = self.model.denormalize(self.teacher_forced(batch)).float()
+        return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
+                                      self.round_trip)
 
 
 class BaseLCMUnit(TrainUnit):
