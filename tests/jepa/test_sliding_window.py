@@ -23,19 +23,9 @@ from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
 from conceptlm.jepa.forward import attention_windows, jepa_objective, run_jepa_batch  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate, tree_attention_mask  # noqa: E402
 from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, build_views  # noqa: E402
+from tests.jepa.view_records import CORPUS, RECORDS  # noqa: E402
 
 WINDOW = 4
-SYS = {"role": "system", "content": "Convert natural language to regular expression."}
-RECORDS = [
-    [SYS, {"role": "user", "content": "lines with words and a vowel"}, {"role": "assistant", "content": "(a|b)*x"}],
-    [{"role": "user", "content": "lines containing the string dog, zero or more times"},
-     {"role": "assistant", "content": "(.*dog.*)*"}],
-    [SYS, {"role": "user", "content": "a vowel"}, {"role": "assistant", "content": "[aeiou]"},
-     {"role": "user", "content": "now the string cat followed by a number"},
-     {"role": "assistant", "content": "cat[0-9].*"}],
-]
-CORPUS = ["Convert natural language to regular expression.", "lines with words and a vowel, zero or more times",
-          "lines containing the string dog (a|b)* [aeiou]+ dog.* cat[0-9]", "now the string cat followed by"] * 30
 TOL = dict(rtol=1e-6, atol=1e-5)
 D, LAYERS, HEADS = 32, 2, 4
 

@@ -9,7 +9,10 @@ equal to rounding (tested to 1e-5 in fp32, gradients included):
 * :class:`~conceptlm.jepa.packing.PackedBatch`: one forward over ``[F | R_T | C]`` rows with the 4-D tree mask.
   A 4-D mask replaces the model's own masking, so the model's sliding window is applied inside the tree mask
   (:func:`attention_windows`): one mask when every layer has the same window, else a ``{layer_type: mask}``
-  mapping for hybrid full/sliding models (Gemma-2, Qwen2 with ``max_window_layers``).
+  mapping for hybrid full/sliding models (Gemma-2, Qwen2 with ``max_window_layers``). A model loaded with
+  ``attn_implementation="flex_attention"`` gets the same masks as FlexAttention block masks instead: no dense
+  T × T tensor, and the fused kernel skips fully masked blocks (the CUDA path for long sequences; PyTorch has no
+  CPU backward for FlexAttention, so CPU training keeps the dense mask).
 
 With ``jepa_active=False`` (JEPA-loss dropout, a skipped step) both modes run only the plain LM forward on the LM
 rows with a 2-D mask — exactly the SFT computation.
@@ -27,9 +30,10 @@ import torch.nn.functional as F
 from conceptlm.core.hf import causal_lm_loss_sum, hidden_states, logits_at
 from conceptlm.data.chat import IGNORE_INDEX
 from conceptlm.jepa.losses import jepa_distance
-from conceptlm.jepa.packing import PackedBatch, PaddedSequences, SeparateBatch, tree_attention_mask
+from conceptlm.jepa.packing import (PackedBatch, PaddedSequences, SeparateBatch, tree_attention_mask,
+                                   tree_block_mask)
 
-__all__ = ["JepaForwardOutput", "attention_windows", "run_jepa_batch", "jepa_objective"]
+__all__ = ["JepaForwardOutput", "attention_windows", "uses_flex_attention", "run_jepa_batch", "jepa_objective"]
 
 
 @dataclass
@@ -98,14 +102,27 @@ def attention_windows(model) -> dict[str | None, int | None]:
     return {t: (window or None) if _WINDOWED_LAYER_TYPES[t] else None for t in sorted(set(layer_types))}
 
 
-def _packed_mask(model, batch: PackedBatch) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The tree mask with the model's sliding window(s): one (B, 1, T, T) tensor, or one per layer type."""
+def uses_flex_attention(model) -> bool:
+    """True when ``model`` (or the model a PEFT wrapper holds) runs HF's ``flex_attention`` implementation."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "flex_attention"
+
+
+def _packed_mask(model, batch: PackedBatch):
+    """The tree mask with the model's sliding window(s): one mask, or one per layer type. A (B, 1, T, T) additive
+    tensor, or a FlexAttention ``BlockMask`` for a ``flex_attention`` model (same predicate, nothing dense)."""
     longest = int(batch.position_ids.max()) + 1
     windows = {t: (w if w is not None and w < longest else None)  # a window no view reaches changes nothing
                for t, w in attention_windows(model).items()}
     dtype = _model_dtype(model)
+    flex = uses_flex_attention(model)
+    if flex and torch.is_grad_enabled() and batch.segment_ids.device.type == "cpu":
+        raise ValueError("flex_attention has no CPU backward in PyTorch: train packed mode on CPU with "
+                         "model.attn_implementation sdpa or eager (flex_attention runs CPU inference only)")
 
-    def build(window: int | None) -> torch.Tensor:
+    def build(window: int | None):
+        if flex:
+            return tree_block_mask(batch.segment_ids, batch.position_ids, batch.branch_len,
+                                   code_branch_len=batch.code_branch_len, sliding_window=window)
         return tree_attention_mask(batch.segment_ids, batch.position_ids, batch.branch_len, dtype,
                                    code_branch_len=batch.code_branch_len, sliding_window=window)
 

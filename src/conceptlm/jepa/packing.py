@@ -24,7 +24,8 @@ positions), so the LM loss, both Enc vectors and all gradients match to rounding
 dropped in packed mode (they cannot influence it).
 
 Collation produces compact per-token tensors (segment ids, positions); :func:`tree_attention_mask` expands them
-into the (B, 1, T, T) additive mask on the device, vectorised.
+into the (B, 1, T, T) additive mask on the device, vectorised; :func:`tree_block_mask` gives the same mask as a
+FlexAttention ``BlockMask`` (no dense T × T tensor; fully masked blocks skipped) for ``flex_attention`` models.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "collate_separate",
     "collate_packed",
     "tree_attention_mask",
+    "tree_block_mask",
     "VIEW_SETTINGS",
 ]
 
@@ -326,6 +328,23 @@ def collate_packed(examples: Sequence[JepaExample], *, pad_token_id: int, paddin
                        pred_is_text=examples[0].pred_is_text, view_settings=_view_settings(examples))
 
 
+def _tree_allowed(seg_q, seg_k, pos_q, pos_k, causal, diagonal, p, q, window: int | None):
+    """The tree-mask predicate on broadcastable tensors (query side ``_q``, key side ``_k``): shared by the dense
+    mask (whole (B, T, T) grids) and the FlexAttention ``mask_mod`` (one query/key pair at a time)."""
+    same = (seg_q == seg_k) & (seg_q != PAD_SEGMENT) & causal
+    from_lm = seg_k == LM_SEGMENT
+    branch = ((seg_q == TEXT_SEGMENT) & from_lm & (pos_k < p)) | ((seg_q == CODE_SEGMENT) & from_lm & (pos_k < q))
+    if window is not None:
+        near = pos_q - pos_k < window
+        same, branch = same & near, branch & near
+    return same | branch | diagonal
+
+
+def _check_window(sliding_window: int | None) -> None:
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+
+
 def tree_attention_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor, branch_len: torch.Tensor,
                         dtype: torch.dtype = torch.float32, *, code_branch_len: torch.Tensor | None = None,
                         sliding_window: int | None = None) -> torch.Tensor:
@@ -350,21 +369,37 @@ def tree_attention_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor, b
     Returns:
         (B, 1, T, T) tensor: 0 where attention is allowed, ``torch.finfo(dtype).min`` where blocked.
     """
+    _check_window(sliding_window)
+    dev = segment_ids.device
     t = segment_ids.shape[1]
-    idx = torch.arange(t, device=segment_ids.device)
-    causal = idx[:, None] >= idx[None, :]  # (T, T): query row, key column
-    sq, sk = segment_ids[:, :, None], segment_ids[:, None, :]
-    pq, pk = position_ids[:, :, None], position_ids[:, None, :]
-    same = (sq == sk) & (sq != PAD_SEGMENT) & causal
-    from_lm = sk == LM_SEGMENT
-    branch = (sq == TEXT_SEGMENT) & from_lm & (pk < branch_len[:, None, None])
-    if code_branch_len is not None:
-        branch |= (sq == CODE_SEGMENT) & from_lm & (pk < code_branch_len.to(pk.device)[:, None, None])
-    if sliding_window is not None:
-        if sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-        same &= pq - pk < sliding_window
-        branch &= pq - pk < sliding_window
-    allowed = same | branch | torch.eye(t, dtype=torch.bool, device=segment_ids.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    idx = torch.arange(t, device=dev)
+    q = torch.zeros_like(branch_len) if code_branch_len is None else code_branch_len.to(dev)
+    allowed = _tree_allowed(segment_ids[:, :, None], segment_ids[:, None, :], position_ids[:, :, None],
+                            position_ids[:, None, :], idx[:, None] >= idx[None, :], idx[:, None] == idx[None, :],
+                            branch_len.to(dev)[:, None, None], q[:, None, None], sliding_window)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def tree_block_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor, branch_len: torch.Tensor, *,
+                    code_branch_len: torch.Tensor | None = None, sliding_window: int | None = None):
+    """The tree mask of :func:`tree_attention_mask` as a FlexAttention ``BlockMask`` (for models loaded with
+    ``attn_implementation="flex_attention"``): the same predicate, evaluated per (query, key) pair by a
+    ``mask_mod``, so no (B, 1, T, T) tensor is materialised and fully masked blocks are skipped by the kernel.
+
+    Same arguments as :func:`tree_attention_mask` (no dtype: a block mask is boolean). Returns a ``BlockMask`` of
+    shape (B, 1, T, T) on the device of ``segment_ids``.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    _check_window(sliding_window)
+    dev = segment_ids.device
+    b, t = segment_ids.shape
+    p = branch_len.to(dev)
+    q = torch.zeros_like(p) if code_branch_len is None else code_branch_len.to(dev)
+
+    def mask_mod(bi, _h, qi, ki):
+        return _tree_allowed(segment_ids[bi, qi], segment_ids[bi, ki], position_ids[bi, qi], position_ids[bi, ki],
+                             qi >= ki, qi == ki, p[bi], q[bi], sliding_window)
+
+    return create_block_mask(mask_mod, b, None, t, t, device=dev)

@@ -47,6 +47,11 @@ def collate_fn(cfg: JepaConfig, tokenizer):
 def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
     """Train LM + λ·JEPA end to end (one process or torchrun; full fine-tuning, LoRA, or from scratch)."""
     with run_session(cfg, command) as session:
+        if (cfg.jepa.mode == "packed" and cfg.model.attn_implementation == "flex_attention"
+                and session.info.device.type == "cpu"):
+            raise ConfigError("flex_attention has no CPU backward in PyTorch; on CPU train packed mode with sdpa or "
+                              "eager (flex_attention is the CUDA path for long sequences)",
+                              field="model.attn_implementation")
         k = cfg.jepa.num_predictors
         train_src, eval_src = load_sources(cfg)
         preds = [predictor_token(i) for i in range(1, k + 1)]
