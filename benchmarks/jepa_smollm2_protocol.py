@@ -1,0 +1,247 @@
+"""NTP vs LLM-JEPA fine-tuning of SmolLM2-135M-Instruct: several arms x seeds, each arm one config file, run through
+the CLI (``conceptlm jepa train``, ``eval``, ``analyze``), then one summary table.
+
+    python benchmarks/jepa_smollm2_protocol.py --arms synth_ntp synth_jepa --seeds 0 1 2
+    python benchmarks/jepa_smollm2_protocol.py --arms synth_ntp_lora synth_jepa_lora --seeds 0
+    python benchmarks/jepa_smollm2_protocol.py --summarize          # the table of every run found so far
+
+An arm ``NAME`` is ``configs/jepa/smollm2_NAME.yaml``; a run is that config with ``train.seed=S`` and
+``run.name=<config's name>_sS`` under ``--out`` (default ``runs/bench/jepa_smollm2``). Each stage is skipped when its
+output exists (``train``: ``train.json``, the verb's result; ``eval``: ``eval.json``; ``analyze``: ``analyze.json``), so
+an interrupted protocol resumes where it stopped (the train stage itself resumes from its last checkpoint).
+
+Per run it records: semantic accuracy (the config's scorer) with its 95 % Wilson interval, exact match (the ``exact``
+scorer on the same predictions), the final eval LM loss, seconds per optimizer step (median over consecutive logged
+steps), and the collapse diagnostics of ``analyze`` (matched vs mismatched distance, effective rank, Text->Code
+retrieval). The summary gives mean +- sample std over seeds per arm, and for each pair of arms (a JEPA arm vs its NTP
+arm; a JEPA variant vs the plain JEPA arm, see :func:`comparisons`) on their common seeds, the paired exact McNemar
+p-value over all pooled (seed, record) pairs and the step-time ratio.
+Writes ``summary.json`` and ``summary.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def arm_config(arm: str) -> Path:
+    return ROOT / "configs" / "jepa" / f"smollm2_{arm}.yaml"
+
+
+def run_name(arm: str, seed: int) -> str:
+    cfg = yaml.safe_load(arm_config(arm).read_text())
+    return f"{cfg['run']['name']}_s{seed}"
+
+
+def _cli(args: list[str], log: Path, threads: int) -> dict:
+    """Run one ``conceptlm`` command; its stdout (the verb's JSON result) is parsed; output also goes to ``log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "CONCEPTLM_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "conceptlm.cli", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"$ conceptlm {' '.join(args)}  # {time.time() - t0:.0f} s, rc {proc.returncode}\n")
+        f.write(proc.stderr[-20000:])
+    if proc.returncode != 0:
+        raise SystemExit(f"conceptlm {' '.join(args)} failed (rc {proc.returncode}); see {log}")
+    out = proc.stdout
+    return json.loads(out[out.index("{"):]) if "{" in out else {}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+def run_one(arm: str, seed: int, out: Path, threads: int) -> None:
+    name = run_name(arm, seed)
+    run_dir = out / name
+    common = ["--config", str(arm_config(arm)), f"train.seed={seed}", f"run.name={name}", f"run.out_dir={out}"]
+    log = run_dir.parent / f"{name}.log"
+    if not (run_dir / "train.json").exists():
+        print(f"[{time.strftime('%H:%M:%S')}] train {name}", flush=True)
+        _write_json(run_dir / "train.json", _cli(["jepa", "train", *common], log, threads))
+    if not (run_dir / "eval.json").exists():
+        print(f"[{time.strftime('%H:%M:%S')}] eval {name}", flush=True)
+        _write_json(run_dir / "eval.json", _cli(["jepa", "eval", *common], log, threads))
+    if not (run_dir / "analyze.json").exists():
+        print(f"[{time.strftime('%H:%M:%S')}] analyze {name}", flush=True)
+        _write_json(run_dir / "analyze.json", _cli(["jepa", "analyze", *common], log, threads))
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().split("\n") if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def step_seconds(rows: list[dict]) -> float | None:
+    """Median seconds per optimizer step over logged train rows (``log_every: 1``; ``time`` is the run clock)."""
+    train = [r for r in rows if r.get("split") == "train" and "time" in r]
+    secs = [b["time"] - a["time"] for a, b in zip(train, train[1:]) if b["step"] == a["step"] + 1]
+    return statistics.median(secs) if secs else None
+
+
+def final_eval_loss(rows: list[dict]) -> dict:
+    ev = [r for r in rows if r.get("split") == "eval"]
+    return {k: v for k, v in ev[-1].items() if k in ("loss", "lm", "jepa", "jepa_mismatch")} if ev else {}
+
+
+def exact_correct(predictions: Path) -> list[bool]:
+    from conceptlm.eval.scorers import exact_match
+
+    rows = [json.loads(line) for line in predictions.read_text().split("\n") if line.strip()]
+    return [bool(exact_match(r["prediction"], r["reference"])) for r in rows]
+
+
+def semantic_correct(predictions: Path) -> list[bool]:
+    return [bool(json.loads(line)["correct"]) for line in predictions.read_text().split("\n") if line.strip()]
+
+
+def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
+    """Two-sided exact McNemar test on paired outcomes: ``only_a``, ``only_b`` and p."""
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n = only_a + only_b
+    if n == 0:
+        return {"only_a": 0, "only_b": 0, "p": 1.0}
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return {"only_a": only_a, "only_b": only_b, "p": min(1.0, 2 * tail)}
+
+
+def _mean_std(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def comparisons(arms: list[str]) -> list[tuple[str, str]]:
+    """Pairs (a, b) of arms to compare: each JEPA arm ``X_jepa[_Y]`` vs its NTP arm (``X_ntp_Y``, else ``X_ntp``),
+    and each variant ``X_jepa_Y`` of a full-fine-tuning JEPA arm vs ``X_jepa`` itself (LoRA arms excluded)."""
+    out = []
+    for arm in sorted(arms):
+        if "_jepa" not in arm:
+            continue
+        stem, _, suffix = arm.partition("_jepa")
+        for base in (f"{stem}_ntp{suffix}", f"{stem}_ntp"):
+            if base in arms:
+                out.append((base, arm))
+                break
+        if suffix and "lora" not in suffix and f"{stem}_jepa" in arms:
+            out.append((f"{stem}_jepa", arm))
+    return out
+
+
+def collect(out: Path, arms: list[str] | None) -> dict:
+    runs: dict[str, dict[int, dict]] = {}
+    for ev in sorted(out.glob("*/eval.json")):
+        run_dir = ev.parent
+        stem, _, seed = run_dir.name.rpartition("_s")
+        arm = stem.removeprefix("jepa_smollm2_")
+        if arms and arm not in arms:
+            continue
+        res = json.loads(ev.read_text())
+        preds = Path(res["predictions"])
+        rows = _rows(run_dir)
+        an = json.loads((run_dir / "analyze.json").read_text()) if (run_dir / "analyze.json").exists() else {}
+        runs.setdefault(arm, {})[int(seed)] = {
+            "semantic": res["accuracy"], "ci": [res["ci_low"], res["ci_high"]], "n": res["n"],
+            "exact": statistics.fmean(exact_correct(preds)) if preds.exists() else None,
+            "step_s": step_seconds(rows), "eval": final_eval_loss(rows),
+            "analyze": {k: an.get(k) for k in ("jepa_matched", "jepa_mismatched", "enc_text_erank", "enc_code_erank",
+                                               "retrieval_top1", "retrieval_top5") if k in an},
+            "_sem": semantic_correct(preds) if preds.exists() else [], "_exact": exact_correct(preds) if
+            preds.exists() else []}
+    summary: dict = {"arms": {}, "pairs": {}}
+    for arm, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        summary["arms"][arm] = {
+            "seeds": seeds, "n_records": by_seed[seeds[0]]["n"],
+            "semantic": _mean_std([by_seed[s]["semantic"] for s in seeds]),
+            "exact": _mean_std([by_seed[s]["exact"] for s in seeds]),
+            "step_s": _mean_std([by_seed[s]["step_s"] for s in seeds]),
+            "runs": {s: {k: v for k, v in by_seed[s].items() if not k.startswith("_")} for s in seeds}}
+    for a, b in comparisons(list(runs)):
+        seeds = sorted(set(runs[a]) & set(runs[b]))
+        if not seeds:
+            continue
+        pair: dict = {"seeds": seeds}
+        for key in ("_sem", "_exact"):
+            xa = [x for s in seeds for x in runs[a][s][key]]
+            xb = [x for s in seeds for x in runs[b][s][key]]
+            pair[key.strip("_")] = mcnemar_exact(xa, xb) | {"a_correct": sum(xa), "b_correct": sum(xb)}
+        ratios = [runs[b][s]["step_s"] / runs[a][s]["step_s"] for s in seeds
+                  if runs[a][s]["step_s"] and runs[b][s]["step_s"]]
+        pair["step_ratio_b_vs_a"] = statistics.fmean(ratios) if ratios else None
+        summary["pairs"][f"{a} vs {b}"] = pair
+    return summary
+
+
+def _pct(ms: dict) -> str:
+    if ms["mean"] is None:
+        return "-"
+    return f"{100 * ms['mean']:.1f} ± {100 * ms['std']:.1f}" if ms["n"] > 1 else f"{100 * ms['mean']:.1f}"
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| arm | seeds | test records | semantic acc. % | exact match % | s/step |", "|---|---|---|---|---|---|"]
+    for arm, a in summary["arms"].items():
+        step = "-" if a["step_s"]["mean"] is None else f"{a['step_s']['mean']:.2f}"
+        lines.append(f"| {arm} | {len(a['seeds'])} | {a['n_records']} | {_pct(a['semantic'])} | {_pct(a['exact'])} | "
+                     f"{step} |")
+    lines += ["", "| a vs b (pooled over seeds) | semantic: only a / only b, p | exact: only a / only b, p |"
+              " step b / a |", "|---|---|---|---|"]
+    for name, p in summary["pairs"].items():
+        r = p["step_ratio_b_vs_a"]
+        lines.append(f"| {name} | {p['sem']['only_a']} / {p['sem']['only_b']}, {p['sem']['p']:.3g} | "
+                     f"{p['exact']['only_a']} / {p['exact']['only_b']}, {p['exact']['p']:.3g} | "
+                     f"{'-' if r is None else f'{r:.2f}×'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arms", nargs="+", default=["synth_ntp", "synth_jepa"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "jepa_smollm2")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summarize", action="store_true", help="only write the summary of the runs found")
+    args = p.parse_args()
+    for arm in args.arms:
+        if not arm_config(arm).exists():
+            raise SystemExit(f"no config for arm {arm!r}: {arm_config(arm)}")
+    if not args.summarize:
+        for seed in args.seeds:  # seed-major: a protocol stopped part-way leaves balanced arms
+            for arm in args.arms:
+                run_one(arm, seed, args.out, args.threads)
+    summary = collect(args.out, None if args.summarize else args.arms)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_json(args.out / "summary.json", summary)
+    (args.out / "summary.md").write_text(markdown(summary))
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main()
