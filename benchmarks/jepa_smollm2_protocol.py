@@ -12,7 +12,7 @@ an interrupted protocol resumes where it stopped (the train stage itself resumes
 
 Per run it records: semantic accuracy (the config's scorer) with its 95 % Wilson interval, exact match (the ``exact``
 scorer on the same predictions), the final eval LM loss, seconds per optimizer step (median over consecutive logged
-steps), and the collapse diagnostics of ``analyze`` (matched vs mismatched distance, effective rank, Text->Code
+steps), the packed token bound (:func:`token_bound`), and the collapse diagnostics of ``analyze`` (matched vs mismatched distance, effective rank, Text->Code
 retrieval). The summary gives mean +- sample std over seeds per arm, and for each pair of arms (a JEPA arm vs its NTP
 arm; a JEPA variant vs the plain JEPA arm, see :func:`comparisons`) on their common seeds, the paired exact McNemar
 p-value over all pooled (seed, record) pairs and the step-time ratio.
@@ -103,6 +103,27 @@ def step_seconds(rows: list[dict]) -> float | None:
     return statistics.median(secs) if secs else None
 
 
+def token_bound(arm: str, run_dir: Path, n_records: int = 800) -> float | None:
+    """Packed-mode token bound of a JEPA arm: packed row tokens / LM tokens over the first ``n_records`` training
+    records (the run's own tokenizer and view settings; 800 = the reduced protocol's 100 steps x 8). None for NTP."""
+    from transformers import AutoTokenizer
+
+    from conceptlm.core.config import load_config
+    from conceptlm.data.sources import resolve_source
+    from conceptlm.jepa.config import JepaConfig
+    from conceptlm.jepa.recipe import build_dataset
+
+    cfg = load_config(JepaConfig, arm_config(arm), [])
+    if cfg.jepa.lam == 0 or not (run_dir / "tokenizer").is_dir():
+        return None
+    tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    src = resolve_source(str(ROOT / cfg.data.train) if not Path(cfg.data.train).is_absolute() else cfg.data.train,
+                         split="train", fmt=cfg.data.format, limit=n_records)
+    ds = build_dataset(cfg, src, tok)
+    exs = [ds[i] for i in range(len(ds))]
+    return sum(ex.packed_len for ex in exs) / sum(len(ex.lm_ids) for ex in exs)
+
+
 def final_eval_loss(rows: list[dict]) -> dict:
     ev = [r for r in rows if r.get("split") == "eval"]
     return {k: v for k, v in ev[-1].items() if k in ("loss", "lm", "jepa", "jepa_mismatch")} if ev else {}
@@ -170,6 +191,7 @@ def collect(out: Path, arms: list[str] | None) -> dict:
             "semantic": res["accuracy"], "ci": [res["ci_low"], res["ci_high"]], "n": res["n"],
             "exact": statistics.fmean(exact_correct(preds)) if preds.exists() else None,
             "step_s": step_seconds(rows), "eval": final_eval_loss(rows),
+            "token_bound": token_bound(arm, run_dir) if int(seed) == 0 else None,
             "analyze": {k: an.get(k) for k in ("jepa_matched", "jepa_mismatched", "enc_text_erank", "enc_code_erank",
                                                "retrieval_top1", "retrieval_top5") if k in an},
             "_sem": semantic_correct(preds) if preds.exists() else [], "_exact": exact_correct(preds) if
@@ -182,6 +204,7 @@ def collect(out: Path, arms: list[str] | None) -> dict:
             "semantic": _mean_std([by_seed[s]["semantic"] for s in seeds]),
             "exact": _mean_std([by_seed[s]["exact"] for s in seeds]),
             "step_s": _mean_std([by_seed[s]["step_s"] for s in seeds]),
+            "token_bound": by_seed[seeds[0]]["token_bound"],
             "runs": {s: {k: v for k, v in by_seed[s].items() if not k.startswith("_")} for s in seeds}}
     for a, b in comparisons(list(runs)):
         seeds = sorted(set(runs[a]) & set(runs[b]))
@@ -206,11 +229,13 @@ def _pct(ms: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| arm | seeds | test records | semantic acc. % | exact match % | s/step |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | test records | semantic acc. % | exact match % | s/step | packed token bound |",
+             "|---|---|---|---|---|---|---|"]
     for arm, a in summary["arms"].items():
         step = "-" if a["step_s"]["mean"] is None else f"{a['step_s']['mean']:.2f}"
+        bound = "-" if a["token_bound"] is None else f"{a['token_bound']:.2f}"
         lines.append(f"| {arm} | {len(a['seeds'])} | {a['n_records']} | {_pct(a['semantic'])} | {_pct(a['exact'])} | "
-                     f"{step} |")
+                     f"{step} | {bound} |")
     lines += ["", "| a vs b (pooled over seeds) | semantic: only a / only b, p | exact: only a / only b, p |"
               " step b / a |", "|---|---|---|---|"]
     for name, p in summary["pairs"].items():

@@ -21,6 +21,7 @@ Padding waste: token slots processed / real tokens, per arm, and for a fixed-512
     python benchmarks/jepa_step_cost.py                       # defaults: 2000 records, 40 steps + 5 warm-up
     python benchmarks/jepa_step_cost.py --text-view user_only --steps 60
     python benchmarks/jepa_step_cost.py --threads 1            # steadier when other processes share the cores
+    python benchmarks/jepa_step_cost.py --model smollm2-135m --arms ntp,packed --batch 8 --steps 10 --warmup 2
 
 Prints one JSON object. Read ``checks`` (packed vs its bound and 1.6x, on the paired median of per-step ratios),
 ``step`` (and ``step_clean_rounds``), ``token_bound`` and ``padding``.
@@ -59,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--arms", default=",".join(ALL_ARMS), help=f"comma list from {', '.join(ALL_ARMS)}")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None,
+                    help="a pretrained model instead of the tiny Llama: HF folder, .gguf or a named offline model "
+                         "(smollm2-135m); its own tokenizer and chat template are used (--vocab/--hidden/... ignored)")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ALL_ARMS]
@@ -159,7 +163,16 @@ def main(argv=None) -> None:
     records = load_records(args.data, args.records)
     texts = [m["content"] for r in records for m in r.get("messages", ()) if isinstance(m, dict)
              and isinstance(m.get("content"), str)]
-    tok = train_bpe_tokenizer(texts, vocab_size=args.vocab, extra_special_tokens=[predictor_token(1)])
+    if args.model:
+        from conceptlm.core.hf import ensure_pad_token, load_causal_lm, load_tokenizer
+        from conceptlm.jepa.views import add_predictor_tokens
+
+        tok = load_tokenizer(args.model)
+        pretrained = load_causal_lm(args.model).float()
+        ensure_pad_token(tok, pretrained)
+        add_predictor_tokens(tok, pretrained, 1)
+    else:
+        tok = train_bpe_tokenizer(texts, vocab_size=args.vocab, extra_special_tokens=[predictor_token(1)])
     try:
         datasets = {k: JepaDataset(records, tok, ViewConfig(num_predictors=k, text_view=args.text_view),
                                    max_length=args.max_length, name=str(args.data))
@@ -186,10 +199,15 @@ def main(argv=None) -> None:
                 "packed_r25": JepaSection(jepa_ratio=0.25), "packed_k0": JepaSection(num_predictors=0)}
     units, opts = {}, {}
     for arm in args.arms:
-        model = build_tiny_model("llama", len(tok), hidden_size=args.hidden, num_layers=args.layers,
-                                 num_heads=args.heads, max_position_embeddings=args.max_length,
-                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id, seed=args.seed)
+        if args.model:
+            import copy
+
+            model = copy.deepcopy(pretrained)
+        else:
+            model = build_tiny_model("llama", len(tok), hidden_size=args.hidden, num_layers=args.layers,
+                                     num_heads=args.heads, max_position_embeddings=args.max_length,
+                                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                     eos_token_id=tok.eos_token_id, seed=args.seed)
         units[arm] = JepaUnit(model, sections[arm], seed=args.seed).train()
         params = [p for p in units[arm].parameters() if p.requires_grad]  # the trainer's AdamW groups
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
@@ -292,7 +310,8 @@ def main(argv=None) -> None:
     out = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "settings": {"data": str(args.data), "records": len(records), "examples": len(ds), "text_view":
-                     args.text_view, "model": f"llama d{args.hidden} L{args.layers} H{args.heads} V{len(tok)}",
+                     args.text_view,
+                     "model": args.model or f"llama d{args.hidden} L{args.layers} H{args.heads} V{len(tok)}",
                      "precision": "fp32", "device": "cpu", "batch": args.batch, "pad_to_multiple_of":
                      args.pad_to_multiple_of, "steps": args.steps, "warmup": args.warmup, "arms": args.arms,
                      "seed": args.seed, "optimizer": "AdamW lr 1e-3 betas (0.9, 0.95) wd 0.1, clip 1.0"},
