@@ -32,8 +32,12 @@ def main() -> None:
     from conceptlm.cocomix.pipeline import pipeline
     from conceptlm.core.config import load_config
 
-    links = Path(tempfile.mkdtemp(prefix="cocomix-real-text-"))
+    # a fixed folder: the corpus identity recorded by the teacher and the label cache names it, so a rerun in the
+    # same run folder resumes instead of refusing the caches
+    links = Path(tempfile.gettempdir()) / "conceptlm-cocomix-real-text"
+    links.mkdir(exist_ok=True)
     for f in FILES:
+        (links / f).unlink(missing_ok=True)
         (links / f).symlink_to(SHARED / f)
     overrides = [f"corpus.source={links}", "corpus.text_field=messages.1.content", "corpus.n_documents=0",
                  "run.name=cocomix_real_text", "pipeline.seeds=[0,1,2]", "train.progress=false",
