@@ -201,7 +201,9 @@ def test_short_run_learns_both_losses_and_the_checkpoint_reloads(tmp_path):
         return sum(r[key] for r in tr[-5:]) / 5
 
     assert late("ntp") < tr[0]["ntp"] - 0.5 and late("concept") < tr[0]["concept"] - 0.3
-    assert sum(r["concept_acc"] for r in ev[1:]) / len(ev[1:]) > ev[0]["concept_acc"]
+    # eval: the concept CE falls from the first evaluation to the last; train: the concept accuracy rises (the eval
+    # set's arg-max accuracy is too coarse to compare across machines: it failed on one CPU kind at equal code)
+    assert ev[-1]["concept"] < ev[0]["concept"] and late("concept_acc") > tr[0]["concept_acc"]
     cfg = load_config(StudentTrainConfig, None, ["student.vocab_size=48", "student.d_model=32", "student.n_layers=2",
                                                  "student.n_heads=4", "student.max_len=16", "student.n_concepts=64",
                                                  "student.concept_k=4", "cocomix.k_attr=3"])
