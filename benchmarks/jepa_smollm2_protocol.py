@@ -12,10 +12,11 @@ an interrupted protocol resumes where it stopped (the train stage itself resumes
 
 Per run it records: semantic accuracy (the config's scorer) with its 95 % Wilson interval, exact match (the ``exact``
 scorer on the same predictions), the final eval LM loss, seconds per optimizer step (median over consecutive logged
-steps), the packed token bound (:func:`token_bound`), and the collapse diagnostics of ``analyze`` (matched vs mismatched distance, effective rank, Text->Code
-retrieval). The summary gives mean +- sample std over seeds per arm, and for each pair of arms (a JEPA arm vs its NTP
-arm; a JEPA variant vs the plain JEPA arm, see :func:`comparisons`) on their common seeds, the paired exact McNemar
-p-value over all pooled (seed, record) pairs and the step-time ratio.
+steps), the packed token bound (:func:`token_bound`), and the collapse diagnostics of ``analyze`` (matched vs
+mismatched distance, effective rank, Text->Code retrieval). The summary gives mean +- sample std over seeds per
+arm, and for each pair of arms (a JEPA arm vs its NTP arm; a JEPA variant vs the plain JEPA arm, see
+:func:`comparisons`) on their common seeds, the paired exact McNemar p-value over all pooled (seed, record) pairs
+and the step-time ratio.
 Writes ``summary.json`` and ``summary.md`` under ``--out``.
 """
 
@@ -129,15 +130,14 @@ def final_eval_loss(rows: list[dict]) -> dict:
     return {k: v for k, v in ev[-1].items() if k in ("loss", "lm", "jepa", "jepa_mismatch")} if ev else {}
 
 
-def exact_correct(predictions: Path) -> list[bool]:
+def correct_lists(predictions: Path) -> tuple[list[bool], list[bool]]:
+    """Per-record outcomes of one predictions file: (the config's scorer, the ``exact`` scorer); empty if absent."""
     from conceptlm.eval.scorers import exact_match
 
+    if not predictions.exists():
+        return [], []
     rows = [json.loads(line) for line in predictions.read_text().split("\n") if line.strip()]
-    return [bool(exact_match(r["prediction"], r["reference"])) for r in rows]
-
-
-def semantic_correct(predictions: Path) -> list[bool]:
-    return [bool(json.loads(line)["correct"]) for line in predictions.read_text().split("\n") if line.strip()]
+    return [bool(r["correct"]) for r in rows], [bool(exact_match(r["prediction"], r["reference"])) for r in rows]
 
 
 def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
@@ -184,18 +184,17 @@ def collect(out: Path, arms: list[str] | None) -> dict:
         if arms and arm not in arms:
             continue
         res = json.loads(ev.read_text())
-        preds = Path(res["predictions"])
+        sem, exact = correct_lists(Path(res["predictions"]))
         rows = _rows(run_dir)
         an = json.loads((run_dir / "analyze.json").read_text()) if (run_dir / "analyze.json").exists() else {}
         runs.setdefault(arm, {})[int(seed)] = {
             "semantic": res["accuracy"], "ci": [res["ci_low"], res["ci_high"]], "n": res["n"],
-            "exact": statistics.fmean(exact_correct(preds)) if preds.exists() else None,
+            "exact": statistics.fmean(exact) if exact else None,
             "step_s": step_seconds(rows), "eval": final_eval_loss(rows),
             "token_bound": token_bound(arm, run_dir) if int(seed) == 0 else None,
             "analyze": {k: an.get(k) for k in ("jepa_matched", "jepa_mismatched", "enc_text_erank", "enc_code_erank",
                                                "retrieval_top1", "retrieval_top5") if k in an},
-            "_sem": semantic_correct(preds) if preds.exists() else [], "_exact": exact_correct(preds) if
-            preds.exists() else []}
+            "_sem": sem, "_exact": exact}
     summary: dict = {"arms": {}, "pairs": {}}
     for arm, by_seed in runs.items():
         seeds = sorted(by_seed)
