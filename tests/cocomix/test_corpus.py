@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conceptlm.cocomix.corpus import (TOPICS, CorpusSection, WindowDataset, build_corpus, collate_windows,
-                                      generate_documents, load_documents, read_documents, split_documents,
-                                      tokenize_windows)
+                                      corpus_identity, generate_documents, load_documents, read_documents,
+                                      split_documents, tokenize_windows)
 from conceptlm.core.errors import ConfigError, DataError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 
@@ -73,6 +73,25 @@ def test_section_validation_and_empty_directory(tmp_path):
         CorpusSection(window=1).validate()
     with pytest.raises(DataError, match="holds no .txt or .jsonl files"):
         read_documents(tmp_path)
+
+
+def test_file_corpus_identity_follows_content_not_path(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n', encoding="utf-8")
+    (b / "x.jsonl").symlink_to(a / "x.jsonl")
+    ident = corpus_identity(CorpusSection(source=str(a)))
+    assert ident == corpus_identity(CorpusSection(source=str(b)))  # a linked copy elsewhere: the same data
+    assert str(a) not in ident
+    assert ident != corpus_identity(CorpusSection(source=str(a), window=32))
+    assert ident != corpus_identity(CorpusSection(source=str(a), text_field="body"))
+    (a / "x.jsonl").unlink()
+    (a / "x.jsonl").write_text('{"text": "one"}\n{"text": "three"}\n', encoding="utf-8")
+    assert ident != corpus_identity(CorpusSection(source=str(a)))  # edited content: another corpus
+    (a / "y.txt").write_text("more\n", encoding="utf-8")
+    assert corpus_identity(CorpusSection(source=str(a))) != corpus_identity(CorpusSection(source=str(a),
+                                                                                          txt_split="line"))
 
 
 def test_split_is_by_document_deterministic_and_disjoint():

@@ -23,6 +23,7 @@ into validation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from conceptlm.data.text import read_text_file
 
 __all__ = ["CorpusSection", "GeneratedDocument", "generate_documents", "read_documents", "load_documents",
            "split_documents", "tokenize_windows", "WindowDataset", "collate_windows", "CorpusSplits",
-           "build_corpus", "corpus_identity", "TOPICS"]
+           "build_corpus", "corpus_identity", "source_files", "TOPICS"]
 
 
 @dataclass(kw_only=True)
@@ -283,6 +284,30 @@ def _read_txt(path: Path, split: str, limit: int) -> list[str]:
     return docs[:limit] if limit else docs
 
 
+def source_files(source: str | Path) -> list[Path]:
+    """The files a ``.txt`` / ``.jsonl`` source reads, in reading order (a directory's, sorted by name)."""
+    p = Path(source)
+    if p.is_dir():
+        return sorted(f for f in p.iterdir() if f.suffix in (".txt", ".jsonl") and f.is_file())
+    return [p]
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, memoized per (resolved path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
 def read_documents(source: str | Path, *, text_field: str = "text", txt_split: str = "paragraph",
                    limit: int = 0) -> list[str]:
     """Documents of a ``.txt`` / ``.jsonl`` file or a directory of them (see the module docstring).
@@ -291,7 +316,7 @@ def read_documents(source: str | Path, *, text_field: str = "text", txt_split: s
         DataError: ``file:line: field '...': reason`` for a bad record; a directory without such files.
     """
     p = Path(source)
-    files = sorted(f for f in p.iterdir() if f.suffix in (".txt", ".jsonl") and f.is_file()) if p.is_dir() else [p]
+    files = source_files(p)
     if not files:
         raise DataError("holds no .txt or .jsonl files", path=p)
     docs: list[str] = []
@@ -409,8 +434,17 @@ def build_corpus(section: CorpusSection, tokenizer, *, documents: tuple[list[str
 
 
 def corpus_identity(section: CorpusSection) -> str:
-    """A short string naming the data (checked on resume with the data order)."""
+    """A short string naming the data (checked on resume with the data order).
+
+    A file source is named by the sha256 of its files' names and bytes, not by its path.
+    """
     if section.source == "generated":
         return (f"generated(n={section.n_documents},topics={section.n_topics},seed={section.seed},"
                 f"window={section.window})")
-    return f"{section.source}(field={section.text_field},n={section.n_documents},window={section.window})"
+    # by content, not by path: the same files linked or copied elsewhere keep their caches, edited files do not
+    h = hashlib.sha256()
+    for f in source_files(section.source):
+        h.update(f"{f.name}\0{_file_sha256(f)}\0".encode())
+    split = f",split={section.txt_split}" if any(f.suffix == ".txt" for f in source_files(section.source)) else ""
+    return (f"files(sha256={h.hexdigest()[:16]},field={section.text_field}{split},n={section.n_documents},"
+            f"window={section.window})")
