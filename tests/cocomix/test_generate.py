@@ -14,15 +14,18 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def model(style: str, mix: str, insert_layer: int = 1, seed: int = 0) -> StudentLM:
     torch.manual_seed(seed)
+    positions = mix == "pause_pos"  # the pause vector plus the position embedding
+    mix = "pause" if positions else mix
     cfg = StudentSection(style=style, vocab_size=30, d_model=32, n_layers=3, n_heads=4, max_len=32, n_concepts=40,
-                         concept_k=4, insert_layer=insert_layer, mix=mix, concept_head=mix != "pause")
+                         concept_k=4, insert_layer=insert_layer, mix=mix, concept_head=mix != "pause",
+                         pause_positions=positions)
     m = StudentLM(cfg)
     with torch.no_grad():  # sharper logits than at init, so greedy/sampled paths are not all ties
         m.embed.weight.mul_(5)
     return m
 
 
-CASES = [(s, mx) for s in ("gpt2", "llama") for mx in ("interleave", "add", "pause", "none")]
+CASES = [(s, mx) for s in ("gpt2", "llama") for mx in ("interleave", "add", "pause", "none")] + [("gpt2", "pause_pos")]
 
 
 @pytest.mark.parametrize("style,mix", CASES)

@@ -155,13 +155,15 @@ def test_interleave_order_and_read_out_match_a_manual_construction():
     assert not torch.allclose(got, wrong, atol=1e-3)
 
 
-CASES = [(s, mx) for s in ("gpt2", "llama") for mx in ("interleave", "add", "pause", "none")]
+CASES = [(s, mx) for s in ("gpt2", "llama") for mx in ("interleave", "add", "pause", "none")] + [("gpt2", "pause_pos")]
 
 
 @pytest.mark.parametrize("style,mix", CASES)
 def test_logits_at_t_do_not_depend_on_later_tokens(style, mix):
     torch.manual_seed(5)
-    m = StudentLM(tiny(style=style, mix=mix, concept_head=mix != "pause")).eval()
+    positions = mix == "pause_pos"
+    mix = "pause" if positions else mix
+    m = StudentLM(tiny(style=style, mix=mix, concept_head=mix != "pause", pause_positions=positions)).eval()
     ids = torch.randint(0, 40, (2, 12))
     t = 6
     other = ids.clone()
@@ -172,6 +174,29 @@ def test_logits_at_t_do_not_depend_on_later_tokens(style, mix):
     assert not torch.allclose(a.logits[:, t + 1:], b.logits[:, t + 1:], atol=1e-4)  # the test can see a change
     if a.concept is not None:
         assert torch.equal(a.concept.indices[:, : t + 1], b.concept.indices[:, : t + 1])
+
+
+def test_pause_slots_carry_the_position_embedding_with_pause_positions():
+    """Slot 2t+1 holds pause + pos_embed(t); off, the same model sees one shared vector in every pause slot."""
+    torch.manual_seed(8)
+    m = StudentLM(tiny(n_layers=2, insert_layer=1, mix="pause", concept_head=False, pause_positions=True)).eval()
+    ids = torch.randint(0, 40, (2, 6))
+    pos = torch.arange(6).expand(2, 6)
+    h = m.decoder(m.embed(ids) + m.pos_embed(pos), layers=slice(0, 1), final_norm=False)
+    seq = torch.empty(2, 12, 32)
+    seq[:, 0::2], seq[:, 1::2] = h, m.pause + m.pos_embed(pos)
+    ref = F.linear(m.decoder(seq, layers=slice(1, None))[:, 1::2], m.embed.weight)
+    assert torch.allclose(m(ids).logits, ref, atol=1e-5)
+    off = StudentLM(tiny(n_layers=2, insert_layer=1, mix="pause", concept_head=False)).eval()
+    off.load_state_dict(m.state_dict())
+    seq[:, 1::2] = m.pause
+    assert torch.allclose(off(ids).logits, F.linear(off.decoder(seq, layers=slice(1, None))[:, 1::2],
+                                                    m.embed.weight), atol=1e-5)
+    assert not torch.allclose(off(ids).logits, ref, atol=1e-4)
+    with pytest.raises(ConfigError, match="student.pause_positions"):
+        tiny(style="llama", mix="pause", concept_head=False, pause_positions=True).validate()
+    with pytest.raises(ConfigError, match="student.pause_positions"):
+        tiny(mix="interleave", pause_positions=True).validate()
 
 
 def test_mixing_changes_the_output_and_pause_is_learned():

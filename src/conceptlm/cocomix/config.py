@@ -37,7 +37,7 @@ class PipelineSection:
     arms: list[str] = field(default_factory=lambda: ["ntp", "cocomix"])
     """Students to train, by name: ``cocomix``, ``ntp`` (matched active parameters), ``ntp_flops`` (matched
     training FLOPs), ``kd``, ``pause``, ``kd_pause``, ``mix_only`` (lam = 0), ``concept_only`` (no mixing),
-    ``add`` (added instead of interleaved)."""
+    ``add`` (added instead of interleaved), ``pause_pos`` (pause vector + position embedding)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """One student per arm and seed (``train.seed`` of that run)."""
     labels: str = "cached"

@@ -15,7 +15,8 @@ and then, with ``mix``:
 * ``interleave``: the remaining blocks see ``[h_1, ĉ_1, h_2, ĉ_2, ...]`` (2T slots, plain causal attention) and the
   logits for ``x_{t+1}`` are read from the slot of ``ĉ_t`` (the reference code's order and read-out);
 * ``add``: ``h_t <- h_t + ĉ_t``;
-* ``pause``: like ``interleave`` with ``ĉ_t`` replaced by one learned vector (the pause-token baseline);
+* ``pause``: like ``interleave`` with ``ĉ_t`` replaced by one learned vector (the pause-token baseline); with
+  ``pause_positions`` (gpt2 style) the vector plus token t's position embedding;
 * ``none``: the hidden states are not changed (NTP, or the concept loss alone when the head is on).
 
 Where this differs from the reference code (documented choices):
@@ -86,6 +87,10 @@ class StudentSection:
     slots numbered 0..2T-1."""
     concept_chunk: int = 0
     """Tokens per chunk of the concept head (0 = as many as fit in 2^23 logits)."""
+    pause_positions: bool = False
+    """``mix: pause``, gpt2 style: add token t's position embedding to the pause vector in slot t (as a pause token
+    fed at the input would get), so the pause slot's query can find the latest token. Off = one shared vector, the
+    paper's baseline: then the upper blocks, which have no positions, cannot tell the pause slots apart."""
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len", "n_concepts", "concept_k"):
@@ -100,6 +105,8 @@ class StudentSection:
               "student.insert_layer", f"must be in [0, n_layers={self.n_layers})")
         check(self.concept_k <= self.n_concepts, "student.concept_k",
               f"{self.concept_k} exceeds student.n_concepts={self.n_concepts}")
+        check(not self.pause_positions or (self.mix == "pause" and self.style == "gpt2"), "student.pause_positions",
+              "applies to mix=pause in the gpt2 style only (llama-style blocks see positions through RoPE)")
         check(self.mix not in ("interleave", "add") or self.concept_head, "student.concept_head",
               f"mix={self.mix} mixes the predicted concept: set concept_head=true")
 
@@ -450,7 +457,12 @@ class StudentLM(nn.Module):
         if cfg.mix == "add":
             h = h + concept.continuous
         if cfg.doubled:
-            extra = concept.continuous if cfg.mix == "interleave" else self.pause.to(h.dtype).expand(b, t, -1)
+            if cfg.mix == "interleave":
+                extra = concept.continuous
+            elif cfg.pause_positions:
+                extra = self.pause.to(h.dtype) + self.pos_embed(pos).to(h.dtype)
+            else:
+                extra = self.pause.to(h.dtype).expand(b, t, -1)
             h = torch.stack((h, extra), dim=2).view(b, 2 * t, -1)
             h = self.decoder(h, positions=self._upper_positions(pos), cache=cache, layers=slice(split, None),
                              final_norm=False)
