@@ -14,18 +14,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def model(style: str, mix: str, insert_layer: int = 1, seed: int = 0) -> StudentLM:
     torch.manual_seed(seed)
-    positions = mix == "pause_pos"  # the pause vector plus the position embedding
-    mix = "pause" if positions else mix
+    positions = mix.endswith("_pos")  # the second slot also gets the position embedding
+    mix = mix.removesuffix("_pos")
     cfg = StudentSection(style=style, vocab_size=30, d_model=32, n_layers=3, n_heads=4, max_len=32, n_concepts=40,
                          concept_k=4, insert_layer=insert_layer, mix=mix, concept_head=mix != "pause",
-                         pause_positions=positions)
+                         slot_positions=positions)
     m = StudentLM(cfg)
     with torch.no_grad():  # sharper logits than at init, so greedy/sampled paths are not all ties
         m.embed.weight.mul_(5)
     return m
 
 
-CASES = [(s, mx) for s in ("gpt2", "llama") for mx in ("interleave", "add", "pause", "none")] + [("gpt2", "pause_pos")]
+CASES = [(s, mx) for s in ("gpt2", "llama") for mx in ("interleave", "add", "pause", "none")]
+CASES += [("gpt2", "pause_pos"), ("gpt2", "interleave_pos")]  # + the position embedding in the second slot
 
 
 @pytest.mark.parametrize("style,mix", CASES)

@@ -155,15 +155,16 @@ def test_interleave_order_and_read_out_match_a_manual_construction():
     assert not torch.allclose(got, wrong, atol=1e-3)
 
 
-CASES = [(s, mx) for s in ("gpt2", "llama") for mx in ("interleave", "add", "pause", "none")] + [("gpt2", "pause_pos")]
+CASES = [(s, mx) for s in ("gpt2", "llama") for mx in ("interleave", "add", "pause", "none")]
+CASES += [("gpt2", "pause_pos"), ("gpt2", "interleave_pos")]  # + the position embedding in the second slot
 
 
 @pytest.mark.parametrize("style,mix", CASES)
 def test_logits_at_t_do_not_depend_on_later_tokens(style, mix):
     torch.manual_seed(5)
-    positions = mix == "pause_pos"
-    mix = "pause" if positions else mix
-    m = StudentLM(tiny(style=style, mix=mix, concept_head=mix != "pause", pause_positions=positions)).eval()
+    positions = mix.endswith("_pos")
+    mix = mix.removesuffix("_pos")
+    m = StudentLM(tiny(style=style, mix=mix, concept_head=mix != "pause", slot_positions=positions)).eval()
     ids = torch.randint(0, 40, (2, 12))
     t = 6
     other = ids.clone()
@@ -176,27 +177,33 @@ def test_logits_at_t_do_not_depend_on_later_tokens(style, mix):
         assert torch.equal(a.concept.indices[:, : t + 1], b.concept.indices[:, : t + 1])
 
 
-def test_pause_slots_carry_the_position_embedding_with_pause_positions():
-    """Slot 2t+1 holds pause + pos_embed(t); off, the same model sees one shared vector in every pause slot."""
+@pytest.mark.parametrize("mix", ["pause", "interleave"])
+def test_second_slots_carry_the_position_embedding_with_slot_positions(mix):
+    """Slot 2t+1 holds (pause or ĉ_t) + pos_embed(t); off, the same weights give the plain construction."""
     torch.manual_seed(8)
-    m = StudentLM(tiny(n_layers=2, insert_layer=1, mix="pause", concept_head=False, pause_positions=True)).eval()
+    kw = dict(n_layers=2, insert_layer=1, mix=mix, concept_head=mix == "interleave")
+    m = StudentLM(tiny(**kw, slot_positions=True)).eval()
     ids = torch.randint(0, 40, (2, 6))
     pos = torch.arange(6).expand(2, 6)
     h = m.decoder(m.embed(ids) + m.pos_embed(pos), layers=slice(0, 1), final_norm=False)
+    second = m.pause.expand(2, 6, -1) if mix == "pause" else m.head(h).continuous
     seq = torch.empty(2, 12, 32)
-    seq[:, 0::2], seq[:, 1::2] = h, m.pause + m.pos_embed(pos)
+    seq[:, 0::2], seq[:, 1::2] = h, second + m.pos_embed(pos)
     ref = F.linear(m.decoder(seq, layers=slice(1, None))[:, 1::2], m.embed.weight)
     assert torch.allclose(m(ids).logits, ref, atol=1e-5)
-    off = StudentLM(tiny(n_layers=2, insert_layer=1, mix="pause", concept_head=False)).eval()
+    off = StudentLM(tiny(**kw)).eval()
     off.load_state_dict(m.state_dict())
-    seq[:, 1::2] = m.pause
+    seq[:, 1::2] = second
     assert torch.allclose(off(ids).logits, F.linear(off.decoder(seq, layers=slice(1, None))[:, 1::2],
                                                     m.embed.weight), atol=1e-5)
     assert not torch.allclose(off(ids).logits, ref, atol=1e-4)
-    with pytest.raises(ConfigError, match="student.pause_positions"):
-        tiny(style="llama", mix="pause", concept_head=False, pause_positions=True).validate()
-    with pytest.raises(ConfigError, match="student.pause_positions"):
-        tiny(mix="interleave", pause_positions=True).validate()
+
+
+def test_slot_positions_is_refused_where_it_cannot_apply():
+    with pytest.raises(ConfigError, match="student.slot_positions"):
+        tiny(style="llama", mix="pause", concept_head=False, slot_positions=True).validate()
+    with pytest.raises(ConfigError, match="student.slot_positions"):
+        tiny(mix="add", slot_positions=True).validate()
 
 
 def test_mixing_changes_the_output_and_pause_is_learned():

@@ -37,7 +37,8 @@ class PipelineSection:
     arms: list[str] = field(default_factory=lambda: ["ntp", "cocomix"])
     """Students to train, by name: ``cocomix``, ``ntp`` (matched active parameters), ``ntp_flops`` (matched
     training FLOPs), ``kd``, ``pause``, ``kd_pause``, ``mix_only`` (lam = 0), ``concept_only`` (no mixing),
-    ``add`` (added instead of interleaved), ``pause_pos`` (pause vector + position embedding)."""
+    ``add`` (added instead of interleaved), ``cocomix_pos`` / ``pause_pos`` (the interleaved slot also gets the
+    token's position embedding)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """One student per arm and seed (``train.seed`` of that run)."""
     labels: str = "cached"

@@ -15,8 +15,9 @@ and then, with ``mix``:
 * ``interleave``: the remaining blocks see ``[h_1, ĉ_1, h_2, ĉ_2, ...]`` (2T slots, plain causal attention) and the
   logits for ``x_{t+1}`` are read from the slot of ``ĉ_t`` (the reference code's order and read-out);
 * ``add``: ``h_t <- h_t + ĉ_t``;
-* ``pause``: like ``interleave`` with ``ĉ_t`` replaced by one learned vector (the pause-token baseline); with
-  ``pause_positions`` (gpt2 style) the vector plus token t's position embedding;
+* ``pause``: like ``interleave`` with ``ĉ_t`` replaced by one learned vector (the pause-token baseline);
+  with ``slot_positions`` (gpt2 style, ``interleave`` or ``pause``) token t's position embedding is added to its
+  second slot;
 * ``none``: the hidden states are not changed (NTP, or the concept loss alone when the head is on).
 
 Where this differs from the reference code (documented choices):
@@ -87,10 +88,11 @@ class StudentSection:
     slots numbered 0..2T-1."""
     concept_chunk: int = 0
     """Tokens per chunk of the concept head (0 = as many as fit in 2^23 logits)."""
-    pause_positions: bool = False
-    """``mix: pause``, gpt2 style: add token t's position embedding to the pause vector in slot t (as a pause token
-    fed at the input would get), so the pause slot's query can find the latest token. Off = one shared vector, the
-    paper's baseline: then the upper blocks, which have no positions, cannot tell the pause slots apart."""
+    slot_positions: bool = False
+    """gpt2 style, ``mix: interleave | pause``: add token t's position embedding to the slot after ``h_t`` (``ĉ_t``
+    or the pause vector), as a token fed at the input would get, so that slot's query can find the latest token.
+    Off (the paper and the reference): the upper blocks have no positions, so one shared pause vector cannot tell
+    its slots apart, and ``ĉ_t`` carries position only through the concept bottleneck."""
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len", "n_concepts", "concept_k"):
@@ -105,8 +107,8 @@ class StudentSection:
               "student.insert_layer", f"must be in [0, n_layers={self.n_layers})")
         check(self.concept_k <= self.n_concepts, "student.concept_k",
               f"{self.concept_k} exceeds student.n_concepts={self.n_concepts}")
-        check(not self.pause_positions or (self.mix == "pause" and self.style == "gpt2"), "student.pause_positions",
-              "applies to mix=pause in the gpt2 style only (llama-style blocks see positions through RoPE)")
+        check(not self.slot_positions or (self.doubled and self.style == "gpt2"), "student.slot_positions",
+              "applies to mix=interleave|pause in the gpt2 style only (llama-style blocks see positions through RoPE)")
         check(self.mix not in ("interleave", "add") or self.concept_head, "student.concept_head",
               f"mix={self.mix} mixes the predicted concept: set concept_head=true")
 
@@ -457,12 +459,9 @@ class StudentLM(nn.Module):
         if cfg.mix == "add":
             h = h + concept.continuous
         if cfg.doubled:
-            if cfg.mix == "interleave":
-                extra = concept.continuous
-            elif cfg.pause_positions:
-                extra = self.pause.to(h.dtype) + self.pos_embed(pos).to(h.dtype)
-            else:
-                extra = self.pause.to(h.dtype).expand(b, t, -1)
+            extra = concept.continuous if cfg.mix == "interleave" else self.pause.to(h.dtype).expand(b, t, -1)
+            if cfg.slot_positions:
+                extra = extra + self.pos_embed(pos).to(h.dtype)
             h = torch.stack((h, extra), dim=2).view(b, 2 * t, -1)
             h = self.decoder(h, positions=self._upper_positions(pos), cache=cache, layers=slice(split, None),
                              final_norm=False)

@@ -141,7 +141,8 @@ def match_ntp(s: StudentSection, *, by: Literal["params", "flops"] = "params", s
     return min(options, key=lambda c: abs(cost(c) - target))
 
 
-ARMS = ("cocomix", "ntp", "ntp_flops", "kd", "pause", "kd_pause", "pause_pos", "mix_only", "concept_only", "add")
+ARMS = ("cocomix", "ntp", "ntp_flops", "kd", "pause", "kd_pause", "mix_only", "concept_only", "add", "cocomix_pos",
+        "pause_pos")
 """Arms of the comparison (spec §4, §10.3): names accepted by :func:`make_arm`."""
 
 
@@ -152,9 +153,10 @@ def make_arm(name: str, student: StudentSection, cocomix: CocomixSection, *, seq
     ``ntp``: NTP with the CoCoMix student's active parameter count (wider); ``ntp_flops``: NTP with its training
     FLOPs per token at ``seq_len``; ``kd``: the ``ntp`` model + KD (``kd_weight``, the paper's 0.1); ``pause`` /
     ``kd_pause``: the CoCoMix architecture with a learned pause vector interleaved instead of the concept (no
-    concept head); ``pause_pos``: ``pause`` with the position embedding added to the pause vector (gpt2 style,
-    ``student.pause_positions``; in the llama style it is ``pause``, RoPE already gives positions); ``mix_only``:
-    lam = 0; ``concept_only``: concept loss, no mixing; ``add``: ``mix=add``.
+    concept head); ``mix_only``: lam = 0; ``concept_only``: concept loss, no mixing; ``add``: ``mix=add``;
+    ``cocomix_pos`` / ``pause_pos``: ``cocomix`` / ``pause`` with token t's position embedding added to its second
+    slot (``student.slot_positions``, gpt2 style; in the llama style they equal ``cocomix`` / ``pause``: RoPE
+    already gives the slots positions).
     """
     if name not in ARMS:
         raise ConfigError(f"unknown arm {name!r}; choose one of {', '.join(ARMS)}", field="arm")
@@ -170,8 +172,11 @@ def make_arm(name: str, student: StudentSection, cocomix: CocomixSection, *, seq
     if name in ("pause", "kd_pause"):
         return (dataclasses.replace(s, mix="pause", concept_head=False),
                 dataclasses.replace(off, kd_weight=kd_weight if name == "kd_pause" else 0.0))
-    if name == "pause_pos":
-        return (dataclasses.replace(s, mix="pause", concept_head=False, pause_positions=s.style == "gpt2"), off)
+    if name in ("cocomix_pos", "pause_pos"):
+        s = dataclasses.replace(s, slot_positions=s.style == "gpt2")
+        if name == "cocomix_pos":
+            return dataclasses.replace(s, mix="interleave"), c
+        return dataclasses.replace(s, mix="pause", concept_head=False), off
     if name == "mix_only":
         return s, off
     if name == "concept_only":
