@@ -173,7 +173,8 @@ def test_every_arm_builds_a_unit_that_trains(arm):
     loss.backward()
     expect = {"cocomix": ("interleave", True, 0.1), "add": ("add", True, 0.1), "mix_only": ("interleave", True, 0.0),
               "concept_only": ("none", True, 0.1), "pause": ("pause", False, 0.0), "kd_pause": ("pause", False, 0.0),
-              "pause_pos": ("pause", False, 0.0), "cocomix_pos": ("interleave", True, 0.1), "ntp": ("none", False, 0.0), "kd": ("none", False, 0.0),
+              "pause_pos": ("pause", False, 0.0), "cocomix_pos": ("interleave", True, 0.1),
+              "ntp": ("none", False, 0.0), "kd": ("none", False, 0.0),
               "ntp_flops": ("none", False, 0.0)}[arm]
     assert (s.mix, s.concept_head, c.lam) == expect
     assert s.slot_positions == arm.endswith("_pos")
