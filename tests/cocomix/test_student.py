@@ -182,6 +182,13 @@ def test_every_arm_builds_a_unit_that_trains(arm):
     assert all(p.grad is not None for p in unit.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("arm", ARMS)
+def test_student_slot_positions_reaches_the_doubled_arms_only(arm):
+    s, _ = make_arm(arm, tiny(slot_positions=True), CocomixSection(lam=0.1, k_attr=3), seq_len=16)
+    s.validate()
+    assert s.slot_positions == s.doubled  # every interleave / pause arm keeps it; NTP, add, concept_only drop it
+
+
 # ------------------------------------------------------------------------------------------------ recipe
 def overrides(tmp_path: Path, name: str, **extra) -> list[str]:
     base = {"run.out_dir": str(tmp_path / "runs"), "run.name": name, "train.max_steps": 4,

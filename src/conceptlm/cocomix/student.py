@@ -161,14 +161,17 @@ def make_arm(name: str, student: StudentSection, cocomix: CocomixSection, *, seq
     if name not in ARMS:
         raise ConfigError(f"unknown arm {name!r}; choose one of {', '.join(ARMS)}", field="arm")
     s = dataclasses.replace(student, mix="interleave" if student.mix == "none" else student.mix, concept_head=True)
+    if s.mix == "add":
+        s = dataclasses.replace(s, slot_positions=False)
+    flat = dataclasses.replace(s, slot_positions=False)  # the arms without a second slot per token
     c = dataclasses.replace(cocomix, kd_weight=0.0)
     off = dataclasses.replace(c, lam=0.0)
     if name == "cocomix":
         return s, c
     if name in ("ntp", "kd"):
-        return match_ntp(s, by="params"), dataclasses.replace(off, kd_weight=kd_weight if name == "kd" else 0.0)
+        return match_ntp(flat, by="params"), dataclasses.replace(off, kd_weight=kd_weight if name == "kd" else 0.0)
     if name == "ntp_flops":
-        return match_ntp(s, by="flops", seq_len=seq_len), off
+        return match_ntp(flat, by="flops", seq_len=seq_len), off
     if name in ("pause", "kd_pause"):
         return (dataclasses.replace(s, mix="pause", concept_head=False),
                 dataclasses.replace(off, kd_weight=kd_weight if name == "kd_pause" else 0.0))
@@ -180,8 +183,8 @@ def make_arm(name: str, student: StudentSection, cocomix: CocomixSection, *, seq
     if name == "mix_only":
         return s, off
     if name == "concept_only":
-        return dataclasses.replace(s, mix="none"), c
-    return dataclasses.replace(s, mix="add"), c
+        return dataclasses.replace(flat, mix="none"), c
+    return dataclasses.replace(flat, mix="add"), c
 
 
 # ------------------------------------------------------------------------------------------------ the unit
