@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONFIG = "configs/cocomix/tiny_cpu.yaml"
 TINY = [
     "corpus.n_documents=120", "corpus.window=24", "teacher.hidden_size=32", "teacher.num_layers=2",
-    "teacher.steps=8", "teacher.warmup_steps=1", "teacher.vocab_size=300", "sae.n_latents=32", "sae.k=4", "sae.steps=4", "sae.batch_size=8",
+    "teacher.steps=8", "teacher.warmup_steps=1", "teacher.vocab_size=300",
+    "sae.n_latents=32", "sae.k=4", "sae.steps=4", "sae.batch_size=8",
     "student.d_model=32", "student.n_layers=2", "student.max_len=24", "student.n_concepts=32", "student.concept_k=4",
     "train.max_steps=4", "train.eval_every=2", "train.micro_batch_size=8", "schedule.warmup_steps=1",
     "train.progress=false", "labels.progress=false",
@@ -85,3 +86,39 @@ def test_pipeline_end_to_end_then_every_stage_is_skipped(tmp_path):
 def test_report_without_students_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no student .* has evaluation metrics yet"):
         report(tiny_cfg(tmp_path))
+
+
+def _fake_student(root, name, curve):
+    d = root / "students" / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text("student:\n  vocab_size: 300\n")
+    rows = [{"step": i + 1, "split": "eval", "ntp": y, "tokens_seen": x} for i, (x, y) in enumerate(curve)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_numbers_by_hand_mean_sd_per_seed_and_reach_point(tmp_path):
+    cfg = tiny_cfg(tmp_path, "pipeline.arms=[ntp,add]", "pipeline.seeds=[0,1]")
+    root = cfg.run_dir
+    _fake_student(root, "ntp-s0", [(100.0, 3.0), (200.0, 2.0)])
+    _fake_student(root, "ntp-s1", [(100.0, 3.2), (200.0, 2.2)])
+    _fake_student(root, "add-s0", [(100.0, 2.5), (200.0, 1.9)])
+    _fake_student(root, "add-s1", [(100.0, 2.7), (200.0, 2.1)])
+    summary = build_report(cfg)
+    ntp, add = summary["arms"]["ntp"], summary["arms"]["add"]
+    assert ntp["final_val_loss"] == pytest.approx(2.1) and ntp["final_val_loss_sd"] == pytest.approx(0.2 / 2 ** 0.5)
+    assert add["final_val_loss_per_seed"] == [1.9, 2.1]
+    # add's mean curve (100, 2.6) -> (200, 2.0) crosses NTP's final 2.1 at 100 + 100 * 0.5 / 0.6
+    assert add["tokens_to_baseline"] == pytest.approx(100 + 100 * 0.5 / 0.6)
+    assert add["tokens_fraction_of_baseline"] == pytest.approx((100 + 100 * 0.5 / 0.6) / 200)
+    ratio = add["train_flops_per_token"] / ntp["train_flops_per_token"]
+    assert add["flops_fraction_of_baseline"] == pytest.approx(add["tokens_fraction_of_baseline"] * ratio)
+    assert "curve" not in add  # the curves are in report.json, not in what the CLI prints
+    assert json.loads((root / "report" / "report.json").read_text())["arms"]["add"]["curve"] == [[100.0, 2.6],
+                                                                                              [200.0, 2.0]]
+    md = (root / "report" / "report.md").read_text()
+    assert "| 2.0000 ± 0.1414 | 91.7% |" in md and "| 1.9000, 2.1000 |" in md
+
+    one = build_report(tiny_cfg(tmp_path, "pipeline.arms=[ntp,add]", "pipeline.seeds=[0]"))
+    assert one["arms"]["ntp"]["final_val_loss_sd"] is None  # a sample sd of one seed is undefined, not 0
+    row = next(line for line in (root / "report" / "report.md").read_text().splitlines() if line.startswith("| ntp"))
+    assert "±" not in row and "| 2.0000 | 100.0% |" in row

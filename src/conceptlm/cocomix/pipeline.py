@@ -252,7 +252,8 @@ def build_report(cfg: CocomixConfig, *, output: str | Path | None = None) -> dic
         finals = [c[-1][1] for c in curves]
         arms[arm] = {
             "seeds": len(curves), "final_val_loss": statistics.fmean(finals),
-            "final_val_loss_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "final_val_loss_sd": statistics.stdev(finals) if len(finals) > 1 else None,  # undefined for 1 seed
+            "final_val_loss_per_seed": finals,
             "tokens": curves[0][-1][0], "train_flops_per_token": fpt,
             "active_parameters": count_parameters(sub.student)["active"],
             "curve": _mean_curve(curves), "runs": [str(d) for d in dirs],
@@ -284,6 +285,8 @@ def build_report(cfg: CocomixConfig, *, output: str | Path | None = None) -> dic
         atomic_write_text(out / "report.md", _markdown(summary))
         atomic_write_text(out / "report.json", json.dumps(summary, indent=2))
         summary["markdown"] = str(out / "report.md")
+    for a in arms.values():  # the curves stay in report.json; the returned summary is what the CLI prints
+        del a["curve"]
     return summary
 
 
@@ -309,15 +312,18 @@ def _markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# CoCoMix students", "",
         f"Validation metric: {summary['metric']}, window {summary['window']} tokens; mean over seeds "
-        "(± sample sd). 'to reach NTP' = the fraction of the NTP baseline's training tokens (and training FLOPs) "
-        "at which the arm's mean validation curve first reaches the baseline's final loss (linear interpolation "
-        "between evaluations).", "",
-        "| arm | seeds | active params | train MFLOP/token | final val loss | tokens to reach NTP | FLOPs to reach NTP |",
-        "|---|---|---|---|---|---|---|",
+        "(± sample sd, from two seeds on). 'to reach NTP' = the fraction of the NTP baseline's training tokens "
+        "(and training FLOPs) at which the arm's mean validation curve first reaches the baseline's final loss "
+        "(linear interpolation between evaluations).", "",
+        "| arm | seeds | active params | train MFLOP/token | final val loss | tokens to reach NTP | FLOPs to reach NTP "
+        "| final val loss per seed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, a in summary["arms"].items():
+        sd = "" if a["final_val_loss_sd"] is None else f" ± {a['final_val_loss_sd']:.4f}"
         lines.append(f"| {name} | {a['seeds']} | {a['active_parameters']:,} | {a['train_flops_per_token'] / 1e6:.4g} "
-                     f"| {a['final_val_loss']:.4f} ± {a['final_val_loss_sd']:.4f} "
+                     f"| {a['final_val_loss']:.4f}{sd} "
                      f"| {_fmt(a['tokens_fraction_of_baseline'], True)} "
-                     f"| {_fmt(a['flops_fraction_of_baseline'], True)} |")
+                     f"| {_fmt(a['flops_fraction_of_baseline'], True)} "
+                     f"| {', '.join(f'{x:.4f}' for x in a['final_val_loss_per_seed'])} |")
     return "\n".join(lines) + "\n"
