@@ -28,12 +28,15 @@ class Verb:
     """One ``conceptlm <method> <verb>``: ``func`` is ``module:function`` (imported lazily, ``--help`` stays fast).
 
     ``kind="train"`` functions are called as ``f(cfg, command=...)`` and return a ``TrainResult``; ``kind="run"``
-    functions as ``f(cfg, checkpoint=..., output=...)`` and return a JSON-able dict.
+    functions as ``f(cfg, checkpoint=..., output=...)`` and return a JSON-able dict. A verb that ``prints`` its
+    own human-readable result and writes the whole of it to ``result["output"]`` has the CLI name that file instead
+    of dumping the JSON after the table.
     """
 
     help: str
     func: str
     kind: str = "run"
+    prints: bool = False
 
     def call(self, cfg, args, command: str):
         module, name = self.func.split(":")
@@ -92,9 +95,9 @@ METHODS: dict[str, Method] = {
                "concepts": Verb("describe every SAE latent by its top-activating teacher tokens (cached in "
                                 "sae/concepts.json)", "conceptlm.cocomix.interpret:concepts"),
                "explain": Verb("the student's top predicted concepts for every token of interpret.prompt, with "
-                               "descriptions", "conceptlm.cocomix.interpret:explain"),
+                               "descriptions", "conceptlm.cocomix.interpret:explain", prints=True),
                "steer": Verb("continue interpret.prompt plainly and with one concept amplified; measured effect",
-                             "conceptlm.cocomix.interpret:steer")}),
+                             "conceptlm.cocomix.interpret:steer", prints=True)}),
     "lcm": Method(
         help="Large Concept Model: next-sentence-embedding modelling over segmented, embedded documents "
              "(arXiv 2412.08821)",
@@ -178,11 +181,15 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(method.config_cls(), args.config, args.overrides)
         command = "conceptlm " + " ".join(shlex.quote(a) for a in argv)
-        result = method.verbs[args.verb].call(cfg, args, command)
+        verb = method.verbs[args.verb]
+        result = verb.call(cfg, args, command)
         import os
 
         if os.environ.get("RANK", "0") == "0" and result is not None:  # the process group is gone by now
-            print(json.dumps(result, indent=2, default=str))
+            if verb.prints and "output" in result:
+                print(f"written: {result['output']}")
+            else:
+                print(json.dumps(result, indent=2, default=str))
         return 0
     except ConceptLMError as e:
         print(f"conceptlm: error: {e}", file=sys.stderr)

@@ -295,3 +295,17 @@ def test_bad_inputs_are_one_line_config_errors(run, tmp_path):
         explain(run, checkpoint=tmp_path)
     with pytest.raises(ConceptLMError, match="no SAE at"):
         concepts(dataclasses.replace(run, labels=dataclasses.replace(run.labels, sae_path=str(tmp_path))))
+
+
+def test_cli_explain_and_steer_print_their_tables_and_name_the_file(run, tmp_path, capsys):
+    from conceptlm.cli import main
+
+    base = ["--config", CONFIG, f"run.out_dir={run.run.out_dir}", *TINY]
+    assert main(["cocomix", "explain", *base, "--output", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "top concepts: description (p)" in out and out.rstrip().endswith(f"written: {tmp_path / 'e.json'}")
+    assert "\n{" not in out  # the whole result is in the file, not dumped after the table
+    assert json.loads((tmp_path / "e.json").read_text())["tokens"]
+    assert main(["cocomix", "steer", *base, "--output", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher SAE activation (mean)" in out and out.rstrip().endswith(f"written: {tmp_path / 's.json'}")
