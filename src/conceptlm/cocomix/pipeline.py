@@ -231,7 +231,8 @@ def _teacher_forward_flops(cfg: CocomixConfig) -> float:
 
 
 def build_report(cfg: CocomixConfig, *, output: str | Path | None = None) -> dict[str, Any]:
-    """Curves and tables over the students that have metrics; returns the summary written to ``report.json``."""
+    """Curves and tables over the students that have metrics; returns the summary written to ``report.json``
+    less each arm's mean ``curve`` (kept in the file only: the returned summary is what the CLI prints)."""
     from conceptlm.cocomix.student import count_parameters, flops_per_token
     from conceptlm.plots.curves import plot_curves
 
