@@ -37,6 +37,7 @@ class Verb:
     func: str
     kind: str = "run"
     prints: bool = False
+    checkpoint_help: str = "checkpoint dir (default: the run's latest)"
 
     def call(self, cfg, args, command: str):
         module, name = self.func.split(":")
@@ -63,22 +64,24 @@ class Method:
 
 
 _EVAL_HELP = "greedy generation on the eval data, scored; predictions to JSONL"
+_LM_CHECKPOINT_HELP = ("checkpoint or HF model dir, .gguf file or named model such as smollm2-135m, e.g. to score "
+                       "a model before fine-tuning (default: the run's latest checkpoint)")
 
 METHODS: dict[str, Method] = {
     "sft": Method(
         help="supervised fine-tuning / from-scratch next-token training (the NTP baseline)",
         config="conceptlm.sft.config:SFTConfig",
         verbs={"train": Verb("train a model (works under torchrun)", "conceptlm.sft.recipe:train", kind="train"),
-               "eval": Verb(_EVAL_HELP, "conceptlm.sft.recipe:evaluate")}),
+               "eval": Verb(_EVAL_HELP, "conceptlm.sft.recipe:evaluate", checkpoint_help=_LM_CHECKPOINT_HELP)}),
     "jepa": Method(
         help="LLM-JEPA: LM loss + lambda * JEPA loss between the Text and Code views (arXiv 2509.14252)",
         config="conceptlm.jepa.config:JepaConfig",
         verbs={"train": Verb("train a model (works under torchrun)", "conceptlm.jepa.recipe:train", kind="train"),
-               "eval": Verb(_EVAL_HELP, "conceptlm.jepa.recipe:evaluate"),
+               "eval": Verb(_EVAL_HELP, "conceptlm.jepa.recipe:evaluate", checkpoint_help=_LM_CHECKPOINT_HELP),
                "analyze": Verb("embedding analysis of a checkpoint: Enc(Text)/Enc(Code) export, singular values, "
                                "linear-map residual, collapse diagnostics (mismatched distance, variance, effective "
                                "rank), Text->Code retrieval top-1/5, 2-D projection plot",
-                               "conceptlm.jepa.recipe:analyze")}),
+                               "conceptlm.jepa.recipe:analyze", checkpoint_help=_LM_CHECKPOINT_HELP)}),
     "cocomix": Method(
         help="CoCoMix: continuous-concept pretraining from a teacher's SAE concepts (arXiv 2502.08524)",
         config="conceptlm.cocomix.config:CocomixConfig",
@@ -144,7 +147,7 @@ def _build_parser() -> argparse.ArgumentParser:
             vp.add_argument("--config", help="YAML config file (see configs/)")
             vp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
             if v.kind != "train":
-                vp.add_argument("--checkpoint", help="checkpoint or model dir (default: the run's latest)")
+                vp.add_argument("--checkpoint", help=v.checkpoint_help)
                 vp.add_argument("--output", help="output path (default: inside the run folder)")
     return p
 

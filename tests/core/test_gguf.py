@@ -209,6 +209,17 @@ def test_smollm2_second_load_uses_cache(smollm2, smollm2_cache, monkeypatch):
 
 
 @needs_smollm2
+def test_eval_checkpoint_can_be_the_named_model(smollm2, smollm2_cache):
+    """``conceptlm <method> eval --checkpoint smollm2-135m`` scores the pretrained model (its cached folder)."""
+    from conceptlm.lm.config import LMRunConfig
+    from conceptlm.lm.recipe import resolve_checkpoint
+
+    folder = gguf.resolve_model_path("smollm2-135m", cache=smollm2_cache)
+    assert resolve_checkpoint(LMRunConfig(), "smollm2-135m") == folder
+    assert resolve_checkpoint(LMRunConfig(), str(folder)) == folder
+
+
+@needs_smollm2
 def test_smollm2_chat_template_and_pad(smollm2):
     _, tok = smollm2
     assert tok.chat_template and "<|im_start|>" in tok.chat_template

@@ -144,3 +144,30 @@ def test_jepa_with_lora_trains_adapters_only(tmp_path, chat_files):
     assert adapter and all("lora_" in k for k in adapter)  # only LoRA weights trained and saved
     model = load_causal_lm(model_dir)  # base (with the predictor tokens) + adapter
     assert model.get_input_embeddings().weight.shape[0] == base["model.embed_tokens.weight"].shape[0]
+
+
+def test_eval_and_analyze_a_model_without_predictor_tokens(tmp_path, chat_files, capsys, caplog):
+    """``--checkpoint`` takes any model (here an SFT run's export): analyze adds the k predictor tokens with
+    mean-initialised rows, the state a JEPA run starts from, and says so; a missing .gguf is one clear line."""
+    import logging
+
+    from conceptlm.cli import main
+
+    ov = tiny_overrides(tmp_path, chat_files[0], chat_files[1], **{"train.max_steps": 2, "run.name": "sft",
+                                                                    "generate.max_new_tokens": 4})
+    assert main(["sft", "train", *ov]) == 0
+    model_dir = sorted((tmp_path / "runs" / "sft" / "checkpoints").glob("step_*"))[-1] / "model"
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    capsys.readouterr()
+    jov = [*ov, "run.name=j", "jepa.num_predictors=2"]
+    with caplog.at_level(logging.INFO, logger="conceptlm.jepa.recipe"):
+        assert main(["jepa", "analyze", *jov, "--checkpoint", str(model_dir)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 48 and res["checkpoint"] == str(model_dir)
+    assert "has no predictor tokens: added 2" in caplog.text
+    assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == vocab  # the model dir is untouched
+    assert main(["jepa", "eval", *jov, "--checkpoint", str(model_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 48
+    assert main(["jepa", "eval", *jov, "--checkpoint", str(tmp_path / "absent.Q4_0.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "absent.Q4_0.gguf" in err and "does not exist" in err and len(err.splitlines()) == 1

@@ -4,6 +4,7 @@ embedding-space analysis)."""
 from __future__ import annotations
 
 import functools
+import logging
 
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.recipe import fit, make_plan
@@ -18,6 +19,8 @@ from conceptlm.jepa.data import JepaDataset
 from conceptlm.jepa.packing import collate_packed, collate_separate
 from conceptlm.jepa.unit import JepaUnit
 from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, predictor_token
+
+log = logging.getLogger(__name__)
 
 __all__ = ["train", "evaluate", "view_config", "build_dataset"]
 
@@ -86,6 +89,11 @@ def analyze(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | Non
     model_dir = resolve_checkpoint(cfg, checkpoint)
     model, tokenizer = load_exported_model(model_dir)
     pin_template_date(tokenizer, cfg.tokenizer.template_date)
+    n_vocab = len(tokenizer)
+    add_predictor_tokens(tokenizer, model, cfg.jepa.num_predictors)  # a no-op for a model trained here
+    if len(tokenizer) != n_vocab:
+        log.info("%s has no predictor tokens: added %d with mean-initialised embeddings (the state a JEPA run "
+                 "starts from)", model_dir, len(tokenizer) - n_vocab)
     model = model.to(info.device)
     train_src, eval_src = load_sources(cfg)
     src = eval_src or train_src

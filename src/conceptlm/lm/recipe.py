@@ -34,9 +34,14 @@ def load_sources(cfg: LMRunConfig):
 
 
 def resolve_checkpoint(cfg: LMRunConfig, checkpoint: str | None) -> Path:
-    """The HF model dir of an explicit checkpoint (or model) dir, or of the run's latest checkpoint."""
+    """The HF model dir to evaluate: the run's latest checkpoint, or ``checkpoint``: a checkpoint folder
+    (``runs/<name>/checkpoints/step_N``), an HF model folder, a ``.gguf`` file or a named offline model
+    (``smollm2-135m``; converted once and cached, as for ``model.path``), e.g. to score a pretrained model before
+    fine-tuning it."""
     if checkpoint:
-        p = Path(checkpoint)
+        from conceptlm.core.gguf import resolve_model_path
+
+        p = resolve_model_path(checkpoint)
         if (p / MANIFEST).is_file():
             problem = verify_checkpoint(p)
             if problem is not None:
