@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from conceptlm.cocomix.sae import SAE_WEIGHTS, TopKSAE
 from conceptlm.core.config import check
 from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.core.io import atomic_write_text
+from conceptlm.core.progress import progress_bar
 
 __all__ = [
     "InterpretSection", "StreamingTopN", "ConceptDescriptions", "concepts", "explain", "steer",
@@ -199,13 +199,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    disabled = not enabled or os.environ.get("CONCEPTLM_NO_PROGRESS", "0") == "1"
-    return tqdm(total=total, unit="win", desc=desc, disable=disabled)
-
-
 def _clean(text: str) -> str:
     return text.replace("\n", "\\n")
 
@@ -311,7 +304,7 @@ def describe_concepts(cfg: Any, *, teacher: nn.Module, tokenizer, sae: TopKSAE, 
     device = sae.W_enc.device
     top = StreamingTopN(sae.n_latents, section.top_tokens, device=device)
     t = windows.shape[1]
-    with _progress(windows.shape[0], section.progress, "concept descriptions") as bar:
+    with progress_bar(total=windows.shape[0], unit="win", desc="concept descriptions", enabled=section.progress) as bar:
         for s in range(0, windows.shape[0], section.batch_size):
             batch = windows[s: s + section.batch_size].to(device)
             values, indices = sae_activations(teacher, sae, cfg.teacher.layer, batch)

@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from conceptlm.cocomix.attribution import ConceptLabeler
 from conceptlm.core.errors import ConceptLMError, DataError
 from conceptlm.core.io import atomic_write_text
+from conceptlm.core.progress import progress_bar
 
 __all__ = [
     "FORMAT", "LabelCacheError", "LabelCache", "LabeledWindows", "CacheSpec",
@@ -182,11 +182,6 @@ def _flush(arr: np.memmap) -> None:
         os.fsync(f.fileno())
 
 
-def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
-    disabled = not enabled or os.environ.get("CONCEPTLM_NO_PROGRESS", "0") == "1"
-    return tqdm(total=total, initial=initial, unit="win", desc=desc, disable=disabled)
-
-
 def write_label_cache(path: str | Path, windows: Any, labeler: ConceptLabeler,
                       spec: CacheSpec, *, progress: bool = True, desc: str = "labels") -> dict[str, Any]:
     """Compute the labels of every window and store them in the cache folder ``path``; resume an interrupted run.
@@ -219,7 +214,7 @@ def write_label_cache(path: str | Path, windows: Any, labeler: ConceptLabeler,
         return {**summary, "computed_windows": 0, "seconds": 0.0, "tokens_per_s": 0.0}
     labels_arr, mask_arr = _open_arrays(path, header, fresh=done == 0)
     start = time.perf_counter()
-    with _progress_bar(n, done, progress, desc) as bar:
+    with progress_bar(total=n, initial=done, unit="win", desc=desc, enabled=progress) as bar:
         for lo in range(done, n, spec.chunk_windows):
             hi = min(n, lo + spec.chunk_windows)
             for b in range(lo, hi, spec.batch_size):

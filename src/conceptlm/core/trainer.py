@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.config import RunConfig, config_to_dict
@@ -36,6 +35,7 @@ from conceptlm.core.resume import check_config_changes
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.core.schedule import build_scheduler
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
+from conceptlm.core.progress import progress_bar
 
 __all__ = ["Trainer", "TrainResult", "to_device", "resolve_strategy", "autocast_context"]
 
@@ -223,8 +223,8 @@ class Trainer:
         last_eval: dict[str, float] = {}
         window = _Window()
         last_ckpt = resume_from
-        bar = tqdm(total=tcfg.max_steps, initial=self.step, disable=not (info.is_main and tcfg.progress),
-                   desc=cfg.run.name, dynamic_ncols=True)
+        bar = progress_bar(total=tcfg.max_steps, initial=self.step, enabled=info.is_main and tcfg.progress,
+                           desc=cfg.run.name, unit="step", dynamic_ncols=True)
         model.train()
         try:
             while self.step < tcfg.max_steps:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -386,12 +385,10 @@ def tokenize_chat(tokenizer, messages: Sequence[dict], *, label_mode: str = "ass
 
 
 def _progress(iterable, total: int, desc: str):
-    """Wrap in a tqdm bar for long work (more than 2000 items), unless CONCEPTLM_NO_PROGRESS=1."""
-    if total <= PROGRESS_MIN_RECORDS or os.environ.get("CONCEPTLM_NO_PROGRESS", "0") == "1":
-        return iterable
-    from tqdm.auto import tqdm
+    """Wrap in a progress bar for long work (more than 2000 items), unless CONCEPTLM_NO_PROGRESS=1."""
+    from conceptlm.core.progress import progress_bar
 
-    return tqdm(iterable, total=total, desc=desc, unit="rec")
+    return progress_bar(iterable, total=total, desc=desc, unit="rec", enabled=total > PROGRESS_MIN_RECORDS)
 
 
 class ChatDataset(Dataset):

@@ -9,10 +9,9 @@ Specs:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from conceptlm.core.errors import ConfigError, DataError
 from conceptlm.core.sampling import eval_batches, step_batches  # noqa: F401 (re-exported)

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from conceptlm.core.io import atomic_write_jsonl
+from conceptlm.core.progress import progress_bar
 from conceptlm.data.templates import end_of_turn_ids, render_chat
 
 __all__ = ["split_prompt", "generate_batched", "evaluate_generation"]
@@ -42,7 +42,7 @@ def generate_batched(model, tokenizer, prompts: Sequence[Sequence[dict]], *, max
     outputs: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(encoded), desc="generate", disable=not progress or len(encoded) < 2 * batch_size)
+    bar = progress_bar(total=len(encoded), desc="generate", enabled=progress and len(encoded) >= 2 * batch_size)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         width = max(len(encoded[i]) for i in idx)

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from conceptlm.core.config import check
 from conceptlm.core.errors import ConceptLMError, ConfigError
+from conceptlm.core.progress import progress_bar, progress_enabled
 
 __all__ = ["EncoderSection", "SentenceEncoder", "TransformerSentenceEncoder", "SentenceTransformersEncoder",
            "SonarEncoder", "get_encoder", "resolve_model_dir", "verify_identity", "weights_fingerprint"]
@@ -70,13 +70,6 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
-
-def _progress(iterable: Iterable, total: int, enabled: bool, desc: str):
-    if not enabled or os.environ.get("CONCEPTLM_NO_PROGRESS", "0") == "1":
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch")
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -184,7 +177,7 @@ class TransformerSentenceEncoder(SentenceEncoder):
         ids = self.tokenize(sentences)
         order = sorted(range(n), key=lambda i: -len(ids[i]))
         starts = range(0, n, bs)
-        for start in _progress(starts, len(starts), progress, "encode"):
+        for start in progress_bar(starts, total=len(starts), desc="encode", unit="batch", enabled=progress):
             idx = order[start:start + bs]
             input_ids, mask = self._batch([ids[i] for i in idx])
             hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
@@ -230,7 +223,7 @@ class SentenceTransformersEncoder(SentenceEncoder):
         if not sentences:
             return torch.empty((0, self.dim), dtype=torch.float32)
         vec = self.model.encode(list(sentences), batch_size=batch_size or self.batch_size, convert_to_tensor=True,
-                                show_progress_bar=progress, normalize_embeddings=self.normalize)
+                                show_progress_bar=progress_enabled(progress), normalize_embeddings=self.normalize)
         return vec.float().cpu()
 
     @cached_property
@@ -275,7 +268,8 @@ class SonarEncoder(SentenceEncoder):
             return torch.empty((0, self.dim), dtype=torch.float32)
         order = sorted(range(n), key=lambda i: -len(sentences[i]))
         vec = self.pipeline.predict([sentences[i] for i in order], source_lang=self.section.sonar_lang,
-                                    batch_size=batch_size or self.section.batch_size, progress_bar=progress)
+                                    batch_size=batch_size or self.section.batch_size,
+                                    progress_bar=progress_enabled(progress))
         vec = vec.float().cpu()
         if self.normalize:
             vec = F.normalize(vec, p=2, dim=1)

@@ -32,6 +32,7 @@ import torch
 from conceptlm.core.config import RunConfig, check
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
 from conceptlm.core.io import atomic_write_text
+from conceptlm.core.progress import progress_bar
 from conceptlm.lcm.documents import DocsSection, iter_documents, split_instruction
 from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder
 from conceptlm.lcm.normalizer import METHODS, NORMALIZER_FILE, RobustNormalizer
@@ -219,14 +220,6 @@ def _documents(cfg: PrepareConfig, segmenter: Segmenter, skipped: Counter) -> It
                    "sentences": sentences}
 
 
-def _progress(total: int | None):
-    if os.environ.get("CONCEPTLM_NO_PROGRESS", "0") == "1":
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="prepare", unit="doc")
-
-
 def _fit_normalizer(out: Path, shards: list[dict], dim: int, section: PrepareSection) -> RobustNormalizer:
     n_train = sum(s["n_train_sentences"] for s in shards)
     if n_train < 2:
@@ -283,7 +276,8 @@ def prepare(cfg: PrepareConfig, *, checkpoint: str | None = None, output: str | 
     records: list[dict] = []
     written = reused = encoded_sentences = 0
     encode_seconds = 0.0
-    bar = _progress(cfg.docs.n_documents if cfg.docs.source == "generated" else None)
+    bar = progress_bar(total=cfg.docs.n_documents if cfg.docs.source == "generated" else None, desc="prepare",
+                       unit="doc")
 
     def flush(buffer: list[dict]) -> None:
         nonlocal written, reused, encoded_sentences, encode_seconds
@@ -303,21 +297,18 @@ def prepare(cfg: PrepareConfig, *, checkpoint: str | None = None, output: str | 
             _write_shard(path, buffer, encoder.dim, sec)
             written += 1
         records.append(_shard_record(name, buffer))
-        if bar is not None:
-            bar.set_postfix(shards=len(records))
+        bar.set_postfix(shards=len(records))
 
     buffer: list[dict] = []
     for doc in _documents(cfg, segmenter, skipped):
         buffer.append(doc)
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         if len(buffer) == sec.shard_size:
             flush(buffer)
             buffer = []
     if buffer:
         flush(buffer)
-    if bar is not None:
-        bar.close()
+    bar.close()
     if not records:
         raise ConceptLMError(f"{cfg.docs.source}: no documents to prepare")
     stale = [p.name for p in out.iterdir() if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) >= len(records)]
