@@ -23,7 +23,10 @@ Arms (each its own copy of the model and AdamW, same initial weights, same batch
   compiles the kernel on first use; the warm-up steps absorb it). CUDA only.
 
 Token bound: packed row tokens / LM tokens (what a packed step costs if time ∝ tokens). Reports the median step time
-per arm, its ratio to NTP, and ``packed_*/bound``; peak CUDA memory per arm. Prints one JSON object.
+per arm, its ratio to NTP, and ``packed_*/bound``; peak CUDA memory per arm; and each arm's first-step LM / JEPA loss
+and gradient norm with their largest disagreement (:func:`first_step_agreement`: the arms start from the same
+weights on the same batch, so on CUDA this is also the exactness check of the flex path's backward). Prints one
+JSON object.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class Arm:
         self.opt = torch.optim.AdamW(self.unit.parameters(), lr=1e-5, weight_decay=0.0, fused=args.device == "cuda")
         self.times: list[float] = []
         self.peak_gib = 0.0
+        self.first: dict[str, float] | None = None  # loss parts and grad norm of the first step (same for all arms)
 
     def step(self, batch, args) -> float:
         dev = torch.device(args.device)
@@ -93,13 +97,29 @@ class Arm:
         counts = self.unit.counts(batch)
         loss = sum(w * out[k] / counts[k] for k, w in self.unit.loss_weights.items() if counts.get(k))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unit.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.unit.parameters(), 1.0)
+        if self.first is None:
+            parts = {k: float(out[k]) / counts[k] for k in ("lm", "jepa") if k in out and counts.get(k)}
+            self.first = {"loss": float(loss), **parts, "grad_norm": float(grad_norm)}
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
             self.peak_gib = max(self.peak_gib, torch.cuda.max_memory_allocated() / 2 ** 30)
         return time.perf_counter() - t0
+
+
+def first_step_agreement(arms: list[Arm]) -> dict[str, float]:
+    """Every arm starts from the same weights on the same batch, so the first step's LM loss (all arms), JEPA loss
+    and gradient norm (the JEPA arms) must agree up to rounding: the largest difference of each to the first arm
+    that has it. On CUDA this checks the flex path's forward *and* backward against the dense mask and against
+    separate mode (CPU tests cover the forward only: PyTorch has no CPU backward for flex_attention)."""
+    out = {}
+    for key in ("lm", "jepa", "grad_norm"):
+        have = [a.first[key] for a in arms if a.first and key in a.first and (key == "lm" or a.name != "ntp")]
+        if len(have) > 1:
+            out[key] = max(abs(v - have[0]) for v in have)
+    return out
 
 
 def run(args) -> dict:
@@ -145,6 +165,8 @@ def run(args) -> dict:
         "step_s_median": med,
         "ratio_vs_ntp": {n: m / ntp for n, m in med.items()} if ntp else None,
         "peak_gib": {a.name: round(a.peak_gib, 2) for a in arms} if dev.type == "cuda" else None,
+        "first_step": {a.name: a.first for a in arms},
+        "first_step_max_abs_diff": first_step_agreement(arms),
     }
     if ntp:
         bound = result["token_bound"]["packed"]
