@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.method is None:
         parser.print_help()
         return 0
+    from conceptlm.core.progress import silence_library_bars
+
+    silence_library_bars()
     try:
         if args.method == "demo":
             from conceptlm.demo import run_demo

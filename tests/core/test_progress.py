@@ -1,4 +1,5 @@
-"""``CONCEPTLM_NO_PROGRESS=1`` switches off every progress bar: the trainer's, batched generation's, and the helpers'."""
+"""``CONCEPTLM_NO_PROGRESS=1`` switches off every progress bar: the trainer's, batched generation's, the helpers',
+and those of the Hugging Face libraries."""
 
 from __future__ import annotations
 
@@ -47,3 +48,30 @@ def test_trainer_and_generation_bars_follow_the_variable(tmp_path, chat_files, c
     shown = env is None
     assert ("2/2" in trainer_err) is shown, trainer_err
     assert ("generate" in gen_err and "8/8" in gen_err) is shown, gen_err
+
+
+@pytest.mark.parametrize("env", [None, "1"])
+def test_library_bars_follow_the_variable(monkeypatch, env):
+    import transformers.utils.logging as tlog
+
+    from conceptlm.core.progress import silence_library_bars
+
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)  # restored afterwards, whatever silence_library_bars sets
+    if env is None:
+        monkeypatch.delenv("CONCEPTLM_NO_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("CONCEPTLM_NO_PROGRESS", env)
+    tlog.enable_progress_bar()
+    try:
+        silence_library_bars()
+        import os
+
+        assert tlog.is_progress_bar_enabled() is (env is None)
+        assert (os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1") is (env == "1")
+    finally:
+        import sys
+
+        tlog.enable_progress_bar()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].enable_progress_bars()

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from tqdm.auto import tqdm
 
-__all__ = ["ENV_VAR", "progress_enabled", "progress_bar"]
+__all__ = ["ENV_VAR", "progress_enabled", "progress_bar", "silence_library_bars"]
 
 ENV_VAR = "CONCEPTLM_NO_PROGRESS"
 
@@ -23,3 +23,19 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
     bar still iterates and accepts ``update``/``set_postfix``/``close``, so callers need no branch."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial,
                 disable=not progress_enabled(enabled), **kwargs)
+
+
+def silence_library_bars() -> None:
+    """With ``CONCEPTLM_NO_PROGRESS=1``, switch off the bars of Hugging Face libraries too (transformers' "Loading
+    weights", datasets, hub): through their environment variables for modules not imported yet, and directly for
+    those already imported. Without the variable, nothing changes."""
+    if progress_enabled():
+        return
+    import sys
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
