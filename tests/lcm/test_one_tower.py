@@ -377,3 +377,18 @@ def test_a_short_training_run_lowers_the_loss():
     after = eval_loss()
     # predicting the mean of the normalized vectors scores about dim; the model uses its inputs to beat it
     assert after < 0.5 * before and after < 0.5 * dim, (before, after)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope", "none"])
+@pytest.mark.parametrize("guidance,eta", [(1.0, 0.0), (3.0, 0.0), (2.0, 0.5)])
+def test_teacher_forced_with_the_clean_cache_equals_the_full_interleaved_run(positions, guidance, eta):
+    u = unit_for(positions=positions).eval()
+    g = torch.Generator().manual_seed(11)
+    batch = batch_of([torch.randn(n, D, generator=g) for n in (6, 2, 4)], ids=[3, 0, 5])  # padded rows
+    opts = SamplerOptions(inference_steps=5, guidance_scale=guidance, guidance_rescale=0.7, eta=eta)
+    cached = u.teacher_forced(batch, opts)
+    full = u.teacher_forced(batch, opts, use_cache=False)
+    assert cached.shape == full.shape == (3, 6, D)
+    keep = batch["mask"]
+    assert torch.allclose(cached[keep], full[keep], atol=2e-5), (cached[keep] - full[keep]).abs().max()
+    assert (cached[keep] - full[keep]).abs().max() < 1e-3 * full[keep].abs().max()

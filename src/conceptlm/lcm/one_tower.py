@@ -29,7 +29,9 @@ epsilon / v the loss stays in their space, which avoids the singular x0 conversi
 every real sentence, including position 0 (predicted unconditionally).
 
 Evaluation: teacher-forced DDIM for all positions at once (ground-truth clean context), deterministic noise; the
-shared Table 3 metrics on the denormalized last x0.
+shared Table 3 metrics on the denormalized last x0. The clean copies never attend to a query, so they are run once
+into a KV cache and each sampler step runs only the queries (1.46x faster at the Table 3 size with guidance;
+``use_cache=False`` recomputes the whole interleaved sequence, the reference for the tests).
 
 Generation (:class:`OneTowerPredictor`). Only the clean copies of the known sentences and one query are needed (no
 position attends to an earlier query copy): sequence ``[z_0, ..., z_{n-1}, q_n]``. With the KV cache the clean
@@ -372,9 +374,16 @@ class OneTowerUnit(TeacherForcedEval, TrainUnit):
 
     # --------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def teacher_forced(self, batch: dict, options: SamplerOptions | None = None) -> torch.Tensor:
+    def teacher_forced(self, batch: dict, options: SamplerOptions | None = None, *,
+                       use_cache: bool = True) -> torch.Tensor:
         """Normalized x0 ``(B, N, D)`` for every position from a DDIM run given the true clean context, all
-        positions in one batched run. Noise: per example, fixed (the same at every evaluation)."""
+        positions in one batched run. Noise: per example, fixed (the same at every evaluation).
+
+        With ``use_cache`` (default) the clean copies, which never attend to a query, are run once into a KV cache
+        and each of the S sampler steps runs only the ``N`` queries (``2N`` with guidance: the unconditional
+        branch as a second set of queries that see only themselves) against it; without it every step runs the
+        whole interleaved ``2N`` sequence, plus ``N`` unconditional queries. Both give the same x0 (to float
+        rounding: the keys are summed in another order)."""
         m = self.model
         options = options or self.eval_sampler
         z = m.normalize(batch["vectors"].float())
@@ -386,11 +395,43 @@ class OneTowerUnit(TeacherForcedEval, TrainUnit):
         k = steps + 1 if options.eta > 0 else 1
         noise = rng.per_example(EVAL_PURPOSE, batch["ids"], (k, self.cfg.max_sentences, dim),
                                 device=z.device)[:, :, :n]
+        denoise = self._cached_denoiser(z, keep, sampler.guided) if use_cache else None
         x = sampler.initial_latent(noise[:, 0])
         x0 = x
         for i, t in enumerate(sampler.timesteps.tolist()):
-            tt = torch.full((b, n), int(t), dtype=torch.long, device=z.device)
-            pred_c = m.forward_normalized(x, tt, z, keep=keep)
-            pred_u = m.forward_unconditional(x, tt) if sampler.guided else None
+            if denoise is not None:
+                pred_c, pred_u = denoise(x, int(t))
+            else:
+                tt = torch.full((b, n), int(t), dtype=torch.long, device=z.device)
+                pred_c = m.forward_normalized(x, tt, z, keep=keep)
+                pred_u = m.forward_unconditional(x, tt) if sampler.guided else None
             x, x0 = sampler.step(i, x, pred_c, pred_u, noise=noise[:, i + 1] if options.eta > 0 else None)
         return x0
+
+    def _cached_denoiser(self, z: torch.Tensor, keep: torch.Tensor, guided: bool):
+        """``(x, t) -> (pred_c, pred_u | None)`` for all ``N`` positions of ``teacher_forced``, over a KV cache of
+        the clean copies (the interleaved layout's clean-to-clean attention is causal, so the cache holds exactly
+        what the clean copies compute there). Query ``n`` sees the real clean copies ``m < n`` and itself; the
+        unconditional queries see only themselves."""
+        m = self.model
+        b, n, _ = z.shape
+        dev = z.device
+        pos = torch.arange(n, device=dev).unsqueeze(0).expand(b, n)
+        cache = KVCache()
+        m.run(m.embed(z, torch.zeros(b, n, dtype=torch.long, device=dev), pos), pos, _causal_prefix_mask(keep),
+              cache=cache)
+        q = 2 * n if guided else n
+        eye = torch.eye(q, dtype=torch.bool, device=dev).expand(b, 1, q, q)
+        to_clean = torch.zeros(b, 1, q, n, dtype=torch.bool, device=dev)
+        to_clean[:, 0, :n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril(-1) & keep[:, None, :]
+        bias = additive_mask(torch.cat([to_clean, eye], dim=-1), m.prenet.weight.dtype)
+        pos_q = pos.repeat(1, 2) if guided else pos
+
+        def denoise(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            e = m.time_embed(torch.full((1, 1), t, dtype=torch.long, device=dev))
+            xq = torch.cat([x, x], dim=1) if guided else x
+            out = m.run(m.embed(xq, None, pos_q, time_embedding=e), pos_q, bias, cache=cache)
+            cache.crop(n)
+            return out[:, :n], (out[:, n:] if guided else None)
+
+        return denoise
