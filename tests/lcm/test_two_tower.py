@@ -164,3 +164,32 @@ def test_a_short_run_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+
+
+def test_teacher_forced_noise_is_per_document_and_eta_gets_its_step_noise():
+    """Teacher-forced eval: a document's result does not depend on the other documents of its eval batch nor on
+    the batch's padded length (so not on eval_batch_size or the number of ranks); one unguided step is the
+    denoiser's x0 from the initial latent of the document's own noise; eta > 0 runs (it needs step noise)."""
+    from conceptlm.core.rng import EVAL_STEP
+    from conceptlm.lcm.diffusion.ddim import DDIMSampler
+    from conceptlm.lcm.two_tower import EVAL_PURPOSE
+
+    torch.manual_seed(4)
+    unit = TwoTowerUnit(cfg()).eval()
+    randomize_modulation(unit, 6)
+    a, b, c = _docs(3, [5, 3, 2], seed=7)
+    batch = collate_documents([{"id": 4, "vectors": a}, {"id": 1, "vectors": b}, {"id": 8, "vectors": c}])
+    alone = collate_documents([{"id": 1, "vectors": b}])
+    for opts in (SamplerOptions(inference_steps=4, guidance_scale=3.0),
+                 SamplerOptions(inference_steps=4, guidance_scale=2.0, eta=0.7)):
+        both = unit.teacher_forced(batch, opts)
+        single = unit.teacher_forced(alone, opts)
+        torch.testing.assert_close(both[1, :3], single[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(unit.teacher_forced(batch, opts), both, atol=0, rtol=0)  # fixed noise
+    one = SamplerOptions(inference_steps=1, guidance_scale=1.0, initial_noise_scale=0.6)
+    noise = StepRandomness(seed=0, step=EVAL_STEP).per_example(EVAL_PURPOSE, [1], (1, 12, DIM))[:, 0, :3]
+    x_init = DDIMSampler(unit.model.schedule, one).initial_latent(noise)
+    z = unit.model.normalize(alone["vectors"])
+    t = torch.full((1, 3), int(DDIMSampler(unit.model.schedule, one).timesteps[0]))
+    want = unit.model.forward_normalized(z, x_init, t)
+    torch.testing.assert_close(unit.teacher_forced(alone, one), want, atol=1e-5, rtol=1e-5)

@@ -50,7 +50,7 @@ from torch import nn
 from conceptlm.core.modules import (AdaLNModulation, CrossAttention, Modulation, RMSNorm, SwiGLU, TimestepEmbedder,
                                     modulate)
 from conceptlm.core.modules.cache import KVCache
-from conceptlm.core.rng import derived_generator
+from conceptlm.core.rng import EVAL_STEP, StepRandomness, derived_generator
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm.diffusion.config import SamplerOptions
 from conceptlm.lcm.model import CausalSentenceModel, LCMSection
@@ -61,6 +61,8 @@ __all__ = ["TwoTowerLCM", "DenoiserBlock", "TwoTowerUnit", "TwoTowerPredictor", 
 
 FREQ_DIM = 256
 """Sinusoidal timestep features (reference ``frequency_embedding_size``)."""
+
+EVAL_PURPOSE = "lcm-two-tower-eval"
 
 
 class DenoiserBlock(nn.Module):
@@ -383,19 +385,25 @@ class TwoTowerUnit(TeacherForcedEval, TrainUnit):
     def teacher_forced(self, batch: dict, options: SamplerOptions | None = None) -> torch.Tensor:
         """Normalized predictions ``(B, T, D)`` of every sentence from its ground-truth previous sentences."""
         m = self.model
-        sampler = _sampler(m, options or self.eval_sampler)
+        options = options or self.eval_sampler
+        sampler = _sampler(m, options)
         z = m.normalize(batch["vectors"])
         b, t, dim = z.shape
         kv = m.memory_kv(m.contextualize(z))
         keep = cross_attention_keep(t, None, device=z.device)
         cond_mask = _additive(keep, z.dtype)
         only_zero = _additive(cross_attention_keep(t, torch.ones(1, t, dtype=torch.bool, device=z.device)), z.dtype)
-        g = derived_generator("lcm-eval-diffusion", 0, *batch["ids"].tolist())
-        x = sampler.initial_latent(torch.randn(b, t, dim, generator=g).to(z))
+        # per example, drawn at max_sentences and sliced: a document's noise depends neither on the other documents
+        # of its eval batch (eval_batch_size, ranks) nor on the batch's padded length; eta > 0 gets its step noise
+        rng = StepRandomness(seed=self.step_rng.seed if self.step_rng is not None else 0, step=EVAL_STEP)
+        n_draws = len(sampler.timesteps) + 1 if options.eta > 0 else 1
+        noise = rng.per_example(EVAL_PURPOSE, batch["ids"], (n_draws, self.cfg.max_sentences, dim),
+                                device=z.device)[:, :, :t].to(z)
+        x = sampler.initial_latent(noise[:, 0])
         x0 = x
         for i, ts in enumerate(sampler.timesteps.tolist()):
             mods = m.modulations(torch.full((1, 1), ts, dtype=torch.long, device=z.device))
             pc = m.denoise(x, mods, kv, memory_attn_mask=cond_mask)
             pu = m.denoise(x, mods, kv, memory_attn_mask=only_zero) if sampler.guided else None
-            x, x0 = sampler.step(i, x, pc, pu)
+            x, x0 = sampler.step(i, x, pc, pu, noise=noise[:, i + 1] if options.eta > 0 else None)
         return x0
