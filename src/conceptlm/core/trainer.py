@@ -31,11 +31,11 @@ from conceptlm.core.config import RunConfig, config_to_dict
 from conceptlm.core.distributed import DistInfo, all_reduce_sum, barrier, wrap_model
 from conceptlm.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from conceptlm.core.metrics import MetricLogger
+from conceptlm.core.progress import progress_bar
 from conceptlm.core.resume import check_config_changes
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.core.schedule import build_scheduler
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
-from conceptlm.core.progress import progress_bar
 
 __all__ = ["Trainer", "TrainResult", "to_device", "resolve_strategy", "autocast_context"]
 

@@ -71,7 +71,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """``sha256:<hex>`` over the names, dtypes, shapes and bytes of ``module``'s state dict (sorted by name)."""
     h = hashlib.sha256()
