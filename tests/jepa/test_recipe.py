@@ -65,13 +65,14 @@ def test_jepa_ratio_draws_are_seeded_and_match_the_rate():
     assert draws == [jepa_step_active(0, s, 0.25) for s in range(2000)]  # reproducible (and rank-independent)
     assert 0.22 < sum(draws) / len(draws) < 0.28
     assert draws != [jepa_step_active(1, s, 0.25) for s in range(2000)]
-    assert all(jepa_step_active(0, s, 1.0) for s in range(10)) and not any(jepa_step_active(0, s, 0.0) for s in range(10))
+    assert all(jepa_step_active(0, s, 1.0) for s in range(10))
+    assert not any(jepa_step_active(0, s, 0.0) for s in range(10))
 
 
 def test_jepa_ratio_skips_steps_in_training(tmp_path, chat_files):
     cfg = jepa_cfg(tmp_path, chat_files[0], **{"run.name": "r", "jepa.jepa_ratio": 0.5, "train.max_steps": 8})
     jepa_train(cfg)
-    rows = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     has_jepa = [("jepa" in r) for r in train_rows]
     assert has_jepa == [jepa_step_active(cfg.train.seed, s, 0.5) for s in range(8)]
