@@ -17,7 +17,7 @@ mismatched distance, effective rank, Text->Code retrieval). The summary gives me
 arm, and for each pair of arms (a JEPA arm vs its NTP arm; a JEPA variant vs the plain JEPA arm, see
 :func:`comparisons`) on their common seeds, the paired exact McNemar p-value over all pooled (seed, record) pairs
 and the step-time ratio.
-Writes ``summary.json`` and ``summary.md`` under ``--out``.
+Writes ``summary.json`` and ``summary.md`` under ``--out`` (``summary_from<N>.*`` with ``--from-record N``).
 """
 
 from __future__ import annotations
@@ -69,10 +69,11 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def run_one(arm: str, seed: int, out: Path, threads: int) -> None:
+def run_one(arm: str, seed: int, out: Path, threads: int, overrides: list[str] = ()) -> None:
     name = run_name(arm, seed)
     run_dir = out / name
-    common = ["--config", str(arm_config(arm)), f"train.seed={seed}", f"run.name={name}", f"run.out_dir={out}"]
+    common = ["--config", str(arm_config(arm)), f"train.seed={seed}", f"run.name={name}", f"run.out_dir={out}",
+              *overrides]
     log = run_dir.parent / f"{name}.log"
     if not (run_dir / "train.json").exists():
         print(f"[{time.strftime('%H:%M:%S')}] train {name}", flush=True)
@@ -130,13 +131,15 @@ def final_eval_loss(rows: list[dict]) -> dict:
     return {k: v for k, v in ev[-1].items() if k in ("loss", "lm", "jepa", "jepa_mismatch")} if ev else {}
 
 
-def correct_lists(predictions: Path) -> tuple[list[bool], list[bool]]:
-    """Per-record outcomes of one predictions file: (the config's scorer, the ``exact`` scorer); empty if absent."""
+def correct_lists(predictions: Path, from_record: int = 0) -> tuple[list[bool], list[bool]]:
+    """Per-record outcomes of one predictions file: (the config's scorer, the ``exact`` scorer), of the records
+    whose test-set index is ``>= from_record``, in index order; empty if absent."""
     from conceptlm.eval.scorers import exact_match
 
     if not predictions.exists():
         return [], []
     rows = [json.loads(line) for line in predictions.read_text().split("\n") if line.strip()]
+    rows = sorted((r for r in rows if r["index"] >= from_record), key=lambda r: r["index"])
     return [bool(r["correct"]) for r in rows], [bool(exact_match(r["prediction"], r["reference"])) for r in rows]
 
 
@@ -175,7 +178,7 @@ def comparisons(arms: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def collect(out: Path, arms: list[str] | None) -> dict:
+def collect(out: Path, arms: list[str] | None, from_record: int = 0) -> dict:
     runs: dict[str, dict[int, dict]] = {}
     for ev in sorted(out.glob("*/eval.json")):
         run_dir = ev.parent
@@ -184,7 +187,12 @@ def collect(out: Path, arms: list[str] | None) -> dict:
         if arms and arm not in arms:
             continue
         res = json.loads(ev.read_text())
-        sem, exact = correct_lists(Path(res["predictions"]))
+        sem, exact = correct_lists(Path(res["predictions"]), from_record)
+        if from_record:  # the accuracy of the kept records only
+            from conceptlm.eval.stats import accuracy_ci
+
+            res["accuracy"], res["ci_low"], res["ci_high"] = accuracy_ci(sem)
+            res["n"] = len(sem)
         rows = _rows(run_dir)
         an = json.loads((run_dir / "analyze.json").read_text()) if (run_dir / "analyze.json").exists() else {}
         runs.setdefault(arm, {})[int(seed)] = {
@@ -252,6 +260,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "jepa_smollm2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summarize", action="store_true", help="only write the summary of the runs found")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run, e.g. generate.limit=400 data.limit_eval=400")
+    p.add_argument("--from-record", type=int, default=0,
+                   help="score only test records with index >= N (e.g. records not used in an earlier analysis)")
     args = p.parse_args()
     for arm in args.arms:
         if not arm_config(arm).exists():
@@ -259,11 +271,12 @@ def main() -> None:
     if not args.summarize:
         for seed in args.seeds:  # seed-major: a protocol stopped part-way leaves balanced arms
             for arm in args.arms:
-                run_one(arm, seed, args.out, args.threads)
-    summary = collect(args.out, None if args.summarize else args.arms)
+                run_one(arm, seed, args.out, args.threads, args.overrides)
+    summary = collect(args.out, None if args.summarize else args.arms, args.from_record)
     args.out.mkdir(parents=True, exist_ok=True)
-    _write_json(args.out / "summary.json", summary)
-    (args.out / "summary.md").write_text(markdown(summary))
+    stem = f"summary_from{args.from_record}" if args.from_record else "summary"
+    _write_json(args.out / f"{stem}.json", summary)
+    (args.out / f"{stem}.md").write_text(markdown(summary))
     print(markdown(summary))
 
 
