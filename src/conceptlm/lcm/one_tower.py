@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from conceptlm.core.modules import Decoder, KVCache, TimestepEmbedder
-from conceptlm.core.rng import EVAL_STEP, StepRandomness
+from conceptlm.core.rng import StepRandomness
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.diffusion.config import SamplerOptions
@@ -390,11 +390,7 @@ class OneTowerUnit(TeacherForcedEval, TrainUnit):
         keep = batch["mask"]
         b, n, dim = z.shape
         sampler = DDIMSampler(m.schedule, options, prediction=self.cfg.diffusion.prediction)
-        rng = StepRandomness(seed=self._rng().seed, step=EVAL_STEP)
-        steps = len(sampler.timesteps)
-        k = steps + 1 if options.eta > 0 else 1
-        noise = rng.per_example(EVAL_PURPOSE, batch["ids"], (k, self.cfg.max_sentences, dim),
-                                device=z.device)[:, :, :n]
+        noise = self.sampler_noise(EVAL_PURPOSE, batch["ids"], n, len(sampler.timesteps), options.eta, z.device)
         denoise = self._cached_denoiser(z, keep, sampler.guided) if use_cache else None
         x = sampler.initial_latent(noise[:, 0])
         x0 = x

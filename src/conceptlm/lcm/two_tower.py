@@ -50,7 +50,7 @@ from torch import nn
 from conceptlm.core.modules import (AdaLNModulation, CrossAttention, Modulation, RMSNorm, SwiGLU, TimestepEmbedder,
                                     modulate)
 from conceptlm.core.modules.cache import KVCache
-from conceptlm.core.rng import EVAL_STEP, StepRandomness, derived_generator
+from conceptlm.core.rng import derived_generator
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm.diffusion.config import SamplerOptions
 from conceptlm.lcm.model import CausalSentenceModel, LCMSection
@@ -393,12 +393,8 @@ class TwoTowerUnit(TeacherForcedEval, TrainUnit):
         keep = cross_attention_keep(t, None, device=z.device)
         cond_mask = _additive(keep, z.dtype)
         only_zero = _additive(cross_attention_keep(t, torch.ones(1, t, dtype=torch.bool, device=z.device)), z.dtype)
-        # per example, drawn at max_sentences and sliced: a document's noise depends neither on the other documents
-        # of its eval batch (eval_batch_size, ranks) nor on the batch's padded length; eta > 0 gets its step noise
-        rng = StepRandomness(seed=self.step_rng.seed if self.step_rng is not None else 0, step=EVAL_STEP)
-        n_draws = len(sampler.timesteps) + 1 if options.eta > 0 else 1
-        noise = rng.per_example(EVAL_PURPOSE, batch["ids"], (n_draws, self.cfg.max_sentences, dim),
-                                device=z.device)[:, :, :t].to(z)
+        noise = self.sampler_noise(EVAL_PURPOSE, batch["ids"], t, len(sampler.timesteps), options.eta,
+                                   z.device).to(z)
         x = sampler.initial_latent(noise[:, 0])
         x0 = x
         for i, ts in enumerate(sampler.timesteps.tolist()):

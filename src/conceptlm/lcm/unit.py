@@ -172,6 +172,20 @@ class TeacherForcedEval:
         return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
                                       self.round_trip)
 
+    def sampler_noise(self, purpose: str, ids: torch.Tensor, n_sentences: int, n_steps: int, eta: float,
+                      device: torch.device) -> torch.Tensor:
+        """The fixed standard-normal noise of a teacher-forced diffusion sampler run: ``(B, 1, N, D)`` (the initial
+        latent), or ``(B, S + 1, N, D)`` with ``eta > 0`` (plus each of the S steps' noise). Drawn per example at
+        ``cfg.max_sentences`` rows and sliced to ``n_sentences``, from the eval step of the run's seed, so a
+        document's noise depends neither on the other documents of its batch (eval batch size, ranks) nor on the
+        batch's padded length, and is the same at every evaluation."""
+        from conceptlm.core.rng import EVAL_STEP, StepRandomness
+
+        rng = StepRandomness(seed=self.step_rng.seed if self.step_rng is not None else 0, step=EVAL_STEP)
+        draws = n_steps + 1 if eta > 0 else 1
+        return rng.per_example(purpose, ids, (draws, self.cfg.max_sentences, self.cfg.dim),
+                               device=device)[:, :, :n_sentences]
+
 
 class BaseLCMUnit(TrainUnit):
     """Base-LCM (MSE next-sentence regression) as a :class:`~conceptlm.core.unit.TrainUnit`.
@@ -229,3 +243,17 @@ class BaseLCMUnit(TrainUnit):
         pred = self.model.denormalize(y).float()
         return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
                                       self.round_trip)
+
+    def sampler_noise(self, purpose: str, ids: torch.Tensor, n_sentences: int, n_steps: int, eta: float,
+                      device: torch.device) -> torch.Tensor:
+        """The fixed standard-normal noise of a teacher-forced diffusion sampler run: ``(B, 1, N, D)`` (the initial
+        latent), or ``(B, S + 1, N, D)`` with ``eta > 0`` (plus each of the S steps' noise). Drawn per example at
+        ``cfg.max_sentences`` rows and sliced to ``n_sentences``, from the eval step of the run's seed, so a
+        document's noise depends neither on the other documents of its batch (eval batch size, ranks) nor on the
+        batch's padded length, and is the same at every evaluation."""
+        from conceptlm.core.rng import EVAL_STEP, StepRandomness
+
+        rng = StepRandomness(seed=self.step_rng.seed if self.step_rng is not None else 0, step=EVAL_STEP)
+        draws = n_steps + 1 if eta > 0 else 1
+        return rng.per_example(purpose, ids, (draws, self.cfg.max_sentences, self.cfg.dim),
+                               device=device)[:, :, :n_sentences]
