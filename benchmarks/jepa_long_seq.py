@@ -99,8 +99,8 @@ class Arm:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.unit.parameters(), 1.0)
         if self.first is None:
-            parts = {k: float(out[k]) / counts[k] for k in ("lm", "jepa") if k in out and counts.get(k)}
-            self.first = {"loss": float(loss), **parts, "grad_norm": float(grad_norm)}
+            parts = {k: out[k].item() / counts[k] for k in ("lm", "jepa") if k in out and counts.get(k)}
+            self.first = {"loss": loss.item(), **parts, "grad_norm": grad_norm.item()}
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":

@@ -19,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data" / "llm_jepa"
 
+def load_benchmark(name: str):
+    """The module of the script ``benchmarks/<name>.py`` (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 WORDS = ("dog truck ring lake lines with words number letter vowel capital before after containing string "
          "zero or more times at least once ending starting").split()
 

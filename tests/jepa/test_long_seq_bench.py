@@ -4,21 +4,16 @@ from the same weights on the same batch, and its first-step agreement check find
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "jepa_long_seq.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("jepa_long_seq", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("jepa_long_seq")
 
 
 def test_first_step_agreement_by_hand(bench):

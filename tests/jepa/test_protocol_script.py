@@ -3,21 +3,16 @@ outcomes restricted to test records not used before (``--from-record``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "jepa_smollm2_protocol.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def protocol():
-    spec = importlib.util.spec_from_file_location("jepa_smollm2_protocol", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("jepa_smollm2_protocol")
 
 
 def test_mcnemar_exact_by_hand(protocol):
