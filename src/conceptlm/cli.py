@@ -12,8 +12,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ from dataclasses import dataclass, field
 from conceptlm.core.errors import ConceptLMError
 
 __all__ = ["main", "METHODS", "Method", "Verb"]
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+"""Write failures the CLI reports as one line (a full disk, a quota, a read-only file system), not a traceback."""
 
 
 @dataclass(frozen=True)
@@ -189,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         command = "conceptlm " + " ".join(shlex.quote(a) for a in argv)
         verb = method.verbs[args.verb]
         result = verb.call(cfg, args, command)
-        import os
-
         if os.environ.get("RANK", "0") == "0" and result is not None:  # the process group is gone by now
             if verb.prints and "output" in result:
                 print(f"written: {result['output']}")
@@ -199,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ConceptLMError as e:
         print(f"conceptlm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _OUTPUT_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"conceptlm: error: {where}{os.strerror(e.errno)} (checkpoints and outputs are written under a "
+              "temporary name and renamed, so the last complete ones are intact; free some space, or write "
+              "elsewhere with run.out_dir=...)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("conceptlm: interrupted", file=sys.stderr)

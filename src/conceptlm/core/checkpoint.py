@@ -13,10 +13,11 @@ Layout of ``<run_dir>/checkpoints/step_00000042/``::
     manifest.json        written last: size and sha256 of every file above
 
 A checkpoint is written into a temporary sibling folder and renamed into place, so a run killed at any moment leaves
-either the previous complete checkpoint or the new complete one. Resuming verifies the manifest and falls back to
-the newest intact checkpoint (with a warning naming what was wrong). Resuming loads ``unit.safetensors`` strictly: a
-missing, unexpected or wrong-shape tensor is an error naming it. Checkpoints written before the native format
-(``model/`` + ``unit_extra.safetensors``, no manifest) still resume.
+either the previous complete checkpoint or the new complete one; a save that fails (a full disk) is a
+``CheckpointError`` naming the newest complete checkpoint. Resuming verifies the manifest and falls back to the newest
+intact checkpoint (with a warning naming what was wrong); when every checkpoint is damaged it refuses, naming them.
+Resuming loads ``unit.safetensors`` strictly: a missing, unexpected or wrong-shape tensor is an error naming it.
+Checkpoints written before the native format (``model/`` + ``unit_extra.safetensors``, no manifest) still resume.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -115,7 +117,11 @@ def checkpoint_step(ckpt: str | Path) -> int:
 
 
 def run_finished(run_dir: str | Path, max_steps: int) -> bool:
-    """Whether the run folder holds an intact checkpoint at (or past) ``max_steps`` (a pipeline stage is done)."""
+    """Whether the run folder holds an intact checkpoint at (or past) ``max_steps`` (a pipeline stage is done).
+
+    Raises:
+        CheckpointError: the run has checkpoints and every one is damaged (see :func:`find_resumable_checkpoint`).
+    """
     ckpt = find_resumable_checkpoint(run_dir)
     return ckpt is not None and checkpoint_step(ckpt) >= max_steps
 
@@ -159,12 +165,24 @@ def verify_checkpoint(ckpt: str | Path) -> str | None:
 
 
 def find_resumable_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest intact checkpoint; each newer damaged one is reported with a warning and skipped."""
+    """The newest intact checkpoint (``None`` when the run has none); each newer damaged one is reported with a
+    warning and skipped.
+
+    Raises:
+        CheckpointError: the run has checkpoints but every one of them is damaged (naming each and what is wrong),
+            rather than letting a resume silently start the run over.
+    """
+    damaged: list[str] = []
     for ckpt in reversed(_step_dirs(run_dir)):
         problem = verify_checkpoint(ckpt)
         if problem is None:
             return ckpt
         log.warning("skipping damaged checkpoint %s: %s", ckpt, problem)
+        damaged.append(f"{ckpt.name}: {problem}")
+    if damaged:
+        raise CheckpointError(f"every checkpoint of {run_dir} is damaged ({'; '.join(damaged)}), nothing to resume "
+                              f"from; move {Path(run_dir) / 'checkpoints'} away to start the run over, or choose "
+                              "another run.name")
     return None
 
 
@@ -231,19 +249,43 @@ def save_checkpoint(run_dir: str | Path, step: int, *, unit_state: dict[str, tor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of the training bar
-    with atomic_dir(target) as tmp:
-        save_file(_own_storage(unit_state), str(tmp / UNIT_FILE), metadata={"format": FORMAT})
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        for name, obj in (artifacts or {}).items():
-            _save_artifact(obj, tmp / "artifacts" / name)
-        if export is not None and not export(tmp / "model"):
-            shutil.rmtree(tmp / "model", ignore_errors=True)
-        _write_manifest(tmp, step)
-    atomic_write_text(root / "latest", target.name + "\n")
+    try:
+        with atomic_dir(target) as tmp:
+            save_file(_own_storage(unit_state), str(tmp / UNIT_FILE), metadata={"format": FORMAT})
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            for name, obj in (artifacts or {}).items():
+                _save_artifact(obj, tmp / "artifacts" / name)
+            if export is not None and not export(tmp / "model"):
+                shutil.rmtree(tmp / "model", ignore_errors=True)
+            _write_manifest(tmp, step)
+        atomic_write_text(root / "latest", target.name + "\n")
+    except Exception as e:  # noqa: BLE001 - only write failures are turned into a one-line error
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        newest = find_latest_checkpoint(run_dir)
+        kept = f"the newest complete checkpoint is {newest}" if newest is not None else "no checkpoint was written"
+        raise CheckpointError(f"cannot write checkpoint {target} ({reason}); {kept}") from e
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+_WRITE_FAILURE_TEXT = ("no space left", "os error 28", "storagefull", "disk quota", "file write failed",
+                       "read-only file system")
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """One line saying why writing failed when ``e`` is an I/O failure (a full disk, a quota, a read-only or
+    vanished folder; also as torch's and safetensors' own errors), else ``None``."""
+    if isinstance(e, OSError):
+        what = os.strerror(e.errno) if e.errno else (str(e) or type(e).__name__)
+        return f"{e.filename}: {what}" if e.filename else what
+    text = " ".join(str(e).split())
+    if any(t in text.lower() for t in _WRITE_FAILURE_TEXT):
+        return text[:300]
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -25,7 +25,7 @@ from conceptlm.core.errors import ConfigError
 
 __all__ = [
     "RunSection", "OptimSection", "ScheduleSection", "TrainSection", "DistSection", "RunConfig",
-    "load_config", "config_to_dict", "save_config", "parse_override", "check", "with_own_length",
+    "load_config", "config_to_dict", "config_text", "save_config", "parse_override", "check", "with_own_length",
 ]
 
 
@@ -51,7 +51,9 @@ class RunSection:
     generation): ``refuse`` stops with a list of them; ``apply`` uses the new values from the resumed step on."""
 
     def validate(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "run.name", "must be a non-empty name without '/'")
+        _check(bool(self.name) and not any(c in self.name for c in "/\\\0") and self.name not in (".", ".."),
+               "run.name", f"{self.name!r} is not a folder name: must be non-empty, without '/' or '\\', and not "
+               "'.' or '..' (the run folder must lie inside run.out_dir)")
 
 
 @dataclass(kw_only=True)
@@ -103,7 +105,8 @@ class TrainSection:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints",
                      "log_every"):
             _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
-        _check(self.eval_every >= 0 and self.save_every >= 0, "train", "eval_every/save_every must be >= 0")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.save_every >= 0, "train.save_every", "must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -194,9 +197,16 @@ def _yaml_with_lines(path: Path) -> tuple[dict, dict[str, int]]:
 
     def walk(n, prefix: str) -> None:
         if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in n.value:
+                line = k.start_mark.line + 1
+                if isinstance(k, yaml.ScalarNode) and k.value in seen:  # yaml.safe_load would keep the last one
+                    raise ConfigError(f"duplicate key (first given at line {seen[k.value]}); keep one of them",
+                                      path=path, line=line, field=f"{prefix}{k.value}")
+                if isinstance(k, yaml.ScalarNode):
+                    seen[k.value] = line
                 key = f"{prefix}{k.value}"
-                lines[key] = k.start_mark.line + 1
+                lines[key] = line
                 walk(v, key + ".")
 
     if node is not None:
@@ -326,12 +336,16 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         overridden.add(".".join(keys))
 
     def locate(err: ConfigError) -> ConfigError:
+        """Blame the innermost of the field and its sections that the file or an override sets; a key that only an
+        override brings in (``nosuch.key=1``, ``model.bogus=2``) is the override's."""
         fld = err.field or ""
         key = fld
-        while key and key not in lines and key not in overridden:
+        while key:
+            if key in overridden or (key not in lines and any(o.startswith(key + ".") for o in overridden)):
+                return ConfigError(err.reason, path="command-line override", field=fld or None)
+            if key in lines:
+                break
             key = key.rsplit(".", 1)[0] if "." in key else ""
-        if key in overridden:
-            return ConfigError(err.reason, path="command-line override", field=fld or None)
         return ConfigError(err.reason, path=path, line=lines.get(key), field=fld or None)
 
     try:
@@ -353,11 +367,16 @@ def config_to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
+def config_text(cfg: Any, header: str | None = None) -> str:
+    """The resolved config as YAML, each line of ``header`` (e.g. the command) first as a comment."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if header:
+        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
+    return text
+
+
 def save_config(cfg: Any, path: str | Path, header: str | None = None) -> None:
     """Write the resolved config as YAML atomically (temp file, then rename)."""
     from conceptlm.core.io import atomic_write_text
 
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    if header:
-        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-    atomic_write_text(path, text)
+    atomic_write_text(path, config_text(cfg, header))

@@ -44,7 +44,8 @@ class NonFiniteLossError(ConceptLMError, FloatingPointError):
 
 
 class CheckpointError(ConceptLMError, RuntimeError):
-    """A checkpoint cannot be loaded into the unit (missing / unexpected / wrong-shape tensor, unreadable file)."""
+    """A checkpoint cannot be loaded into the unit (missing / unexpected / wrong-shape tensor, unreadable file), no
+    checkpoint of a run is intact, or a checkpoint cannot be written (a full disk)."""
 
 
 class RunLockedError(ConceptLMError, RuntimeError):

@@ -23,6 +23,7 @@ call it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from conceptlm.core.hf import ModelPathError
 from conceptlm.core.io import atomic_dir
+from conceptlm.core.progress import progress_enabled, silence_library_bars
 
 __all__ = [
     "NAMED_MODELS",
@@ -159,14 +161,40 @@ def _require_gguf() -> None:
                              f"with: {GGUF_INSTALL}")
 
 
+@contextlib.contextmanager
+def _conversion_bars() -> Iterator[None]:
+    """With ``CONCEPTLM_NO_PROGRESS=1``, no progress bars while converting: transformers' GGUF reader draws its own
+    tqdm bar ("Converting and de-quantizing GGUF tensors...") that no library switch turns off, so its ``tqdm`` is
+    replaced by a disabled one for the duration; transformers' own bars are silenced too."""
+    if progress_enabled():
+        yield
+        return
+    silence_library_bars()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        yield
+        return
+    original = getattr(reader, "tqdm", None)
+    if original is None:
+        yield
+        return
+    reader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = original
+
+
 def _convert(gguf_path: Path, out: Path) -> None:
     """Read ``gguf_path`` with transformers (dequantized) and save model + tokenizer into the empty dir ``out``."""
     import transformers
 
     kw = dict(gguf_file=gguf_path.name, local_files_only=True)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kw)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+        with _conversion_bars():
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **kw)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelPathError(f"cannot read the GGUF file {str(gguf_path)!r}: {err}") from err
     # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights are plain

@@ -33,6 +33,7 @@ from conceptlm.core.errors import CheckpointError, ConfigError, NonFiniteLossErr
 from conceptlm.core.metrics import MetricLogger
 from conceptlm.core.progress import progress_bar
 from conceptlm.core.resume import check_config_changes
+from conceptlm.core.run import take_resume_plan
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.core.schedule import build_scheduler
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
@@ -197,8 +198,12 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, info, tcfg = self.cfg, self.info, self.cfg.train
         self._check_frozen()
-        resume_from = self._resume_checkpoint()
-        changes = check_config_changes(cfg, resume_from) if resume_from is not None else {}
+        plan = take_resume_plan(self.run_dir)  # decided (and the config checked) when the run folder was set up
+        if plan is not None:
+            resume_from, changes = plan.checkpoint, plan.changes
+        else:
+            resume_from = self._resume_checkpoint()
+            changes = check_config_changes(cfg, resume_from) if resume_from is not None else {}
         self.ckpt_keys = ckpt_lib.checkpoint_keys(self.unit)
         if resume_from is not None:
             ckpt_lib.load_unit_state(self.unit, resume_from)
@@ -213,6 +218,8 @@ class Trainer:
                                     max_steps=tcfg.max_steps, min_lr_ratio=cfg.schedule.min_lr_ratio)
         if resume_from is not None:
             self._load_state(resume_from, model, optimizer, scheduler, apply_changes=bool(changes))
+        if plan is not None:  # the resume is accepted: only now does the run folder's config.yaml change
+            plan.accept(self.run_dir, info)
         logger = MetricLogger(self.run_dir, enabled=info.is_main,
                               resume_step=self.step if resume_from is not None else None)
         if info.is_main:

@@ -30,6 +30,8 @@ __all__ = [
     "validate_messages",
     "read_chat_jsonl",
     "iter_jsonl_objects",
+    "refuse_duplicate_keys",
+    "DuplicateKeyError",
     "iter_chat_jsonl",
     "check_encodable",
     "render_or_fail",
@@ -155,11 +157,31 @@ def validate_messages(messages: Any, *, path: str | Path | None = None, line: in
     return clean
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (``json.loads`` would silently keep the last value)."""
+
+    def __init__(self, key: str):
+        self.key = key
+        shown = key if len(key) <= 80 else key[:77] + "..."
+        super().__init__(f"duplicate key {shown!r} in a JSON object (which value is meant?)")
+
+
+def refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` for ``json.loads`` that raises :class:`DuplicateKeyError` on a repeated key."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKeyError(key)
+        obj[key] = value
+    return obj
+
+
 def iter_jsonl_objects(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each JSON-object line of a JSONL file (1-based lines, blank lines skipped).
 
     Each line is decoded strictly as UTF-8 (a leading byte-order mark is accepted). Raises :class:`DataError`
-    naming the file and line for bad bytes, invalid JSON or a line that is not an object.
+    naming the file and line for bad bytes, invalid JSON, a key given twice in one object or a line that is not an
+    object.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
@@ -181,7 +203,9 @@ def iter_jsonl_objects(path: str | Path, *, limit: int | None = None) -> Iterato
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, object_pairs_hook=refuse_duplicate_keys)
+            except DuplicateKeyError as e:
+                raise DataError(str(e), path=path, line=line_no) from None
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON at column {e.colno}: {e.msg}", path=path, line=line_no) from None
             except RecursionError:

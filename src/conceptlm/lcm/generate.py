@@ -38,6 +38,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from conceptlm.core.config import check
 from conceptlm.core.modules import KVCache, positions_from_padding
 from conceptlm.core.rng import derived_generator
 from conceptlm.lcm.diffusion.config import SamplerOptions
@@ -73,14 +74,13 @@ class GenerationOptions:
     """Unit sampling of Quant-LCMs (ignored by the others)."""
 
     def validate(self) -> None:
+        """Raises ``ConfigError`` (a ``ValueError``) naming the field as ``generate.<name>``."""
         self.diffusion.validate()
         self.quant.validate()
-        if self.max_new_sentences < 1:
-            raise ValueError("max_new_sentences must be >= 1")
-        if not 0 <= self.min_new_sentences <= self.max_new_sentences:
-            raise ValueError("min_new_sentences must be in [0, max_new_sentences]")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        check(self.max_new_sentences >= 1, "generate.max_new_sentences", "must be >= 1")
+        check(0 <= self.min_new_sentences <= self.max_new_sentences, "generate.min_new_sentences",
+              f"must be in [0, max_new_sentences={self.max_new_sentences}]")
+        check(self.temperature >= 0, "generate.temperature", "must be >= 0")
 
 
 @dataclass

@@ -45,7 +45,8 @@ class ModelSection:
     lora: LoraSection = field(default_factory=LoraSection)
 
     def validate(self) -> None:
-        _check(self.hidden_size > 0 and self.num_layers > 0, "model", "hidden_size and num_layers must be > 0")
+        _check(self.hidden_size > 0, "model.hidden_size", "must be > 0")
+        _check(self.num_layers > 0, "model.num_layers", "must be > 0")
         _check(self.num_heads > 0, "model.num_heads", "must be > 0")
         _check(self.num_kv_heads is None or self.num_kv_heads > 0, "model.num_kv_heads", "must be > 0")
         _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
