@@ -1,8 +1,10 @@
 """The paper's Table 3 on real multi-sentence text: every LCM variant on Yelp reviews, same budget, several seeds.
 
 Data: ``../shared/data/llm_jepa/yelp_test.jsonl`` (2,000 reviews), prepared once (rule splitter, MiniLM, Parquet)
-with a retrieval decoder over the training sentences -- the folders of ``benchmarks/lcm_yelp.py`` are reused when
-they exist. Each arm (``lcm.model``) trains for the same number of steps on the same batches (``--steps`` x 16
+with a retrieval decoder over the sentences of the training reviews only (the prepared train split) -- the folders
+of ``benchmarks/lcm_yelp.py`` are reused when they are up to date (``prepare`` reuses shards whose content
+fingerprint matches; a decoder is reused only when its ``artifact.json`` says it learned from this folder's train
+split, else it is rebuilt: decoders made before that learned from the validation reviews too). Each arm (``lcm.model``) trains for the same number of steps on the same batches (``--steps`` x 16
 documents), then ``conceptlm lcm evaluate`` measures, on all validation documents: teacher-forced ℓ2 (raw MiniLM
 space), round-trip ℓ2 (retrieval decode, re-encode), contrastive accuracy, paraphrasing, and mutual information
 with SmolLM2-135M as the scoring LM. Diffusion arms sample with the paper's settings (40 DDIM steps, guidance 3,
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -62,6 +65,20 @@ def _shared(args, run_root: Path) -> list[str]:
             "evaluate.fragility_sentences=0", f"evaluate.mi_model={args.mi_model or 'null'}"]
 
 
+def _clean_decoder(decoder: Path, data: Path) -> bool:
+    """The decoder at ``decoder`` learned from the train split of the prepared folder ``data`` (its manifest)."""
+    from conceptlm.core.artifact import fingerprint_of
+    from conceptlm.core.errors import ConceptLMError
+    from conceptlm.lcm.decoders import decoder_manifest
+
+    try:
+        manifest = decoder_manifest(decoder)
+        return bool(manifest) and manifest["data"].get("split") == "train" and \
+            manifest["data"].get("prepared") == fingerprint_of(data)
+    except (ConceptLMError, KeyError):
+        return False
+
+
 def _summary(rows: list[dict]) -> str:
     lines = ["| arm | params | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for arm in ARMS:
@@ -102,9 +119,12 @@ def main() -> None:
     root = Path(args.root)
     shared = _shared(args, root)
     shared[1] = f"prepare.out_dir={args.data}"
-    base_cfg = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml", shared + ["run.name=prepare"])
-    if not (Path(args.data) / "manifest.json").is_file():
-        recipe.prepare(base_cfg)
+    base_cfg = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml",
+                           shared + ["run.name=prepare", "prepare.on_change=rebuild"])
+    recipe.prepare(base_cfg)  # reuses every shard that is up to date
+    if Path(args.decoder).exists() and not _clean_decoder(Path(args.decoder), Path(args.data)):
+        print(f"{args.decoder}: not a decoder of this folder's training documents: rebuilding it", flush=True)
+        shutil.rmtree(args.decoder)
     if not Path(args.decoder).exists():
         dec_cfg = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml",
                               [s for s in shared if not s.startswith("decoder.path")] + ["run.name=decoder_run"])

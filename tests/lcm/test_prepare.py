@@ -89,8 +89,8 @@ def test_resume_after_exception_has_no_duplicates_or_holes(tiny_encoder_dir, tmp
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="killed"):
         prepare(_cfg(tiny_encoder_dir, out))
-    assert sorted(p.name for p in out.iterdir()) == ["prepare_state.json", "shard-00000.parquet",
-                                                       "shard-00001.parquet"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == [  # .lock: prepare's folder lock
+        "prepare_state.json", "shard-00000.parquet", "shard-00001.parquet"]
     monkeypatch.setattr(prep_mod, "_write_shard", real_write)
     summary = prepare(_cfg(tiny_encoder_dir, out))
     assert (summary["shards_reused"], summary["shards_written"]) == (2, 3)

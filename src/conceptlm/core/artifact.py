@@ -34,8 +34,8 @@ from conceptlm.core.errors import ConceptLMError, DataError
 from conceptlm.core.io import atomic_write_text
 
 __all__ = ["ARTIFACT_FILE", "Identity", "StaleArtifactError", "canonical_json", "digest", "file_sha256",
-           "files_digest", "tensors_digest", "write_manifest", "read_manifest", "fingerprint_of", "diff_identity",
-           "decide", "damaged_file", "verify_files", "require"]
+           "files_digest", "tensors_digest", "write_manifest", "begin", "is_complete", "read_manifest",
+           "fingerprint_of", "diff_identity", "decide", "damaged_file", "verify_files", "require"]
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,20 @@ def write_manifest(directory: str | Path, identity: Identity, *, files: Iterable
     return manifest
 
 
+def begin(directory: str | Path, identity: Identity, *, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Record, before a long stage writes anything else, the identity of the output it is making: a manifest with
+    ``"complete": false`` and no files. A resumed stage compares it (:func:`decide` answers ``"reuse"`` when the
+    fingerprint matches; :func:`is_complete` says whether to continue or skip), so resuming with other settings is
+    refused too. :func:`write_manifest` replaces it (with the files) when the stage finishes."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return write_manifest(directory, identity, files=[], extra={**(extra or {}), "complete": False})
+
+
+def is_complete(manifest: Mapping[str, Any] | None) -> bool:
+    """Whether a manifest describes a finished output (not one recorded by :func:`begin` only)."""
+    return manifest is not None and manifest.get("complete", True) is not False
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     """The manifest of ``directory``, or None when it has none; an unreadable one is a one-line error."""
     path = Path(directory) / ARTIFACT_FILE
@@ -217,6 +231,8 @@ def fingerprint_of(directory: str | Path, *, kind: str | None = None) -> str:
                                  "stage did not finish); run that stage again")
     if kind is not None and m["kind"] != kind:
         raise StaleArtifactError(f"{directory}: holds a {m['kind']!r} artifact, expected {kind!r}")
+    if not is_complete(m):
+        raise StaleArtifactError(f"{directory}: its stage did not finish; run that stage again")
     return str(m["fingerprint"])
 
 
@@ -300,6 +316,8 @@ def require(directory: str | Path, *, kind: str, verify: bool = True, what: str 
                                  "did not finish); run that stage again")
     if m["kind"] != kind:
         raise StaleArtifactError(f"{name}: holds a {m['kind']!r} artifact, expected {kind!r}")
+    if not is_complete(m):
+        raise StaleArtifactError(f"{name}: its stage did not finish; run that stage again")
     if verify:
         verify_files(directory, m)
     return m

@@ -64,11 +64,7 @@ class GenerateSection(GenerationOptions):
     def validate(self) -> None:
         check(self.prompt_sentences >= 1, "generate.prompt_sentences", "must be >= 1")
         check(self.documents >= 1, "generate.documents", "must be >= 1")
-        try:
-            super().validate()
-        except ValueError as e:
-            name = str(e).split()[0]
-            raise ConfigError(str(e).split(" ", 1)[1], field=f"generate.{name}") from None
+        super().validate()  # ConfigError naming the field (generate.diffusion.inference_steps, ...)
 
 
 @dataclass(kw_only=True)
@@ -155,8 +151,10 @@ def lcm_train_config(cfg: LCMConfig) -> LCMTrainConfig:
 
 
 def decoder_config(cfg: LCMConfig) -> DecoderTrainConfig:
-    """The decoder run's config: ``{run_dir}/decoder``, trained on the sentences of ``docs``."""
+    """The decoder run's config: ``{run_dir}/decoder``, trained on the sentences of the training documents
+    (``recipe.train_decoder`` reads them from the prepared folder when there is one; otherwise from ``docs`` with
+    ``prepare``'s split rule)."""
     shared = _shared(cfg)
     shared["run"] = dataclasses.replace(cfg.run, out_dir=str(cfg.run_dir), name=DECODER_RUN)
     return DecoderTrainConfig(**shared, decoder=cfg.decoder, encoder=cfg.encoder, docs=cfg.docs,
-                              segment=cfg.segment, decoder_train=cfg.decoder_train)
+                              segment=cfg.segment, decoder_train=cfg.decoder_train, prepare=cfg.prepare)

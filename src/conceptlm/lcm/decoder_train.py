@@ -17,7 +17,17 @@ corpus-level ``autobleu`` and the mean sentence-level ``autobleu_sentence``) and
 ``cos(encode(decode(encode(s))), encode(s))`` (``round_trip_cos``).
 
 ``decoder.kind: retrieval`` needs no training: ``train_decoder`` embeds the training sentences into a bank, saves it
-in ``{run_dir}/decoder`` and evaluates it the same way.
+in ``{run_dir}/decoder`` and evaluates it the same way (an identical bank already there is reused).
+
+Splits: a decoder learns from the **training documents only** (``decoder_train.split: train``, the default): the
+documents that ``prepare`` puts in the train split (``store.assign_split`` with ``prepare.val_fraction`` /
+``prepare.split_seed``), so no sentence of a validation document is in a retrieval bank or in a prefix decoder's
+training targets unless it also occurs in a training document. Its own held-out sentences (eval loss, AutoBLEU)
+are a seeded subset of those training documents' sentences. ``split: all`` (every document) is recorded, and
+``generate`` / ``evaluate`` refuse such a decoder on validation documents. Every decoder carries ``artifact.json``
+(kind ``lcm.decoder``): the fingerprints of its sentences, held-out sentences and encoder, and ``data`` -- where the
+sentences came from (``source``: ``prepared`` with the prepared folder's fingerprint, ``docs``, or ``given``), the
+split and the split rule.
 """
 
 from __future__ import annotations
@@ -27,13 +37,14 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from conceptlm.core.artifact import Identity, decide, digest
 from conceptlm.core.config import RunConfig, check, with_own_length
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.io import atomic_write_text
@@ -42,16 +53,18 @@ from conceptlm.core.rng import StepRandomness, derive_seed
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
-from conceptlm.lcm.decoders import (DecoderSection, PrefixLMDecoder, RetrievalDecoder, SentenceDecoder,
-                                    build_prefix_decoder, load_decoder)
+from conceptlm.lcm.decoders import (DECODER_KIND, DecoderSection, PrefixLMDecoder, RetrievalDecoder,
+                                    SentenceDecoder, build_prefix_decoder, load_decoder)
 from conceptlm.lcm.documents import DocsSection, iter_documents
-from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder
+from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder, identity_fingerprint
+from conceptlm.lcm.prepare import PrepareSection
 from conceptlm.lcm.segment import SegmentSection, get_segmenter
+from conceptlm.lcm.store import assign_split
 
 __all__ = [
     "DecoderTrainSection", "decoder_run_config", "DecoderTrainConfig", "SentenceTargets", "TargetCollator",
     "PrefixDecoderUnit", "noise_embeddings", "autobleu", "round_trip_cosine", "evaluate_decoder",
-    "corpus_sentences", "split_sentences", "train_decoder", "eval_decoder",
+    "corpus_sentences", "split_sentences", "train_decoder", "eval_decoder", "decoder_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,6 +86,10 @@ class DecoderTrainSection:
     """Held-out sentences decoded at every evaluation for AutoBLEU and round-trip cosine (0 = none)."""
     min_chars: int = 2
     """Shorter sentences are dropped."""
+    split: Literal["train", "all"] = "train"
+    """Documents the decoder learns from: ``train`` (the prepared folder's train split, or the documents of
+    ``docs`` that ``prepare``'s split rule puts there) or ``all`` (validation documents included: ``generate`` and
+    ``evaluate`` then refuse it on validation documents)."""
     steps: int | None = None
     """Optimizer steps of the decoder run (None = ``train.max_steps``)."""
     batch_size: int | None = None
@@ -89,6 +106,7 @@ class DecoderTrainSection:
         check(self.steps is None or self.steps > 0, "decoder_train.steps", "must be > 0 or null")
         check(self.batch_size is None or self.batch_size > 0, "decoder_train.batch_size", "must be > 0 or null")
         check(self.lr is None or self.lr > 0, "decoder_train.lr", "must be > 0 or null")
+        check(self.split in ("train", "all"), "decoder_train.split", "must be train or all")
 
 
 @dataclass(kw_only=True)
@@ -100,6 +118,9 @@ class DecoderTrainConfig(RunConfig):
     docs: DocsSection = field(default_factory=DocsSection)
     segment: SegmentSection = field(default_factory=SegmentSection)
     decoder_train: DecoderTrainSection = field(default_factory=DecoderTrainSection)
+    prepare: PrepareSection = field(default_factory=PrepareSection)
+    """Only its split rule is read (``val_fraction``, ``split_seed``): the decoder learns from the documents of
+    ``docs`` that ``prepare`` puts in the train split."""
 
 
 def decoder_run_config(cfg):
@@ -111,10 +132,18 @@ def decoder_run_config(cfg):
 
 
 # ------------------------------------------------------------------------------------------------ data
-def corpus_sentences(docs: DocsSection, segment: SegmentSection, *, min_chars: int = 2) -> list[str]:
-    """Every sentence of every document of ``docs`` split by ``segment`` (document order), short ones dropped."""
+def corpus_sentences(docs: DocsSection, segment: SegmentSection, *, min_chars: int = 2,
+                     split: PrepareSection | None = None) -> list[str]:
+    """Every sentence of the documents of ``docs`` split by ``segment`` (document order), short ones dropped.
+
+    Args:
+        split: keep only the documents that ``prepare`` with this section puts in the train split
+            (``assign_split(doc_id, split.val_fraction, split.split_seed)``); None = every document.
+    """
     splitter = get_segmenter(segment)
-    return [s for _, text in iter_documents(docs) for s in splitter.split(text) if len(s) >= min_chars]
+    return [s for doc_id, text in iter_documents(docs)
+            if split is None or assign_split(doc_id, split.val_fraction, split.split_seed) == "train"
+            for s in splitter.split(text) if len(s) >= min_chars]
 
 
 def split_sentences(sentences: Sequence[str], *, n_eval: int, max_train: int, seed: int
@@ -197,6 +226,8 @@ class PrefixDecoderUnit(TrainUnit):
         self.decoder = decoder
         self.noise_std, self.noise_schedule = noise_std, noise_schedule
         self.loss_weights = {"ntp": 1.0}
+        self.manifest: tuple[Identity, dict] | None = None
+        """``(identity, extra)`` written as the export's ``artifact.json`` (see :func:`decoder_identity`)."""
 
     def counts(self, batch: dict) -> dict:
         return {"ntp": (batch["labels"] != -100).sum(), THROUGHPUT_KEY: batch["labels"].shape[0]}
@@ -213,6 +244,10 @@ class PrefixDecoderUnit(TrainUnit):
     def export(self, directory: Path, state_dict: dict[str, torch.Tensor], artifacts: dict[str, Any]) -> bool:
         sd = {k[len("decoder."):]: v for k, v in state_dict.items() if k.startswith("decoder.")}
         self.decoder.write(Path(directory), sd)
+        if self.manifest is not None:
+            from conceptlm.core.artifact import write_manifest
+
+            write_manifest(Path(directory), self.manifest[0], extra=self.manifest[1])
         return True
 
 
@@ -268,42 +303,85 @@ def evaluate_decoder(encoder: SentenceEncoder, decoder: SentenceDecoder, sentenc
 
 
 # ------------------------------------------------------------------------------------------------ recipes
-def _sentences(cfg: DecoderTrainConfig, given: Sequence[str] | None) -> tuple[list[str], list[str]]:
+def _sentences(cfg: DecoderTrainConfig, given: Sequence[str] | None, data: dict | None = None
+               ) -> tuple[list[str], list[str], dict]:
+    """``(train, held_out, data)``: the decoder's sentences and where they came from (see the module docstring)."""
     d = cfg.decoder_train
     if given is None:
-        given = corpus_sentences(cfg.docs, cfg.segment, min_chars=d.min_chars)
+        rule = cfg.prepare if d.split == "train" else None
+        given = corpus_sentences(cfg.docs, cfg.segment, min_chars=d.min_chars, split=rule)
+        data = {"source": "docs", "split": d.split, "val_fraction": cfg.prepare.val_fraction,
+                "split_seed": cfg.prepare.split_seed}
     else:
         given = [s for s in given if len(s) >= d.min_chars]
+        data = dict(data) if data is not None else {"source": "given", "split": "given"}
     train_s, eval_s = split_sentences(given, n_eval=d.eval_sentences, max_train=d.max_sentences,
                                       seed=cfg.train.seed)
     if not train_s:
         raise ConfigError(f"no training sentences left after holding out data.eval_sentences={d.eval_sentences} "
                           f"of {len(set(given))} unique sentences", field="decoder_train.eval_sentences")
-    return train_s, eval_s
+    return train_s, eval_s, data
+
+
+def decoder_identity(cfg: DecoderTrainConfig, encoder: SentenceEncoder, train_s: Sequence[str],
+                     eval_s: Sequence[str], data: dict) -> tuple[Identity, dict]:
+    """The decoder's identity (kind ``lcm.decoder``) and the extra manifest fields (``data``, ``encoder``).
+
+    Settings: the decoder and ``decoder_train`` sections and the seed (a prefix decoder also its optimizer,
+    schedule and length); inputs: the fingerprints of the training and held-out sentences, of the encoder
+    (:func:`~conceptlm.lcm.encoders.identity_fingerprint`) and, when the vectors came from a prepared folder, of
+    that folder."""
+    d = asdict(cfg.decoder_train)
+    settings: dict[str, Any] = {"decoder": {k: v for k, v in asdict(cfg.decoder).items() if k != "path"},
+                                "seed": cfg.train.seed}
+    if cfg.decoder.kind == "retrieval":
+        settings["decoder"] = {"kind": cfg.decoder.kind}
+        settings["decoder_train"] = {k: d[k] for k in ("max_sentences", "eval_sentences", "min_chars", "split")}
+    else:
+        settings["decoder_train"] = d
+        settings["train"] = {"max_steps": cfg.train.max_steps, "micro_batch_size": cfg.train.micro_batch_size,
+                             "grad_accum": cfg.train.grad_accum, "optim": asdict(cfg.optim),
+                             "schedule": asdict(cfg.schedule)}
+    inputs = {"encoder": identity_fingerprint(encoder), "sentences": digest(list(train_s)),
+              "held_out": digest(list(eval_s))}
+    if data.get("prepared"):
+        inputs["prepared"] = data["prepared"]
+    extra = {"data": data, "encoder": encoder.identity(), "n_sentences": len(train_s), "n_held_out": len(eval_s)}
+    return Identity(kind=DECODER_KIND, format=1, settings=settings, inputs=inputs), extra
 
 
 def _train_retrieval(cfg: DecoderTrainConfig, session, encoder: SentenceEncoder, train_s: list[str],
-                     eval_s: list[str]) -> TrainResult:
-    bank = RetrievalDecoder.build(train_s, encoder, progress=cfg.train.progress)
+                     eval_s: list[str], data: dict) -> TrainResult:
+    identity, extra = decoder_identity(cfg, encoder, train_s, eval_s, data)
+    where = cfg.run_dir / "decoder"
+    reused = decide(where, identity, on_change="rebuild", what=str(where)) == "reuse"
+    if reused:
+        log.info("%s: the same bank (sentences, encoder and settings) is there already: reused", where)
+        bank = RetrievalDecoder.load(where, encoder=encoder)
+    else:
+        bank = RetrievalDecoder.build(train_s, encoder, progress=cfg.train.progress)
     session.create_run_dir()
     metrics: dict[str, Any] = {}
     if cfg.decoder_train.decode_eval:
         metrics = evaluate_decoder(encoder, bank, eval_s[:cfg.decoder_train.decode_eval])
     path = None
     if session.info.is_main:
-        path = bank.save(cfg.run_dir / "decoder")
+        path = where if reused else bank.save(where, identity=identity, extra=extra)
         atomic_write_text(cfg.run_dir / "eval.json", json.dumps(metrics, indent=2))
     return TrainResult(step=0, run_dir=cfg.run_dir, last_train={}, last_eval=metrics, checkpoint=path)
 
 
 def train_decoder(cfg: DecoderTrainConfig, *, command: str | None = None,
-                  sentences: Sequence[str] | None = None, encoder: SentenceEncoder | None = None) -> TrainResult:
+                  sentences: Sequence[str] | None = None, encoder: SentenceEncoder | None = None,
+                  data: dict | None = None) -> TrainResult:
     """Train a prefix decoder on the shared loop (or build a retrieval bank) for the encoder of ``cfg.encoder``.
 
     Args:
-        sentences: the training corpus (default: ``cfg.docs`` segmented by ``cfg.segment``); duplicates are
-            dropped and ``data.eval_sentences`` of them are held out.
+        sentences: the training corpus (default: the sentences of ``cfg.docs``' training documents, segmented by
+            ``cfg.segment``); duplicates are dropped and ``decoder_train.eval_sentences`` of them are held out.
         encoder: an already built encoder (default: ``get_encoder(cfg.encoder)``).
+        data: where ``sentences`` came from, recorded in the decoder's ``artifact.json`` (e.g. ``{"source":
+            "prepared", "prepared": <fingerprint>, "split": "train", ...}``; default ``{"source": "given"}``).
 
     Returns:
         The loop's ``TrainResult``; the checkpoints' ``model/`` folder is the decoder (``load_decoder`` reads it).
@@ -311,10 +389,10 @@ def train_decoder(cfg: DecoderTrainConfig, *, command: str | None = None,
     """
     cfg = decoder_run_config(cfg)
     with run_session(cfg, command) as session:
-        train_s, eval_s = _sentences(cfg, sentences)
+        train_s, eval_s, data = _sentences(cfg, sentences, data)
         encoder = encoder or get_encoder(cfg.encoder)
         if cfg.decoder.kind == "retrieval":
-            return _train_retrieval(cfg, session, encoder, train_s, eval_s)
+            return _train_retrieval(cfg, session, encoder, train_s, eval_s, data)
         c = cfg.decoder
         decoder = build_prefix_decoder(c, dim=encoder.dim, encoder_identity=encoder.identity(), sentences=train_s,
                                        seed=cfg.train.seed)
@@ -323,6 +401,7 @@ def train_decoder(cfg: DecoderTrainConfig, *, command: str | None = None,
         train_ds = SentenceTargets(vectors[:len(train_s)], decoder.target_ids(train_s))
         eval_ds = SentenceTargets(vectors[len(train_s):], decoder.target_ids(eval_s)) if eval_s else None
         unit = PrefixDecoderUnit(decoder, noise_std=c.noise_std, noise_schedule=c.noise_schedule)
+        unit.manifest = decoder_identity(cfg, encoder, train_s, eval_s, data)
         plan = make_plan(cfg, session.info, train_ds)
         session.create_run_dir()
         k = cfg.decoder_train.decode_eval
@@ -343,7 +422,7 @@ def eval_decoder(cfg: DecoderTrainConfig, *, checkpoint: str | None = None, outp
     ``checkpoint``: a decoder folder, a checkpoint or a run folder (default: ``decoder.path``, else the run's
     newest checkpoint or bank). Writes the result as JSON to ``output`` when given (atomically).
     """
-    _, eval_s = _sentences(cfg, sentences)
+    _, eval_s, _ = _sentences(cfg, sentences)
     n = cfg.decoder_train.decode_eval or len(eval_s)
     encoder = encoder or get_encoder(cfg.encoder)
     source = checkpoint or cfg.decoder.path or cfg.run_dir

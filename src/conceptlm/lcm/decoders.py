@@ -8,7 +8,11 @@
   sentences, or a pretrained causal LM (``smollm2-135m``, any local HF folder), optionally with LoRA.
 
 A decoder is saved as a folder with ``decoder.json`` (kind, settings and the identity of the encoder it was made
-for). Loading with an encoder whose identity differs is refused with a one-line :class:`ConfigError`.
+for). Loading with an encoder whose identity differs is refused with a one-line :class:`ConfigError`. A decoder made
+by ``train-decoder`` also holds ``artifact.json`` (kind ``lcm.decoder``): the fingerprints of the sentences it
+learned from and of its encoder, which documents those sentences came from (``data``: the training split of a
+prepared folder, by default), and the size and sha256 of its files, checked when it is loaded (a truncated or
+damaged bank is a one-line error).
 
 Layouts::
 
@@ -28,21 +32,25 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conceptlm.core.artifact import Identity, damaged_file, read_manifest, write_manifest
 from conceptlm.core.config import check
-from conceptlm.core.errors import ConceptLMError, ConfigError
+from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
 from conceptlm.core.io import atomic_dir
 from conceptlm.lcm.encoders import SentenceEncoder, verify_identity
 
 __all__ = [
     "DECODER_FILE", "SentenceDecoder", "RetrievalDecoder", "PrefixProjector", "PrefixSettings",
     "PrefixLMDecoder", "DecoderSection", "build_prefix_decoder", "load_decoder", "resolve_decoder_dir",
-    "check_encoder_identity",
+    "check_encoder_identity", "DECODER_KIND", "decoder_manifest",
 ]
 
 DECODER_FILE = "decoder.json"
+DECODER_KIND = "lcm.decoder"
+"""``kind`` of a decoder's ``artifact.json``."""
 _FORMAT = "conceptlm-lcm-decoder"
 _VERSION = 1
 _GELU_SQ_MEAN = 0.4252
@@ -177,14 +185,17 @@ class RetrievalDecoder(SentenceDecoder):
     def identity(self) -> dict:
         return {"kind": self.kind, "bank_size": len(self), "dim": self.dim, "encoder": self._encoder_identity}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the bank atomically (``bank.safetensors`` + ``sentences.json`` + ``decoder.json``)."""
+    def save(self, directory: str | Path, *, identity: Identity | None = None, extra: dict | None = None) -> Path:
+        """Write the bank atomically (``bank.safetensors`` + ``sentences.json`` + ``decoder.json``, and
+        ``artifact.json`` with ``identity`` and ``extra`` when given)."""
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             save_file({"embeddings": self.embeddings.contiguous().cpu()}, str(tmp / "bank.safetensors"))
             (tmp / "sentences.json").write_text(json.dumps(self.sentences, ensure_ascii=False), encoding="utf-8")
             header = _header(self.kind, self._encoder_identity, bank_size=len(self), dim=self.dim)
             (tmp / DECODER_FILE).write_text(json.dumps(header, indent=2), encoding="utf-8")
+            if identity is not None:
+                write_manifest(tmp, identity, extra=extra)
         return directory
 
     @classmethod
@@ -196,7 +207,15 @@ class RetrievalDecoder(SentenceDecoder):
             raise ConfigError(f"holds a {meta['kind']!r} decoder, not a retrieval bank",
                               path=directory / DECODER_FILE, field="kind")
         check_encoder_identity(meta["encoder"], encoder, where=directory)
-        vectors = load_file(str(directory / "bank.safetensors"))["embeddings"]
+        bank_file = directory / "bank.safetensors"
+        try:
+            vectors = load_file(str(bank_file))["embeddings"]
+        except (SafetensorError, OSError, KeyError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise ConfigError(f"cannot read the bank (truncated or damaged: {reason}); run 'conceptlm lcm "
+                              "train-decoder' again", path=bank_file) from None
+        if vectors.dim() != 2:
+            raise ConfigError(f"'embeddings' has shape {tuple(vectors.shape)}, expected (N, dim)", path=bank_file)
         sentences = _read_json(directory / "sentences.json")
         if not isinstance(sentences, list) or len(sentences) != vectors.shape[0]:
             raise ConfigError(f"does not hold a list of {vectors.shape[0]} sentences (one per bank vector)",
@@ -568,6 +587,11 @@ def load_decoder(source: str | Path | DecoderSection, *, encoder: SentenceEncode
         want_kind, source = source.kind, source.path
     directory = resolve_decoder_dir(Path(source))
     meta = _read_header(directory)
+    manifest = decoder_manifest(directory)
+    if manifest is not None:
+        problem = damaged_file(directory, manifest)
+        if problem is not None:
+            raise ConfigError(f"{problem}; run 'conceptlm lcm train-decoder' again")
     if want_kind is not None and meta["kind"] != want_kind:
         raise ConfigError(f"holds a {meta['kind']!r} decoder but decoder.kind is {want_kind!r}",
                           path=directory / DECODER_FILE, field="kind")
@@ -576,6 +600,20 @@ def load_decoder(source: str | Path | DecoderSection, *, encoder: SentenceEncode
     if meta["kind"] == PrefixLMDecoder.kind:
         return PrefixLMDecoder.load(directory, encoder=encoder, device=device)
     raise ConfigError(f"unknown decoder kind {meta['kind']!r}", path=directory / DECODER_FILE, field="kind")
+
+
+def decoder_manifest(directory: str | Path) -> dict | None:
+    """The ``artifact.json`` of a decoder folder (resolved as :func:`load_decoder` does), or None when it has
+    none (saved through the API, or made by an older version); one-line error when it is unreadable or of
+    another kind."""
+    directory = resolve_decoder_dir(Path(directory))
+    try:
+        manifest = read_manifest(directory)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if manifest is not None and manifest.get("kind") != DECODER_KIND:
+        raise ConfigError(f"holds a {manifest.get('kind')!r} artifact, not a sentence decoder", path=directory)
+    return manifest
 
 
 def resolve_decoder_dir(path: Path) -> Path:

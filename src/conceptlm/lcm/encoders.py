@@ -35,7 +35,8 @@ from conceptlm.core.errors import ConceptLMError, ConfigError
 from conceptlm.core.progress import progress_bar, progress_enabled
 
 __all__ = ["EncoderSection", "SentenceEncoder", "TransformerSentenceEncoder", "SentenceTransformersEncoder",
-           "SonarEncoder", "get_encoder", "resolve_model_dir", "verify_identity", "weights_fingerprint"]
+           "SonarEncoder", "get_encoder", "resolve_model_dir", "verify_identity", "weights_fingerprint",
+           "identity_fingerprint", "custom_code_reason"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -368,16 +369,50 @@ def _default_max_len(path: Path) -> int:
     return int(value) if isinstance(value, (int, float)) and 1 < value <= limit else limit
 
 
+def custom_code_reason(path: Path) -> str | None:
+    """Why the model folder ``path`` would need code from the folder itself (``trust_remote_code``), or None.
+
+    Looks for an ``auto_map`` in ``config.json`` / ``tokenizer_config.json`` (custom model or tokenizer classes),
+    sentence-transformers modules that are not sentence-transformers' own (``modules.json`` ``type``), and Python
+    files in the folder."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            data = _read_json(file)
+            if isinstance(data, dict) and data.get("auto_map"):
+                return f"{name} names custom classes (auto_map)"
+    modules_file = path / "modules.json"
+    if modules_file.is_file():
+        modules = _read_json(modules_file)
+        for m in modules if isinstance(modules, list) else []:
+            kind = str(m.get("type", "")) if isinstance(m, dict) else ""
+            if not kind.startswith("sentence_transformers."):
+                return f"modules.json names the module {kind!r}, which is not part of sentence-transformers"
+    scripts = sorted(p.name for p in path.glob("*.py"))
+    if scripts:
+        return f"it holds Python code ({', '.join(scripts[:3])})"
+    return None
+
+
 def get_encoder(section: EncoderSection | None = None) -> SentenceEncoder:
     """The encoder named by ``section.name`` (see the module docstring).
 
+    A model folder that needs its own code (``trust_remote_code``: custom classes, non-sentence-transformers
+    modules, Python files) is refused: conceptlm never runs code from a model folder.
+
     Raises:
-        ConfigError: one line when the model cannot be found or an optional backend is not installed.
+        ConfigError: one line when the model cannot be found, needs custom code, or an optional backend is not
+            installed.
     """
     section = section or EncoderSection()
     if section.name == "sonar":
         return SonarEncoder(section)
     path = resolve_model_dir(section.name)
+    reason = custom_code_reason(path)
+    if reason is not None:
+        raise ConfigError(f"{path} needs custom code to load (trust_remote_code): {reason}; conceptlm does not run "
+                          "code from a model folder -- use a standard sentence-transformers or Hugging Face model",
+                          field="encoder.name")
     plan = _native_plan(path)
     if plan is None:
         return SentenceTransformersEncoder(path, batch_size=section.batch_size, device=section.device,
@@ -391,6 +426,16 @@ def get_encoder(section: EncoderSection | None = None) -> SentenceEncoder:
 
 
 _IDENTITY_KEYS = ("dim", "normalize", "pooling", "max_seq_length", "lowercase", "lang", "fingerprint")
+
+
+def identity_fingerprint(identity: SentenceEncoder | dict) -> str:
+    """sha256 over what defines the embedding space (dim, normalize, pooling, max_seq_length, lowercase, lang and
+    the weights' fingerprint): equal for the same model read from another folder (``name`` / ``path`` are not
+    part of it)."""
+    from conceptlm.core.artifact import digest
+
+    ident = identity if isinstance(identity, dict) else identity.identity()
+    return digest({k: ident.get(k) for k in _IDENTITY_KEYS})
 
 
 def verify_identity(expected: dict, encoder: SentenceEncoder | dict, *, where: str = "checkpoint") -> None:

@@ -22,6 +22,7 @@ blocks of columns so memory stays bounded; ``max_samples`` fits on an evenly str
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Literal
@@ -32,13 +33,28 @@ from torch import nn
 from conceptlm.core.errors import ConceptLMError
 from conceptlm.core.io import atomic_write_text
 
-__all__ = ["RobustNormalizer", "column_quantiles", "NORMALIZER_FILE", "METHODS"]
+__all__ = ["RobustNormalizer", "column_quantiles", "NORMALIZER_FILE", "METHODS", "MIN_FIT_VECTORS",
+           "warn_if_few_vectors"]
+
+log = logging.getLogger(__name__)
 
 NORMALIZER_FILE = "normalizer.json"
 METHODS = ("gaussian_robust", "robust", "standard", "reference_percent")
 Method = Literal["gaussian_robust", "robust", "standard", "reference_percent"]
 _FORMAT = "conceptlm-lcm-normalizer/1"
 _SORT_BLOCK = 1 << 24  # elements per sorted block of columns
+MIN_FIT_VECTORS = 1000
+"""Fewer fitting vectors than this give noisy quantiles: the fit is logged as a warning."""
+
+
+def warn_if_few_vectors(n: int, where: str) -> bool:
+    """Log a warning when a normalizer for ``where`` was fitted on fewer than :data:`MIN_FIT_VECTORS` vectors;
+    returns whether it warned."""
+    if n >= MIN_FIT_VECTORS:
+        return False
+    log.warning("%s: normalizer fitted on only %d training vectors (fewer than %d): its median and quantiles are "
+                "noisy; prepare more documents", where, n, MIN_FIT_VECTORS)
+    return True
 
 
 def column_quantiles(x: torch.Tensor, qs: list[float]) -> torch.Tensor:

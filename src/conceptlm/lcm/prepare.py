@@ -7,17 +7,29 @@ Documents (:mod:`~conceptlm.lcm.documents`) are segmented (:mod:`~conceptlm.lcm.
 the settings, and ``manifest.json`` is written last.
 
 Resuming: a second run with the same settings walks the same deterministic document stream, keeps every shard
-already on disk (after checking that it holds exactly the documents it should) and encodes only the missing ones,
-so a run killed at any moment resumes without duplicates or holes. The normalizer is then fitted on the vectors
-of the training documents as stored (fp16), on at most ``normalizer_max_samples`` evenly strided vectors.
+already on disk whose recorded content fingerprint (its documents' ids, splits, texts and sentences, the settings
+and the encoder; Parquet metadata ``conceptlm.inputs``) equals the one it would write now -- and, when the folder
+was complete, whose sha256 still matches ``artifact.json`` -- and encodes only the missing ones, so a run killed at
+any moment resumes without duplicates or holes. A shard made from other documents (a changed text, other ids) or
+a damaged one is refused with one line naming the shard and what changed (``prepare.on_change: refuse``, the
+default), or re-encoded (``prepare.on_change: rebuild``, only those shards). The normalizer is then fitted on the
+vectors of the training documents as stored (fp16), on at most ``normalizer_max_samples`` evenly strided vectors
+(a warning when fewer than :data:`~conceptlm.lcm.normalizer.MIN_FIT_VECTORS`), and ``artifact.json`` (kind
+``lcm.prepared``) and ``manifest.json`` are written last.
+
+The folder is locked (:class:`~conceptlm.core.lock.RunLock`) while ``prepare`` writes it. A refused run changes
+nothing; a run that fails (e.g. the disk is full) leaves only complete shards, and no folder at all when it had
+created the folder and finished no shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -29,16 +41,19 @@ from typing import Literal
 import numpy as np
 import torch
 
+from conceptlm.core.artifact import (ARTIFACT_FILE, Identity, StaleArtifactError, damaged_file, digest,
+                                     read_manifest, write_manifest)
 from conceptlm.core.config import RunConfig, check
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
 from conceptlm.core.io import atomic_write_text
+from conceptlm.core.lock import RunLock
 from conceptlm.core.progress import progress_bar
 from conceptlm.lcm.documents import DocsSection, iter_documents, split_instruction
-from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder
-from conceptlm.lcm.normalizer import METHODS, NORMALIZER_FILE, RobustNormalizer
+from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder, identity_fingerprint
+from conceptlm.lcm.normalizer import METHODS, NORMALIZER_FILE, RobustNormalizer, warn_if_few_vectors
 from conceptlm.lcm.segment import Segmenter, SegmentSection, get_segmenter
-from conceptlm.lcm.store import (FORMAT, MANIFEST_FILE, STATE_FILE, assign_split, documents_table, read_shard,
-                                 shard_name)
+from conceptlm.lcm.store import (ARTIFACT_KIND, FORMAT, MANIFEST_FILE, STATE_FILE, assign_split, documents_table,
+                                 read_shard, shard_inputs, shard_name)
 
 __all__ = ["PrepareSection", "PrepareConfig", "prepare", "segment_document"]
 
@@ -75,9 +90,15 @@ class PrepareSection:
     normalizer_clip_proba: float | None = None
     normalizer_max_samples: int = 1_000_000
     compression: Literal["zstd", "snappy", "none"] = "zstd"
+    on_change: Literal["refuse", "rebuild"] = "refuse"
+    """A rerun on a folder that holds shards made from other documents or settings (a changed text, other ids,
+    another encoder) or a damaged shard: ``refuse`` with one line naming the shard and what changed, or
+    ``rebuild`` (re-encode exactly those shards; all of them after a settings change). Not part of the folder's
+    identity."""
 
     def validate(self) -> None:
         check(bool(self.out_dir), "prepare.out_dir", "must be a folder path")
+        check(self.on_change in ("refuse", "rebuild"), "prepare.on_change", "must be refuse or rebuild")
         check(self.shard_size > 0, "prepare.shard_size", "must be > 0")
         check(self.max_sentences is None or self.max_sentences >= 2, "prepare.max_sentences", "must be >= 2 or null")
         check(0.0 <= self.val_fraction < 1.0, "prepare.val_fraction", "must be in [0, 1)")
@@ -129,8 +150,10 @@ def segment_document(doc_id: str, text: str, segmenter: Segmenter, section: Prep
     return [(f"{doc_id}#{k}", full[i:i + cap]) for k, i in enumerate(range(0, len(full), cap))]
 
 
-# Settings that do not change what a written shard holds (skip_bad only decides whether a run stops).
-_NOT_CONTENT = ("out_dir", "skip_bad")
+# Settings that do not change what a written shard holds (skip_bad only decides whether a run stops, on_change
+# what a rerun does with a shard that differs).
+_NOT_CONTENT = ("out_dir", "skip_bad", "on_change")
+_REBUILD = "rerun with prepare.on_change=rebuild, use another prepare.out_dir or delete it"
 
 
 def _state(cfg: PrepareConfig, identity: dict) -> dict:
@@ -139,20 +162,47 @@ def _state(cfg: PrepareConfig, identity: dict) -> dict:
             "encoder": {k: v for k, v in identity.items() if k != "path"}, "prepare": prep}
 
 
-def _check_state(out: Path, state: dict) -> None:
+def _identity_settings(state: dict) -> dict:
+    """The settings part of the folder's identity: the state without paths (the documents' source is identified
+    by their content; the encoder by :func:`~conceptlm.lcm.encoders.identity_fingerprint`)."""
+    return {"format": state["format"], "docs": {k: v for k, v in state["docs"].items() if k != "source"},
+            "segment": state["segment"], "prepare": state["prepare"]}
+
+
+def shard_fingerprint(base: dict, docs: list[dict]) -> str:
+    """Content fingerprint of a shard: ``base`` (settings and encoder fingerprint) and, per document, its id,
+    split, stored text and sentences, in order."""
+    return digest({**base, "documents": [[d["id"], d["split"], d.get("text"), list(d["sentences"])] for d in docs]})
+
+
+def _check_state(out: Path, state: dict, on_change: str = "refuse") -> bool:
+    """Whether ``out`` holds shards of other settings that must all be rebuilt (``on_change=rebuild``); refuses
+    with one line naming the settings that differ otherwise."""
     path = out / STATE_FILE
     if not path.is_file() or not any(_SHARD_RE.match(p.name) for p in out.iterdir()):
-        return  # nothing written that the settings could contradict
+        return False  # nothing written that the settings could contradict
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ConceptLMError(f"{path}: unreadable; delete the folder or choose another prepare.out_dir") from None
-    diffs = [f"{sec}.{k}" for sec in ("docs", "segment", "encoder", "prepare")
-             for k in sorted(set(old.get(sec, {})) | set(state[sec]))
-             if old.get(sec, {}).get(k) != state[sec].get(k)]
-    if diffs:
-        raise ConfigError(f"{out} holds shards prepared with other settings ({', '.join(diffs[:6])} differ); use "
-                          "another prepare.out_dir or delete it", field="prepare.out_dir")
+        diffs = [f"{sec}.{k}" for sec in ("docs", "segment", "encoder", "prepare")
+                 for k in sorted(set(old.get(sec, {})) | set(state[sec]))
+                 if old.get(sec, {}).get(k) != state[sec].get(k)]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+        diffs = [f"{STATE_FILE} unreadable"]
+    if not diffs:
+        return False
+    if on_change == "rebuild":
+        log.warning("%s: shards were prepared with other settings (%s differ): rebuilding all of them", out,
+                    ", ".join(diffs[:6]))
+        return True
+    raise ConfigError(f"{out} holds shards prepared with other settings ({', '.join(diffs[:6])} differ); {_REBUILD}",
+                      field="prepare.out_dir")
+
+
+def _clear(out: Path) -> None:
+    """Remove what ``prepare`` wrote in ``out`` (shards, normalizer, state and manifests), nothing else."""
+    for p in out.iterdir():
+        if _SHARD_RE.match(p.name) or p.name in (NORMALIZER_FILE, STATE_FILE, MANIFEST_FILE, ARTIFACT_FILE):
+            p.unlink(missing_ok=True)
 
 
 def _remove_temporaries(out: Path) -> None:
@@ -161,22 +211,59 @@ def _remove_temporaries(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _write_shard(path: Path, docs: list[dict], dim: int, section: PrepareSection) -> None:
-    """Write a shard under a temporary name, fsync, rename."""
+@contextlib.contextmanager
+def _writing(path: Path):
+    """An OSError while writing ``path`` (a full disk, a read-only folder) becomes one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise DataError(f"cannot write ({reason}); free space or fix the folder, then run prepare again (it "
+                        "resumes from the complete shards)", path=path) from None
+
+
+def _write_shard(path: Path, docs: list[dict], dim: int, section: PrepareSection, inputs: str | None = None
+                 ) -> None:
+    """Write a shard (``inputs``: its content fingerprint, in the Parquet metadata) under a temporary name,
+    fsync, rename."""
     import pyarrow.parquet as pq
 
-    table = documents_table(docs, dim, section.vector_dtype)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    os.close(fd)
+    table = documents_table(docs, dim, section.vector_dtype, inputs=inputs)
+    with _writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp, compression=None if section.compression == "none" else section.compression)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _what_changed(path: Path, docs: list[dict]) -> str:
+    """How the documents stored in ``path`` differ from ``docs`` (one phrase)."""
     try:
-        pq.write_table(table, tmp, compression=None if section.compression == "none" else section.compression)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        have = read_shard(path, ["id", "split", "text", "sentences"])
+    except DataError:
+        return "unreadable (damaged)"
+    ids = [d["id"] for d in docs]
+    if have["id"] != ids:
+        k = next((i for i, (a, b) in enumerate(zip(have["id"], ids)) if a != b), min(len(ids), len(have["id"])))
+        old = have["id"][k] if k < len(have["id"]) else "<none>"
+        new = ids[k] if k < len(ids) else "<none>"
+        return (f"holds other documents than the input gives now (document {k + 1}: {old!r} -> {new!r}; "
+                f"{len(have['id'])} -> {len(ids)} documents)")
+    for i, d in enumerate(docs):
+        if have["text"][i] != d.get("text"):
+            return f"the text of document {d['id']!r} changed since the shard was written"
+        if list(have["sentences"][i]) != list(d["sentences"]):
+            return f"the sentences of document {d['id']!r} changed since the shard was written"
+        if have["split"][i] != d["split"]:
+            return f"document {d['id']!r} moved from the {have['split'][i]} to the {d['split']} split"
+    return "made with other settings or another encoder"
 
 
 def _embed(docs: list[dict], encoder: SentenceEncoder, batch_size: int | None) -> None:
@@ -237,7 +324,9 @@ def _fit_normalizer(out: Path, shards: list[dict], dim: int, section: PrepareSec
         parts.append(torch.from_numpy(flat[take].astype(np.float32)))
     x = torch.cat(parts)
     norm = RobustNormalizer(dim, method=section.normalizer_method, clip_proba=section.normalizer_clip_proba)
-    return norm.fit(x)
+    norm.fit(x)
+    warn_if_few_vectors(norm.n_fit, str(out))
+    return norm
 
 
 def _shard_record(name: str, docs: list[dict]) -> dict:
@@ -255,48 +344,110 @@ def prepare(cfg: PrepareConfig, *, checkpoint: str | None = None, output: str | 
         output: the output folder, overriding ``prepare.out_dir``.
 
     Returns:
-        A JSON-able summary: counts of documents/sentences/shards (written and reused), skips by reason,
-        the encoder identity, the normalizer path and timings.
+        A JSON-able summary: counts of documents/sentences/shards (written, reused and rebuilt), skips by reason,
+        the encoder identity, the normalizer path, the folder's fingerprint and timings.
+
+    Raises:
+        RunLockedError: another process is preparing the same folder.
+        StaleArtifactError / ConfigError: the folder holds shards made from other documents or settings, or a
+            damaged shard (``prepare.on_change=refuse``); nothing is changed then.
+        DataError: bad input, or a write failed (e.g. the disk is full): one line naming the file.
     """
     del checkpoint
-    t0 = time.perf_counter()
     sec = cfg.prepare
     out = Path(output or sec.out_dir)
     segmenter = get_segmenter(cfg.segment)
     encoder = get_encoder(cfg.encoder)
+    created = not out.exists()
+    lock = RunLock(out)
+    with _writing(out):
+        lock.acquire()
+    try:
+        return _prepare_locked(cfg, out, segmenter, encoder)
+    except BaseException:
+        if created and out.is_dir() and not any(_SHARD_RE.match(p.name) for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)  # a refused or failed first run leaves nothing behind
+        raise
+    finally:
+        lock.release()
+
+
+def _prepare_locked(cfg: PrepareConfig, out: Path, segmenter: Segmenter, encoder: SentenceEncoder) -> dict:
+    t0 = time.perf_counter()
+    sec = cfg.prepare
     identity = encoder.identity()
     state = _state(cfg, identity)
-    _check_state(out, state)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = _identity_settings(state)
+    encoder_fp = identity_fingerprint(identity)
+    base = {"settings": settings, "encoder": encoder_fp}
+    rebuild_all = _check_state(out, state, sec.on_change)
+    try:
+        old = None if rebuild_all else read_manifest(out)
+    except DataError:
+        old = None  # an unreadable manifest: the shards are checked by their fingerprints alone
+    old = old if old and old.get("kind") == ARTIFACT_KIND else None
+    old_files = (old or {}).get("files") or {}
+    old_inputs = {r.get("file"): r.get("inputs") for r in (old or {}).get("shards") or [] if isinstance(r, dict)}
     _remove_temporaries(out)
-    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=1) + "\n")
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # rewritten last
+    modified = False
+
+    def invalidate() -> None:
+        """Before the first change: the folder is incomplete until the manifests are written again."""
+        nonlocal modified
+        if modified:
+            return
+        with _writing(out / STATE_FILE):
+            if rebuild_all:
+                _clear(out)
+            (out / MANIFEST_FILE).unlink(missing_ok=True)
+            (out / ARTIFACT_FILE).unlink(missing_ok=True)
+            atomic_write_text(out / STATE_FILE, json.dumps(state, indent=1) + "\n")
+        modified = True
+
+    def reuse_problem(path: Path, fp: str, docs: list[dict]) -> str | None:
+        try:
+            have = shard_inputs(path)
+        except DataError:
+            return "unreadable (damaged)"
+        if have is None:
+            return "made by an older version of conceptlm (no content fingerprint)"
+        if have != fp:
+            return _what_changed(path, docs)
+        if old_inputs.get(path.name) == fp and path.name in old_files:
+            problem = damaged_file(out, {"files": old_files}, [path.name])
+            if problem is not None:
+                return f"damaged ({problem.split(': ', 1)[-1]})"
+        return None
 
     skipped: Counter = Counter()
     records: list[dict] = []
-    written = reused = encoded_sentences = 0
+    written = reused = rebuilt = encoded_sentences = 0
     encode_seconds = 0.0
     bar = progress_bar(total=cfg.docs.n_documents if cfg.docs.source == "generated" else None, desc="prepare",
                        unit="doc")
 
     def flush(buffer: list[dict]) -> None:
-        nonlocal written, reused, encoded_sentences, encode_seconds
+        nonlocal written, reused, rebuilt, encoded_sentences, encode_seconds
         name = shard_name(len(records))
         path = out / name
-        if path.is_file():
-            have = read_shard(path, ["id"])["id"]
-            if have != [d["id"] for d in buffer]:
-                raise ConceptLMError(f"{path} holds other documents than the input gives now (the input changed "
-                                     "since it was written); delete the folder or choose another prepare.out_dir")
+        fp = shard_fingerprint(base, buffer)
+        problem = "rebuild" if rebuild_all or not path.is_file() else reuse_problem(path, fp, buffer)
+        if problem is None:
             reused += 1
         else:
+            if path.is_file() and not rebuild_all:
+                if sec.on_change != "rebuild":
+                    raise StaleArtifactError(f"{path}: {problem}; {_REBUILD}")
+                log.warning("%s: %s; rebuilding it (prepare.on_change=rebuild)", path, problem)
+                rebuilt += 1
+            invalidate()
             t = time.perf_counter()
             _embed(buffer, encoder, cfg.encoder.batch_size)
             encode_seconds += time.perf_counter() - t
             encoded_sentences += sum(len(d["sentences"]) for d in buffer)
-            _write_shard(path, buffer, encoder.dim, sec)
+            _write_shard(path, buffer, encoder.dim, sec, inputs=fp)
             written += 1
-        records.append(_shard_record(name, buffer))
+        records.append({**_shard_record(name, buffer), "inputs": fp})
         bar.set_postfix(shards=len(records))
 
     buffer: list[dict] = []
@@ -311,26 +462,46 @@ def prepare(cfg: PrepareConfig, *, checkpoint: str | None = None, output: str | 
     bar.close()
     if not records:
         raise ConceptLMError(f"{cfg.docs.source}: no documents to prepare")
-    stale = [p.name for p in out.iterdir() if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) >= len(records)]
+    stale = sorted(p.name for p in out.iterdir()
+                   if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) >= len(records))
     if stale:
-        raise ConceptLMError(f"{out} holds shards beyond the {len(records)} this input makes ({', '.join(stale[:3])}"
-                             "); delete the folder or choose another prepare.out_dir")
+        if sec.on_change != "rebuild":
+            raise StaleArtifactError(f"{out} holds shards beyond the {len(records)} this input makes "
+                                     f"({', '.join(stale[:3])}); {_REBUILD}")
+        log.warning("%s: removing %d shards beyond the %d this input makes", out, len(stale), len(records))
+        invalidate()
+        for name in stale:
+            (out / name).unlink()
 
-    norm = _fit_normalizer(out, records, encoder.dim, sec)
-    norm.save_pretrained(out)
     totals = {"n_documents": sum(r["n_documents"] for r in records),
               "n_sentences": sum(r["n_sentences"] for r in records),
               "n_train_documents": sum(r["n_train_documents"] for r in records),
               "n_train_sentences": sum(r["n_train_sentences"] for r in records)}
     totals["n_validation_documents"] = totals["n_documents"] - totals["n_train_documents"]
-    manifest = {"format": FORMAT, "encoder": identity, "segmenter": segmenter.config(), "prepare": state["prepare"],
-                "docs": state["docs"], "normalizer": NORMALIZER_FILE, "shards": records,
-                "skipped": dict(sorted(skipped.items())), **totals}
-    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+    artifact = Identity(kind=ARTIFACT_KIND, format=1, settings=settings,
+                        inputs={"encoder": encoder_fp, "documents": digest([r["inputs"] for r in records])})
+    complete = (not modified and old is not None and old.get("fingerprint") == artifact.fingerprint
+                and (out / MANIFEST_FILE).is_file() and damaged_file(out, old, [NORMALIZER_FILE]) is None)
+    if complete:  # everything reused and intact: nothing to write
+        log.info("%s: every shard and the normalizer are up to date", out)
+    else:
+        invalidate()
+        norm = _fit_normalizer(out, records, encoder.dim, sec)
+        with _writing(out / NORMALIZER_FILE):
+            norm.save_pretrained(out)
+        manifest = {"format": FORMAT, "encoder": identity, "segmenter": segmenter.config(),
+                    "prepare": state["prepare"], "docs": state["docs"], "normalizer": NORMALIZER_FILE,
+                    "shards": records, "skipped": dict(sorted(skipped.items())), **totals}
+        with _writing(out / ARTIFACT_FILE):
+            write_manifest(out, artifact, files=[r["file"] for r in records] + [NORMALIZER_FILE],
+                           extra={"shards": [{"file": r["file"], "inputs": r["inputs"]} for r in records]})
+        with _writing(out / MANIFEST_FILE):  # last: marks the folder complete
+            atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     seconds = time.perf_counter() - t0
     summary = {"out_dir": str(out), **totals, "n_shards": len(records), "shards_written": written,
-               "shards_reused": reused, "skipped": dict(sorted(skipped.items())), "encoder": identity["name"],
-               "dim": encoder.dim, "normalizer": str(out / NORMALIZER_FILE), "seconds": round(seconds, 3),
+               "shards_reused": reused, "shards_rebuilt": rebuilt, "skipped": dict(sorted(skipped.items())),
+               "encoder": identity["name"], "dim": encoder.dim, "normalizer": str(out / NORMALIZER_FILE),
+               "fingerprint": artifact.fingerprint, "seconds": round(seconds, 3),
                "encode_seconds": round(encode_seconds, 3),
                "sentences_per_second": round(encoded_sentences / encode_seconds, 1) if encode_seconds else None}
     log.info("prepared %d documents (%d sentences) in %d shards at %s", totals["n_documents"],

@@ -10,7 +10,13 @@ Typical order (each verb reads what the previous ones wrote)::
 
 ``generate`` and ``evaluate`` read the run's newest checkpoint (or ``--checkpoint``), the encoder of ``encoder``
 (checked against the one recorded with the checkpoint) and the decoder of ``decoder.path`` or
-``{run_dir}/decoder``.
+``{run_dir}/decoder``. On validation documents they also check that the prepared folder is the one the run
+trained on (by content fingerprint, so a moved folder is still the same) and that the decoder learned from
+training documents only (its ``artifact.json``); each refusal is one line.
+
+``train-decoder`` learns from the training documents only: the train split of the prepared folder when there is
+one (with the stored vectors when the encoder is the same), else the documents of ``docs`` that ``prepare``'s
+split rule puts in the train split (``decoder_train.split``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 import torch
 
 from conceptlm.core import checkpoint as ckpt_lib
-from conceptlm.core.errors import CheckpointError, ConfigError
+from conceptlm.core.errors import CheckpointError, ConceptLMError, ConfigError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
@@ -79,58 +85,85 @@ class StoredVectorsEncoder:
         return torch.stack([self.table[s] if s in self.table else fresh[s] for s in sentences]).float()
 
 
-def _stored_vectors(cfg: LCMConfig, encoder) -> dict[str, torch.Tensor] | None:
-    """Sentence -> vector of the prepared folder, when it was made from the same documents with this encoder."""
-    from conceptlm.core.errors import ConceptLMError
+def _decoder_sentences(cfg: LCMConfig, encoder) -> tuple[list[str] | None, dict[str, torch.Tensor] | None,
+                                                      dict | None]:
+    """``(sentences, vectors, data)`` of the prepared folder's training documents (all documents with
+    ``decoder_train.split=all``) for the decoder, or ``(None, None, None)`` when there is no prepared folder.
+
+    ``sentences``: every sentence in document order except the appended end-of-text sentence; ``vectors``:
+    sentence -> stored vector (fp16, as the LCM sees it) when the folder was made with this encoder, else None;
+    ``data``: what the decoder's manifest records (the folder's fingerprint, the split and the split rule)."""
     from conceptlm.lcm.encoders import verify_identity
-    from conceptlm.lcm.store import EmbeddedDocuments, load_manifest
+    from conceptlm.lcm.store import MANIFEST_FILE, EmbeddedDocuments
 
     folder = cfg.data_dir
-    if folder is None or not (folder / "manifest.json").is_file():
-        return None
-    manifest = load_manifest(folder)
+    if folder is None or not (folder / MANIFEST_FILE).is_file():
+        return None, None, None
+    split = cfg.decoder_train.split
+    docs = EmbeddedDocuments(folder, "train" if split == "train" else "all")
     try:
-        verify_identity(manifest["encoder"], encoder, where=str(folder))
+        verify_identity(docs.encoder_identity, encoder, where=str(folder))
+        same = True
     except ConceptLMError:
-        return None
-    docs = EmbeddedDocuments(folder, "all")
+        same = False
+    prep = docs.manifest.get("prepare") or {}
+    eot = prep.get("end_of_text_sentence") if prep.get("end_of_text") else None
+    sentences: list[str] = []
     table: dict[str, torch.Tensor] = {}
     for i in range(len(docs)):
         d = docs[i]
-        for sentence, vector in zip(d["sentences"], d["vectors"]):
-            table.setdefault(sentence, vector)
-    return table
+        sents = d["sentences"]
+        n = len(sents) - 1 if eot is not None and sents and sents[-1] == eot else len(sents)
+        sentences.extend(sents[:n])
+        if same:
+            for sentence, vector in zip(sents[:n], d["vectors"][:n]):
+                table.setdefault(sentence, vector)
+    data = {"source": "prepared", "prepared": docs.fingerprint, "split": split,
+            "val_fraction": prep.get("val_fraction"), "split_seed": prep.get("split_seed"), "documents": len(docs)}
+    return sentences, (table if same else None), data
 
 
 def train_decoder(cfg: LCMConfig, *, command: str | None = None):
-    """``conceptlm lcm train-decoder``: the sentence decoder of ``decoder`` in ``{run_dir}/decoder``.
+    """``conceptlm lcm train-decoder``: the sentence decoder of ``decoder`` in ``{run_dir}/decoder``, learned from
+    the training documents only.
 
-    When the prepared folder was made with the same encoder, every sentence found in its shards takes the stored
-    vector (fp16, as the LCM sees it) instead of being encoded again; the others are encoded."""
+    With a prepared folder (``lcm_data.source``) the decoder takes the sentences of its train split, and, when it
+    was made with the same encoder, their stored vectors (fp16, as the LCM sees them) instead of encoding them
+    again; without one, the documents of ``docs`` in the train split of ``prepare``'s split rule. The decoder's
+    ``artifact.json`` records which."""
     from conceptlm.lcm.decoder_train import train_decoder as run
     from conceptlm.lcm.encoders import get_encoder
 
     encoder = get_encoder(cfg.encoder)
-    table = _stored_vectors(cfg, encoder)
+    sentences, table, data = _decoder_sentences(cfg, encoder)
+    if sentences is not None:
+        log.info("decoder: %d sentences of the %s documents of %s (%s)", len(sentences), data["split"],
+                 cfg.data_dir, "stored vectors" if table else "encoded again: the folder has another encoder")
     if table:
-        log.info("decoder: %d sentence vectors reused from %s", len(table), cfg.data_dir)
         encoder = StoredVectorsEncoder(encoder, table)
-    return run(decoder_config(cfg), command=command, encoder=encoder)
+    return run(decoder_config(cfg), command=command, encoder=encoder, sentences=sentences, data=data)
 
 
 def eval_decoder(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
-    """``conceptlm lcm eval-decoder``: AutoBLEU and round-trip cosine of the decoder on held-out sentences."""
+    """``conceptlm lcm eval-decoder``: AutoBLEU and round-trip cosine of the decoder on its held-out sentences
+    (from the same training documents as ``train-decoder``)."""
     from conceptlm.lcm.decoder_train import eval_decoder as run
+    from conceptlm.lcm.encoders import get_encoder
 
-    return run(decoder_config(cfg), checkpoint=checkpoint or str(cfg.decoder_dir), output=output)
+    encoder = get_encoder(cfg.encoder)
+    sentences, _, _ = _decoder_sentences(cfg, encoder)
+    return run(decoder_config(cfg), checkpoint=checkpoint or str(cfg.decoder_dir), output=output,
+               sentences=sentences, encoder=encoder)
 
 
 # ------------------------------------------------------------------------------------------------ loading
 class LoadedRun:
-    """What ``generate`` / ``evaluate`` need: the model, its checkpoint, the encoder and (optionally) the decoder."""
+    """What ``generate`` / ``evaluate`` need: the model, its checkpoint, the encoder, (optionally) the decoder and
+    the fingerprint of the prepared folder the run trained on (None when it did not record one)."""
 
-    def __init__(self, model, checkpoint: Path, encoder, decoder):
+    def __init__(self, model, checkpoint: Path, encoder, decoder, prepared: str | None = None):
         self.model, self.checkpoint, self.encoder, self.decoder = model, checkpoint, encoder, decoder
+        self.prepared = prepared
 
     def decode(self, vectors: torch.Tensor) -> list[str]:
         return self.decoder.decode(vectors.float())
@@ -153,14 +186,18 @@ def load_run(cfg: LCMConfig, checkpoint: str | None = None, *, need_decoder: boo
     """The run's model (newest checkpoint or ``checkpoint``), encoder and decoder, checked against each other."""
     from conceptlm.lcm.decoders import load_decoder
     from conceptlm.lcm.encoders import get_encoder, verify_identity
-    from conceptlm.lcm.train import load_lcm
+    from conceptlm.lcm.train import ENCODER_ARTIFACT, PREPARED_ARTIFACT, load_lcm
 
     ckpt = _checkpoint(cfg, checkpoint)
     model = load_lcm(ckpt)
     encoder = get_encoder(cfg.encoder)
-    identity_file = ckpt / "encoder.json"
-    if identity_file.is_file():
-        verify_identity(json.loads(identity_file.read_text(encoding="utf-8")), encoder, where=str(ckpt))
+    identity_file = next((p for p in (ckpt / ENCODER_ARTIFACT, ckpt / "encoder.json") if p.is_file()), None)
+    if identity_file is not None:
+        try:
+            verify_identity(_read_json(identity_file), encoder, where=str(ckpt))
+        except ConceptLMError as e:
+            raise ConfigError(f"{e}: set encoder.name (and its settings) to the run's encoder, or train again with "
+                              "this one", field="encoder.name") from None
     elif cfg.lcm_data.source == "synthetic":
         raise ConfigError(f"{ckpt} was trained on synthetic vectors, which have no text: train on prepared "
                           "documents (lcm_data.source=prepared) to generate or evaluate text", field="lcm_data.source")
@@ -174,10 +211,58 @@ def load_run(cfg: LCMConfig, checkpoint: str | None = None, *, need_decoder: boo
             raise ConfigError(f"no decoder at {where}: run 'conceptlm lcm train-decoder' with this config first, or "
                               "set decoder.path to a saved decoder", field="decoder.path")
         decoder = load_decoder(where, encoder=encoder)
-    return LoadedRun(model, ckpt, encoder, decoder)
+    prepared_file = ckpt / PREPARED_ARTIFACT
+    prepared = _read_json(prepared_file).get("fingerprint") if prepared_file.is_file() else None
+    return LoadedRun(model, ckpt, encoder, decoder, prepared=prepared)
 
 
-def _validation_documents(cfg: LCMConfig, limit: int) -> list[dict]:
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
+
+
+def _check_decoder_split(cfg: LCMConfig, docs) -> None:
+    """Refuse (one line) a decoder that may have learned from the validation documents ``docs`` (an
+    ``EmbeddedDocuments``): one without ``artifact.json`` (training data unknown), one that learned from every
+    document (``decoder_train.split=all``), or one whose split rule puts some of these documents in its training
+    documents (another ``split_seed``, or a smaller ``val_fraction``) when it was not made from this folder."""
+    from conceptlm.lcm.decoders import decoder_manifest
+
+    where = cfg.decoder_dir
+    manifest = decoder_manifest(where)
+    if manifest is None:
+        raise ConfigError(f"{where}: the decoder has no artifact.json, so which documents it learned from is unknown "
+                          "(decoders made by older versions learned from the validation documents too): run "
+                          "'conceptlm lcm train-decoder' again", field="decoder.path")
+    data = manifest.get("data") or {}
+    if data.get("split") == "all":
+        raise ConfigError(f"{where}: the decoder learned from every document, validation included "
+                          "(decoder_train.split=all): train it with decoder_train.split=train to generate or "
+                          "evaluate on validation documents", field="decoder.path")
+    if data.get("source") == "given":
+        log.warning("%s: the decoder learned from sentences given through the API; cannot check that they hold no "
+                    "validation document", where)
+        return
+    if data.get("prepared") == docs.fingerprint:
+        return
+    prep = docs.manifest.get("prepare") or {}
+    vf, seed = prep.get("val_fraction"), prep.get("split_seed")
+    dvf, dseed = data.get("val_fraction"), data.get("split_seed")
+    if dseed != seed or not isinstance(dvf, (int, float)) or not isinstance(vf, (int, float)) or dvf < vf:
+        raise ConfigError(f"{where}: the decoder learned from the training documents of another split (val_fraction "
+                          f"{dvf}, split_seed {dseed}; here {vf}, {seed}), which may hold validation documents of "
+                          f"{docs.root}: train the decoder on this prepared folder", field="decoder.path")
+
+
+def _validation_documents(cfg: LCMConfig, limit: int, run: LoadedRun | None = None) -> list[dict]:
+    """The first ``limit`` validation documents of the prepared folder; with ``run``, checked to be the folder
+    the run trained on (content fingerprint) and, when the run has a decoder, that the decoder did not learn
+    from them (:func:`_check_decoder_split`)."""
     from conceptlm.lcm.store import EmbeddedDocuments
 
     folder = cfg.data_dir
@@ -185,6 +270,12 @@ def _validation_documents(cfg: LCMConfig, limit: int) -> list[dict]:
         raise ConfigError(f"no prepared documents at {folder}: run 'conceptlm lcm prepare' first",
                           field="lcm_data.source")
     docs = EmbeddedDocuments(folder, "validation")
+    if run is not None and run.prepared is not None and docs.fingerprint != run.prepared:
+        raise ConfigError(f"{run.checkpoint} was trained on other prepared documents (fingerprint "
+                          f"{run.prepared[:12]}) than {folder} holds now ({docs.fingerprint[:12]}): evaluate on the "
+                          "folder the run trained on, or train again", field="lcm_data.source")
+    if run is not None and run.decoder is not None:
+        _check_decoder_split(cfg, docs)
     if len(docs) == 0:
         raise ConfigError(f"{folder} has no validation documents: raise prepare.val_fraction and prepare again",
                           field="prepare.val_fraction")
@@ -237,7 +328,7 @@ def generate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
         prompts.append(run.encoder.encode(sentences))
         cases.append({"id": "prompt", "prompt": sentences, "reference": None})
     else:
-        docs = [d for d in _validation_documents(cfg, 10 ** 9) if _content(d, cfg) >= 2][:g.documents]
+        docs = [d for d in _validation_documents(cfg, 10 ** 9, run) if _content(d, cfg) >= 2][:g.documents]
         if not docs:
             raise ConfigError("no validation document has two sentences to split into a prompt and a reference; "
                               "set generate.prompt", field="generate.prompt")
@@ -367,7 +458,7 @@ def evaluate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
     e = cfg.evaluate
     run = load_run(cfg, checkpoint, need_decoder=e.round_trip or bool(e.mi_model) or e.generate_documents > 0)
     _check_sampler(cfg, run.model)
-    docs = _validation_documents(cfg, e.documents)
+    docs = _validation_documents(cfg, e.documents, run)
     log.info("evaluating %s on %d validation documents", run.checkpoint, len(docs))
     tf, mi_vectors, mi_contexts = _teacher_forced(cfg, run, docs)
     result: dict[str, Any] = {"checkpoint": str(run.checkpoint), "documents": len(docs), "teacher_forced": tf}

@@ -6,11 +6,19 @@ Layout of a prepared folder (written by :func:`conceptlm.lcm.prepare.prepare`)::
     shard-00001.parquet    ...
     normalizer.json        RobustNormalizer fitted on the training documents' vectors
     prepare_state.json     the settings the shards were made with (a resume must match them)
+    artifact.json          the folder's identity (kind ``lcm.prepared``: settings, encoder and document content
+                           fingerprints) and the size and sha256 of every shard and of normalizer.json
     manifest.json          written last: encoder identity, segmenter config, shard list and counts
 
 Columns of a shard: ``id`` (string), ``split`` (``train`` | ``validation``, by a hash of the document id),
 ``text`` (the document, or null), ``sentences`` (``list<string>``), ``vectors`` (``list<fixed_size_list<float16,
-dim>>``, one vector per sentence — the paper's FP16 storage), ``n_sentences`` (int32).
+dim>>``, one vector per sentence — the paper's FP16 storage), ``n_sentences`` (int32). The Parquet key-value
+metadata ``conceptlm.inputs`` holds the content fingerprint of what the shard was made from (its documents' ids,
+splits, texts and sentences, the settings and the encoder), so a rerun of ``prepare`` reuses a shard only when it
+would write the same one.
+
+Reading checks: :class:`EmbeddedDocuments` verifies each shard's sha256 against ``artifact.json`` the first time
+it decodes the shard (once per shard, lazily), so a damaged shard is a one-line :class:`DataError` naming it.
 """
 
 from __future__ import annotations
@@ -28,12 +36,15 @@ from torch.utils.data import Dataset
 from conceptlm.core.errors import ConceptLMError, DataError
 
 __all__ = ["EmbeddedDocuments", "assign_split", "shard_name", "shard_schema", "documents_table", "read_shard",
-           "load_manifest", "MANIFEST_FILE", "STATE_FILE", "SPLITS"]
+           "shard_inputs", "load_manifest", "load_artifact", "MANIFEST_FILE", "STATE_FILE", "SPLITS", "ARTIFACT_KIND"]
 
 MANIFEST_FILE = "manifest.json"
 STATE_FILE = "prepare_state.json"
 SPLITS = ("train", "validation")
 FORMAT = "conceptlm-lcm-embedded/1"
+ARTIFACT_KIND = "lcm.prepared"
+INPUTS_KEY = b"conceptlm.inputs"
+"""Parquet key-value metadata of a shard: the content fingerprint of what it was made from."""
 
 
 def shard_name(index: int) -> str:
@@ -59,9 +70,9 @@ def shard_schema(dim: int, vector_dtype: str = "float16"):
                       ("n_sentences", pa.int32())])
 
 
-def documents_table(docs: Sequence[dict], dim: int, vector_dtype: str = "float16"):
+def documents_table(docs: Sequence[dict], dim: int, vector_dtype: str = "float16", inputs: str | None = None):
     """A pyarrow Table of ``docs`` (dicts with ``id``, ``split``, ``text``, ``sentences`` and ``vectors``:
-    an (n, dim) float array)."""
+    an (n, dim) float array); ``inputs`` (the shard's content fingerprint) goes into the schema metadata."""
     import pyarrow as pa
 
     np_dtype = np.float16 if vector_dtype == "float16" else np.float32
@@ -73,9 +84,29 @@ def documents_table(docs: Sequence[dict], dim: int, vector_dtype: str = "float16
     vec_type = schema.field("vectors").type
     values = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=vec_type.value_type.value_type), dim)
     vectors = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values, type=vec_type)
-    return pa.table({"id": [d["id"] for d in docs], "split": [d["split"] for d in docs],
-                     "text": [d.get("text") for d in docs], "sentences": [list(d["sentences"]) for d in docs],
-                     "vectors": vectors, "n_sentences": pa.array(counts, type=pa.int32())}, schema=schema)
+    table = pa.table({"id": [d["id"] for d in docs], "split": [d["split"] for d in docs],
+                      "text": [d.get("text") for d in docs], "sentences": [list(d["sentences"]) for d in docs],
+                      "vectors": vectors, "n_sentences": pa.array(counts, type=pa.int32())}, schema=schema)
+    if inputs is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), INPUTS_KEY: inputs.encode()})
+    return table
+
+
+def shard_inputs(path: str | Path) -> str | None:
+    """The content fingerprint recorded in a shard's metadata (None for a shard written before it was recorded).
+
+    Raises:
+        DataError: the file is not readable Parquet.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"cannot read Parquet shard ({type(e).__name__})", path=path) from None
+    value = meta.get(INPUTS_KEY)
+    return value.decode() if value is not None else None
 
 
 def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> dict:
@@ -119,30 +150,56 @@ def load_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def load_artifact(root: str | Path) -> dict:
+    """The ``artifact.json`` of a complete preparation (identity, fingerprint, shard checksums); one-line error
+    when there is none (a folder prepared before checksums were recorded) or it is of another kind."""
+    from conceptlm.core.artifact import ARTIFACT_FILE, read_manifest
+
+    artifact = read_manifest(root)
+    if artifact is None:
+        raise ConceptLMError(f"{root}: no {ARTIFACT_FILE} (prepared by an older version of conceptlm, without shard "
+                             "checksums or content fingerprints): run 'conceptlm lcm prepare' again with "
+                             "prepare.on_change=rebuild")
+    if artifact.get("kind") != ARTIFACT_KIND:
+        raise ConceptLMError(f"{Path(root) / ARTIFACT_FILE}: holds a {artifact.get('kind')!r} artifact, not "
+                             f"{ARTIFACT_KIND!r}")
+    return artifact
+
+
 class EmbeddedDocuments(Dataset):
     """Documents of a prepared folder: ``ds[i] -> {"id": str, "vectors": FloatTensor (n, dim), "sentences":
     list[str]}``.
 
     Args:
-        root: the prepared folder (``manifest.json`` must exist).
+        root: the prepared folder (``manifest.json`` and ``artifact.json`` must exist).
         split: ``train``, ``validation`` or ``all`` (the split is stored per document, so no document is in both).
+        verify: check each shard's sha256 against ``artifact.json`` the first time it is decoded (once per shard).
 
     Shards are decoded on first use and kept in memory in their stored dtype (fp16: 2 bytes per value), so a
     dataset costs about its on-disk vector size once every shard has been touched. ``lengths`` holds the number
-    of sentences of each document (for length-bucketed batching).
+    of sentences of each document (for length-bucketed batching). The small ``split`` / ``n_sentences`` columns
+    read to build the index are checked against the per-shard counts of ``manifest.json``; the whole shard is
+    checked against its sha256 when it is first decoded. ``fingerprint`` is the folder's content identity (what a
+    run trained on it records).
     """
 
-    def __init__(self, root: str | Path, split: Literal["train", "validation", "all"] = "all"):
+    def __init__(self, root: str | Path, split: Literal["train", "validation", "all"] = "all", *,
+                 verify: bool = True):
         if split not in (*SPLITS, "all"):
             raise ValueError(f"split must be train, validation or all, got {split!r}")
         self.root, self.split = Path(root), split
         self.manifest = load_manifest(self.root)
+        self.artifact = load_artifact(self.root)
+        self.fingerprint: str = self.artifact["fingerprint"]
+        self.verify = verify
+        self._verified: set[int] = set()
         self.dim = int(self.manifest["encoder"]["dim"])
         self.shards = [self.root / s["file"] for s in self.manifest["shards"]]
         self._index: list[tuple[int, int]] = []
         lengths: list[int] = []
         for k, path in enumerate(self.shards):
             meta = read_shard(path, ["split", "n_sentences"])
+            self._check_counts(k, meta)
             for row, (sp, n) in enumerate(zip(meta["split"], meta["n_sentences"])):
                 if split == "all" or sp == split:
                     self._index.append((k, row))
@@ -168,9 +225,40 @@ class EmbeddedDocuments(Dataset):
     def __len__(self) -> int:
         return len(self._index)
 
+    def _check_counts(self, k: int, meta: dict) -> None:
+        """The index columns of shard ``k`` agree with its record in ``manifest.json`` (else it is damaged)."""
+        rec = self.manifest["shards"][k]
+        splits, counts = meta["split"], meta["n_sentences"]
+        train = [sp == "train" for sp in splits]
+        seen = (len(splits), sum(train), int(counts.sum()), int(counts[train].sum()) if len(counts) else 0,
+                all(sp in SPLITS for sp in splits))
+        want = (rec.get("n_documents"), rec.get("n_train_documents"), rec.get("n_sentences"),
+                rec.get("n_train_sentences"), True)
+        if seen != want:
+            self._verify_shard(k)  # names the damage when the file changed
+            raise DataError(f"its split / n_sentences columns disagree with {MANIFEST_FILE} (documents, training "
+                            f"documents, sentences, training sentences: {seen[:4]} vs {want[:4]})",
+                            path=self.shards[k])
+
+    def _verify_shard(self, k: int) -> None:
+        """Check shard ``k``'s size and sha256 against ``artifact.json`` (once)."""
+        if not self.verify or k in self._verified:
+            return
+        from conceptlm.core.artifact import damaged_file
+
+        problem = damaged_file(self.root, self.artifact, [self.manifest["shards"][k]["file"]])
+        if problem is not None:
+            raise DataError(f"{problem}; run 'conceptlm lcm prepare' again with prepare.on_change=rebuild to "
+                            "re-encode it")
+        self._verified.add(k)
+
+    def _read(self, k: int, columns: list[str]) -> dict:
+        self._verify_shard(k)
+        return read_shard(self.shards[k], columns)
+
     def _shard(self, k: int) -> dict:
         if k not in self._cache:
-            data = read_shard(self.shards[k], ["id", "sentences", "vectors"])
+            data = self._read(k, ["id", "sentences", "vectors"])
             flat, offsets = data["vectors"]
             if flat.shape[1] != self.dim:
                 raise DataError(f"vectors have dim {flat.shape[1]}, manifest says {self.dim}", path=self.shards[k])
@@ -194,5 +282,5 @@ class EmbeddedDocuments(Dataset):
     @property
     def ids(self) -> list[str]:
         """Document ids in dataset order (reads the id column of every shard)."""
-        cols = {k: read_shard(p, ["id"])["id"] for k, p in enumerate(self.shards)}
+        cols = {k: self._read(k, ["id"])["id"] for k in range(len(self.shards))}
         return [cols[k][row] for k, row in self._index]

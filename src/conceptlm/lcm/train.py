@@ -14,7 +14,9 @@ IQR / 1.34898) fitted on at most ``lcm.normalizer_samples`` training vectors tak
 Its statistics become buffers of the model (``unit.safetensors`` alone can generate) and the normalizer is also
 written with every checkpoint as ``artifacts/normalizer/normalizer.json``
 (``RobustNormalizer.from_pretrained``). When the data know their encoder (a prepared folder), its identity is
-written as ``artifacts/encoder/encoder.json``.
+written as ``artifacts/encoder/encoder.json``, and the prepared folder's content fingerprint (its
+``artifact.json``) as ``artifacts/prepared/prepared.json``: ``generate`` / ``evaluate`` check both against what
+they read (:data:`ENCODER_ARTIFACT`, :data:`PREPARED_ARTIFACT`).
 """
 
 from __future__ import annotations
@@ -37,12 +39,17 @@ from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.lcm.model import LCMSection, NormalizedModel
-from conceptlm.lcm.normalizer import RobustNormalizer
+from conceptlm.lcm.normalizer import RobustNormalizer, warn_if_few_vectors
 from conceptlm.lcm.unit import DocumentChunks, collate_documents
 from conceptlm.lcm.variants import build_unit
 
 __all__ = ["LCMDataSection", "LCMTrainConfig", "SyntheticVectorDocuments", "train_lcm", "load_lcm",
-           "sample_vectors", "fit_normalizer"]
+           "sample_vectors", "fit_normalizer", "ENCODER_ARTIFACT", "PREPARED_ARTIFACT"]
+
+ENCODER_ARTIFACT = Path("artifacts") / "encoder" / "encoder.json"
+"""Where a checkpoint records the identity of the encoder that made its training vectors."""
+PREPARED_ARTIFACT = Path("artifacts") / "prepared" / "prepared.json"
+"""Where a checkpoint records the fingerprint of the prepared folder it trained on."""
 
 log = logging.getLogger(__name__)
 
@@ -149,19 +156,21 @@ def fit_normalizer(cfg: LCMSection, documents) -> RobustNormalizer:
         norm = RobustNormalizer(cfg.dim).fit(sample_vectors(documents, cfg.normalizer_samples),
                                              max_samples=cfg.normalizer_samples)
         log.info("normalizer: gaussian_robust fitted on %d training vectors", norm.n_fit)
+        warn_if_few_vectors(norm.n_fit, "lcm")
     if norm.dim != cfg.dim:
         raise ConfigError(f"the data's normalizer has dim {norm.dim} but lcm.dim={cfg.dim}", field="lcm.dim")
     return norm
 
 
-class _EncoderIdentity:
-    """Checkpoint artefact ``encoder.json``: which sentence encoder made the training vectors."""
+class _JsonArtifact:
+    """A checkpoint artefact holding one JSON file (``encoder.json``: which sentence encoder made the training
+    vectors; ``prepared.json``: which prepared folder, by content fingerprint)."""
 
-    def __init__(self, identity: dict):
-        self.identity = identity
+    def __init__(self, name: str, data: dict):
+        self.name, self.data = name, data
 
     def __call__(self, directory: Path) -> None:
-        atomic_write_text(Path(directory) / "encoder.json", json.dumps(self.identity, indent=1) + "\n")
+        atomic_write_text(Path(directory) / self.name, json.dumps(self.data, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -227,7 +236,11 @@ def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None,
         artifacts: dict[str, Any] = {"normalizer": norm}
         identity = getattr(train_ds, "encoder_identity", None)
         if isinstance(identity, dict):
-            artifacts["encoder"] = _EncoderIdentity(identity)
+            artifacts["encoder"] = _JsonArtifact(ENCODER_ARTIFACT.name, identity)
+        fingerprint = getattr(train_ds, "fingerprint", None)
+        if isinstance(fingerprint, str):
+            artifacts["prepared"] = _JsonArtifact(PREPARED_ARTIFACT.name, {"kind": "lcm.prepared",
+                                                                          "fingerprint": fingerprint})
         source = getattr(train_ds, "name", None) or str(getattr(train_ds, "root", type(train_ds).__name__))
         return fit(cfg, session.info, unit, train_ds=chunks, eval_ds=eval_chunks, collate_fn=collate_documents,
                    source_name=f"lcm:{source}", artifacts=artifacts, plan=plan)
