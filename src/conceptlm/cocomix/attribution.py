@@ -50,6 +50,7 @@ from torch import nn
 
 from conceptlm.cocomix.teacher import teacher_blocks
 from conceptlm.core.config import check
+from conceptlm.core.errors import ConfigError
 from conceptlm.core.hf import backbone, causal_lm_loss_sum
 
 __all__ = [
@@ -352,14 +353,21 @@ def concept_labels(teacher: nn.Module, sae: nn.Module, input_ids: torch.Tensor, 
         :class:`ConceptLabels`: labels (B, T, k_attr) int64, mask (B, T) bool, scores (B, T, k_attr) float32.
     """
     section = section or LabelSection()
+    _check_k_attr(sae, section)
+    tp = teacher_pass(teacher, input_ids, layer, grad=section.selection == "attribution")
+    return select_labels(sae, tp.hidden, tp.grad, section)
+
+
+def _check_k_attr(sae: nn.Module, section: LabelSection) -> None:
+    """A one-line :class:`ConfigError` (a ``ValueError``) naming ``labels.k_attr`` when a token cannot get
+    ``k_attr`` labels from ``sae`` (its ``k`` active latents; all latents for dense pre-activation attribution)."""
     k = int(getattr(sae, "k"))
     n_latents = sae.W_dec.shape[0]
     limit = n_latents if (section.mode == "pre" and section.selection == "attribution") else k
     if section.k_attr > limit:
-        raise ValueError(f"k_attr={section.k_attr} exceeds the {limit} candidate latents "
-                         f"(SAE k={k}, n_latents={n_latents}, mode={section.mode}, selection={section.selection})")
-    tp = teacher_pass(teacher, input_ids, layer, grad=section.selection == "attribution")
-    return select_labels(sae, tp.hidden, tp.grad, section)
+        raise ConfigError(f"k_attr={section.k_attr} exceeds the {limit} candidate latents (SAE k={k}, "
+                          f"n_latents={n_latents}, mode={section.mode}, selection={section.selection})",
+                          field="labels.k_attr")
 
 
 class ConceptLabeler(nn.Module):
@@ -375,6 +383,7 @@ class ConceptLabeler(nn.Module):
         self.teacher, self.sae, self.layer = freeze(teacher), freeze(sae), layer
         self.section = section or LabelSection()
         self.section.validate()
+        _check_k_attr(self.sae, self.section)
 
     @property
     def n_latents(self) -> int:

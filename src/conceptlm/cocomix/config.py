@@ -9,7 +9,8 @@ Sections:
 * ``labels`` (:class:`~conceptlm.cocomix.attribution.LabelSection`): how concept labels are chosen and cached;
 * ``student`` (:class:`~conceptlm.cocomix.model.StudentSection`) and ``cocomix``
   (:class:`~conceptlm.cocomix.student.CocomixSection`): the student architecture and its objective;
-* ``pipeline`` (:class:`PipelineSection`): which arms and seeds the ``pipeline`` verb trains;
+* ``pipeline`` (:class:`PipelineSection`): which arms and seeds the ``pipeline`` verb trains, and what a stage
+  does with an output made from other settings (``on_change: refuse | rebuild``);
 * ``interpret`` (:class:`~conceptlm.cocomix.interpret.InterpretSection`): the ``concepts`` / ``explain`` /
   ``steer`` verbs;
 * ``run`` / ``optim`` / ``schedule`` / ``train`` / ``dist``: the shared loop's sections, used by the students
@@ -44,6 +45,11 @@ class PipelineSection:
     labels: str = "cached"
     """``cached``: students read the label cache (the teacher is not run while they train); ``online``: the
     teacher and SAE label every batch during training (same labels, for cost comparisons)."""
+    on_change: str = "refuse"
+    """What a stage does when its output folder holds one made from other settings or inputs (its
+    ``artifact.json`` fingerprint differs from what it would make now): ``refuse`` stops with one line naming the
+    change, before anything is written; ``rebuild`` removes and rebuilds it, and with it every stage downstream
+    whose inputs change (each logged). Outputs of the same fingerprint are always reused."""
 
     def validate(self) -> None:
         check(bool(self.arms), "pipeline.arms", "name at least one arm")
@@ -53,6 +59,7 @@ class PipelineSection:
         check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "pipeline.seeds",
               "give at least one seed, each once")
         check(self.labels in ("cached", "online"), "pipeline.labels", "must be 'cached' or 'online'")
+        check(self.on_change in ("refuse", "rebuild"), "pipeline.on_change", "must be 'refuse' or 'rebuild'")
 
 
 @dataclass(kw_only=True)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +43,11 @@ __all__ = ["CorpusSection", "GeneratedDocument", "generate_documents", "read_doc
            "split_documents", "tokenize_windows", "WindowDataset", "collate_windows", "CorpusSplits",
            "build_corpus", "corpus_identity", "source_files", "TOPICS"]
 
+log = logging.getLogger(__name__)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A lone surrogate (e.g. from a JSON ``\\ud800`` escape): not Unicode text, no tokenizer can encode it."""
+
 
 @dataclass(kw_only=True)
 class CorpusSection:
@@ -51,7 +58,8 @@ class CorpusSection:
     txt_split: Literal["paragraph", "line"] = "paragraph"
     """TXT: one document per blank-line-separated paragraph, or per non-empty line."""
     n_documents: int = 2000
-    """``generated``: how many documents; files: use the first N documents (0 = all)."""
+    """``generated``: how many documents; files: use the first N documents (0 = all; a warning says how many were
+    left out)."""
     seed: int = 0
     """Seeds the generator and the train/val split."""
     window: int = 64
@@ -244,11 +252,15 @@ def _field_value(obj: Any, path: str) -> Any:
     return cur
 
 
-def _read_jsonl(path: Path, text_field: str, limit: int) -> list[str]:
-    docs = []
-    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
+def _read_jsonl(path: Path, text_field: str, limit: int) -> tuple[list[str], int]:
+    """``(documents, how many more non-blank records the file holds beyond limit)``."""
+    docs: list[str] = []
+    lines = read_text_file(path).splitlines()
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if limit and len(docs) >= limit:
+            return docs, sum(1 for rest in lines[lineno - 1:] if rest.strip())
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -261,13 +273,16 @@ def _read_jsonl(path: Path, text_field: str, limit: int) -> list[str]:
         if not isinstance(value, str):
             raise DataError(f"must be a string, got {type(value).__name__}", path=path, line=lineno,
                             field=text_field)
+        bad = _SURROGATE.search(value)
+        if bad is not None:
+            raise DataError(f"lone surrogate U+{ord(bad.group()):04X} at character {bad.start()} cannot be encoded "
+                            "(not valid Unicode text)", path=path, line=lineno, field=text_field)
         docs.append(value)
-        if limit and len(docs) >= limit:
-            break
-    return docs
+    return docs, 0
 
 
-def _read_txt(path: Path, split: str, limit: int) -> list[str]:
+def _read_txt(path: Path, split: str, limit: int) -> tuple[list[str], int]:
+    """``(documents, how many more the file holds beyond limit)``."""
     text = read_text_file(path)
     if split == "line":
         docs = [line.strip() for line in text.splitlines() if line.strip()]
@@ -281,7 +296,18 @@ def _read_txt(path: Path, split: str, limit: int) -> list[str]:
                 current = []
         if current:
             docs.append("\n".join(current))
-    return docs[:limit] if limit else docs
+    return (docs[:limit], max(0, len(docs) - limit)) if limit else (docs, 0)
+
+
+def _count_documents(path: Path, split: str) -> int:
+    """How many documents a file holds, counted without parsing (non-blank JSONL lines; TXT lines or paragraphs)."""
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return 0
+    if path.suffix == ".jsonl" or split == "line":
+        return sum(1 for line in lines if line.strip())
+    return sum(1 for i, line in enumerate(lines) if line.strip() and (i == 0 or not lines[i - 1].strip()))
 
 
 def source_files(source: str | Path) -> list[Path]:
@@ -312,6 +338,9 @@ def read_documents(source: str | Path, *, text_field: str = "text", txt_split: s
                    limit: int = 0) -> list[str]:
     """Documents of a ``.txt`` / ``.jsonl`` file or a directory of them (see the module docstring).
 
+    ``limit`` > 0 keeps the first ``limit`` documents; how many were left out is logged as a warning (the later
+    documents are counted, not parsed).
+
     Raises:
         DataError: ``file:line: field '...': reason`` for a bad record; a directory without such files.
     """
@@ -320,18 +349,22 @@ def read_documents(source: str | Path, *, text_field: str = "text", txt_split: s
     if not files:
         raise DataError("holds no .txt or .jsonl files", path=p)
     docs: list[str] = []
+    cut = 0
     for f in files:
-        left = limit - len(docs) if limit else 0
-        if f.suffix == ".jsonl":
-            docs += _read_jsonl(f, text_field, left)
-        elif f.suffix == ".txt":
-            docs += _read_txt(f, txt_split, left)
-        else:
+        if f.suffix not in (".jsonl", ".txt"):
             raise DataError("unsupported file type (expected .txt or .jsonl)", path=f)
-        if limit and len(docs) >= limit:
-            break
+        if limit and len(docs) >= limit:  # past the limit: counted, not parsed
+            cut += _count_documents(f, txt_split)
+            continue
+        left = limit - len(docs) if limit else 0
+        got, more = _read_jsonl(f, text_field, left) if f.suffix == ".jsonl" else _read_txt(f, txt_split, left)
+        docs += got
+        cut += more
     if not docs:
         raise DataError("holds no documents", path=p)
+    if cut:
+        log.warning("corpus.n_documents=%d: using the first %d documents of %s and leaving out %d more (set "
+                    "corpus.n_documents=0 to use all %d)", limit, len(docs), p, cut, len(docs) + cut)
     return docs
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.model import Steering, StudentLM, sae_layer_norm
-from conceptlm.cocomix.sae import SAE_WEIGHTS, TopKSAE
+from conceptlm.cocomix.sae import TopKSAE
 from conceptlm.core.config import check
 from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.core.io import atomic_write_text
@@ -267,7 +267,9 @@ class ConceptDescriptions:
 def _description_key(cfg: Any, section: InterpretSection, sae_dir: Path, n_windows: int) -> dict[str, Any]:
     from conceptlm.cocomix.corpus import corpus_identity
 
-    return {"sae_sha256": _sha256(sae_dir / SAE_WEIGHTS), "layer": cfg.teacher.layer,
+    from conceptlm.cocomix.sae_formats import sae_weights_file
+
+    return {"sae_sha256": _sha256(sae_weights_file(sae_dir)), "layer": cfg.teacher.layer,
             "corpus": corpus_identity(cfg.corpus), "split": "train", "windows": n_windows,
             "top_tokens": section.top_tokens, "context_tokens": section.context_tokens}
 
@@ -289,12 +291,14 @@ def describe_concepts(cfg: Any, *, teacher: nn.Module, tokenizer, sae: TopKSAE, 
     """Concept descriptions of ``sae`` over ``windows`` ``(N, T)`` (the training windows), from ``output``
     (default ``{sae_dir}/concepts.json``) when that file has the same key, else computed and written atomically.
 
-    The key: the sha256 of ``{sae_dir}/sae.safetensors``, ``teacher.layer``, the corpus identity, the number of
-    windows scanned, ``top_tokens`` and ``context_tokens``.
+    The key: the sha256 of the SAE's weights file (``{sae_dir}/sae.safetensors`` for ours), ``teacher.layer``, the
+    corpus identity, the number of windows scanned, ``top_tokens`` and ``context_tokens``. A foreign SAE given as a
+    file (OpenAI ``.pt``) keeps its descriptions next to it (``{stem}.concepts.json``).
     """
     section = section or _section(cfg)
     sae_dir = Path(sae_dir)
-    path = Path(output) if output is not None else sae_dir / CONCEPTS_FILE
+    default = sae_dir / CONCEPTS_FILE if sae_dir.is_dir() else sae_dir.with_name(f"{sae_dir.stem}.{CONCEPTS_FILE}")
+    path = Path(output) if output is not None else default
     if section.describe_windows:
         windows = windows[: section.describe_windows]
     key = _description_key(cfg, section, sae_dir, windows.shape[0])
@@ -340,7 +344,7 @@ class _Run:
         from conceptlm.cocomix.sae import SAE_CONFIG
         from conceptlm.cocomix.teacher import teacher_width
 
-        where = self.sae_dir / SAE_CONFIG
+        where = self.sae_dir / SAE_CONFIG if (self.sae_dir / SAE_CONFIG).is_file() else self.sae_dir
         layer = self.sae.meta.get("layer")
         if layer is not None and layer != self.cfg.teacher.layer:
             raise ConfigError(f"the SAE at {self.sae_dir} reads block {layer}, but teacher.layer is "

@@ -11,6 +11,9 @@ Layout of a cache folder::
     labels.npy      (n_windows, window, k_attr) latent indices, uint16 when n_latents <= 65535 else int32
     mask.npy        (n_windows, window) uint8, 1 = a valid label row
     progress.json   {"windows_done", "chunks_done", "complete"}, rewritten atomically after every chunk
+    artifact.json   written by the ``label`` verb (:mod:`conceptlm.cocomix.labels`): the cache's identity when it
+                    starts, plus the size and sha256 of the four files above when it completes (checked before a
+                    student reads the cache)
 
 The arrays are ``.npy`` files written through memory maps, chunk by chunk. A chunk's rows are flushed to disk
 before the progress record that covers them is replaced, so after a kill a restart continues from the last
@@ -19,6 +22,7 @@ complete chunk and ends with the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 from conceptlm.cocomix.attribution import ConceptLabeler
+from conceptlm.cocomix.identity import weights_fingerprint
 from conceptlm.core.errors import ConceptLMError, DataError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.core.progress import progress_bar
@@ -40,6 +45,7 @@ from conceptlm.core.progress import progress_bar
 __all__ = [
     "FORMAT", "LabelCacheError", "LabelCache", "LabeledWindows", "CacheSpec",
     "label_dtype", "state_fingerprint", "windows_fingerprint", "window_ids", "cache_header", "write_label_cache",
+    "missing_folders",
 ]
 
 FORMAT = "conceptlm.cocomix.label_cache/1"
@@ -58,14 +64,10 @@ def label_dtype(n_latents: int) -> np.dtype:
 
 
 def state_fingerprint(module: nn.Module) -> str:
-    """sha256 over a module's parameters (names, dtypes, shapes and bytes, in order; tied ones once). Buffers are
-    left out: they are either derived from the config or training statistics (an SAE's firing counters)."""
-    digest = hashlib.sha256()
-    for name, t in module.named_parameters():
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """sha256 over a module's parameters (names, dtypes, shapes and bytes; tied ones once): the weights by
+    content, :func:`conceptlm.cocomix.identity.weights_fingerprint`. Buffers are left out: they are either derived
+    from the config or training statistics (an SAE's firing counters)."""
+    return weights_fingerprint(module)
 
 
 def window_ids(windows: Any, i: int) -> torch.Tensor:
@@ -77,6 +79,14 @@ def window_ids(windows: Any, i: int) -> torch.Tensor:
 
 def windows_fingerprint(windows: Any) -> tuple[int, int, str]:
     """(n_windows, window length T, sha256 of all token ids as int64) of a window set; windows must share T."""
+    if isinstance(windows, (torch.Tensor, np.ndarray)) and windows.ndim == 2:  # the same bytes, row chunk by chunk
+        rows = torch.as_tensor(windows)
+        if rows.shape[1] < 2 or rows.shape[0] == 0:
+            raise DataError("a label cache needs at least one window of at least 2 tokens", field="input_ids")
+        digest = hashlib.sha256()
+        for lo in range(0, rows.shape[0], 1 << 14):
+            digest.update(rows[lo:lo + (1 << 14)].to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
+        return rows.shape[0], rows.shape[1], digest.hexdigest()
     digest, length = hashlib.sha256(), None
     for i in range(len(windows)):
         ids = window_ids(windows, i)
@@ -163,6 +173,7 @@ def _open_arrays(path: Path, header: dict[str, Any], fresh: bool) -> tuple[np.me
         file = path / name
         if fresh:
             arrays.append(np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape))
+            _preallocate(file)
             continue
         try:
             arr = np.lib.format.open_memmap(file, mode="r+")
@@ -174,6 +185,49 @@ def _open_arrays(path: Path, header: dict[str, Any], fresh: bool) -> tuple[np.me
                                   f"({shape} {dtype}); delete the cache folder to rebuild it")
         arrays.append(arr)
     return arrays[0], arrays[1]
+
+
+def _preallocate(file: Path) -> None:
+    """Give the (sparse) file its disk blocks now, so a full disk is an ``OSError`` (ENOSPC) here rather than a
+    SIGBUS when a memory-mapped page is first written. ``posix_fallocate``; zeros written where it is missing."""
+    size = file.stat().st_size
+    with open(file, "rb+") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+            return
+        except AttributeError:  # not on this platform
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        block = 1 << 20
+        for start in range(0, size, block):  # the memmap has not been written yet: zeros are its content
+            f.seek(start)
+            f.write(b"\0" * min(block, size - start))
+        f.flush()
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, deepest first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def _remove_refused(path: Path, created: list[Path]) -> None:
+    """Remove what a refused new cache wrote: its files, and the folders this call created."""
+    for name in (LABELS, MASK, PROGRESS, HEADER):
+        (path / name).unlink(missing_ok=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _flush(arr: np.memmap) -> None:
@@ -205,14 +259,24 @@ def write_label_cache(path: str | Path, windows: Any, labeler: ConceptLabeler,
         raise ValueError(f"chunk_windows ({spec.chunk_windows}) must be a positive multiple of batch_size "
                          f"({spec.batch_size})")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     header = cache_header(windows, labeler, spec)
+    created = missing_folders(path)
+    path.mkdir(parents=True, exist_ok=True)
     done = _resume_point(path, header)
     n, length = header["n_windows"], header["window"]
     summary = {"path": str(path), "windows": n, "tokens": n * length, "resumed_from": done}
     if done >= n:
         return {**summary, "computed_windows": 0, "seconds": 0.0, "tokens_per_s": 0.0}
-    labels_arr, mask_arr = _open_arrays(path, header, fresh=done == 0)
+    try:
+        labels_arr, mask_arr = _open_arrays(path, header, fresh=done == 0)
+    except OSError as e:
+        if done == 0:
+            _remove_refused(path, created)
+        if e.errno in _NO_SPACE:
+            need = n * length * (header["k_attr"] * np.dtype(header["dtype"]).itemsize + 1)
+            raise LabelCacheError(f"{path}: no space left on the device for the label arrays ({need} bytes); free "
+                                  "space or set labels.cache_dir to another disk") from None
+        raise
     start = time.perf_counter()
     with progress_bar(total=n, initial=done, unit="win", desc=desc, enabled=progress) as bar:
         for lo in range(done, n, spec.chunk_windows):
@@ -223,9 +287,15 @@ def write_label_cache(path: str | Path, windows: Any, labeler: ConceptLabeler,
                 labels_arr[b:e] = labels.cpu().numpy().astype(labels_arr.dtype)
                 mask_arr[b:e] = mask.cpu().numpy().astype(np.uint8)
                 bar.update(e - b)
-            _flush(labels_arr)
-            _flush(mask_arr)
-            _write_progress(path, hi, spec.chunk_windows, complete=hi >= n)
+            try:
+                _flush(labels_arr)
+                _flush(mask_arr)
+                _write_progress(path, hi, spec.chunk_windows, complete=hi >= n)
+            except OSError as e:
+                if e.errno not in _NO_SPACE:
+                    raise
+                raise LabelCacheError(f"{path}: no space left on the device after {lo} windows; free space and "
+                                      "rerun: the cache resumes from its last complete chunk") from None
     seconds = time.perf_counter() - start
     computed = n - done
     del labels_arr, mask_arr
@@ -289,6 +359,7 @@ class LabelCache:
             if diffs:
                 raise LabelCacheError(f"label cache {self.path} does not match: {'; '.join(diffs)}")
         self._maps: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._arrays()  # damaged arrays are refused here, not in a DataLoader worker mid-training
 
     @property
     def window(self) -> int:
@@ -303,12 +374,13 @@ class LabelCache:
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._maps is None or self._maps[0] != os.getpid():
-            labels = np.load(self.path / LABELS, mmap_mode="r")
-            mask = np.load(self.path / MASK, mmap_mode="r")
+            labels, mask = _open_array(self.path / LABELS), _open_array(self.path / MASK)
             want = (len(self), self.window, self.k_attr)
-            if labels.shape != want or mask.shape != want[:2] or labels.dtype != np.dtype(self.header["dtype"]):
-                raise LabelCacheError(f"{self.path}: array shapes {labels.shape}/{mask.shape} do not match the "
-                                      f"header {want}; delete the cache folder to rebuild it")
+            if labels.shape != want or mask.shape != want[:2] or labels.dtype != np.dtype(self.header["dtype"]) \
+                    or mask.dtype != np.uint8:
+                raise LabelCacheError(f"{self.path}: arrays {labels.shape} {labels.dtype} / {mask.shape} {mask.dtype} "
+                                      f"do not match the header {want} {self.header['dtype']} / uint8; delete the "
+                                      "cache folder to rebuild it")
             self._maps = (os.getpid(), labels, mask)
         return self._maps[1], self._maps[2]
 
@@ -321,6 +393,17 @@ class LabelCache:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": None}
+
+
+def _open_array(file: Path) -> np.ndarray:
+    """A read-only memory map of one cache array (never unpickles); a one-line :class:`LabelCacheError` for a
+    missing, truncated, object-dtype or otherwise unreadable ``.npy`` file."""
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise LabelCacheError(f"{file}: unreadable, truncated or not a plain integer array ({why}); delete the "
+                              "cache folder and rerun the label verb") from None
 
 
 def _subset(have: Any, want: Any) -> Any:

@@ -2,8 +2,12 @@
 
 ``label(cfg)`` loads the frozen teacher (``cfg.teacher``), the TopK SAE (``cfg.labels.sae_path``, else the run's
 ``sae/`` folder), builds the corpus windows (``cfg.corpus``, tokenized with the teacher's tokenizer) and writes one
-label cache per split (``{cache_dir}/train``, ``{cache_dir}/val``; see :mod:`conceptlm.cocomix.label_cache`). An
-interrupted call resumes from its last complete chunk; a cache of another configuration is refused.
+label cache per split (``{cache_dir}/train``, ``{cache_dir}/val``; see :mod:`conceptlm.cocomix.label_cache`), each
+with an ``artifact.json`` (:func:`conceptlm.cocomix.identity.labels_identity`: the labelling settings, the teacher's
+and the SAE's weights and the windows' token ids by content; the sha256 of its files once complete). An interrupted
+call resumes from its last complete chunk; a cache of another identity is refused with one line naming the change
+(``pipeline.on_change=rebuild`` recomputes it), a damaged one with one line naming the file. The call holds the run
+folder's lock (and the cache folder's, when it lies elsewhere) like a training run.
 
 The config needs the sections ``teacher`` (:class:`~conceptlm.cocomix.teacher.TeacherSection`), ``corpus``
 (:class:`~conceptlm.cocomix.corpus.CorpusSection`), ``labels`` (:class:`~conceptlm.cocomix.attribution.LabelSection`)
@@ -12,6 +16,9 @@ and ``run`` (for the run folder).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,15 +28,24 @@ from torch import nn
 
 from conceptlm.cocomix.attribution import ConceptLabeler
 from conceptlm.cocomix.corpus import build_corpus, corpus_identity
-from conceptlm.cocomix.label_cache import CacheSpec, LabelCache, LabeledWindows, state_fingerprint, write_label_cache
+from conceptlm.cocomix.identity import (ON_CHANGE_OPTION, LABELS_KIND, labels_identity, log_to_stderr, on_change_of,
+                                       remove_output, windows_digest)
+from conceptlm.cocomix.label_cache import (HEADER, LABELS, MASK, PROGRESS, CacheSpec, LabelCache, LabelCacheError,
+                                           LabeledWindows, missing_folders, state_fingerprint, write_label_cache)
 from conceptlm.cocomix.sae import SAE_CONFIG, TopKSAE, load_sae
+from conceptlm.cocomix.sae_formats import detect_sae_format
 from conceptlm.cocomix.sae_train import SAE_OUTPUT_DIR
 from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, load_teacher, resolve_teacher_path, teacher_identity,
                                        teacher_width)
-from conceptlm.core.errors import ConfigError
+from conceptlm.core.artifact import (StaleArtifactError, begin, damaged_file, decide, is_complete, read_manifest,
+                                     require, write_manifest)
+from conceptlm.core.errors import CheckpointError, ConfigError, DataError
+from conceptlm.core.lock import RunLock
 
-__all__ = ["SAE_DIR", "LABELS_DIR", "SPLITS", "label", "resolve_sae_dir", "resolve_teacher", "label_cache_dir",
-           "open_labeled_windows"]
+__all__ = ["SAE_DIR", "LABELS_DIR", "SPLITS", "label", "resolve_sae_dir", "check_sae_settings", "resolve_teacher",
+           "label_cache_dir", "open_labeled_windows", "StaleLabelCacheError"]
+
+log = logging.getLogger(__name__)
 
 SAE_DIR = SAE_OUTPUT_DIR
 """Sub-folder of a run that holds its SAE (``sae.safetensors`` + ``sae.json``, written by ``train_sae``)."""
@@ -39,14 +55,40 @@ SPLITS = ("train", "val")
 
 
 def resolve_sae_dir(cfg: Any, checkpoint: str | Path | None = None) -> Path:
-    """The SAE folder: ``checkpoint``, else ``cfg.labels.sae_path``, else ``{run_dir}/sae``; a folder holding an
-    ``sae/`` sub-folder (a run folder) is followed into it."""
+    """The SAE: ``checkpoint``, else ``cfg.labels.sae_path``, else ``{run_dir}/sae``; a folder holding an ``sae/``
+    sub-folder (a run folder) is followed into it. Besides our own SAE folders (``sae.json``), an EleutherAI
+    sparsify or SAELens folder, or an OpenAI TopK ``.pt`` file, is accepted (:func:`load_sae` converts it); any
+    other path is a one-line :class:`ConfigError`."""
     where = Path(checkpoint or cfg.labels.sae_path or Path(cfg.run_dir) / SAE_DIR)
     for candidate in (where, where / SAE_DIR):
         if (candidate / SAE_CONFIG).is_file():
             return candidate
+    if where.exists():
+        try:
+            detect_sae_format(where)
+        except CheckpointError as e:
+            raise ConfigError(f"no SAE at {e}", field="labels.sae_path") from None
+        return where
     raise ConfigError(f"no SAE at {where} (expected {SAE_CONFIG} there or in its {SAE_DIR}/ folder); train the SAE "
                       f"first or set labels.sae_path", field="labels.sae_path")
+
+
+def check_sae_settings(cfg: Any, sae: TopKSAE, sae_dir: Path) -> None:
+    """Before any labelling: the SAE's latent count must be the config's ``sae.n_latents`` (when the config has an
+    ``sae`` section: the students' concept heads are sized by it), and ``labels.k_attr`` must not exceed the latents
+    a token can be labelled with (the SAE's ``k``; ``n_latents`` for dense pre-activation attribution)."""
+    section = getattr(cfg, "sae", None)
+    if section is not None and getattr(section, "n_latents", sae.n_latents) != sae.n_latents:
+        raise ConfigError(f"the SAE at {sae_dir} has {sae.n_latents} latents, but sae.n_latents is "
+                          f"{section.n_latents}; set sae.n_latents={sae.n_latents} (and student.n_concepts) or use "
+                          f"another SAE", field="sae.n_latents")
+    labels = cfg.labels
+    dense = labels.mode == "pre" and labels.selection == "attribution"
+    limit = sae.n_latents if dense else sae.k
+    if labels.k_attr > limit:
+        raise ConfigError(f"{labels.k_attr} labels per token, but the SAE at {sae_dir} has "
+                          f"{'only ' + str(limit) + ' latents' if dense else 'k=' + str(limit) + ' active latents'} "
+                          f"per token; set labels.k_attr <= {limit}", field="labels.k_attr")
 
 
 def resolve_teacher(cfg: Any, sae: TopKSAE | None = None) -> str:
@@ -72,10 +114,10 @@ def label_cache_dir(cfg: Any, output: str | Path | None = None) -> Path:
 def _check_pair(cfg: Any, teacher: nn.Module, teacher_path: str, sae: TopKSAE, sae_dir: Path) -> None:
     """The SAE must read the configured layer of a teacher of its width (the teacher it was trained on, when its
     ``sae.json`` records that teacher's fingerprint)."""
-    where = sae_dir / SAE_CONFIG
+    where = sae_dir / SAE_CONFIG if (sae_dir / SAE_CONFIG).is_file() else sae_dir  # a foreign SAE has no sae.json
     recorded = (sae.meta.get("teacher") or {}).get("fingerprint")
     if recorded is not None:
-        found = teacher_identity(teacher_path, cfg.teacher.layer).get("fingerprint")
+        found = teacher_identity(teacher_path, cfg.teacher.layer, model=teacher).get("fingerprint")
         if found != recorded:
             raise ConfigError(f"the SAE at {sae_dir} was trained on another teacher (fingerprint {recorded}) than "
                               f"{teacher_path} ({found})", path=where, field="teacher")
@@ -106,26 +148,34 @@ def label(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path 
         "splits": {split: write_label_cache summary}}``; ``tokens_per_s`` counts the windows computed by this call.
     """
     cfg.labels.validate()
+    log_to_stderr()
     sae_dir = resolve_sae_dir(cfg, checkpoint)
     device = _device()
     sae = load_sae(sae_dir, device=device)
+    check_sae_settings(cfg, sae, sae_dir)
     teacher_path = resolve_teacher(cfg, sae)
     teacher, tokenizer = load_teacher(cfg.teacher, path=teacher_path, device=device)
     _check_pair(cfg, teacher, teacher_path, sae, sae_dir)
     labeler = ConceptLabeler(teacher, sae, cfg.teacher.layer, cfg.labels)
     splits = build_corpus(cfg.corpus, tokenizer)
-    teacher_id = {"path": str(teacher_path), "sha256": state_fingerprint(teacher)}
+    teacher_fp, sae_fp = state_fingerprint(teacher), state_fingerprint(sae)  # the weights, by content
     out_dir = label_cache_dir(cfg, output)
     summaries: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
-    for split in SPLITS:
-        data = getattr(splits, split)
-        if data is None:
-            continue
-        spec = CacheSpec(teacher=teacher_id, corpus={"identity": corpus_identity(cfg.corpus), "split": split},
-                         batch_size=cfg.labels.batch_size, chunk_windows=cfg.labels.chunk_windows)
-        summaries[split] = write_label_cache(out_dir / split, data.windows, labeler, spec,
-                                             progress=cfg.labels.progress, desc=f"labels ({split})")
+    with contextlib.ExitStack() as locks:  # like training: one writer per run folder (and per outside cache)
+        for folder in dict.fromkeys([Path(cfg.run_dir), out_dir]):
+            if folder == out_dir and out_dir.resolve().is_relative_to(Path(cfg.run_dir).resolve()):
+                continue
+            locks.enter_context(RunLock(folder))
+        for split in SPLITS:
+            data = getattr(splits, split)
+            if data is None:
+                continue
+            spec = CacheSpec(teacher={"sha256": teacher_fp},
+                             corpus={"identity": corpus_identity(cfg.corpus), "split": split},
+                             batch_size=cfg.labels.batch_size, chunk_windows=cfg.labels.chunk_windows)
+            summaries[split] = _label_split(cfg, out_dir / split, split, data.windows, labeler, spec,
+                                            teacher_fp=teacher_fp, sae_fp=sae_fp)
     seconds = time.perf_counter() - start
     computed = sum(s["computed_windows"] * cfg.corpus.window for s in summaries.values())
     label_seconds = sum(s["seconds"] for s in summaries.values())
@@ -136,15 +186,81 @@ def label(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path 
             "splits": summaries}
 
 
+class StaleLabelCacheError(LabelCacheError, StaleArtifactError):
+    """A label cache of other settings or inputs is in the way (``pipeline.on_change=rebuild`` recomputes it)."""
+
+
+def _label_split(cfg: Any, path: Path, split: str, windows: Any, labeler: ConceptLabeler, spec: CacheSpec, *,
+                 teacher_fp: str, sae_fp: str) -> dict[str, Any]:
+    """One split's cache with its ``artifact.json``: reused when complete, intact and of the same identity
+    (:func:`conceptlm.cocomix.identity.labels_identity`), resumed when unfinished, else refused with one line
+    (``pipeline.on_change=refuse``, the default) or recomputed (``rebuild``). The manifest records the identity
+    when the cache starts and the files' sha256 when it completes."""
+    from conceptlm.cocomix.costs import label_flops_per_token
+
+    on_change = on_change_of(cfg)
+    what = f"{path.parent.name}/{split}"
+    identity = labels_identity(cfg.labels, layer=cfg.teacher.layer, window=cfg.corpus.window, split=split,
+                               n_windows=len(windows), teacher=teacher_fp, sae=sae_fp,
+                               windows=windows_digest(windows))
+    try:
+        decision = decide(path, identity, on_change=on_change, what=what,  # type: ignore[arg-type]
+                          option=ON_CHANGE_OPTION, verify=False)
+    except StaleArtifactError as e:
+        raise StaleLabelCacheError(str(e)) from None
+    manifest = read_manifest(path)
+    if decision == "reuse" and is_complete(manifest):
+        problem = damaged_file(path, manifest)
+        if problem is not None and on_change != "rebuild":
+            raise DataError(f"{problem}; rerun with {ON_CHANGE_OPTION}=rebuild to recompute the cache")
+        if problem is not None:
+            log.warning("%s: rebuilding (%s)", what, problem)
+            decision = "rebuild"
+        else:
+            log.info("%s: reused (label cache %s)", what, identity.fingerprint[:12])
+    if decision == "rebuild":
+        remove_output(path)
+    finished = decision == "reuse" and is_complete(manifest)
+    fresh = missing_folders(path)  # what this call creates: removed again if the new cache is refused
+    if not finished:
+        begin(path, identity)
+    try:
+        summary = write_label_cache(path, windows, labeler, spec, progress=cfg.labels.progress,
+                                    desc=f"labels ({split})")
+    except LabelCacheError:
+        if fresh and not (path / PROGRESS).exists():
+            shutil.rmtree(fresh[-1], ignore_errors=True)
+        raise
+    if not finished:
+        tokens = summary["tokens"]
+        per_token = label_flops_per_token(labeler.teacher, cfg.teacher.layer, n_latents=labeler.n_latents,
+                                          k=int(labeler.sae.k), labels=cfg.labels)
+        write_manifest(path, identity, files=[HEADER, LABELS, MASK, PROGRESS],
+                       extra={"cost": {"tokens": tokens, "flops_per_token": per_token, "flops": per_token * tokens}})
+    return summary
+
+
 def open_labeled_windows(cache_dir: str | Path, windows: Any, *, k_attr: int | None = None,
-                         n_latents: int | None = None, verify: bool = True) -> LabeledWindows:
+                         n_latents: int | None = None, verify: bool = True, teacher: str | None = None,
+                         sae: str | None = None) -> LabeledWindows:
     """The windows of one split with their cached labels, for a student's Dataset.
+
+    The cache must be complete with its ``artifact.json``; with ``verify`` every file's sha256 is checked against
+    it first (one read of the cache: zeroed or flipped label rows are a one-line :class:`DataError` naming the
+    file, not a silently different student).
 
     Args:
         cache_dir: one split's cache folder (``{label_cache_dir}/train``).
         windows: that split's windows (same order as when the cache was written).
         k_attr, n_latents: values the student expects (checked against the cache header when given).
-        verify: check the windows' token hash against the header.
+        verify: check the files' checksums and the windows' token hash against the header.
+        teacher, sae: the weights fingerprints (:func:`conceptlm.cocomix.identity.weights_fingerprint`) of the
+            teacher and the SAE the caller uses now; the header must record the same ones.
     """
-    expect = {k: v for k, v in (("k_attr", k_attr), ("n_latents", n_latents)) if v is not None}
+    require(cache_dir, kind=LABELS_KIND, verify=verify, what=str(cache_dir))
+    expect: dict[str, Any] = {k: v for k, v in (("k_attr", k_attr), ("n_latents", n_latents)) if v is not None}
+    if teacher is not None:
+        expect["teacher"] = {"sha256": teacher}
+    if sae is not None:
+        expect["sae"] = {"sha256": sae}
     return LabeledWindows(windows, LabelCache(cache_dir, expect=expect), verify=verify)

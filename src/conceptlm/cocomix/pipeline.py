@@ -1,55 +1,61 @@
-"""The CoCoMix pipeline: teacher -> SAE -> labels -> students -> report, each stage resumable and skipped when done.
+"""The CoCoMix pipeline: teacher -> SAE -> labels -> students -> report, each stage reused only when what it would
+make now is what it made before.
 
 ``conceptlm cocomix pipeline --config configs/cocomix/tiny_cpu.yaml`` runs, in ``{run.out_dir}/{run.name}``:
 
-1. ``teacher/``: a tiny teacher trained on the corpus (``teacher.path: null``), else the given teacher is used;
-2. ``sae/``: the TopK SAE on block ``teacher.layer`` (the folder's own ``metrics.jsonl`` and checkpoints are the
-   SAE run's);
+1. ``teacher/``: a tiny teacher trained on the corpus (``teacher.path: null``), with its BPE tokenizer in
+   ``teacher/tokenizer/``; else the given teacher is used;
+2. ``sae/``: the TopK SAE on block ``teacher.layer`` (the run folder's own ``metrics.jsonl`` and checkpoints are
+   the SAE run's);
 3. ``labels/{train,val}``: the concept-label caches (``pipeline.labels: cached``);
 4. ``students/{arm}-s{seed}/``: one student run per arm and seed, all on the same windows, batches, optimizer and
    schedule (the ``train`` / ``optim`` / ``schedule`` sections), evaluated in eval mode at the same cadence;
 5. ``report/``: validation loss against tokens and against training FLOPs for every arm (PNG), and
-   ``report.md`` / ``report.json`` with the final losses and the tokens (and FLOPs) each arm needs to reach the
-   NTP baseline's final validation loss.
+   ``report.md`` / ``report.json`` built from each student's own saved config, metrics and recorded costs
+   (:mod:`conceptlm.cocomix.report`).
 
-A stage whose output exists is skipped; an interrupted stage continues from its newest checkpoint
-(``run.resume=auto`` is implied for the stages).
+Every output folder holds an ``artifact.json`` (:mod:`conceptlm.cocomix.identity`): the fingerprint of the
+settings that shaped it and of its inputs by content (the teacher's weights, the documents and token ids, the
+SAE's weights, the label caches), and the sha256 of its files. A stage reuses its output (and logs so) only when
+that fingerprint equals the one it would compute now; an unfinished stage with the same fingerprint continues from
+its newest checkpoint (``run.resume=auto`` is implied). Otherwise ``pipeline.on_change: refuse`` (the default)
+stops with one line naming what changed, e.g. ``students/ntp-s0: student.d_model 32 -> 48; rerun with
+pipeline.on_change=rebuild``, before anything is written, and ``rebuild`` removes and rebuilds exactly the
+stages whose fingerprint changed (each logged), i.e. those downstream of the change.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 from conceptlm.cocomix.config import CocomixConfig
-from conceptlm.core import checkpoint as ckpt_lib
+from conceptlm.cocomix.identity import (LABELS_KIND, log_to_stderr, on_change_of, run_stage, student_identity,
+                                        tiny_teacher_identity, windows_digest, world_size)
+from conceptlm.cocomix.report import (BASELINE_ARM, REPORT_DIR, STUDENTS_DIR, VAL_KEY, build_report, reach_point,
+                                      student_runs)
+from conceptlm.core.artifact import Identity, begin, fingerprint_of, write_manifest
 from conceptlm.core.errors import ConfigError
-from conceptlm.core.io import atomic_write_text
 
-__all__ = ["pipeline", "train", "report", "student_runs", "build_report", "reach_point", "STUDENTS_DIR", "REPORT_DIR"]
+__all__ = ["pipeline", "train", "report", "student_runs", "build_report", "reach_point", "check_arms",
+           "STUDENTS_DIR", "REPORT_DIR", "BASELINE_ARM", "VAL_KEY"]
 
 log = logging.getLogger(__name__)
-
-STUDENTS_DIR = "students"
-REPORT_DIR = "report"
-BASELINE_ARM = "ntp"
-VAL_KEY = "ntp"
-"""The eval column compared across arms: next-token CE per predicted token (the same for every arm)."""
-
 
 def _resumable(cfg: CocomixConfig) -> CocomixConfig:
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume="auto"))
 
 
-def student_runs(cfg: CocomixConfig) -> dict[str, list[Path]]:
-    """arm -> its run folders, one per seed (``students/{arm}-s{seed}``)."""
-    root = Path(cfg.run_dir) / STUDENTS_DIR
-    return {arm: [root / f"{arm}-s{seed}" for seed in cfg.pipeline.seeds] for arm in cfg.pipeline.arms}
+def check_arms(cfg: CocomixConfig) -> None:
+    """Resolve every arm of ``pipeline.arms`` (:func:`~conceptlm.cocomix.student.make_arm`) before any stage runs,
+    so an arm that cannot be built is refused before the teacher is trained."""
+    from conceptlm.cocomix.student import make_arm
+
+    for arm in cfg.pipeline.arms:
+        make_arm(arm, cfg.student, cfg.cocomix, seq_len=cfg.corpus.window)
 
 
 def _student_config(cfg: CocomixConfig, arm: str, seed: int, vocab_size: int) -> CocomixConfig:
@@ -63,31 +69,30 @@ def _student_config(cfg: CocomixConfig, arm: str, seed: int, vocab_size: int) ->
                                train=dataclasses.replace(cfg.train, seed=seed))
 
 
+def _uses_labels(sub: CocomixConfig) -> bool:
+    """The student reads concept labels (its concept head's loss, or its metric when lam = 0)."""
+    return bool(sub.student.concept_head)
+
+
 class _Stages:
-    """The pipeline's stages over one config; each loads what it needs lazily."""
+    """The pipeline's stages over one config; each loads what it needs lazily, once."""
 
     def __init__(self, cfg: CocomixConfig, command: str | None):
         self.cfg, self.command = cfg, command
         self.run_dir = Path(cfg.run_dir)
-        self._teacher = None
+        self.on_change = on_change_of(cfg)
+        self._teacher = self._teacher_fp = self._sae = self._sae_fp = self._documents = None
+        self._splits = self._digests = None
+        self.verify_seconds: float | None = None
 
-    # -------------------------------------------------------------------------------------- concept space
-    def sae(self) -> dict[str, Any]:
-        from conceptlm.cocomix.labels import SAE_DIR
-        from conceptlm.cocomix.sae import SAE_CONFIG
-        from conceptlm.cocomix.sae_train import train_sae
+    # -------------------------------------------------------------------------------------- inputs
+    def documents(self) -> tuple[list[str], list[str]]:
+        if self._documents is None:
+            from conceptlm.cocomix.corpus import load_documents, split_documents
 
-        out = self.run_dir / SAE_DIR
-        if (out / SAE_CONFIG).is_file():
-            log.info("SAE: %s exists, skipped", out)
-            return {"sae": str(out), "skipped": True}
-        res = train_sae(_resumable(self.cfg), command=self.command)
-        return {"sae": str(out), "skipped": False, "eval": res.last_eval}
-
-    def labels(self) -> dict[str, Any]:
-        from conceptlm.cocomix.labels import label
-
-        return label(self.cfg)
+            c = self.cfg.corpus
+            self._documents = split_documents(load_documents(c), c.val_fraction, c.seed)
+        return self._documents
 
     def teacher(self):
         """``(teacher model, tokenizer)`` of the run (the tiny one trained by the SAE stage, or ``teacher.path``)."""
@@ -98,233 +103,259 @@ class _Stages:
             self._teacher = load_teacher(self.cfg.teacher, path=resolve_teacher(self.cfg))
         return self._teacher
 
+    def teacher_fingerprint(self) -> str:
+        if self._teacher_fp is None:
+            from conceptlm.cocomix.identity import weights_fingerprint
+
+            self._teacher_fp = weights_fingerprint(self.teacher()[0])
+        return self._teacher_fp
+
+    def sae_module(self):
+        if self._sae is None:
+            from conceptlm.cocomix.labels import resolve_sae_dir
+            from conceptlm.cocomix.sae import load_sae
+
+            self._sae = load_sae(resolve_sae_dir(self.cfg))
+        return self._sae
+
+    def sae_fingerprint(self) -> str:
+        if self._sae_fp is None:
+            from conceptlm.cocomix.identity import weights_fingerprint
+
+            self._sae_fp = weights_fingerprint(self.sae_module())
+        return self._sae_fp
+
+    def splits(self):
+        if self._splits is None:
+            from conceptlm.cocomix.corpus import build_corpus
+
+            self._splits = build_corpus(self.cfg.corpus, self.teacher()[1], documents=self.documents())
+        return self._splits
+
+    def window_digests(self) -> dict[str, str | None]:
+        if self._digests is None:
+            s = self.splits()
+            self._digests = {"train": windows_digest(s.train.windows),
+                             "val": windows_digest(s.val.windows) if s.val is not None else None}
+        return self._digests
+
+    def _forget(self) -> None:
+        """A stage rewrote the teacher or the SAE: reload them when next needed."""
+        self._teacher = self._teacher_fp = self._sae = self._sae_fp = self._splits = self._digests = None
+
+    # -------------------------------------------------------------------------------------- concept space
+    def _teacher_reusable(self) -> bool:
+        """The tiny teacher can be used as it is (refused here, before anything is written, when it differs and
+        ``pipeline.on_change=refuse``); always true for ``teacher.path``."""
+        from conceptlm.cocomix.teacher import TINY_TEACHER_DIR
+
+        if self.cfg.teacher.path is not None:
+            return True
+        identity = tiny_teacher_identity(self.cfg.corpus, self.cfg.teacher, self.documents(), world_size())
+        if run_stage(self.run_dir / TINY_TEACHER_DIR, identity, on_change=self.on_change, what=TINY_TEACHER_DIR,
+                     remove=False) != "skip":
+            return False
+        log.info("%s: reused (tiny teacher %s)", TINY_TEACHER_DIR, identity.fingerprint[:12])
+        return True
+
+    def sae(self) -> dict[str, Any]:
+        from conceptlm.cocomix.identity import sae_identity
+        from conceptlm.cocomix.labels import SAE_DIR
+        from conceptlm.cocomix.sae_train import sae_run_config, train_sae
+
+        out = self.run_dir / SAE_DIR
+        if self._teacher_reusable():
+            identity = sae_identity(sae_run_config(self.cfg), self.teacher_fingerprint(),
+                                    self.window_digests()["train"], world_size())
+            if run_stage(out, identity, on_change=self.on_change, what=SAE_DIR, remove=False) == "skip":
+                log.info("%s: reused (SAE %s)", SAE_DIR, identity.fingerprint[:12])
+                return {"sae": str(out), "skipped": True}
+        self._forget()
+        res = train_sae(_resumable(self.cfg), command=self.command)
+        return {"sae": str(out), "skipped": False, "eval": res.last_eval}
+
+    def labels(self) -> dict[str, Any]:
+        from conceptlm.cocomix.labels import label
+
+        return label(self.cfg)
+
     def datasets(self):
-        """``(train, val)`` datasets for the students: windows with cached labels, or bare windows (online)."""
-        from conceptlm.cocomix.corpus import build_corpus
+        """``(train, val)`` datasets for the students: windows with cached labels (the caches' checksums verified,
+        their header's teacher and SAE checked against the current ones), or bare windows (online)."""
         from conceptlm.cocomix.labels import label_cache_dir, open_labeled_windows
 
-        _, tokenizer = self.teacher()
-        splits = build_corpus(self.cfg.corpus, tokenizer)
+        splits = self.splits()
         if self.cfg.pipeline.labels == "online":
             return splits.train, splits.val
         cache = label_cache_dir(self.cfg)
-        kw = {"k_attr": self.cfg.labels.k_attr, "n_latents": self.cfg.sae.n_latents}
+        kw = {"k_attr": self.cfg.labels.k_attr, "n_latents": self.cfg.sae.n_latents,
+              "teacher": self.teacher_fingerprint(), "sae": self.sae_fingerprint()}
+        start = time.perf_counter()
         val = open_labeled_windows(cache / "val", splits.val.windows, **kw) if splits.val is not None else None
-        return open_labeled_windows(cache / "train", splits.train.windows, **kw), val
+        train = open_labeled_windows(cache / "train", splits.train.windows, **kw)
+        self.verify_seconds = time.perf_counter() - start
+        log.info("label caches in %s: checksums, teacher and SAE verified in %.3f s", cache, self.verify_seconds)
+        return train, val
 
     def labeler(self):
         from conceptlm.cocomix.attribution import ConceptLabeler
-        from conceptlm.cocomix.labels import resolve_sae_dir
-        from conceptlm.cocomix.sae import load_sae
 
         teacher, _ = self.teacher()
-        return ConceptLabeler(teacher, load_sae(resolve_sae_dir(self.cfg)), self.cfg.teacher.layer, self.cfg.labels)
+        return ConceptLabeler(teacher, self.sae_module(), self.cfg.teacher.layer, self.cfg.labels)
 
     # -------------------------------------------------------------------------------------- students
-    def students(self) -> dict[str, Any]:
+    def student_identity(self, sub: CocomixConfig) -> Identity:
+        """What the student run ``sub`` is made from (:func:`conceptlm.cocomix.identity.student_identity`)."""
+        from conceptlm.cocomix.labels import label_cache_dir
+
+        online = self.cfg.pipeline.labels == "online"
+        reads = _uses_labels(sub)
+        windows = {k: v for k, v in self.window_digests().items() if v is not None}
+        labels = None
+        if reads and not online:
+            cache = label_cache_dir(self.cfg)
+            labels = {split: fingerprint_of(cache / split, kind=LABELS_KIND) for split in windows}
+        needs_teacher = sub.cocomix.kd_weight > 0 or (online and reads)
+        return student_identity(
+            sub, windows=windows, labels=labels, teacher=self.teacher_fingerprint() if needs_teacher else None,
+            sae=self.sae_fingerprint() if (online and reads) else None,
+            online_labels={**self.cfg.labels.describe(), "layer": self.cfg.teacher.layer} if (online and reads)
+            else None, n_processes=world_size())
+
+    def costs(self, sub: CocomixConfig) -> dict[str, float]:
+        """FLOPs per training token the student owes to its teacher (KD) and to its labels (see
+        :mod:`conceptlm.cocomix.costs`), recorded in its ``artifact.json`` for the report."""
+        from conceptlm.cocomix.costs import label_flops_per_token, teacher_forward_flops
+
+        out = {"teacher_flops_per_token": 0.0, "label_flops_per_token": 0.0}
+        if sub.cocomix.kd_weight > 0:
+            out["teacher_flops_per_token"] = teacher_forward_flops(self.teacher()[0])
+        if _uses_labels(sub) and sub.cocomix.lam > 0:
+            sae = self.sae_module()
+            out["label_flops_per_token"] = label_flops_per_token(
+                self.teacher()[0], self.cfg.teacher.layer, n_latents=sae.n_latents, k=int(sae.k),
+                labels=self.cfg.labels)
+        return out
+
+    def run_student(self, sub: CocomixConfig, train_ds, val_ds, *, skip_finished: bool = True) -> dict[str, Any]:
+        """One student run with its ``artifact.json`` (identity recorded at the start, files at the end)."""
         from conceptlm.cocomix.student import train_student
 
-        teacher, tokenizer = self.teacher()
+        what = f"{STUDENTS_DIR}/{sub.run.name}"
+        identity = self.student_identity(sub)
+        state = run_stage(sub.run_dir, identity, on_change=self.on_change, what=what, remove=_is_main())
+        if state == "skip" and skip_finished:
+            log.info("%s: reused (student %s)", what, identity.fingerprint[:12])
+            return {"skipped": True, "identity": identity, "state": state, "result": None}
+        cost = self.costs(sub)
+        if _is_main() and state != "skip":  # (a finished run of the same identity stays marked finished)
+            begin(sub.run_dir, identity, extra={"cost": cost})
+        log.info("%s: d=%d, %d layers, mix=%s, lam=%g, kd=%g (%s)", what, sub.student.d_model, sub.student.n_layers,
+                 sub.student.mix, sub.cocomix.lam, sub.cocomix.kd_weight, state)
+        online = self.cfg.pipeline.labels == "online" and sub.student.concept_head
+        teacher = self.teacher()[0] if sub.cocomix.kd_weight > 0 else None
+        start = time.perf_counter()
+        res = train_student(sub, command=self.command, train_ds=train_ds, eval_ds=val_ds, teacher=teacher,
+                            labeler=self.labeler() if online else None)
+        seconds = time.perf_counter() - start
+        if _is_main():
+            _finish_student(sub.run_dir, identity, cost, res)
+        return {"skipped": False, "identity": identity, "state": state, "eval": res.last_eval,
+                "seconds": seconds, "result": res}
+
+    def students(self) -> dict[str, Any]:
+        _, tokenizer = self.teacher()
         train_ds, val_ds = self.datasets()
-        online = self.cfg.pipeline.labels == "online"
         done: dict[str, Any] = {}
         # seed-major: a pipeline stopped part-way leaves every arm with the same seeds done (a usable report)
-        for seed in self.cfg.pipeline.seeds:
-            for arm in self.cfg.pipeline.arms:
-                sub = _student_config(self.cfg, arm, seed, len(tokenizer))
-                if ckpt_lib.run_finished(sub.run_dir, sub.train.max_steps):
-                    log.info("student %s: finished, skipped", sub.run.name)
-                    done[sub.run.name] = {"skipped": True}
-                    continue
-                log.info("student %s: d=%d, %d layers, mix=%s, lam=%g, kd=%g", sub.run.name, sub.student.d_model,
-                         sub.student.n_layers, sub.student.mix, sub.cocomix.lam, sub.cocomix.kd_weight)
-                labeler = self.labeler() if (online and sub.student.concept_head) else None
-                res = train_student(sub, command=self.command, train_ds=train_ds, eval_ds=val_ds,
-                                    teacher=teacher if sub.cocomix.kd_weight > 0 else None, labeler=labeler)
-                done[sub.run.name] = {"skipped": False, "eval": res.last_eval}
+        subs = [_student_config(self.cfg, arm, seed, len(tokenizer))
+                for seed in self.cfg.pipeline.seeds for arm in self.cfg.pipeline.arms]
+        if self.on_change == "refuse":  # refuse a changed student before training any other
+            for sub in subs:
+                run_stage(sub.run_dir, self.student_identity(sub), on_change="refuse",
+                          what=f"{STUDENTS_DIR}/{sub.run.name}", remove=False)
+        for sub in subs:
+            out = self.run_student(sub, train_ds, val_ds)
+            out.pop("result")
+            done[sub.run.name] = out
         return done
+
+    def expected_students(self) -> dict[str, Identity]:
+        """The identity every student of ``pipeline.arms`` x ``pipeline.seeds`` would have now."""
+        _, tokenizer = self.teacher()
+        return {f"{arm}-s{seed}": self.student_identity(_student_config(self.cfg, arm, seed, len(tokenizer)))
+                for seed in self.cfg.pipeline.seeds for arm in self.cfg.pipeline.arms}
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _finish_student(run_dir: Path, identity: Identity, cost: dict[str, float], res) -> None:
+    """Complete a student's manifest: its config, metrics and final checkpoint, with their sha256."""
+    files = [n for n in ("config.yaml", "metrics.jsonl") if (run_dir / n).is_file()]
+    extra: dict[str, Any] = {"cost": cost}
+    if res.checkpoint is not None:
+        ckpt = Path(res.checkpoint)
+        files += [p.relative_to(run_dir).as_posix() for p in sorted(ckpt.rglob("*")) if p.is_file()]
+        extra["checkpoint"] = ckpt.relative_to(run_dir).as_posix()
+    write_manifest(run_dir, identity, files=files, extra=extra)
 
 
 def pipeline(cfg: CocomixConfig, *, checkpoint: str | None = None, output: str | None = None,
              command: str | None = "conceptlm cocomix pipeline") -> dict[str, Any]:
-    """Run every stage (skipping finished ones) and write the report; returns the report's summary."""
+    """Run every stage (reusing those whose output has the fingerprint they would make now) and write the
+    report; returns the report's summary. See the module docstring for ``pipeline.on_change``."""
     if checkpoint is not None:
         raise ConfigError("the pipeline takes no --checkpoint (it continues its own run folder)", field="checkpoint")
+    log_to_stderr()
+    check_arms(cfg)
     stages = _Stages(cfg, command)
     summary: dict[str, Any] = {"run_dir": str(cfg.run_dir), "sae": stages.sae()}
     if cfg.pipeline.labels == "cached":
         lab = stages.labels()
         summary["labels"] = {k: lab[k] for k in ("path", "windows", "tokens", "tokens_per_s")}
-    summary["students"] = stages.students()
-    summary["report"] = build_report(cfg, output=output)
+    students = stages.students()
+    summary["students"] = {k: {n: v[n] for n in ("skipped", "eval") if n in v} for k, v in students.items()}
+    timed = [v["seconds"] for v in students.values() if "seconds" in v]
+    if stages.verify_seconds is not None and timed:
+        summary["label_cache_verification"] = {"seconds": stages.verify_seconds, "students_seconds": sum(timed),
+                                               "fraction": stages.verify_seconds / sum(timed)}
+    summary["report"] = build_report(cfg, output=output, expected={k: v["identity"] for k, v in students.items()})
     return summary
 
 
 def train(cfg: CocomixConfig, *, command: str | None = None):
     """``conceptlm cocomix train``: one student exactly as configured (``student`` + ``cocomix``), on the label
     cache of the run (made by ``label``) or with online labels (``pipeline.labels: online``), in
-    ``{run_dir}/students/{run.name}``."""
-    from conceptlm.cocomix.student import train_student
-
+    ``{run_dir}/students/{run.name}``, with its ``artifact.json`` (a run of other settings or inputs there is
+    refused, or rebuilt with ``pipeline.on_change=rebuild``)."""
+    log_to_stderr()
     stages = _Stages(cfg, command)
-    teacher, tokenizer = stages.teacher()
+    _, tokenizer = stages.teacher()
     train_ds, val_ds = stages.datasets()
     sub = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, vocab_size=len(tokenizer)),
                               run=dataclasses.replace(cfg.run, out_dir=str(Path(cfg.run_dir) / STUDENTS_DIR)))
-    online = cfg.pipeline.labels == "online" and sub.student.concept_head
-    return train_student(sub, command=command, train_ds=train_ds, eval_ds=val_ds,
-                         teacher=teacher if sub.cocomix.kd_weight > 0 else None,
-                         labeler=stages.labeler() if online else None)
+    return stages.run_student(sub, train_ds, val_ds, skip_finished=False)["result"]
 
 
-# ------------------------------------------------------------------------------------------------ report
 def report(cfg: CocomixConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict[str, Any]:
-    """``conceptlm cocomix report``: rebuild the report from the student runs that exist (``--output`` folder)."""
+    """``conceptlm cocomix report``: rebuild the report from the student runs that exist (``--output`` folder),
+    each from its own saved config, metrics and recorded costs. A student whose ``artifact.json`` does not match
+    what the current config would train is refused (``pipeline.on_change=refuse``) or flagged in the report
+    (``rebuild``: the report cannot retrain it; rerun the pipeline for that)."""
     if checkpoint is not None:
         raise ConfigError("report takes no --checkpoint (it reads the run folder's students)", field="checkpoint")
-    summary = build_report(cfg, output=output)
+    from conceptlm.core.artifact import read_manifest
+
+    log_to_stderr()
+    expected = None
+    if any(read_manifest(d) is not None for dirs in student_runs(cfg).values() for d in dirs if d.is_dir()):
+        expected = _Stages(cfg, None).expected_students()
+    summary = build_report(cfg, output=output, expected=expected)
     if not summary["arms"]:
         raise ConfigError(f"no student of {cfg.run_dir / STUDENTS_DIR} has evaluation metrics yet; run the "
                           "pipeline first", field="pipeline.arms")
     return summary
-
-
-def reach_point(curve: list[tuple[float, float]], target: float) -> float | None:
-    """The first x at which the piecewise-linear ``curve`` of ``(x, loss)`` reaches ``loss <= target``
-    (interpolated between eval points; ``None`` when it never does)."""
-    prev = None
-    for x, y in curve:
-        if y <= target:
-            if prev is None or prev[1] == y:
-                return x
-            (x0, y0) = prev
-            return x0 + (x - x0) * (y0 - target) / (y0 - y)
-        prev = (x, y)
-    return None
-
-
-def _eval_curve(run_dir: Path) -> list[tuple[float, float]]:
-    from conceptlm.core.metrics import read_metrics
-
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [(r["tokens_seen"], r[VAL_KEY]) for r in read_metrics(path)
-            if r.get("split") == "eval" and VAL_KEY in r and "tokens_seen" in r]
-
-
-def _mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    """Mean over seeds at the x values every seed logged."""
-    common = set.intersection(*(set(x for x, _ in c) for c in curves)) if curves else set()
-    return [(x, statistics.fmean(dict(c)[x] for c in curves)) for x in sorted(common)]
-
-
-def _teacher_forward_flops(cfg: CocomixConfig) -> float:
-    """Forward FLOPs per token of the teacher (2 x its non-embedding parameters; for KD arms, which run it on every
-    training batch)."""
-    from conceptlm.cocomix.labels import resolve_teacher
-    from conceptlm.cocomix.teacher import load_teacher
-
-    model, _ = load_teacher(cfg.teacher, path=resolve_teacher(cfg))
-    emb = model.get_input_embeddings().weight.numel()
-    return 2.0 * (sum(p.numel() for p in model.parameters()) - emb) + 2.0 * emb  # + the LM head (tied or not)
-
-
-def build_report(cfg: CocomixConfig, *, output: str | Path | None = None) -> dict[str, Any]:
-    """Curves and tables over the students that have metrics; returns the summary written to ``report.json``
-    less each arm's mean ``curve`` (kept in the file only: the returned summary is what the CLI prints)."""
-    from conceptlm.cocomix.student import count_parameters, flops_per_token
-    from conceptlm.plots.curves import plot_curves
-
-    out = Path(output or Path(cfg.run_dir) / REPORT_DIR)
-    runs = student_runs(cfg)
-    vocab = _vocab_of_runs(runs) or cfg.student.vocab_size
-    arms: dict[str, Any] = {}
-    kd_flops = None
-    for arm, dirs in runs.items():
-        curves = [c for c in (_eval_curve(d) for d in dirs) if c]
-        if not curves:
-            continue
-        sub = _student_config(cfg, arm, cfg.pipeline.seeds[0], vocab)
-        fpt = flops_per_token(sub.student, cfg.corpus.window)["total"]
-        if sub.cocomix.kd_weight > 0:
-            kd_flops = kd_flops if kd_flops is not None else _teacher_forward_flops(cfg)
-            fpt += kd_flops
-        finals = [c[-1][1] for c in curves]
-        arms[arm] = {
-            "seeds": len(curves), "final_val_loss": statistics.fmean(finals),
-            "final_val_loss_sd": statistics.stdev(finals) if len(finals) > 1 else None,  # undefined for 1 seed
-            "final_val_loss_per_seed": finals,
-            "tokens": curves[0][-1][0], "train_flops_per_token": fpt,
-            "active_parameters": count_parameters(sub.student)["active"],
-            "curve": _mean_curve(curves), "runs": [str(d) for d in dirs],
-        }
-    base = arms.get(BASELINE_ARM)
-    for name, a in arms.items():
-        a["tokens_to_baseline"] = a["tokens_fraction_of_baseline"] = a["flops_fraction_of_baseline"] = None
-        if base is None:
-            continue
-        reached = reach_point(a["curve"], base["final_val_loss"])
-        if reached is not None:
-            a["tokens_to_baseline"] = reached
-            a["tokens_fraction_of_baseline"] = reached / base["tokens"]
-            a["flops_fraction_of_baseline"] = (reached * a["train_flops_per_token"]
-                                               / (base["tokens"] * base["train_flops_per_token"]))
-    summary = {"baseline": BASELINE_ARM if base else None, "metric": f"eval {VAL_KEY} (nats per token)",
-               "window": cfg.corpus.window, "arms": arms}
-    if arms:
-        out.mkdir(parents=True, exist_ok=True)
-        dirs = {f"{arm}-s{cfg.pipeline.seeds[0]}": runs[arm][0] for arm in arms}
-        scale = {f"{arm}-s{cfg.pipeline.seeds[0]}": arms[arm]["train_flops_per_token"] for arm in arms}
-        summary["plots"] = [
-            str(plot_curves(dirs, out / "val_loss_vs_tokens.png", keys=(VAL_KEY,), x="tokens_seen",
-                            x_label="training tokens", splits=("eval",), title="validation loss vs tokens")),
-            str(plot_curves(dirs, out / "val_loss_vs_flops.png", keys=(VAL_KEY,), x="tokens_seen", x_scale=scale,
-                            x_label="training FLOPs (student matmuls; + teacher forward for KD)", splits=("eval",),
-                            title="validation loss vs FLOPs")),
-        ]
-        atomic_write_text(out / "report.md", _markdown(summary))
-        atomic_write_text(out / "report.json", json.dumps(summary, indent=2))
-        summary["markdown"] = str(out / "report.md")
-    for a in arms.values():  # the curves stay in report.json; the returned summary is what the CLI prints
-        del a["curve"]
-    return summary
-
-
-def _vocab_of_runs(runs: dict[str, list[Path]]) -> int | None:
-    """The students' vocabulary size, read back from a student's saved config (it is the teacher's)."""
-    import yaml
-
-    for dirs in runs.values():
-        for d in dirs:
-            path = d / "config.yaml"
-            if path.is_file():
-                return int(yaml.safe_load(path.read_text(encoding="utf-8"))["student"]["vocab_size"])
-    return None
-
-
-def _fmt(x: float | None, pct: bool = False) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "not reached"
-    return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
-
-
-def _markdown(summary: dict[str, Any]) -> str:
-    lines = [
-        "# CoCoMix students", "",
-        f"Validation metric: {summary['metric']}, window {summary['window']} tokens; mean over seeds "
-        "(± sample sd, from two seeds on). 'to reach NTP' = the fraction of the NTP baseline's training tokens "
-        "(and training FLOPs) at which the arm's mean validation curve first reaches the baseline's final loss "
-        "(linear interpolation between evaluations).", "",
-        "| arm | seeds | active params | train MFLOP/token | final val loss | tokens to reach NTP | FLOPs to reach NTP "
-        "| final val loss per seed |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, a in summary["arms"].items():
-        sd = "" if a["final_val_loss_sd"] is None else f" ± {a['final_val_loss_sd']:.4f}"
-        lines.append(f"| {name} | {a['seeds']} | {a['active_parameters']:,} | {a['train_flops_per_token'] / 1e6:.4g} "
-                     f"| {a['final_val_loss']:.4f}{sd} "
-                     f"| {_fmt(a['tokens_fraction_of_baseline'], True)} "
-                     f"| {_fmt(a['flops_fraction_of_baseline'], True)} "
-                     f"| {', '.join(f'{x:.4f}' for x in a['final_val_loss_per_seed'])} |")
-    return "\n".join(lines) + "\n"

@@ -336,14 +336,21 @@ def read_sae_config(directory: str | Path) -> dict[str, Any]:
 
 
 def load_sae(directory: str | Path, *, device: str | torch.device = "cpu") -> TopKSAE:
-    """Load an SAE written by :func:`save_sae` (strict: every tensor present with its shape, nothing else).
+    """Load an SAE written by :func:`save_sae` (strict: every tensor present with its shape, nothing else), or an
+    SAE saved by EleutherAI sparsify, SAELens (a folder) or OpenAI (a ``.pt`` file), converted exactly
+    (:func:`conceptlm.cocomix.sae_formats.load_any_sae`).
 
-    The layer and teacher identity are in ``sae.meta``. Raises a one-line :class:`CheckpointError`.
+    The layer and teacher identity of our own SAEs are in ``sae.meta``. Raises a one-line :class:`CheckpointError`
+    (also for a folder in no known layout).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if directory.exists() and not (directory / SAE_CONFIG).is_file():
+        from conceptlm.cocomix.sae_formats import load_any_sae
+
+        return load_any_sae(directory).to(device)  # a foreign layout (or a one-line error naming the folder)
     cfg = read_sae_config(directory)
     try:
         sae = TopKSAE(cfg["d_in"], cfg["n_latents"], cfg["k"], normalize_input=cfg["normalize_input"],

@@ -32,10 +32,11 @@ from typing import Any
 
 import torch
 
-from conceptlm.cocomix.sae import SAE_CONFIG, TopKSAE, load_params, load_sae
+from conceptlm.cocomix.sae import SAE_CONFIG, SAE_WEIGHTS, TopKSAE, load_params, load_sae
 from conceptlm.core.errors import CheckpointError
 
-__all__ = ["load_any_sae", "load_sparsify_sae", "load_saelens_sae", "load_openai_sae", "detect_sae_format"]
+__all__ = ["load_any_sae", "load_sparsify_sae", "load_saelens_sae", "load_openai_sae", "detect_sae_format",
+           "sae_weights_file"]
 
 
 def detect_sae_format(path: str | Path) -> str:
@@ -59,6 +60,13 @@ def detect_sae_format(path: str | Path) -> str:
     raise CheckpointError(f"{p}: not a known SAE format (expected sae.json + sae.safetensors, cfg.json + "
                           "sae.safetensors (sparsify), cfg.json + sae_weights.safetensors (SAELens), or a .pt "
                           "file (OpenAI))")
+
+
+def sae_weights_file(path: str | Path) -> Path:
+    """The file that holds the weights of the SAE at ``path`` (any supported format), e.g. to key a cache by it."""
+    p = Path(path)
+    return {"ours": p / SAE_WEIGHTS, "sparsify": p / "sae.safetensors", "saelens": p / "sae_weights.safetensors",
+            "openai": p}[detect_sae_format(p)]
 
 
 def load_any_sae(path: str | Path) -> TopKSAE:

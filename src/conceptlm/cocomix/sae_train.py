@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from conceptlm.cocomix.corpus import CorpusSection, build_corpus, collate_windows, corpus_identity
-from conceptlm.cocomix.sae import (DEFAULT_DEAD_AFTER_TOKENS, TopKSAE, auxk_sum, fvu_terms, l0_terms, load_params,
-                                   mse_sum, save_sae)
+from conceptlm.cocomix.sae import (DEFAULT_DEAD_AFTER_TOKENS, SAE_CONFIG, SAE_WEIGHTS, TopKSAE, auxk_sum, fvu_terms,
+                                   l0_terms, load_params, mse_sum, save_sae)
 from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, TeacherSection, hidden_at_layer, load_teacher,
                                        teacher_identity, teacher_width, train_tiny_teacher)
 from conceptlm.core.config import RunConfig, check, with_own_length
@@ -200,21 +200,44 @@ def sae_run_config(cfg: SAETrainConfig) -> SAETrainConfig:
 
 def train_sae(cfg: SAETrainConfig, *, command: str | None = None) -> TrainResult:
     """Train the SAE of ``cfg`` (see the module docstring). Returns the loop's result; the SAE is in
-    ``{run_dir}/sae``."""
+    ``{run_dir}/sae`` with an ``artifact.json`` (:func:`conceptlm.cocomix.identity.sae_identity`: the SAE
+    settings, the teacher's weights and the training windows by content), recorded when the run starts.
+
+    An SAE of other settings or inputs in ``{run_dir}/sae`` is refused with one line naming the change, before
+    anything is written (``pipeline.on_change=rebuild``, when the config has a ``pipeline`` section: the SAE, its
+    checkpoints and metrics are removed and it is trained again); the tiny teacher (``teacher.path: null``) is
+    checked the same way first.
+    """
+    from conceptlm.cocomix.costs import sae_train_flops
+    from conceptlm.cocomix.identity import on_change_of, run_stage, sae_identity, windows_digest
+    from conceptlm.core.artifact import begin, write_manifest
+    from conceptlm.core.lock import RunLock
+
     cfg.validate()
     cfg = sae_run_config(cfg)
+    on_change = on_change_of(cfg)
     with run_session(cfg, command) as session:
         info = session.info
         teacher_path = cfg.teacher.path
-        session.create_run_dir()
         if teacher_path is None:
             teacher_path = str(train_tiny_teacher(cfg.corpus, cfg.teacher, cfg.run_dir / TINY_TEACHER_DIR, info,
-                                                  command=command, progress=cfg.train.progress))
+                                                  command=command, progress=cfg.train.progress,
+                                                  on_change=on_change))
         teacher, tokenizer = load_teacher(cfg.teacher, path=teacher_path, device=info.device)
         splits = build_corpus(cfg.corpus, tokenizer)
+        identity = teacher_identity(teacher_path, cfg.teacher.layer, model=teacher)
+        out = cfg.run_dir / SAE_OUTPUT_DIR
+        artifact = sae_identity(cfg, identity["fingerprint"], windows_digest(splits.train.windows), info.world_size)
+        state = run_stage(out, artifact, on_change=on_change, what=SAE_OUTPUT_DIR, remove=info.is_main)
+        if state == "rebuild" and info.is_main:  # the SAE run's own checkpoints and metrics go with it
+            session.lock = RunLock(cfg.run_dir).acquire()
+            _remove_sae_run(cfg.run_dir)
+        barrier()
+        session.create_run_dir()
+        if info.is_main and state != "skip":  # (a finished SAE of the same identity stays marked finished)
+            begin(out, artifact)
         d_in = teacher_width(teacher)
         sae = build_sae(cfg.sae, d_in)
-        identity = teacher_identity(teacher_path, cfg.teacher.layer)
         sae.meta = {"layer": cfg.teacher.layer, "teacher": identity}
         unit = SAEUnit(sae, teacher, cfg.teacher.layer, aux_coef=cfg.sae.aux_coef).to(info.device)
         mean = _initial_mean(unit, splits.train.windows[: cfg.sae.init_windows], info.device)
@@ -228,7 +251,23 @@ def train_sae(cfg: SAETrainConfig, *, command: str | None = None) -> TrainResult
                      artifacts={"sae_config": _SAEConfigArtifact(config), "tokenizer": tokenizer})
         if info.is_main:
             final = _sae_from_state(sae, {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()})
-            save_sae(final, cfg.run_dir / SAE_OUTPUT_DIR, layer=cfg.teacher.layer, teacher=identity)
-            log.info("SAE written to %s (%s)", cfg.run_dir / SAE_OUTPUT_DIR, result.last_eval)
+            save_sae(final, out, layer=cfg.teacher.layer, teacher=identity)
+            t = cfg.train
+            tokens = t.max_steps * t.micro_batch_size * t.grad_accum * info.world_size * cfg.corpus.window
+            cost = sae_train_flops(teacher, cfg.teacher.layer, n_latents=cfg.sae.n_latents, k=cfg.sae.k,
+                                   tokens=tokens)
+            write_manifest(out, artifact, files=[SAE_WEIGHTS, SAE_CONFIG],
+                           extra={"cost": {"train_tokens": tokens, "train_flops": cost}})
+            log.info("SAE written to %s (%s)", out, result.last_eval)
         barrier()
         return result
+
+
+def _remove_sae_run(run_dir: Path) -> None:
+    """What an SAE run wrote at the top of its run folder (checkpoints, metrics, TensorBoard), for a rebuild."""
+    import shutil
+
+    for name in ("checkpoints", "tb"):
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)

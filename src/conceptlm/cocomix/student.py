@@ -157,9 +157,17 @@ def make_arm(name: str, student: StudentSection, cocomix: CocomixSection, *, seq
     ``cocomix_pos`` / ``pause_pos``: ``cocomix`` / ``pause`` with token t's position embedding added to its second
     slot (``student.slot_positions``, gpt2 style; in the llama style they equal ``cocomix`` / ``pause``: RoPE
     already gives the slots positions).
+
+    Raises:
+        ConfigError: ``cocomix`` or ``mix_only`` with ``student.mix`` ``add`` / ``pause``: the arm named
+            ``cocomix`` would silently be the ``add`` / ``pause`` arm (list that arm instead).
     """
     if name not in ARMS:
         raise ConfigError(f"unknown arm {name!r}; choose one of {', '.join(ARMS)}", field="arm")
+    if name in ("cocomix", "mix_only") and student.mix not in ("interleave", "none"):
+        raise ConfigError(f"{student.mix!r} would turn the arm {name!r} (the concept interleaved) into another arm; "
+                          f"the arms set their own mixing: keep student.mix=interleave and list the "
+                          f"{'add' if student.mix == 'add' else 'pause'} arm in pipeline.arms", field="student.mix")
     s = dataclasses.replace(student, mix="interleave" if student.mix == "none" else student.mix, concept_head=True)
     if s.mix == "add":
         s = dataclasses.replace(s, slot_positions=False)

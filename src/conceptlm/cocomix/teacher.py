@@ -13,8 +13,6 @@ residual stream after one block without running the blocks above it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,22 +186,24 @@ def hidden_at_layer(model: nn.Module, input_ids: torch.Tensor, layer: int,
     raise RuntimeError(f"block {layer} did not run")  # pragma: no cover - the hook always fires
 
 
-def teacher_identity(path: str | Path, layer: int) -> dict[str, Any]:
-    """A JSON-able identity of a teacher folder: its path, architecture, width, depth, the SAE layer and a hash
-    of its ``config.json`` and weight file sizes (written into ``sae.json``)."""
-    resolved = Path(resolve_teacher_path(path))
-    if not resolved.is_dir():
-        from conceptlm.core.gguf import resolve_model_path
+def teacher_identity(path: str | Path, layer: int, model: nn.Module | None = None) -> dict[str, Any]:
+    """A JSON-able identity of a teacher (written into ``sae.json``): where it was loaded from (information only),
+    its architecture, width, depth, the SAE layer and ``fingerprint``, the sha256 of its weights by content
+    (:func:`conceptlm.cocomix.identity.weights_fingerprint` of the fp32 model :func:`load_teacher` returns), so a
+    re-initialised teacher of the same shape is another teacher.
 
-        resolved = Path(resolve_model_path(path))
-    cfg = json.loads((resolved / "config.json").read_text(encoding="utf-8"))
-    digest = hashlib.sha256((resolved / "config.json").read_bytes())
-    for f in sorted(resolved.glob("*.safetensors")):
-        digest.update(f"{f.name}:{f.stat().st_size}".encode())
-    return {"path": str(path), "model_dir": str(resolved), "model_type": cfg.get("model_type"),
-            "hidden_size": cfg.get("hidden_size", cfg.get("n_embd")),
-            "num_layers": cfg.get("num_hidden_layers", cfg.get("n_layer")), "layer": layer,
-            "fingerprint": digest.hexdigest()[:16]}
+    Args:
+        model: the teacher already loaded from ``path`` (by :func:`load_teacher`); loaded here when None.
+    """
+    from conceptlm.cocomix.identity import weights_fingerprint
+
+    resolved = resolve_teacher_path(path)
+    if model is None:
+        model = hf.load_causal_lm(resolved, dtype=torch.float32)
+    cfg = model.config
+    return {"path": str(path), "model_dir": str(resolved), "model_type": getattr(cfg, "model_type", None),
+            "hidden_size": teacher_width(model), "num_layers": len(teacher_blocks(model)), "layer": layer,
+            "fingerprint": weights_fingerprint(model)}
 
 
 # ----------------------------------------------------------------------------------------------- tiny teacher
@@ -250,63 +250,92 @@ def _tiny_config(corpus: CorpusSection, teacher: TeacherSection, out_dir: Path,
     return cfg
 
 
-def _tokenizer(out_dir: Path, train_docs: list[str], vocab_size: int):
-    """The tiny teacher's tokenizer: reloaded from ``out_dir/tokenizer`` when a previous call saved it."""
+def _tokenizer(out_dir: Path, train_docs: list[str], vocab_size: int, *, on_change: str = "refuse"):
+    """The tiny teacher's tokenizer in ``out_dir/tokenizer``: reloaded when its ``artifact.json`` says it was
+    trained on these training documents with this vocabulary size; else trained (a tokenizer of other documents or
+    of an older version is refused, or replaced with ``on_change="rebuild"``)."""
+    from conceptlm.cocomix.identity import ON_CHANGE_OPTION, tokenizer_identity
+    from conceptlm.core.artifact import decide, write_manifest
     from conceptlm.core.io import atomic_dir
 
     where = out_dir / "tokenizer"
-    if (where / "tokenizer.json").is_file():
+    identity = tokenizer_identity(train_docs, vocab_size)
+    if decide(where, identity, on_change=on_change, what=f"{out_dir.name}/tokenizer",  # type: ignore[arg-type]
+              option=ON_CHANGE_OPTION) == "reuse":
         return hf.load_tokenizer(where)
     tok = train_bpe_tokenizer(train_docs, vocab_size=vocab_size)
     with atomic_dir(where) as tmp:
         tok.save_pretrained(str(tmp))
+        write_manifest(tmp, identity)
     return hf.load_tokenizer(where)
 
 
 def train_tiny_teacher(corpus: CorpusSection, teacher: TeacherSection, out_dir: str | Path, info: DistInfo, *,
-                       command: str | None = None, progress: bool = True) -> Path:
+                       command: str | None = None, progress: bool = True, on_change: str = "refuse") -> Path:
     """Train (or finish, or reuse) a tiny HF causal LM on the corpus windows with next-token prediction.
 
-    The run lives in ``out_dir`` (checkpoints, metrics, config) and resumes from its newest checkpoint. Its
-    tokenizer is a BPE trained on the corpus's training documents (``teacher.vocab_size``).
+    The run lives in ``out_dir`` (checkpoints, metrics, config, ``tokenizer/``) with an ``artifact.json``
+    (:func:`conceptlm.cocomix.identity.tiny_teacher_identity`: the teacher settings, the window and the documents
+    by content), recorded when the run starts and completed with the export's files at the end. A finished run of
+    the same identity is reused; an unfinished one resumes from its newest intact checkpoint; one of other
+    settings or documents is refused with one line naming the change (``on_change="refuse"``) or trained again
+    from scratch (``"rebuild"``). Its tokenizer is a BPE trained on the corpus's training documents
+    (``teacher.vocab_size``).
 
     Args:
         info: the process's :class:`DistInfo` (from the caller's run session).
 
     Returns:
         The HF export (``checkpoints/step_N/model``) of the final step; it loads with ``from_pretrained``.
+
+    Raises:
+        StaleArtifactError: ``out_dir`` holds a teacher of other settings or documents and ``on_change="refuse"``.
     """
-    out_dir = Path(out_dir)
-    latest = ckpt_lib.find_resumable_checkpoint(out_dir) if out_dir.is_dir() else None
-    if latest is not None and ckpt_lib.checkpoint_step(latest) >= teacher.steps:
-        return latest / "model"
-    cfg = _tiny_config(corpus, teacher, out_dir, progress)
-    train_docs, val_docs = split_documents(load_documents(corpus), corpus.val_fraction, corpus.seed)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = _tokenizer(out_dir, train_docs, teacher.vocab_size)
+    from conceptlm.cocomix.costs import train_flops
+    from conceptlm.cocomix.identity import run_stage, tiny_teacher_identity
+    from conceptlm.core.artifact import begin, read_manifest, write_manifest
     from conceptlm.core.distributed import barrier
 
-    barrier()
-    if not info.is_main:
-        tokenizer = _tokenizer(out_dir, train_docs, teacher.vocab_size)
-    splits = build_corpus(corpus, tokenizer, documents=(train_docs, val_docs))
-    model = hf.build_tiny_model(teacher.arch, len(tokenizer), hidden_size=teacher.hidden_size,
-                                num_layers=teacher.num_layers, num_heads=teacher.num_heads,
-                                max_position_embeddings=max(corpus.window, 16),
-                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                eos_token_id=tokenizer.eos_token_id, seed=teacher.seed)
-    unit = NextTokenUnit(model)
-    plan = make_plan(cfg, info, splits.train)
+    out_dir = Path(out_dir)
+    train_docs, val_docs = split_documents(load_documents(corpus), corpus.val_fraction, corpus.seed)
+    identity = tiny_teacher_identity(corpus, teacher, (train_docs, val_docs), info.world_size)
+    state = run_stage(out_dir, identity, on_change=on_change, what=out_dir.name, remove=info.is_main)
+    if state == "skip":
+        log.info("%s: reused (tiny teacher %s)", out_dir.name, identity.fingerprint[:12])
+        return out_dir / read_manifest(out_dir)["export"]
+    barrier()  # rank 0 has removed a teacher being rebuilt
+    cfg = _tiny_config(corpus, teacher, out_dir, progress)
     lock = RunLock(cfg.run_dir)
     try:
         create_run_dir(cfg, info, command=command, lock=lock)
+        if info.is_main:
+            begin(out_dir, identity)
+            tokenizer = _tokenizer(out_dir, train_docs, teacher.vocab_size, on_change=on_change)
+        barrier()
+        if not info.is_main:
+            tokenizer = _tokenizer(out_dir, train_docs, teacher.vocab_size, on_change=on_change)
+        splits = build_corpus(corpus, tokenizer, documents=(train_docs, val_docs))
+        model = hf.build_tiny_model(teacher.arch, len(tokenizer), hidden_size=teacher.hidden_size,
+                                    num_layers=teacher.num_layers, num_heads=teacher.num_heads,
+                                    max_position_embeddings=max(corpus.window, 16),
+                                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, seed=teacher.seed)
+        unit = NextTokenUnit(model)
+        plan = make_plan(cfg, info, splits.train)
         res = fit(cfg, info, unit, train_ds=splits.train, eval_ds=splits.val, collate_fn=collate_windows,
                   source_name=corpus_identity(corpus), artifacts={"tokenizer": tokenizer}, plan=plan)
+        if res.checkpoint is None:
+            raise RuntimeError(f"the tiny teacher in {out_dir} wrote no checkpoint")
+        export = Path(res.checkpoint) / "model"
+        if info.is_main:
+            files = [p.relative_to(out_dir).as_posix() for p in sorted(export.rglob("*")) if p.is_file()]
+            files += [p.relative_to(out_dir).as_posix() for p in sorted((out_dir / "tokenizer").rglob("*"))
+                      if p.is_file() and p.name != "artifact.json"]
+            tokens = teacher.steps * teacher.batch_size * corpus.window * info.world_size
+            write_manifest(out_dir, identity, files=files,
+                           extra={"export": export.relative_to(out_dir).as_posix(),
+                                  "cost": {"train_tokens": tokens, "train_flops": train_flops(model, tokens)}})
+            log.info("tiny teacher: step %d, %s", res.step, res.last_eval)
     finally:
         lock.release()
-    if res.checkpoint is None:
-        raise RuntimeError(f"the tiny teacher in {out_dir} wrote no checkpoint")
-    if info.is_main:
-        log.info("tiny teacher: step %d, %s", res.step, res.last_eval)
-    return Path(res.checkpoint) / "model"
+    return export

@@ -7,6 +7,7 @@ function downloads anything: models and tokenizers load from local directories o
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "ModelPathError",
     "build_tiny_model",
     "load_causal_lm",
+    "check_safetensors_files",
     "load_tokenizer",
     "ensure_pad_token",
     "resize_token_embeddings",
@@ -199,10 +201,48 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None,
         kwargs["attn_implementation"] = attn
     if dtype is not None:
         kwargs["dtype"] = dtype
+    check_safetensors_files(p)
+    from safetensors import SafetensorError
+
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelPathError(f"cannot load a causal LM from {str(p)!r}: {err}") from err
+    except pickle.UnpicklingError as err:  # transformers reads .bin files with torch.load(weights_only=True)
+        files = ", ".join(f.name for f in sorted(p.glob("*.bin"))) or "its weights"
+        raise ModelPathError(f"{p}: {files} cannot be loaded safely (it holds Python objects that weights-only "
+                             "unpickling refuses); conceptlm loads weights only through safetensors or weights-only "
+                             "torch.load: convert the checkpoint to safetensors where you trust it") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise ModelPathError(f"cannot load a causal LM from {str(p)!r}: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, without terminal colour codes, at most ``limit`` chars."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def check_safetensors_files(directory: str | Path) -> None:
+    """Check every ``*.safetensors`` file in ``directory`` against its own header (8-byte length, JSON header, data
+    offsets): a truncated or damaged file is a one-line :class:`ModelPathError` naming it. Reads the headers only."""
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                raw = fh.read(8)
+                n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+                if not 2 <= n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit in the file")
+                header = json.loads(fh.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ModelPathError(f"{f}: not a readable safetensors file ({_one_line(err, 120)}); the file is "
+                                 "damaged or truncated: copy or save it again") from None
+        if 8 + n + end != size:
+            raise ModelPathError(f"{f}: truncated or damaged ({size} bytes, its header describes {8 + n + end}); "
+                                 "copy or save it again")
 
 
 def _load_adapter(p: Path, *, dtype: torch.dtype | None, attn_implementation: str | None):
