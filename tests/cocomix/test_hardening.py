@@ -317,3 +317,24 @@ def test_cli_prints_each_refusal_as_one_line(env, tmp_path, capsys):
     assert_one_line_cli_error(rc, err, "model.safetensors")
     for sub in ("a", "b", "c"):
         assert not (tmp_path / sub / "cocomix_tiny" / "labels").exists()
+
+
+def test_the_pipeline_trains_no_sae_when_one_is_given(env, tmp_path):
+    from conceptlm.cocomix.pipeline import _Stages
+
+    write, name = WRITERS["sparsify"]
+    foreign = tmp_path / name
+    write(foreign)
+    cfg = make_cfg(env, tmp_path, f"labels.sae_path={foreign}", "run.name=given")
+    stages = _Stages(cfg, None)
+    assert stages.sae() == {"sae": str(foreign), "skipped": True, "given": True}
+    assert not (tmp_path / "given" / "sae").exists()
+    assert stages.labeler().sae.n_latents == C  # the given SAE labels (online path), its settings checked
+
+
+def test_online_labels_check_the_sae_settings_too(env, tmp_path):
+    from conceptlm.cocomix.pipeline import _Stages
+
+    cfg = make_cfg(env, tmp_path, f"sae.n_latents={C + 1}", f"student.n_concepts={C + 1}", "pipeline.labels=online")
+    with pytest.raises(ConfigError, match="sae.n_latents"):
+        _Stages(cfg, None).labeler()

@@ -164,6 +164,9 @@ class _Stages:
         from conceptlm.cocomix.sae_train import sae_run_config, train_sae
 
         out = self.run_dir / SAE_DIR
+        if self.cfg.labels.sae_path:  # a given SAE (ours or sparsify / SAELens / OpenAI): nothing to train
+            log.info("%s: not trained, labels.sae_path=%s is used", SAE_DIR, self.cfg.labels.sae_path)
+            return {"sae": str(self.cfg.labels.sae_path), "skipped": True, "given": True}
         if self._teacher_reusable():
             identity = sae_identity(sae_run_config(self.cfg), self.teacher_fingerprint(),
                                     self.window_digests()["train"], world_size())
@@ -200,7 +203,10 @@ class _Stages:
     def labeler(self):
         from conceptlm.cocomix.attribution import ConceptLabeler
 
+        from conceptlm.cocomix.labels import check_sae_settings, resolve_sae_dir
+
         teacher, _ = self.teacher()
+        check_sae_settings(self.cfg, self.sae_module(), resolve_sae_dir(self.cfg))
         return ConceptLabeler(teacher, self.sae_module(), self.cfg.teacher.layer, self.cfg.labels)
 
     # -------------------------------------------------------------------------------------- students
