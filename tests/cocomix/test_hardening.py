@@ -338,3 +338,10 @@ def test_online_labels_check_the_sae_settings_too(env, tmp_path):
     cfg = make_cfg(env, tmp_path, f"sae.n_latents={C + 1}", f"student.n_concepts={C + 1}", "pipeline.labels=online")
     with pytest.raises(ConfigError, match="sae.n_latents"):
         _Stages(cfg, None).labeler()
+
+
+def test_a_key_given_twice_in_a_corpus_record_is_an_error(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "a b c"}\n{"text": "x", "text": "y"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"c.jsonl:2: field 'text': duplicate key 'text'"):
+        load_documents(CorpusSection(source=str(path)))

@@ -403,3 +403,10 @@ def test_prepare_takes_the_folder_lock_and_a_refused_run_leaves_nothing(encoders
     with pytest.raises(ConceptLMError, match="no documents to prepare"):
         prepare_docs(prepare_cfg(encoders[0], nothing, docs=DocsSection(source=str(empty)), skip_bad=True))
     assert not nothing.exists()
+
+
+def test_a_key_given_twice_in_a_document_record_is_an_error(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "One. Two."}\n{"text": "first", "text": "second"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"docs.jsonl:2: field 'text': duplicate key 'text'"):
+        list(iter_documents(DocsSection(source=str(path))))

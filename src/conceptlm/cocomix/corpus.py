@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from conceptlm.core.config import check
 from conceptlm.core.errors import DataError
+from conceptlm.data.chat import DuplicateKeyError, refuse_duplicate_keys
 from conceptlm.data.text import read_text_file
 
 __all__ = ["CorpusSection", "GeneratedDocument", "generate_documents", "read_documents", "load_documents",
@@ -262,7 +263,9 @@ def _read_jsonl(path: Path, text_field: str, limit: int) -> tuple[list[str], int
         if limit and len(docs) >= limit:
             return docs, sum(1 for rest in lines[lineno - 1:] if rest.strip())
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=refuse_duplicate_keys)
+        except DuplicateKeyError as e:
+            raise DataError(str(e), path=path, line=lineno, field=e.key) from None
         except json.JSONDecodeError as e:
             raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
         try:

@@ -31,6 +31,7 @@ from typing import Literal
 
 from conceptlm.core.config import check
 from conceptlm.core.errors import DataError
+from conceptlm.data.chat import DuplicateKeyError, refuse_duplicate_keys
 
 __all__ = ["DocsSection", "iter_documents", "generate_document", "SCRIPTS", "instruction_text", "split_instruction"]
 
@@ -303,7 +304,9 @@ def _jsonl_docs(path: Path, section: DocsSection, skip_bad: bool, skipped: Count
                 if not text.strip():
                     continue
                 try:
-                    obj = json.loads(text)
+                    obj = json.loads(text, object_pairs_hook=refuse_duplicate_keys)
+                except DuplicateKeyError as e:
+                    raise DataError(str(e), path=path, line=line_no, field=e.key) from None
                 except (json.JSONDecodeError, RecursionError, ValueError) as e:
                     msg = f"invalid JSON at column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) \
                         else "invalid JSON"
