@@ -410,3 +410,17 @@ def test_a_key_given_twice_in_a_document_record_is_an_error(tmp_path):
     path.write_text('{"text": "One. Two."}\n{"text": "first", "text": "second"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"docs.jsonl:2: field 'text': duplicate key 'text'"):
         list(iter_documents(DocsSection(source=str(path))))
+
+
+def test_the_same_documents_at_another_path_reuse_every_shard(tmp_path, encoders):
+    src = tmp_path / "a" / "docs.jsonl"
+    src.parent.mkdir()
+    src.write_text("".join(json.dumps({"text": f"Doc {i} starts here. It has a second sentence. And a third one."})
+                           + "\n" for i in range(12)), encoding="utf-8")
+    moved = tmp_path / "b" / "docs.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(src, moved)
+    first = prepare(_config(tmp_path, encoders[0], f"docs.source={src}", "prepare.shard_size=5"))
+    again = prepare(_config(tmp_path, encoders[0], f"docs.source={moved}", "prepare.shard_size=5"))
+    assert first["shards_written"] == 3 and again["shards_reused"] == 3 and again["shards_written"] == 0
+    assert again["fingerprint"] == first["fingerprint"]
