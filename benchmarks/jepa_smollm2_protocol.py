@@ -4,17 +4,22 @@ the CLI (``conceptlm jepa train``, ``eval``, ``analyze``), then one summary tabl
     python benchmarks/jepa_smollm2_protocol.py --arms synth_ntp synth_jepa --seeds 0 1 2
     python benchmarks/jepa_smollm2_protocol.py --arms synth_ntp_lora synth_jepa_lora --seeds 0
     python benchmarks/jepa_smollm2_protocol.py --summarize          # the table of every run found so far
+    # Semantic Tube Prediction, data efficiency: NTP and STP on all records and on the first 500 (1/16 of SYNTH)
+    python benchmarks/jepa_smollm2_protocol.py --arms synth_ntp synth_stp synth_ntp:500 synth_stp:500 --seeds 0 1 2
 
 An arm ``NAME`` is ``configs/jepa/smollm2_NAME.yaml``; a run is that config with ``train.seed=S`` and
-``run.name=<config's name>_sS`` under ``--out`` (default ``runs/bench/jepa_smollm2``). Each stage is skipped when its
-output exists (``train``: ``train.json``, the verb's result; ``eval``: ``eval.json``; ``analyze``: ``analyze.json``), so
-an interrupted protocol resumes where it stopped (the train stage itself resumes from its last checkpoint).
+``run.name=<config's name>_sS`` under ``--out`` (default ``runs/bench/jepa_smollm2``). ``NAME:N`` is the same config
+on the first N training records (``data.limit_train=N``), named ``<config's name>_nN_sS`` (arm ``NAME_nN``).
+Each stage is skipped when its output exists (``train``: ``train.json``, the verb's result; ``eval``: ``eval.json``;
+``analyze``: ``analyze.json``), so an interrupted protocol resumes where it stopped (the train stage itself resumes
+from its last checkpoint).
 
 Per run it records: semantic accuracy (the config's scorer) with its 95 % Wilson interval, exact match (the ``exact``
 scorer on the same predictions), the final eval LM loss, seconds per optimizer step (median over consecutive logged
 steps), the packed token bound (:func:`token_bound`), and the collapse diagnostics of ``analyze`` (matched vs
 mismatched distance, effective rank, Text->Code retrieval). The summary gives mean +- sample std over seeds per
-arm, and for each pair of arms (a JEPA arm vs its NTP arm; a JEPA variant vs the plain JEPA arm, see
+arm, and for each pair of arms (a JEPA/STP arm vs its NTP arm; a variant vs the plain arm; an arm on part of the
+data vs NTP on all of it, see
 :func:`comparisons`) on their common seeds, the paired exact McNemar p-value over all pooled (seed, record) pairs
 and the step-time ratio.
 Writes ``summary.json`` and ``summary.md`` under ``--out`` (``summary_from<N>.*`` with ``--from-record N``).
@@ -41,9 +46,18 @@ def arm_config(arm: str) -> Path:
     return ROOT / "configs" / "jepa" / f"smollm2_{arm}.yaml"
 
 
+def parse_arm(spec: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:N`` (N training records) -> (config arm, N or None)."""
+    name, _, limit = spec.partition(":")
+    if limit and not (limit.isdigit() and int(limit) > 0):
+        raise SystemExit(f"arm {spec!r}: the data limit after ':' must be a positive integer")
+    return name, int(limit) if limit else None
+
+
 def run_name(arm: str, seed: int) -> str:
-    cfg = yaml.safe_load(arm_config(arm).read_text())
-    return f"{cfg['run']['name']}_s{seed}"
+    name, limit = parse_arm(arm)
+    cfg = yaml.safe_load(arm_config(name).read_text())
+    return f"{cfg['run']['name']}{'' if limit is None else f'_n{limit}'}_s{seed}"
 
 
 def _cli(args: list[str], log: Path, threads: int) -> dict:
@@ -72,8 +86,10 @@ def _write_json(path: Path, obj: dict) -> None:
 def run_one(arm: str, seed: int, out: Path, threads: int, overrides: list[str] = ()) -> None:
     name = run_name(arm, seed)
     run_dir = out / name
-    common = ["--config", str(arm_config(arm)), f"train.seed={seed}", f"run.name={name}", f"run.out_dir={out}",
-              *overrides]
+    base, limit = parse_arm(arm)
+    data = [] if limit is None else [f"data.limit_train={limit}"]
+    common = ["--config", str(arm_config(base)), f"train.seed={seed}", f"run.name={name}", f"run.out_dir={out}",
+              *data, *overrides]
     log = run_dir.parent / f"{name}.log"
     if not (run_dir / "train.json").exists():
         print(f"[{time.strftime('%H:%M:%S')}] train {name}", flush=True)
@@ -115,7 +131,9 @@ def token_bound(arm: str, run_dir: Path, n_records: int = 800) -> float | None:
     from conceptlm.jepa.config import JepaConfig
     from conceptlm.jepa.recipe import build_dataset
 
-    cfg = load_config(JepaConfig, arm_config(arm), [])
+    cfg = load_config(JepaConfig, arm_config(_config_arm(arm)), [])
+    if cfg.jepa.objective == "stp":
+        return 1.0 if cfg.jepa.lam > 0 else None  # one forward over the LM tokens
     if cfg.jepa.lam == 0 or not (run_dir / "tokenizer").is_dir():
         return None
     tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
@@ -126,9 +144,16 @@ def token_bound(arm: str, run_dir: Path, n_records: int = 800) -> float | None:
     return sum(ex.packed_len for ex in exs) / sum(len(ex.lm_ids) for ex in exs)
 
 
+def _config_arm(arm: str) -> str:
+    """The config of a summary arm name (``synth_stp_n500`` -> ``synth_stp``)."""
+    stem, sep, n = arm.rpartition("_n")
+    return stem if sep and n.isdigit() and arm_config(stem).exists() else arm
+
+
 def final_eval_loss(rows: list[dict]) -> dict:
     ev = [r for r in rows if r.get("split") == "eval"]
-    return {k: v for k, v in ev[-1].items() if k in ("loss", "lm", "jepa", "jepa_mismatch")} if ev else {}
+    keys = ("loss", "lm", "jepa", "jepa_mismatch", "stp", "stp_mismatch")
+    return {k: v for k, v in ev[-1].items() if k in keys} if ev else {}
 
 
 def correct_lists(predictions: Path, from_record: int = 0) -> tuple[list[bool], list[bool]]:
@@ -162,19 +187,24 @@ def _mean_std(xs: list[float]) -> dict:
 
 
 def comparisons(arms: list[str]) -> list[tuple[str, str]]:
-    """Pairs (a, b) of arms to compare: each JEPA arm ``X_jepa[_Y]`` vs its NTP arm (``X_ntp_Y``, else ``X_ntp``),
-    and each variant ``X_jepa_Y`` of a full-fine-tuning JEPA arm vs ``X_jepa`` itself (LoRA arms excluded)."""
+    """Pairs (a, b) of arms to compare: each JEPA or STP arm ``X_jepa[_Y]`` / ``X_stp[_Y]`` vs its NTP arm
+    (``X_ntp_Y``, else ``X_ntp``), each variant ``X_jepa_Y`` / ``X_stp_Y`` of a full-fine-tuning arm vs ``X_jepa`` /
+    ``X_stp`` itself (LoRA arms excluded), and each arm on part of the data (``_nN``) vs the NTP arm on all of it
+    (the data-efficiency question: does X on N records reach NTP on all?)."""
     out = []
     for arm in sorted(arms):
-        if "_jepa" not in arm:
+        kind = "_stp" if "_stp" in arm else "_jepa" if "_jepa" in arm else None
+        if kind is None:
             continue
-        stem, _, suffix = arm.partition("_jepa")
+        stem, _, suffix = arm.partition(kind)
         for base in (f"{stem}_ntp{suffix}", f"{stem}_ntp"):
             if base in arms:
                 out.append((base, arm))
                 break
-        if suffix and "lora" not in suffix and f"{stem}_jepa" in arms:
-            out.append((f"{stem}_jepa", arm))
+        if suffix and "lora" not in suffix and f"{stem}{kind}" in arms:
+            out.append((f"{stem}{kind}", arm))
+        if "_n" in suffix and f"{stem}_ntp" in arms and (f"{stem}_ntp", arm) not in out:
+            out.append((f"{stem}_ntp", arm))
     return out
 
 
@@ -266,13 +296,14 @@ def main() -> None:
                    help="score only test records with index >= N (e.g. records not used in an earlier analysis)")
     args = p.parse_args()
     for arm in args.arms:
-        if not arm_config(arm).exists():
-            raise SystemExit(f"no config for arm {arm!r}: {arm_config(arm)}")
+        if not arm_config(parse_arm(arm)[0]).exists():
+            raise SystemExit(f"no config for arm {arm!r}: {arm_config(parse_arm(arm)[0])}")
     if not args.summarize:
         for seed in args.seeds:  # seed-major: a protocol stopped part-way leaves balanced arms
             for arm in args.arms:
                 run_one(arm, seed, args.out, args.threads, args.overrides)
-    summary = collect(args.out, None if args.summarize else args.arms, args.from_record)
+    names = [parse_arm(a)[0] + ("" if parse_arm(a)[1] is None else f"_n{parse_arm(a)[1]}") for a in args.arms]
+    summary = collect(args.out, None if args.summarize else names, args.from_record)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"summary_from{args.from_record}" if args.from_record else "summary"
     _write_json(args.out / f"{stem}.json", summary)

@@ -37,6 +37,7 @@ __all__ = [
     "render_or_fail",
     "template_error",
     "tokenize_chat",
+    "content_token_ranges",
     "ChatDataset",
 ]
 
@@ -406,6 +407,26 @@ def tokenize_chat(tokenizer, messages: Sequence[dict], *, label_mode: str = "ass
     mask = _assistant_token_mask(tokenizer, messages, text, ids, offsets, eot)
     labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
     return {"input_ids": ids, "labels": labels}
+
+
+def content_token_ranges(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[tuple[int, int] | None]]:
+    """The tokens of the rendered chat (exactly the ``input_ids`` of :func:`tokenize_chat`) and, per message, the
+    token range ``[first, last + 1)`` of its content: the tokens whose character span overlaps the content in the
+    rendering (found as for the label mask; a token that straddles the content's edge is included). None for a
+    message the template dropped.
+
+    Raises:
+        DataError: as :func:`tokenize_chat` (template, encoding, an assistant content that cannot be located).
+    """
+    text = render_or_fail(tokenizer, messages, add_generation_prompt=False)
+    enc = _encode(tokenizer, text, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    ranges: list[tuple[int, int] | None] = []
+    for start, end, how in _content_spans(tokenizer, messages, text):
+        toks = [] if how == "missing" else [k for k, (a, b) in enumerate(offsets) if a < end and b > start]
+        ranges.append((toks[0], toks[-1] + 1) if toks else None)
+    return ids, ranges
 
 
 def _progress(iterable, total: int, desc: str):

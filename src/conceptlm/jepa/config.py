@@ -1,5 +1,6 @@
 """LLM-JEPA config: the shared sections plus ``jepa`` (arXiv 2509.14252, eq. 3: L = γ·L_LM + λ·d(Pred(Enc(Text)),
-Enc(Code)))."""
+Enc(Code))), whose ``objective`` picks the two-view objective or Semantic Tube Prediction (arXiv 2602.22617; options
+in ``jepa.stp``, see :mod:`conceptlm.jepa.stp`)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,79 @@ from typing import Literal
 from conceptlm.lm.config import LMRunConfig
 from conceptlm.core.errors import ConfigError
 
-__all__ = ["JepaSection", "JepaConfig"]
+__all__ = ["JepaSection", "StpSection", "JepaConfig", "OBJECTIVES", "DEFAULT_LAM"]
+
+OBJECTIVES = ("two_view", "stp")
+DEFAULT_LAM = {"two_view": 1.0, "stp": 0.02}
+"""λ when ``jepa.lam`` is not set: the LLM-JEPA paper's 1.0; for STP the reference driver's 0.02 (``run_stp.py``;
+``stp.py``'s argparse default is 0.1)."""
+
+
+@dataclass(kw_only=True)
+class StpSection:
+    """Semantic Tube Prediction options (``jepa.objective: stp``); defaults are the reference's (``stp.py``).
+
+    The trajectory of an example is the sequence of its last-layer hidden states over ``span_scope``'s token
+    pieces; a span [s, t) of it is drawn per example and step, and the displacement over the span is predicted from
+    the displacement over the rest (see :func:`conceptlm.jepa.stp.stp_distance`).
+    """
+
+    variant: Literal["random_span", "two_view", "curvature"] = "random_span"
+    """``random_span``: STP (reference ``--linear=random_span``); ``two_view``: the displacement over the user turn
+    predicts the one over the assistant turn (the paper's "Two View" ablation, reference ``--linear=e2e``);
+    ``curvature``: mean angle between consecutive hidden-state increments (the "Curvature" ablation,
+    ``--linear=curvature``)."""
+    span_scope: Literal["content", "e2e", "all", "all_e2e"] = "content"
+    """Chat data: ``content`` = the last user content + the last assistant content, the template tokens between them
+    skipped (reference default); ``e2e`` = one piece from the user content to the assistant content's end, template
+    tokens included (``--random_span_e2e``); ``all`` = from the sequence start through the user content, then the
+    assistant content (``--random_span_all``); ``all_e2e`` = both. Plain text: every scope is the whole block."""
+    span_draw: Literal["start_end", "uniform", "two_points"] = "start_end"
+    """``start_end``: s uniform, then t uniform in (s, N] (reference default); ``uniform``: every span [s, t) equally
+    likely (``--random_span_uniform``); ``two_points``: s, t = sorted pair of uniform draws
+    (``--random_span_draw_both``). The whole trajectory [0, N) is never a span."""
+    span_zero_start: bool = False
+    """Spans always start at 0 (``--random_span_zero``)."""
+    span_max_length: int | None = None
+    """Longest span in tokens (``--random_span_max_length``; None = unbounded)."""
+    spans_per_example: int = 1
+    """Spans drawn per example and step (``--random_span_times``)."""
+    length_weight: Literal["none", "cosine_like", "jaccard_like"] = "none"
+    """Weight of a span of length ℓ in a trajectory of N (``--length_adjustment``): ``cosine_like`` =
+    2ℓ(N−ℓ)/(ℓ² + (N−ℓ)²), ``jaccard_like`` = 1 − |N − 2ℓ|/N; the loss is the weighted mean."""
+    linear_predictor: bool = False
+    """A trainable linear map P (D × D, no bias, Xavier-uniform init) applied to the rest displacement
+    (``--linear_predictor``); off = identity."""
+    layer: int = -1
+    """Hidden states the trajectory is read from: -1 = the final normed state (the LM head's input, reference
+    default ``--random_span_layer -1``), 0 = the embeddings, i = after decoder layer i (Hugging Face's
+    ``hidden_states[i]``)."""
+    lam_warmup: bool = False
+    """λ grows linearly from ``min_lam`` at step 0 to ``jepa.lam`` at the last step (``--lbd_warmup``)."""
+    min_lam: float = 0.0
+    """Start of the λ warm-up (``--min_lbd``)."""
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg, field=f"jepa.stp.{name}")
+
+        check(self.span_max_length is None or self.span_max_length >= 1, "span_max_length", "must be >= 1 or null")
+        check(self.spans_per_example >= 1, "spans_per_example", "must be >= 1")
+        check(self.min_lam >= 0, "min_lam", "must be >= 0")
+        check(self.variant != "two_view" or self.span_scope in ("content", "all"), "span_scope",
+              "variant two_view needs two pieces (user, assistant): use content or all")
 
 
 @dataclass(kw_only=True)
 class JepaSection:
-    lam: float = 1.0
-    """λ, weight of the JEPA term (0 = plain SFT, bit for bit)."""
+    objective: Literal["two_view", "stp"] = "two_view"
+    """``two_view``: LLM-JEPA, d(Pred(Enc(Text)), Enc(Code)) between two views of a chat record (arXiv
+    2509.14252); ``stp``: Semantic Tube Prediction (arXiv 2602.22617), one forward pass on any data (chat JSONL or
+    plain text), options in ``jepa.stp``."""
+    lam: float | None = None
+    """λ, weight of the JEPA / STP term (0 = plain SFT, bit for bit); unset = ``DEFAULT_LAM[objective]`` (1.0 for
+    two_view, 0.02 for stp)."""
     gamma: float = 1.0
     """γ, weight of the LM term."""
     metric: Literal["cosine", "l2", "mse", "infonce"] = "cosine"
@@ -65,12 +132,19 @@ class JepaSection:
     enc_index_override: int | None = None
     """Read Enc at ``len(view) + override`` (a negative int, the reference's ``--last_token``) instead of the
     view's last content/predictor token derived from the tokenization."""
+    stp: StpSection = field(default_factory=StpSection)
+    """Semantic Tube Prediction options (used with ``objective: stp``)."""
+
+    def __post_init__(self) -> None:
+        if self.lam is None and self.objective in DEFAULT_LAM:
+            self.lam = DEFAULT_LAM[self.objective]
 
     def validate(self) -> None:
         def check(ok: bool, name: str, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg, field=f"jepa.{name}")
 
+        check(self.objective in OBJECTIVES, "objective", "must be two_view or stp")
         check(self.lam >= 0, "lam", "must be >= 0")
         check(self.gamma >= 0, "gamma", "must be >= 0")
         check(self.lam > 0 or self.gamma > 0, "gamma", "lam and gamma cannot both be 0")
@@ -85,6 +159,13 @@ class JepaSection:
               "needs jepa.lam > 0 (with lam = 0 the JEPA views are not run)")
         check(self.enc_index_override is None or self.enc_index_override < 0, "enc_index_override",
               "must be a negative integer (-1 = last token) or null")
+        stp = self.objective == "stp"
+        check(not stp or self.metric in ("cosine", "l2", "mse"), "metric",
+              "stp compares one displacement pair per span: use cosine, l2 or mse (infonce is two_view only)")
+        check(not stp or self.anti_collapse == "none", "anti_collapse", "vicreg applies to two_view only")
+        check(not (stp and self.stp.lam_warmup) or self.stp.min_lam <= self.lam, "stp.min_lam",
+              "must be <= jepa.lam (the warm-up ends at jepa.lam)")
+        self.stp.validate()
 
 
 @dataclass(kw_only=True)

@@ -26,6 +26,12 @@ JEPA-loss dropout (``jepa_ratio``) is drawn once per optimizer step from
 rank and micro-batch of the step, identical to the conceptlm CLI with the same seed. Evaluation always runs the
 JEPA term (λ > 0).
 
+Semantic Tube Prediction (``jepa_args={"objective": "stp", ...}``): the datasets hold
+:class:`~conceptlm.jepa.stp_data.StpExample` items (``StpChatDataset`` / ``StpTextDataset``), the default collator is
+:class:`~conceptlm.jepa.stp_hf.StpDataCollator`, and the same normalisation applies with E = Σ of the span weights of
+the accumulated batch (drawn per ``(args.seed, state.global_step, example index)``, as ``conceptlm jepa train``
+draws them); the term is logged as ``stp``. See :mod:`conceptlm.jepa.stp_hf`.
+
 The JEPA forward needs the model's submodules (decoder stack, LM head), not its ``forward``. To keep DDP/FSDP
 gradient synchronisation and parameter gathering intact, the computation is run THROUGH the outermost wrapper:
 the innermost model's ``forward`` is replaced for the duration of one call by a function that runs the JEPA batch,
@@ -35,35 +41,28 @@ and the wrapper is called with no arguments (see :func:`_call_through`). Mixed p
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import transformers
 from torch import nn
 
+from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.jepa.config import JepaSection
 from conceptlm.jepa.forward import run_jepa_batch
+from conceptlm.jepa.hf_collate import (BATCH_KEY, JepaDataCollator, check_view_settings, given_view_fields,
+                                       jepa_section, predictor_ids)
 from conceptlm.jepa.losses import jepa_distance, vicreg_covariance, vicreg_variance
-from conceptlm.jepa.packing import (
-    CODE_SEGMENT,
-    TEXT_SEGMENT,
-    VIEW_SETTINGS,
-    PackedBatch,
-    SeparateBatch,
-    collate_packed,
-    collate_separate,
-)
+from conceptlm.jepa.packing import PackedBatch, SeparateBatch
+from conceptlm.jepa.stp_batch import StpBatch, with_stp_targets
+from conceptlm.jepa.stp_hf import StpDataCollator, attach_stp_predictor, stp_counts, stp_parts
+from conceptlm.jepa.stp_unit import lam_at
 from conceptlm.jepa.unit import jepa_step_active
-from conceptlm.jepa.views import JepaExample, predictor_token
 
 __all__ = ["BATCH_KEY", "jepa_loss", "JepaDataCollator", "JepaTrainer", "check_view_settings"]
 
-BATCH_KEY = "jepa_batch"
-"""Key of the collated :class:`SeparateBatch` / :class:`PackedBatch` in the dict the collator returns."""
-
-_MODES = ("packed", "separate")
+_jepa_section = jepa_section  # the earlier private name
 _WRAPPERS = ("FullyShardedDataParallel", "DeepSpeedEngine")  # containers whose forward calls self.module(...)
 
 
@@ -135,7 +134,12 @@ def _jepa_parts(inner: nn.Module, batch: SeparateBatch | PackedBatch, *, active:
     return parts
 
 
-def _check_batch(batch: Any) -> None:
+def _check_batch(batch: Any, *, stp: bool = False) -> None:
+    if stp:
+        if not isinstance(batch, StpBatch):
+            raise TypeError("jepa_args.objective='stp' needs StpBatch batches (StpDataCollator over StpExample "
+                            f"items), got {type(batch).__name__}")
+        return
     if not isinstance(batch, (SeparateBatch, PackedBatch)):
         raise TypeError(f"expected a SeparateBatch or PackedBatch (conceptlm.jepa.packing.collate_separate / "
                         f"collate_packed), got {type(batch).__name__}")
@@ -191,154 +195,7 @@ def jepa_loss(model: nn.Module, batch: SeparateBatch | PackedBatch, *, lam: floa
     return loss, {"lm": lm.detach(), "jepa": jepa.detach()}
 
 
-# ----------------------------------------------------------------------------------------------------- collator
-
-_EXAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(JepaExample))
-_REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(JepaExample) if f.default is dataclasses.MISSING)
-
-
-def _as_example(feature: Any, i: int) -> JepaExample:
-    if isinstance(feature, JepaExample):
-        return feature
-    if isinstance(feature, Mapping):
-        missing = [k for k in _REQUIRED_FIELDS if k not in feature]
-        if missing:
-            raise ValueError(f"batch feature {i} lacks JepaExample field(s) {missing}; build the dataset with "
-                             "conceptlm.jepa.views.build_views (or conceptlm.jepa.data.JepaDataset)")
-        kw = {k: feature[k] for k in _EXAMPLE_FIELDS if k in feature}
-        for k in ("lm_ids", "lm_labels", "text_ids", "code_ids"):
-            kw[k] = tuple(int(x) for x in kw[k])
-        for k in ("text_enc", "code_enc", "text_prefix_len", "code_prefix_len"):
-            if k in kw:
-                kw[k] = int(kw[k])
-        return JepaExample(**kw)
-    raise TypeError(f"batch feature {i} is a {type(feature).__name__}, expected a JepaExample (from "
-                    "conceptlm.jepa.views.build_views) or a dict with its fields")
-
-
-@dataclasses.dataclass
-class JepaDataCollator:
-    """Collate :class:`~conceptlm.jepa.views.JepaExample` items into ``{"jepa_batch": batch}`` for the HF Trainer.
-
-    The batch is a :class:`~conceptlm.jepa.packing.PackedBatch` (``mode="packed"``) or
-    :class:`~conceptlm.jepa.packing.SeparateBatch` (``mode="separate"``) of CPU tensors; :class:`JepaTrainer`
-    moves it to the device. Items may also be dicts with the JepaExample fields (rows of a ``datasets.Dataset``).
-
-    Attributes:
-        pad_token_id: id written into padded slots.
-        mode: ``packed`` (one row per example, tree attention mask) or ``separate`` (three padded batches).
-        padding_side: ``right`` or ``left``.
-        pad_to_multiple_of: optional rounding of padded lengths.
-    """
-
-    pad_token_id: int
-    mode: str = "packed"
-    padding_side: str = "right"
-    pad_to_multiple_of: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
-        if self.pad_token_id is None:
-            raise ValueError("pad_token_id is None; give the tokenizer a pad token "
-                             "(conceptlm.core.hf.ensure_pad_token)")
-
-    def __call__(self, features: Sequence[Any]) -> dict[str, SeparateBatch | PackedBatch]:
-        """Collate B items. Returns ``{"jepa_batch": PackedBatch | SeparateBatch}``."""
-        examples = [_as_example(f, i) for i, f in enumerate(features)]
-        collate = collate_packed if self.mode == "packed" else collate_separate
-        return {BATCH_KEY: collate(examples, pad_token_id=int(self.pad_token_id), padding_side=self.padding_side,
-                                   pad_to_multiple_of=self.pad_to_multiple_of)}
-
-
 # ------------------------------------------------------------------------------------------------------ trainer
-
-
-def _jepa_section(jepa_args: JepaSection | Mapping | None) -> JepaSection:
-    if jepa_args is None:
-        section = JepaSection()
-    elif isinstance(jepa_args, JepaSection):
-        section = jepa_args
-    elif isinstance(jepa_args, Mapping):
-        known = {f.name for f in dataclasses.fields(JepaSection)}
-        unknown = sorted(set(jepa_args) - known)
-        if unknown:
-            raise ValueError(f"unknown jepa_args key(s) {unknown}; known: {sorted(known)}")
-        section = JepaSection(**jepa_args)
-    else:
-        raise TypeError(f"jepa_args must be a conceptlm.jepa.config.JepaSection, a dict of its fields or None, got "
-                        f"{type(jepa_args).__name__}")
-    section.validate()
-    return section
-
-
-_VIEW_FIELDS = (*VIEW_SETTINGS, "direction")
-
-
-def _given_view_fields(jepa_args: JepaSection | Mapping | None) -> tuple[str, ...]:
-    """The view fields the caller set: every one of a JepaSection, the keys of a dict, none for None."""
-    if isinstance(jepa_args, JepaSection):
-        return _VIEW_FIELDS
-    if isinstance(jepa_args, Mapping):
-        return tuple(f for f in _VIEW_FIELDS if f in jepa_args)
-    return ()
-
-
-def _predictor_ids(tokenizer: Any) -> list[int]:
-    """Ids of the ``<|predictor_i|>`` tokens in ``tokenizer``'s vocabulary (empty without a tokenizer)."""
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    return [vocab[predictor_token(i)] for i in range(1, 65) if predictor_token(i) in vocab]
-
-
-def _predictors_per_row(batch: SeparateBatch | PackedBatch, ids: list[int]) -> torch.Tensor:
-    """(B,) number of predictor tokens in each example's predicting view (up to its Enc token in packed mode)."""
-    ids_t = torch.tensor(ids, dtype=torch.long, device=batch.lm.input_ids.device)
-    if isinstance(batch, PackedBatch):
-        segment = TEXT_SEGMENT if batch.pred_is_text else CODE_SEGMENT
-        hits = torch.isin(batch.input_ids, ids_t) & (batch.segment_ids == segment)
-    else:
-        view = batch.text if batch.pred_is_text else batch.code
-        hits = torch.isin(view.input_ids, ids_t) & view.attention_mask.bool()
-    return hits.sum(1)
-
-
-def check_view_settings(section: JepaSection, batch: SeparateBatch | PackedBatch,
-                        fields: Sequence[str] = _VIEW_FIELDS, predictor_ids: Sequence[int] = ()) -> None:
-    """Raise when view settings of ``section`` contradict how the examples of ``batch`` were built.
-
-    Compared: ``direction`` (the batch's ``pred_is_text``) and the ``num_predictors`` / ``predictor_position`` /
-    ``text_view`` / ``code_view`` the examples recorded (``batch.view_settings``). For examples that recorded
-    nothing (dict rows written by an earlier version, hand-built examples), ``num_predictors`` is checked by
-    counting the predictor tokens of each predicting view when ``predictor_ids`` are given.
-
-    Args:
-        section: the trainer's ``jepa_args``.
-        batch: a collated batch.
-        fields: the view fields to compare (those the caller set).
-        predictor_ids: ids of ``<|predictor_1|>`` … in the tokenizer's vocabulary.
-
-    Raises:
-        ValueError: naming each contradicting field with both values.
-    """
-    wrong = []
-    if "direction" in fields:
-        built = "text_to_code" if batch.pred_is_text else "code_to_text"
-        if built != section.direction:
-            wrong.append(f"direction={section.direction!r} but the batch was built with {built!r}")
-    for name in VIEW_SETTINGS:
-        if name in fields and name in batch.view_settings and batch.view_settings[name] != getattr(section, name):
-            wrong.append(f"{name}={getattr(section, name)!r} but the batch was built with "
-                         f"{batch.view_settings[name]!r}")
-    if "num_predictors" in fields and "num_predictors" not in batch.view_settings and predictor_ids:
-        counts = sorted(set(_predictors_per_row(batch, list(predictor_ids)).tolist()))
-        if counts != [section.num_predictors]:
-            wrong.append(f"num_predictors={section.num_predictors} but the predicting views of the batch hold "
-                         f"{'/'.join(str(c) for c in counts)} predictor token(s)")
-    if wrong:
-        raise ValueError("jepa_args contradict the data: " + "; ".join(wrong) + ". Build the views with the same "
-                         "settings (ViewConfig(num_predictors=..., predictor_position=..., text_view=..., "
-                         "direction=..., code_view=...)) as jepa_args")
-
 
 class JepaTrainer(transformers.Trainer):
     """``transformers.Trainer`` that optimises the LLM-JEPA objective (normalisation: see the module docstring).
@@ -354,6 +211,11 @@ class JepaTrainer(transformers.Trainer):
     (mean LM CE over the steps since the last log), ``jepa`` (mean distance over the steps that ran the JEPA term)
     and ``jepa_steps`` (the fraction of those steps). Evaluation reports ``eval_loss`` = the JEPA objective.
 
+    With ``jepa_args={"objective": "stp", ...}`` (Semantic Tube Prediction; nested options as ``{"stp": {...}}``)
+    the items are :class:`~conceptlm.jepa.stp_data.StpExample` (``StpChatDataset`` / ``StpTextDataset``), the
+    default collator is :class:`~conceptlm.jepa.stp_hf.StpDataCollator`, the term is logged as ``stp``, and with
+    ``stp.linear_predictor`` the model gets an ``stp_predictor`` submodule before the optimizer is built.
+
     Args:
         model: HF causal LM or PeftModel (predictor tokens already added: ``add_predictor_tokens``).
         args: ``transformers.TrainingArguments`` with ``remove_unused_columns=False``.
@@ -367,9 +229,10 @@ class JepaTrainer(transformers.Trainer):
     def __init__(self, model: nn.Module | None = None, args: transformers.TrainingArguments | None = None, *,
                  jepa_args: JepaSection | Mapping | None = None, data_collator: Callable | None = None,
                  **kwargs: Any):
-        self.jepa_args = _jepa_section(jepa_args)
-        self._view_fields = _given_view_fields(jepa_args)
-        self._predictor_ids = _predictor_ids(kwargs.get("processing_class"))
+        self.jepa_args = jepa_section(jepa_args)
+        self._stp = self.jepa_args.objective == "stp"
+        self._view_fields = given_view_fields(jepa_args)
+        self._predictor_ids = predictor_ids(kwargs.get("processing_class"))
         if args is None or args.remove_unused_columns:
             raise ValueError("JepaTrainer needs TrainingArguments(remove_unused_columns=False): the batches are "
                              "JEPA views, not model.forward arguments, and must not be filtered by column name")
@@ -379,10 +242,15 @@ class JepaTrainer(transformers.Trainer):
             if pad is None:
                 raise ValueError("JepaTrainer: pass data_collator=JepaDataCollator(pad_token_id, mode=...) or a "
                                  "processing_class (tokenizer) with a pad token")
-            data_collator = JepaDataCollator(pad, mode=self.jepa_args.mode)
+            data_collator = StpDataCollator(pad) if self._stp else JepaDataCollator(pad, mode=self.jepa_args.mode)
+        elif isinstance(data_collator, JepaDataCollator) and self._stp:
+            raise ValueError("jepa_args.objective='stp' needs StpDataCollator (JepaDataCollator builds two-view "
+                             "batches)")
         elif isinstance(data_collator, JepaDataCollator) and data_collator.mode != self.jepa_args.mode:
             raise ValueError(f"data_collator.mode={data_collator.mode!r} differs from jepa_args.mode="
                              f"{self.jepa_args.mode!r}")
+        if model is not None:
+            attach_stp_predictor(_innermost(model), self.jepa_args, args.seed)  # before the optimizer exists
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError(f"{self.args.n_gpu} GPUs in one process (DataParallel) are not supported; launch one "
@@ -401,6 +269,8 @@ class JepaTrainer(transformers.Trainer):
         """LM targets N of the accumulated JEPA batch (over ranks when averaging); records its examples E too."""
         if not batch_samples or not all(isinstance(b, Mapping) and BATCH_KEY in b for b in batch_samples):
             return super()._get_num_items_in_batch(batch_samples, device)
+        if self._stp:
+            return self._stp_num_items([b[BATCH_KEY] for b in batch_samples], device)
         counts = torch.tensor([[sum(b[BATCH_KEY].num_lm_targets for b in batch_samples),
                                 sum(b[BATCH_KEY].num_examples for b in batch_samples),
                                 sum(b[BATCH_KEY].num_examples for b in batch_samples
@@ -412,9 +282,30 @@ class JepaTrainer(transformers.Trainer):
         self._jepa_counts = (n_lm, n_ex, n_reg)
         return n_lm
 
+    def _stp_rng(self) -> StepRandomness:
+        """The span draws of this optimizer step (``EVAL_STEP`` in evaluation), as ``conceptlm jepa train``."""
+        step = self.state.global_step if self.model.training else EVAL_STEP
+        return StepRandomness(seed=self.args.seed, step=step)
+
+    def _stp_num_items(self, batches: list, device: torch.device) -> torch.Tensor:
+        """LM targets N of the accumulated STP batch; records E = its Σ span weights (over ranks when averaging)."""
+        for b in batches:
+            _check_batch(b, stp=True)
+        counts = stp_counts(batches, self.jepa_args, self._stp_rng())[None].to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts)
+        counts = counts.sum(0)
+        n_lm = counts[0].round().long()
+        self._jepa_counts = (n_lm, counts[1].float(), torch.zeros((), device=device))
+        return n_lm
+
     def _loss_scale(self) -> int:
         """× number of processes when counts are global (DDP averages gradients over ranks), as transformers does."""
         return self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+
+    def _lam(self) -> float:
+        """λ of the current step (the STP warm-up ramps it over ``state.max_steps``)."""
+        return lam_at(self.jepa_args, self.state.global_step, self.state.max_steps)
 
     def _jepa_active(self, model: nn.Module) -> bool:
         if self.jepa_args.lam <= 0:
@@ -433,7 +324,8 @@ class JepaTrainer(transformers.Trainer):
 
         Args:
             model: the (possibly wrapped) model.
-            inputs: ``{"jepa_batch": PackedBatch | SeparateBatch}`` from :class:`JepaDataCollator`.
+            inputs: ``{"jepa_batch": PackedBatch | SeparateBatch}`` from :class:`JepaDataCollator` (``StpBatch`` from
+                :class:`~conceptlm.jepa.stp_hf.StpDataCollator` for STP).
             return_outputs: also return ``{"lm": Σ CE / N, "jepa": Σ d / E}`` (detached; this micro-batch's share of
                 the step's means, the means themselves without accumulation).
             num_items_in_batch: N from :meth:`_get_num_items_in_batch` (LM targets of the accumulated batch).
@@ -445,26 +337,35 @@ class JepaTrainer(transformers.Trainer):
             keys = list(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
             raise ValueError(f"JepaTrainer expects batches {{'{BATCH_KEY}': ...}} from JepaDataCollator, got {keys}")
         batch = inputs[BATCH_KEY]
-        _check_batch(batch)
-        check_view_settings(self.jepa_args, batch, self._view_fields, self._predictor_ids)
-        batch = batch.to(self.args.device)
+        _check_batch(batch, stp=self._stp)
         cfg = self.jepa_args
         active = self._jepa_active(model)
-        gamma = cfg.vicreg_gamma if cfg.anti_collapse == "vicreg" else None
-        with self.accelerator.autocast():
-            parts = _call_through(model, lambda m: _jepa_parts(m, batch, active=active, metric=cfg.metric,
-                                                               temperature=cfg.temperature,
-                                                               gather_negatives=cfg.gather_negatives,
-                                                               vicreg_gamma=gamma))
+        if self._stp:
+            batch = batch.to(self.args.device)
+            if active:
+                batch = with_stp_targets(batch, cfg.stp, self._stp_rng())
+            with self.accelerator.autocast():
+                parts = _call_through(model, lambda m: stp_parts(m, batch, cfg, active=active))
+        else:
+            check_view_settings(self.jepa_args, batch, self._view_fields, self._predictor_ids)
+            batch = batch.to(self.args.device)
+            gamma = cfg.vicreg_gamma if cfg.anti_collapse == "vicreg" else None
+            with self.accelerator.autocast():
+                parts = _call_through(model, lambda m: _jepa_parts(m, batch, active=active, metric=cfg.metric,
+                                                                   temperature=cfg.temperature,
+                                                                   gather_negatives=cfg.gather_negatives,
+                                                                   vicreg_gamma=gamma))
         if num_items_in_batch is None:
-            n_lm, n_ex, scale = parts["n_lm"].clamp(min=1), batch.num_examples, 1
+            n_ex = batch.stp_count().float().clamp(min=1e-12) if (self._stp and active) else batch.num_examples
+            n_lm, scale = parts["n_lm"].clamp(min=1), 1
             n_reg = max(batch.num_examples, 1)
             self.loss_is_scaled_for_ga = False
         else:
             if self._jepa_counts is None or num_items_in_batch is not self._jepa_counts[0]:
                 raise ValueError("num_items_in_batch was not computed by JepaTrainer._get_num_items_in_batch; the "
                                  "JEPA term needs the example count of the accumulated batch too")
-            n_lm, n_ex = self._jepa_counts[0].clamp(min=1), self._jepa_counts[1].clamp(min=1)
+            n_lm = self._jepa_counts[0].clamp(min=1)
+            n_ex = self._jepa_counts[1].clamp(min=1e-12 if self._stp else 1)  # STP: Σ weights (may be < 1)
             n_reg = self._jepa_counts[2].clamp(min=1)
             scale = self._loss_scale()
             self.loss_is_scaled_for_ga = True
@@ -473,7 +374,7 @@ class JepaTrainer(transformers.Trainer):
         jepa = torch.zeros((), device=lm.device)
         if "jepa_sum" in parts:
             jepa = parts["jepa_sum"] / n_ex
-            loss = loss + cfg.lam * jepa
+            loss = loss + self._lam() * jepa
         var = cov = torch.zeros((), device=lm.device)
         if "var_sum" in parts:
             var, cov = parts["var_sum"] / n_reg, parts["cov_sum"] / n_reg
@@ -519,7 +420,7 @@ class JepaTrainer(transformers.Trainer):
                 lm_sum, jepa_sum, var_sum, cov_sum = both.mean(0).tolist()
                 logs["lm"] = lm_sum / len(done)
                 if n_active:
-                    logs["jepa"] = jepa_sum / n_active
+                    logs["stp" if self._stp else "jepa"] = jepa_sum / n_active
                     if self.jepa_args.anti_collapse == "vicreg":
                         logs["vicreg_var"], logs["vicreg_cov"] = var_sum / n_active, cov_sum / n_active
                 logs["jepa_steps"] = n_active / len(done)

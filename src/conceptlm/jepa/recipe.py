@@ -1,5 +1,6 @@
-"""LLM-JEPA recipes: ``train`` on the one loop, ``evaluate`` by greedy generation (see ``analysis`` for the
-embedding-space analysis)."""
+"""LLM-JEPA recipes: ``train`` on the one loop (``jepa.objective``: the two-view objective, or Semantic Tube
+Prediction on chat or plain-text data), ``evaluate`` by greedy generation (see ``analysis`` for the embedding-space
+analysis)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ from conceptlm.core.trainer import TrainResult
 from conceptlm.lm.build import apply_run_lora, build_base_model, build_tokenizer
 from conceptlm.lm.recipe import generation_eval, load_exported_model, load_sources, resolve_checkpoint
 from conceptlm.data.sources import Source, corpus_texts
+from conceptlm.data.sources import build_dataset as build_lm_dataset
 from conceptlm.data.templates import pin_template_date
 from conceptlm.jepa.config import JepaConfig
 from conceptlm.jepa.data import JepaDataset
 from conceptlm.jepa.packing import collate_packed, collate_separate
+from conceptlm.jepa.stp_batch import collate_stp
+from conceptlm.jepa.stp_data import StpChatDataset, StpTextDataset
+from conceptlm.jepa.stp_unit import StpUnit
 from conceptlm.jepa.unit import JepaUnit
 from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, predictor_token
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "evaluate", "view_config", "build_dataset"]
+__all__ = ["train", "evaluate", "view_config", "build_dataset", "build_stp_dataset"]
 
 
 def view_config(cfg: JepaConfig) -> ViewConfig:
@@ -32,25 +37,46 @@ def view_config(cfg: JepaConfig) -> ViewConfig:
                       enc_index_override=j.enc_index_override, code_view=j.code_view)
 
 
-def build_dataset(cfg: JepaConfig, source: Source, tokenizer) -> JepaDataset:
+def build_stp_dataset(cfg: JepaConfig, source: Source, tokenizer) -> StpChatDataset | StpTextDataset:
+    """STP examples: chat records (trajectory over the user + assistant contents) or plain-text token blocks."""
+    if source.kind == "chat":
+        data = source.paths[0] if source.paths else source.records
+        return StpChatDataset(data, tokenizer, span_scope=cfg.jepa.stp.span_scope, label_mode=cfg.data.label_mode,
+                              max_length=cfg.data.max_length, on_too_long=cfg.data.on_too_long, limit=source.limit,
+                              name=source.name)
+    if cfg.jepa.stp.variant == "two_view":
+        raise ConfigError(f"jepa.stp.variant=two_view needs chat data (a user and an assistant turn); {source.name} "
+                          "is plain text (use random_span or curvature)", field="jepa.stp.variant")
+    blocks = build_lm_dataset(source, tokenizer, max_length=cfg.data.max_length)
+    return StpTextDataset(blocks, source=source.name)
+
+
+def build_dataset(cfg: JepaConfig, source: Source, tokenizer, *, objective: str | None = None):
+    """The training/eval dataset of ``jepa.objective`` (or ``objective``): :class:`JepaDataset` views for
+    two_view, STP examples for stp."""
+    if (objective or cfg.jepa.objective) == "stp":
+        return build_stp_dataset(cfg, source, tokenizer)
     if source.kind != "chat":
-        raise ConfigError(f"LLM-JEPA needs paired views (chat JSONL / generated records); {source.name} is plain text",
-                          field="data.train")
+        raise ConfigError(f"LLM-JEPA needs paired views (chat JSONL / generated records); {source.name} is plain text "
+                          "(jepa.objective=stp trains on plain text)", field="data.train")
     data = source.paths[0] if source.paths else source.records
     return JepaDataset(data, tokenizer, view_config(cfg), max_length=cfg.data.max_length,
                        on_too_long=cfg.data.on_too_long, limit=source.limit,
                        name=source.name)
 
 
-def collate_fn(cfg: JepaConfig, tokenizer):
+def collate_fn(cfg: JepaConfig, tokenizer, *, objective: str | None = None):
+    if (objective or cfg.jepa.objective) == "stp":
+        return functools.partial(collate_stp, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
     fn = collate_packed if cfg.jepa.mode == "packed" else collate_separate
     return functools.partial(fn, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8)
 
 
 def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
-    """Train LM + λ·JEPA end to end (one process or torchrun; full fine-tuning, LoRA, or from scratch)."""
+    """Train LM + λ·JEPA (or λ·STP) end to end (one process or torchrun; full fine-tuning, LoRA, or from scratch)."""
+    stp = cfg.jepa.objective == "stp"
     with run_session(cfg, command) as session:
-        if (cfg.jepa.mode == "packed" and cfg.model.attn_implementation == "flex_attention"
+        if (not stp and cfg.jepa.mode == "packed" and cfg.model.attn_implementation == "flex_attention"
                 and session.info.device.type == "cpu"):
             raise ConfigError("flex_attention has no CPU backward in PyTorch; on CPU train packed mode with sdpa or "
                               "eager (flex_attention is the CUDA path for long sequences)",
@@ -69,7 +95,10 @@ def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
         model = apply_run_lora(cfg, model, tokenizer, save_base=session.info.is_main)
         if session.info.is_main:
             tokenizer.save_pretrained(cfg.run_dir / "tokenizer")
-        unit = JepaUnit(model, cfg.jepa, seed=cfg.train.seed)
+        if stp:
+            unit = StpUnit(model, cfg.jepa, seed=cfg.train.seed, max_steps=cfg.train.max_steps)
+        else:
+            unit = JepaUnit(model, cfg.jepa, seed=cfg.train.seed)
         return fit(cfg, session.info, unit, train_ds=train_ds, eval_ds=eval_ds,
                    collate_fn=collate_fn(cfg, tokenizer), artifacts={"tokenizer": tokenizer},
                    source_name=train_src.name, plan=plan)
@@ -97,8 +126,10 @@ def analyze(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | Non
     model = model.to(info.device)
     train_src, eval_src = load_sources(cfg)
     src = eval_src or train_src
-    ds = build_dataset(cfg, src, tokenizer)
-    enc_text, enc_code = encode_views(model, ds, collate_fn(cfg, tokenizer), batch_size=cfg.train.eval_batch_size)
+    # an STP run is analysed on the two-view embeddings of its chat data (the paper's SVD of Enc(Text) - Enc(Code))
+    ds = build_dataset(cfg, src, tokenizer, objective="two_view")
+    enc_text, enc_code = encode_views(model, ds, collate_fn(cfg, tokenizer, objective="two_view"),
+                                      batch_size=cfg.train.eval_batch_size)
     out_dir = output or (cfg.run_dir / "analysis")
     j = cfg.jepa
     summary = analyze_embeddings(enc_text, enc_code, out_dir, label=f"({src.name})", metric=j.metric,
