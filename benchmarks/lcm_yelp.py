@@ -57,6 +57,7 @@ def main() -> None:
                  "train.micro_batch_size=16", "schedule.warmup_steps=100", "optim.lr=5e-4", "run.resume=auto",
                  "evaluate.documents=200", "evaluate.generate_documents=32", "evaluate.mi_sentences=200",
                  "decoder_train.max_sentences=100000", "train.progress=false", "prepare.on_change=rebuild",
+                 "decoder_train.on_change=rebuild",
                  f"evaluate.mi_model={args.mi_model or 'null'}", *args.overrides]
     cfg = load_config(LCMConfig, REPO / "configs/lcm/tiny_cpu.yaml", overrides)
     res: dict = {"command": "python benchmarks/lcm_yelp.py " + " ".join(

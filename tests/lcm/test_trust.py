@@ -424,3 +424,20 @@ def test_the_same_documents_at_another_path_reuse_every_shard(tmp_path, encoders
     again = prepare(_config(tmp_path, encoders[0], f"docs.source={moved}", "prepare.shard_size=5"))
     assert first["shards_written"] == 3 and again["shards_reused"] == 3 and again["shards_written"] == 0
     assert again["fingerprint"] == first["fingerprint"]
+
+
+def test_train_decoder_refuses_to_replace_a_bank_of_other_sentences_unless_asked(pipeline, encoders):
+    cfg, _ = pipeline
+    bank = cfg.decoder_dir / "decoder"
+    before = read_manifest(bank)["fingerprint"]
+    changed = _config(cfg.run_dir.parent, encoders[0], "decoder_train.max_sentences=20")
+    with pytest.raises(ConceptLMError, match=r"decoder_train.max_sentences \d+ -> 20.*decoder_train.on_change=rebuild"
+                       ) as err:
+        train_decoder(changed)
+    _one_line(err)
+    assert read_manifest(bank)["fingerprint"] == before  # nothing replaced
+    train_decoder(_config(cfg.run_dir.parent, encoders[0], "decoder_train.max_sentences=20",
+                          "decoder_train.on_change=rebuild"))
+    assert read_manifest(bank)["fingerprint"] != before and len(load_decoder(cfg.decoder_dir).sentences) == 20
+    train_decoder(_config(cfg.run_dir.parent, encoders[0], "decoder_train.on_change=rebuild"))  # put it back
+    assert read_manifest(bank)["fingerprint"] == before

@@ -90,6 +90,10 @@ class DecoderTrainSection:
     """Documents the decoder learns from: ``train`` (the prepared folder's train split, or the documents of
     ``docs`` that ``prepare``'s split rule puts there) or ``all`` (validation documents included: ``generate`` and
     ``evaluate`` then refuse it on validation documents)."""
+    on_change: Literal["refuse", "rebuild"] = "refuse"
+    """A retrieval bank already in the run folder that was made from other sentences, encoder or settings:
+    ``refuse`` (one line naming what changed) or ``rebuild`` it. An identical bank is always reused. (A prefix
+    decoder is a training run: a changed config is refused by the run's resume check.)"""
     steps: int | None = None
     """Optimizer steps of the decoder run (None = ``train.max_steps``)."""
     batch_size: int | None = None
@@ -107,6 +111,7 @@ class DecoderTrainSection:
         check(self.batch_size is None or self.batch_size > 0, "decoder_train.batch_size", "must be > 0 or null")
         check(self.lr is None or self.lr > 0, "decoder_train.lr", "must be > 0 or null")
         check(self.split in ("train", "all"), "decoder_train.split", "must be train or all")
+        check(self.on_change in ("refuse", "rebuild"), "decoder_train.on_change", "must be refuse or rebuild")
 
 
 @dataclass(kw_only=True)
@@ -331,7 +336,7 @@ def decoder_identity(cfg: DecoderTrainConfig, encoder: SentenceEncoder, train_s:
     schedule and length); inputs: the fingerprints of the training and held-out sentences, of the encoder
     (:func:`~conceptlm.lcm.encoders.identity_fingerprint`) and, when the vectors came from a prepared folder, of
     that folder."""
-    d = asdict(cfg.decoder_train)
+    d = {k: v for k, v in asdict(cfg.decoder_train).items() if k != "on_change"}  # what to do, not what it is
     settings: dict[str, Any] = {"decoder": {k: v for k, v in asdict(cfg.decoder).items() if k != "path"},
                                 "seed": cfg.train.seed}
     if cfg.decoder.kind == "retrieval":
@@ -354,7 +359,8 @@ def _train_retrieval(cfg: DecoderTrainConfig, session, encoder: SentenceEncoder,
                      eval_s: list[str], data: dict) -> TrainResult:
     identity, extra = decoder_identity(cfg, encoder, train_s, eval_s, data)
     where = cfg.run_dir / "decoder"
-    reused = decide(where, identity, on_change="rebuild", what=str(where)) == "reuse"
+    reused = decide(where, identity, on_change=cfg.decoder_train.on_change, what=str(where),
+                    option="decoder_train.on_change") == "reuse"
     if reused:
         log.info("%s: the same bank (sentences, encoder and settings) is there already: reused", where)
         bank = RetrievalDecoder.load(where, encoder=encoder)
