@@ -4,7 +4,8 @@ Resuming continues the run that the checkpoint's ``config.yaml`` describes. Sett
 how often to log/evaluate/save, where to run and how to generate may change freely. Any other difference (e.g.
 ``optim.lr`` after a non-finite stop) is refused with a message listing it, unless ``run.resume_changes=apply``:
 then the new values hold from the resumed step on (the optimizer's learning rate, betas, eps and weight decay are
-reset to the new config; the LR schedule keeps its position), and every applied change is logged.
+reset to the new config; the LR schedule keeps its position), and every applied change is logged. A setting the
+checkpoint's ``config.yaml`` does not have (added by a newer version) is no change while it keeps its default.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def _free(key: str) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_TO_CHANGE)
 
 
+def _defaults(cfg: RunConfig) -> dict[str, Any]:
+    """Flattened default values of ``cfg``'s class: a setting that a newer version added, absent from an older
+    checkpoint's ``config.yaml`` and left at its default, is the behaviour that checkpoint was trained with."""
+    try:
+        return _flatten(config_to_dict(type(cfg)()))
+    except TypeError:  # a config class without defaults for every field
+        return {}
+
+
 def check_config_changes(cfg: RunConfig, ckpt: Path) -> dict[str, tuple[Any, Any]]:
     """``{key: (checkpoint value, new value)}`` of the changes that matter; raises unless they may be applied.
 
@@ -53,8 +63,10 @@ def check_config_changes(cfg: RunConfig, ckpt: Path) -> dict[str, tuple[Any, Any
         return {}
     old = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     new = _flatten(config_to_dict(cfg))
+    defaults = _defaults(cfg)
     changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-               if not _free(k) and old.get(k) != new.get(k)}
+               if not _free(k) and old.get(k) != new.get(k)
+               and not (k not in old and k in defaults and new.get(k) == defaults[k])}
     if not changes:
         return {}
     listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
