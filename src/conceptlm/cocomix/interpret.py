@@ -21,7 +21,6 @@ The settings are the ``interpret`` section (:class:`InterpretSection`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torch import nn
 from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.model import Steering, StudentLM, sae_layer_norm
 from conceptlm.cocomix.sae import TopKSAE
+from conceptlm.core.artifact import file_sha256
 from conceptlm.core.config import check
 from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.core.io import atomic_write_text
@@ -191,14 +191,6 @@ def token_frequency(token_ids: list[int], vocabulary: set[int]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ descriptions
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _clean(text: str) -> str:
     return text.replace("\n", "\\n")
 
@@ -269,7 +261,7 @@ def _description_key(cfg: Any, section: InterpretSection, sae_dir: Path, n_windo
 
     from conceptlm.cocomix.sae_formats import sae_weights_file
 
-    return {"sae_sha256": _sha256(sae_weights_file(sae_dir)), "layer": cfg.teacher.layer,
+    return {"sae_sha256": file_sha256(sae_weights_file(sae_dir)), "layer": cfg.teacher.layer,
             "corpus": corpus_identity(cfg.corpus), "split": "train", "windows": n_windows,
             "top_tokens": section.top_tokens, "context_tokens": section.context_tokens}
 

@@ -35,7 +35,7 @@ from conceptlm.core.io import atomic_write_text
 
 __all__ = ["ARTIFACT_FILE", "Identity", "StaleArtifactError", "canonical_json", "digest", "file_sha256",
            "files_digest", "tensors_digest", "write_manifest", "begin", "is_complete", "read_manifest",
-           "fingerprint_of", "diff_identity", "decide", "damaged_file", "verify_files", "require"]
+           "fingerprint_of", "diff_identity", "decide", "damaged_file", "listed_file_problem", "verify_files", "require"]
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,17 @@ def damaged_file(directory: str | Path, manifest: Mapping[str, Any] | None = Non
     manifest = manifest if manifest is not None else read_manifest(directory)
     if manifest is None:
         return f"{directory}: no {ARTIFACT_FILE}"
-    listing = manifest.get("files") or {}
+    return listed_file_problem(directory, manifest.get("files") or {}, names)
+
+
+def listed_file_problem(root: str | Path, listing: Mapping[str, Mapping[str, Any]],
+                        names: Iterable[str] | None = None) -> str | None:
+    """None when every file of ``listing`` (``{relative name: {"size", "sha256"}}``, or its subset ``names``) under
+    ``root`` has its recorded size and sha256; else one line naming the first that does not (sizes first: cheap)."""
+    root = Path(root)
     for rel in (names if names is not None else sorted(listing)):
         meta = listing.get(rel)
-        p = directory / rel
+        p = root / rel
         if meta is None:
             return f"{p}: not listed in {ARTIFACT_FILE}"
         if not p.is_file():

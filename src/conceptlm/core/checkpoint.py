@@ -22,7 +22,6 @@ Checkpoints written before the native format (``model/`` + ``unit_extra.safetens
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from conceptlm.core.artifact import file_sha256, listed_file_problem
 from conceptlm.core.errors import CheckpointError
 from conceptlm.core.io import atomic_dir, atomic_write_text
 
@@ -126,14 +126,6 @@ def run_finished(run_dir: str | Path, max_steps: int) -> bool:
     return ckpt is not None and checkpoint_step(ckpt) >= max_steps
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_checkpoint(ckpt: str | Path) -> str | None:
     """``None`` if the checkpoint is intact, else what is wrong with it (one line)."""
     ckpt = Path(ckpt)
@@ -152,16 +144,7 @@ def verify_checkpoint(ckpt: str | Path) -> str | None:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return "manifest.json is unreadable"
-    for rel, meta in files.items():
-        f = ckpt / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        size = f.stat().st_size
-        if size != meta["size"]:
-            return f"{rel} has {size} bytes, the manifest says {meta['size']} (truncated?)"
-        if _sha256(f) != meta["sha256"]:
-            return f"{rel} does not match its sha256 in the manifest (corrupted)"
-    return None
+    return listed_file_problem(ckpt, files)
 
 
 def find_resumable_checkpoint(run_dir: str | Path) -> Path | None:
@@ -226,7 +209,7 @@ def _save_artifact(obj: Any, directory: Path) -> None:
 
 
 def _write_manifest(directory: Path, step: int) -> None:
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(directory.rglob("*")) if p.is_file()}
     text = json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1)
     (directory / MANIFEST).write_text(text + "\n", encoding="utf-8")
