@@ -34,10 +34,10 @@ import time
 
 import torch
 
-from conceptlm.cocomix.attribution import ConceptLabeler, LabelSection
-from conceptlm.cocomix.model import StudentSection
+from conceptlm.cocomix.attribution import ConceptLabeler
+from conceptlm.cocomix.config import CocomixSection, LabelSection, StudentSection
 from conceptlm.cocomix.sae import TopKSAE
-from conceptlm.cocomix.student import CocomixSection, StudentUnit, flops_per_token
+from conceptlm.cocomix.student import StudentUnit, flops_per_token
 from conceptlm.core.hf import build_tiny_model
 
 

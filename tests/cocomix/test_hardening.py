@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from conceptlm.cli import main
-from conceptlm.cocomix.config import CocomixConfig
-from conceptlm.cocomix.corpus import CorpusSection, load_documents, read_documents
+from conceptlm.cocomix.config import CocomixConfig, CorpusSection
+from conceptlm.cocomix.corpus import load_documents, read_documents
 from conceptlm.cocomix.label_cache import LABELS, MASK, LabelCache, LabelCacheError
 from conceptlm.cocomix.labels import label, resolve_sae_dir
 from conceptlm.cocomix.sae import TopKSAE, load_sae, save_sae

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conceptlm.cocomix.model import (ConceptHead, Steering, StudentLM, StudentSection, compress_concepts,
-                                     concept_head, sae_layer_norm)
+from conceptlm.cocomix.config import StudentSection
+from conceptlm.cocomix.model import ConceptHead, Steering, StudentLM, compress_concepts, concept_head, sae_layer_norm
 from conceptlm.cocomix.student import count_parameters
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
@@ -259,7 +259,7 @@ def test_sequence_longer_than_max_len_is_refused():
     ("student.mix=add", "student.concept_head"),
 ])
 def test_bad_student_sections_are_one_line_config_errors(override, match):
-    from conceptlm.cocomix.student import StudentTrainConfig
+    from conceptlm.cocomix.config import StudentTrainConfig
 
     args = ["student.n_layers=3", "student.n_concepts=48", "student.d_model=32", "student.n_heads=4", override]
     if "mix=add" in override:

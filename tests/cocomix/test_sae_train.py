@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conceptlm.cocomix.sae import load_sae
-from conceptlm.cocomix.sae_train import SAETrainConfig, train_sae
-from conceptlm.cocomix.teacher import load_teacher, hidden_at_layer, TeacherSection
+from conceptlm.cocomix.config import SAETrainConfig, TeacherSection
+from conceptlm.cocomix.sae_train import train_sae
+from conceptlm.cocomix.teacher import hidden_at_layer, load_teacher
 from conceptlm.core.config import load_config
 
 BASE = ["corpus.n_documents=120", "corpus.window=24", "teacher.steps=20", "teacher.hidden_size=32",

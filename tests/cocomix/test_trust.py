@@ -15,14 +15,13 @@ import pytest
 import torch
 import transformers
 
-from conceptlm.cocomix.attribution import LabelSection
-from conceptlm.cocomix.config import CocomixConfig
-from conceptlm.cocomix.corpus import CorpusSection, load_documents, split_documents
+from conceptlm.cocomix.config import CocomixConfig, CorpusSection, LabelSection, TeacherSection
+from conceptlm.cocomix.corpus import load_documents, split_documents
 from conceptlm.cocomix.labels import SAE_DIR, label
 from conceptlm.cocomix.pipeline import pipeline, report, train
 from conceptlm.cocomix.sae import TopKSAE, load_sae, save_sae
 from conceptlm.cocomix.student import count_parameters, flops_per_token, make_arm
-from conceptlm.cocomix.teacher import TeacherSection, load_teacher, teacher_identity, train_tiny_teacher
+from conceptlm.cocomix.teacher import load_teacher, teacher_identity, train_tiny_teacher
 from conceptlm.core.artifact import StaleArtifactError, read_manifest
 from conceptlm.core.config import RunSection, load_config
 from conceptlm.core.distributed import DistInfo

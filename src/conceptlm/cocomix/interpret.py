@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conceptlm.cocomix.config import InterpretSection
 from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.model import Steering, StudentLM, sae_layer_norm
 from conceptlm.cocomix.sae import TopKSAE
@@ -41,7 +42,7 @@ from conceptlm.core.io import atomic_write_text
 from conceptlm.core.progress import progress_bar
 
 __all__ = [
-    "InterpretSection", "StreamingTopN", "ConceptDescriptions", "concepts", "explain", "steer",
+    "StreamingTopN", "ConceptDescriptions", "concepts", "explain", "steer",
     "describe_concepts", "concept_logits", "concept_activation", "token_frequency", "sae_activations",
     "CONCEPTS_FILE", "INTERPRET_DIR",
 ]
@@ -53,55 +54,6 @@ INTERPRET_DIR = "interpret"
 _FORMAT = "conceptlm-sae-concepts"
 _VERSION = 1
 _SHOWN_TOKENS = 3  # description tokens shown per concept in the printed tables
-
-
-@dataclass(kw_only=True)
-class InterpretSection:
-    """``interpret:`` in a CoCoMix config: the prompt, the student, and the explain / steer / description settings."""
-
-    prompt: str = ""
-    """Text to explain or continue; empty = the first ``prompt_tokens`` tokens of the first validation window."""
-    prompt_tokens: int = 32
-    """Length of the default prompt (0 = the whole window)."""
-    arm: str = "cocomix"
-    """Student arm (``students/{arm}-s{seed}``); it needs a concept head (and a mixed concept for steering)."""
-    seed: int = 0
-    top_concepts: int = 5
-    """Concepts shown per prompt token by ``explain``."""
-    steer_concept: int = -1
-    """Concept to steer; -1 = the concept the student predicts (arg-max) most often over the prompt."""
-    steer_factor: float = 10.0
-    """Multiplier of the concept's logit before the TopK (the paper uses [-10, 10])."""
-    steer_force: bool = False
-    """Always keep the concept, with value ``steer_factor * max(z)`` (steers a concept that is off; spec §7)."""
-    max_new_tokens: int = 40
-    temperature: float = 0.8
-    """Sampling temperature of both continuations (0 = greedy)."""
-    top_k: int = 0
-    top_p: float = 1.0
-    sample_seed: int = 0
-    """Seed of the sampler; the plain and the steered continuation use the same one."""
-    top_tokens: int = 10
-    """N of the concept descriptions: top-activating tokens kept per concept."""
-    context_tokens: int = 6
-    """Tokens either side of a top-activating token in its context snippet."""
-    describe_windows: int = 0
-    """Training windows scanned for the descriptions (0 = all)."""
-    batch_size: int = 16
-    """Windows per teacher pass while describing concepts."""
-    progress: bool = True
-
-    def validate(self) -> None:
-        from conceptlm.cocomix.student import ARMS
-
-        check(self.arm in ARMS, "interpret.arm", f"unknown arm {self.arm!r}; choose from {', '.join(ARMS)}")
-        for name in ("top_concepts", "max_new_tokens", "top_tokens", "batch_size"):
-            check(getattr(self, name) > 0, f"interpret.{name}", "must be > 0")
-        for name in ("prompt_tokens", "context_tokens", "describe_windows", "top_k"):
-            check(getattr(self, name) >= 0, f"interpret.{name}", "must be >= 0")
-        check(self.steer_concept >= -1, "interpret.steer_concept", "must be a concept index, or -1 (automatic)")
-        check(self.temperature >= 0, "interpret.temperature", "must be >= 0")
-        check(0 < self.top_p <= 1, "interpret.top_p", "must be in (0, 1]")
 
 
 def _section(cfg: Any) -> InterpretSection:

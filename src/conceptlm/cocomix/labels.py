@@ -9,8 +9,8 @@ call resumes from its last complete chunk; a cache of another identity is refuse
 (``pipeline.on_change=rebuild`` recomputes it), a damaged one with one line naming the file. The call holds the run
 folder's lock (and the cache folder's, when it lies elsewhere) like a training run.
 
-The config needs the sections ``teacher`` (:class:`~conceptlm.cocomix.teacher.TeacherSection`), ``corpus``
-(:class:`~conceptlm.cocomix.corpus.CorpusSection`), ``labels`` (:class:`~conceptlm.cocomix.attribution.LabelSection`)
+The config needs the sections ``teacher`` (:class:`~conceptlm.cocomix.config.TeacherSection`), ``corpus``
+(:class:`~conceptlm.cocomix.config.CorpusSection`), ``labels`` (:class:`~conceptlm.cocomix.config.LabelSection`)
 and ``run`` (for the run folder).
 """
 

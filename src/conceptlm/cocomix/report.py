@@ -124,7 +124,7 @@ def _check_run(run_dir: Path, name: str, expected: dict[str, Identity] | None, o
 
 def _run_costs(run_dir: Path, own: dict[str, Any], manifest: dict[str, Any] | None, window_default: int
                ) -> dict[str, Any]:
-    from conceptlm.cocomix.model import StudentSection
+    from conceptlm.cocomix.config import StudentSection
     from conceptlm.cocomix.student import count_parameters, flops_per_token
 
     student = _section(StudentSection, own.get("student"))

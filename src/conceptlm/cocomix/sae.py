@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conceptlm.cocomix.config import DEFAULT_DEAD_AFTER_TOKENS
 from conceptlm.core.errors import CheckpointError
 from conceptlm.core.io import atomic_dir
 
@@ -46,7 +47,6 @@ SAE_WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "sae.json"
 SAE_FORMAT = "conceptlm-topk-sae"
 _FORMAT_VERSION = 1
-DEFAULT_DEAD_AFTER_TOKENS = 10_000_000  # Gao et al. 2024
 
 
 @dataclass

@@ -17,75 +17,31 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from conceptlm.cocomix.corpus import CorpusSection, build_corpus, collate_windows, corpus_identity
-from conceptlm.cocomix.sae import (DEFAULT_DEAD_AFTER_TOKENS, SAE_CONFIG, SAE_WEIGHTS, TopKSAE, auxk_sum, fvu_terms,
-                                   l0_terms, load_params, mse_sum, save_sae)
-from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, TeacherSection, hidden_at_layer, load_teacher,
-                                       teacher_identity, teacher_width, train_tiny_teacher)
-from conceptlm.core.config import RunConfig, check, with_own_length
+from conceptlm.cocomix.config import SAESection, SAETrainConfig
+from conceptlm.cocomix.corpus import build_corpus, collate_windows, corpus_identity
+from conceptlm.cocomix.sae import (SAE_CONFIG, SAE_WEIGHTS, TopKSAE, auxk_sum, fvu_terms, l0_terms, load_params,
+                                   mse_sum, save_sae)
+from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, hidden_at_layer, load_teacher, teacher_identity,
+                                       teacher_width, train_tiny_teacher)
+from conceptlm.core.config import with_own_length
 from conceptlm.core.distributed import all_reduce_sum, barrier
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
-__all__ = ["SAESection", "SAETrainConfig", "SAEUnit", "train_sae", "build_sae", "sae_run_config", "SAE_OUTPUT_DIR"]
+__all__ = ["SAEUnit", "train_sae", "build_sae", "sae_run_config", "SAE_OUTPUT_DIR"]
 
 log = logging.getLogger(__name__)
 
 SAE_OUTPUT_DIR = "sae"
 """Folder of the run that holds the final SAE."""
-
-
-@dataclass(kw_only=True)
-class SAESection:
-    n_latents: int = 512
-    """Number of latents (concepts); the input width ``d_in`` is the teacher's."""
-    k: int = 16
-    """Active latents per token."""
-    aux_k: int | None = None
-    """Dead latents used by AuxK (default ``d_in // 2``); 0 disables AuxK."""
-    aux_coef: float = 1 / 32
-    dead_after_tokens: int = DEFAULT_DEAD_AFTER_TOKENS
-    """A latent that has not fired for this many tokens is dead (Gao et al.: 10M)."""
-    normalize_input: bool = True
-    eps: float = 1e-5
-    init_windows: int = 64
-    """Training windows whose mean activation initialises ``b_dec`` (and is the FVU reference)."""
-    seed: int = 0
-    # the SAE's own training length and step size, so one config can train the SAE and the students differently
-    steps: int | None = None
-    """Optimizer steps of the SAE run (``null`` = ``train.max_steps``)."""
-    batch_size: int | None = None
-    """Windows per micro-batch of the SAE run (``null`` = ``train.micro_batch_size``)."""
-    lr: float | None = None
-    """Peak learning rate of the SAE run (``null`` = ``optim.lr``)."""
-
-    def validate(self) -> None:
-        check(self.steps is None or self.steps >= 1, "sae.steps", "must be >= 1 or null")
-        check(self.batch_size is None or self.batch_size >= 1, "sae.batch_size", "must be >= 1 or null")
-        check(self.lr is None or self.lr > 0, "sae.lr", "must be > 0 or null")
-        check(self.n_latents >= 1, "sae.n_latents", "must be >= 1")
-        check(1 <= self.k <= self.n_latents, "sae.k", f"must be in [1, n_latents={self.n_latents}]")
-        check(self.aux_k is None or self.aux_k >= 0, "sae.aux_k", "must be >= 0 or null")
-        check(self.aux_coef >= 0, "sae.aux_coef", "must be >= 0")
-        check(self.dead_after_tokens >= 1, "sae.dead_after_tokens", "must be >= 1")
-        check(self.eps > 0, "sae.eps", "must be > 0")
-        check(self.init_windows >= 1, "sae.init_windows", "must be >= 1")
-
-
-@dataclass(kw_only=True)
-class SAETrainConfig(RunConfig):
-    corpus: CorpusSection = field(default_factory=CorpusSection)
-    teacher: TeacherSection = field(default_factory=TeacherSection)
-    sae: SAESection = field(default_factory=SAESection)
 
 
 def build_sae(section: SAESection, d_in: int) -> TopKSAE:

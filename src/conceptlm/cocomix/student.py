@@ -12,7 +12,6 @@ the device by a frozen ``labeler`` module (``labeler(input_ids) -> (labels, mask
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,49 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conceptlm.cocomix.model import StudentLM, StudentSection
+from conceptlm.cocomix.config import ARMS, CocomixSection, StudentSection, StudentTrainConfig
+from conceptlm.cocomix.model import StudentLM
 from conceptlm.core import checkpoint as ckpt_lib
-from conceptlm.core.config import RunConfig, check
 from conceptlm.core.errors import ConfigError, DataError
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
 __all__ = [
-    "CocomixSection", "StudentTrainConfig", "StudentUnit", "train_student", "collate_windows", "load_student",
-    "count_parameters", "flops_per_token", "match_ntp", "make_arm", "ARMS",
-]
-
-
-@dataclass(kw_only=True)
-class CocomixSection:
-    """The objective (``cocomix:`` in a config); the architecture is ``student:``."""
-
-    lam: float = 0.1
-    """``λ``, weight of the concept loss (0 = not trained; its CE is then reported as the metric ``concept_ce``)."""
-    k_attr: int = 4
-    """``K_attr``: concept labels per token (checked against the batches)."""
-    kd_weight: float = 0.0
-    """``λ_KD`` of knowledge distillation from a teacher's next-token distribution (0 = off)."""
-    kd_temperature: float = 1.0
-    """Softmax temperature ``τ`` of both distributions in the KD term (the term is scaled by ``τ²``)."""
-
-    def validate(self) -> None:
-        check(self.lam >= 0, "cocomix.lam", "must be >= 0")
-        check(self.k_attr > 0, "cocomix.k_attr", "must be > 0")
-        check(self.kd_weight >= 0, "cocomix.kd_weight", "must be >= 0")
-        check(self.kd_temperature > 0, "cocomix.kd_temperature", "must be > 0")
-
-
-@dataclass(kw_only=True)
-class StudentTrainConfig(RunConfig):
-    student: StudentSection = field(default_factory=StudentSection)
-    cocomix: CocomixSection = field(default_factory=CocomixSection)
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.cocomix.lam == 0 or self.student.concept_head, "cocomix.lam",
-              f"{self.cocomix.lam} trains a concept head: set student.concept_head=true or cocomix.lam=0")
+    "StudentUnit", "train_student", "collate_windows", "load_student",
+    "count_parameters", "flops_per_token", "match_ntp", "make_arm", ]
 
 
 # ------------------------------------------------------------------------------------------------ cost model
@@ -139,11 +106,6 @@ def match_ntp(s: StudentSection, *, by: Literal["params", "flops"] = "params", s
     else:
         options = [_resized(base, n_layers=n) for n in range(1, 8 * s.n_layers + 1)]
     return min(options, key=lambda c: abs(cost(c) - target))
-
-
-ARMS = ("cocomix", "ntp", "ntp_flops", "kd", "pause", "kd_pause", "mix_only", "concept_only", "add", "cocomix_pos",
-        "pause_pos")
-"""Arms of the comparison (spec §4, §10.3): names accepted by :func:`make_arm`."""
 
 
 def make_arm(name: str, student: StudentSection, cocomix: CocomixSection, *, seq_len: int,
