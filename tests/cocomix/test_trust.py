@@ -20,7 +20,8 @@ from conceptlm.cocomix.corpus import load_documents, split_documents
 from conceptlm.cocomix.labels import SAE_DIR, label
 from conceptlm.cocomix.pipeline import pipeline, report, train
 from conceptlm.cocomix.sae import TopKSAE, load_sae, save_sae
-from conceptlm.cocomix.student import count_parameters, flops_per_token, make_arm
+from conceptlm.cocomix.arms import make_arm
+from conceptlm.cocomix.costs import count_parameters, flops_per_token
 from conceptlm.cocomix.teacher import load_teacher, teacher_identity, train_tiny_teacher
 from conceptlm.core.artifact import StaleArtifactError, read_manifest
 from conceptlm.core.config import RunSection, load_config

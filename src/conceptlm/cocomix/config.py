@@ -34,7 +34,8 @@ __all__ = ["CorpusSection", "TeacherSection", "SAESection", "LabelSection", "Stu
 
 ARMS = ("cocomix", "ntp", "ntp_flops", "kd", "pause", "kd_pause", "mix_only", "concept_only", "add", "cocomix_pos",
         "pause_pos")
-"""Arms of the comparison (spec §4, §10.3): names accepted by :func:`conceptlm.cocomix.arms.make_arm`."""
+"""Arms of the comparison (the paper's baselines and ablations, §3, §3.3 and App. A, and ours): names accepted by
+:func:`conceptlm.cocomix.arms.make_arm`."""
 DEFAULT_DEAD_AFTER_TOKENS = 10_000_000  # Gao et al. 2024
 
 
@@ -89,7 +90,8 @@ class TeacherSection:
     path: str | None = None
     """HF folder, ``.gguf``, named model, conceptlm run/checkpoint folder; ``null`` = train a tiny teacher."""
     layer: int = 1
-    """Index of the block whose output (residual stream) is the SAE input (spec: 5 of GPT-2's 12)."""
+    """Index of the block whose output (residual stream) is the SAE input (the paper: block 5 of GPT-2 small's 12,
+    App. A)."""
     # tiny teacher (path: null)
     arch: str = "llama"
     hidden_size: int = 64
@@ -347,7 +349,8 @@ class InterpretSection:
     steer_factor: float = 10.0
     """Multiplier of the concept's logit before the TopK (the paper uses [-10, 10])."""
     steer_force: bool = False
-    """Always keep the concept, with value ``steer_factor * max(z)`` (steers a concept that is off; spec §7)."""
+    """Always keep the concept, with value ``steer_factor * max(z)`` (steers a concept that is off; ours: the
+    paper's steering, §3.2, only scales the logit)."""
     max_new_tokens: int = 40
     temperature: float = 0.8
     """Sampling temperature of both continuations (0 = greedy)."""

@@ -16,7 +16,7 @@ Sources (``CorpusSection.source``):
 
 Windows: the documents of one split are tokenized (no special tokens), each followed by the tokenizer's EOS,
 concatenated and cut into consecutive windows of ``window`` tokens (the remainder is dropped), as in the reference
-code's OpenWebText preparation (spec §5.4) but with fixed windows, so labels can be cached. The split is by
+code's OpenWebText preparation (CoCoMix paper App. A) but with fixed windows, so labels can be cached. The split is by
 document: a seeded permutation puts ``round(val_fraction * n)`` documents (at least one when ``val_fraction > 0``)
 into validation.
 """

@@ -1,5 +1,5 @@
 """The CoCoMix student: a decoder-only LM on :mod:`conceptlm.core.modules` with a concept head, compression into a
-continuous concept and mixing into the hidden states (paper §3.2, Eq. 2-4; spec §3).
+continuous concept and mixing into the hidden states (CoCoMix paper §2.2, Eq. 2-4).
 
 Shapes: ``B`` batch, ``T`` tokens, ``d`` width, ``V`` vocabulary, ``C`` concepts (SAE latents), ``K`` kept concept
 logits (TopK), ``A`` concept labels per token (``K_attr``).
@@ -29,7 +29,8 @@ Where this differs from the reference code (documented choices):
 * RoPE (``style: llama``) in the mixed blocks: by default both slots of token ``t`` carry position ``t``
   (``interleave_positions: shared``; ``sequential`` numbers the 2T slots 0..2T-1). GPT-2 style has positions only at
   the input, like the reference;
-* KV-cached decoding aligns the causal mask bottom-right (the reference is wrong under SDPA, spec §3.5);
+* KV-cached decoding aligns the causal mask bottom-right (the reference code's SDPA path aligns it top-left: the two
+  new queries of a cached step would see only the first two keys);
 * labels come with a validity mask; masked rows (e.g. zero attribution at the last position) are excluded;
 * dropout defaults to 0 (the reference silently trains with 0.1; set ``dropout`` to reproduce it).
 """
@@ -208,7 +209,7 @@ def concept_head(
     ce_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concept logits ``z = x W^T + b`` in token chunks: the concept CE and the top-K, without ever holding all
-    ``N x C`` logits (paper Eq. 2; spec §3.4).
+    ``N x C`` logits (CoCoMix paper §2.2, Eq. 2).
 
     ``CE_sum = sum_{n: mask_n} (1/A) sum_a [logsumexp(z_n) - z_n[labels_{n,a}]]`` -- the full C-way softmax of the
     un-masked logits, i.e. a soft-target CE with mass 1/A on each label. Gradients reach ``x``, ``weight`` and

@@ -50,16 +50,16 @@ def _resumable(cfg: CocomixConfig) -> CocomixConfig:
 
 
 def check_arms(cfg: CocomixConfig) -> None:
-    """Resolve every arm of ``pipeline.arms`` (:func:`~conceptlm.cocomix.student.make_arm`) before any stage runs,
+    """Resolve every arm of ``pipeline.arms`` (:func:`~conceptlm.cocomix.arms.make_arm`) before any stage runs,
     so an arm that cannot be built is refused before the teacher is trained."""
-    from conceptlm.cocomix.student import make_arm
+    from conceptlm.cocomix.arms import make_arm
 
     for arm in cfg.pipeline.arms:
         make_arm(arm, cfg.student, cfg.cocomix, seq_len=cfg.corpus.window)
 
 
 def _student_config(cfg: CocomixConfig, arm: str, seed: int, vocab_size: int) -> CocomixConfig:
-    from conceptlm.cocomix.student import make_arm
+    from conceptlm.cocomix.arms import make_arm
 
     base = dataclasses.replace(cfg.student, vocab_size=vocab_size)
     student, cocomix = make_arm(arm, base, cfg.cocomix, seq_len=cfg.corpus.window)
@@ -229,19 +229,12 @@ class _Stages:
             else None, n_processes=world_size())
 
     def costs(self, sub: CocomixConfig) -> dict[str, float]:
-        """FLOPs per training token the student owes to its teacher (KD) and to its labels (see
-        :mod:`conceptlm.cocomix.costs`), recorded in its ``artifact.json`` for the report."""
-        from conceptlm.cocomix.costs import label_flops_per_token, teacher_forward_flops
+        """FLOPs per training token the student owes to its teacher (KD) and to its labels
+        (:func:`conceptlm.cocomix.costs.owed_flops_per_token`), recorded in its ``artifact.json`` for the report."""
+        from conceptlm.cocomix.costs import owed_flops_per_token
 
-        out = {"teacher_flops_per_token": 0.0, "label_flops_per_token": 0.0}
-        if sub.cocomix.kd_weight > 0:
-            out["teacher_flops_per_token"] = teacher_forward_flops(self.teacher()[0])
-        if _uses_labels(sub) and sub.cocomix.lam > 0:
-            sae = self.sae_module()
-            out["label_flops_per_token"] = label_flops_per_token(
-                self.teacher()[0], self.cfg.teacher.layer, n_latents=sae.n_latents, k=int(sae.k),
-                labels=self.cfg.labels)
-        return out
+        return owed_flops_per_token(sub.student, sub.cocomix, teacher=self.teacher()[0], layer=self.cfg.teacher.layer,
+                                    labels=self.cfg.labels, sae=self.sae_module)
 
     def run_student(self, sub: CocomixConfig, train_ds, val_ds, *, skip_finished: bool = True) -> dict[str, Any]:
         """One student run with its ``artifact.json`` (identity recorded at the start, files at the end)."""

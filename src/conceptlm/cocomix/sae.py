@@ -1,6 +1,7 @@
 """TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") — the concept space.
 
-Formulas (spec §1.2, ``d = d_in``, ``C = n_latents``):
+Formulas (the TopK SAE of Gao et al. 2024 that the CoCoMix paper uses, §2.1 and App. A; ``d = d_in``,
+``C = n_latents``):
 
 - ``normalize``: ``mu = mean(h)``, ``sigma = std(h - mu)`` (unbiased, divides by ``d - 1``),
   ``x = (h - mu) / (sigma + eps)``; the identity (``mu = 0``, ``sigma = 1``, ``eps`` unused) when
@@ -83,7 +84,7 @@ class TopKSAE(nn.Module):
         d_in: input width (>= 2 when normalizing).
         n_latents: number of latents ``C``.
         k: active latents per token.
-        normalize_input: layer-norm each input token (spec §1.2).
+        normalize_input: layer-norm each input token (as OpenAI's TopK SAEs do).
         eps: added to ``sigma`` in the normalization.
         k_aux: dead latents used by AuxK (default ``d_in // 2``, as in Gao et al. / sparsify).
         dead_after_tokens: tokens without firing after which a latent counts as dead.
