@@ -36,8 +36,8 @@ import torch
 
 from conceptlm.cocomix.attribution import ConceptLabeler
 from conceptlm.cocomix.config import CocomixSection, LabelSection, StudentSection
-from conceptlm.cocomix.sae import TopKSAE
 from conceptlm.cocomix.costs import flops_per_token
+from conceptlm.cocomix.sae import TopKSAE
 from conceptlm.cocomix.student import StudentUnit
 from conceptlm.core.hf import build_tiny_model
 

@@ -13,9 +13,9 @@ import torch
 
 from conceptlm.cocomix.config import CocomixConfig, StudentSection
 from conceptlm.cocomix.corpus import build_corpus
-from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.descriptions import (CONCEPTS_FILE, StreamingTopN, concept_activation, sae_activations,
                                             token_frequency)
+from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.interpret import concept_logits, concepts, explain, steer
 from conceptlm.cocomix.labels import resolve_teacher
 from conceptlm.cocomix.model import Steering, StudentLM, sae_layer_norm

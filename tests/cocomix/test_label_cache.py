@@ -26,8 +26,9 @@ from conceptlm.cocomix.label_cache import (
     HEADER, LABELS, MASK, PROGRESS, CacheSpec, LabelCache, LabelCacheError, LabeledWindows, label_dtype,
     state_fingerprint, write_label_cache,
 )
-from conceptlm.cocomix.labels import LABELS_DIR, SAE_DIR, label, open_labeled_windows
+from conceptlm.cocomix.labels import LABELS_DIR, label, open_labeled_windows
 from conceptlm.cocomix.sae import load_sae, save_sae
+from conceptlm.cocomix.sae_train import SAE_DIR
 from conceptlm.cocomix.teacher import load_teacher, teacher_identity
 from conceptlm.core.config import RunSection
 from conceptlm.core.errors import ConfigError

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conceptlm.cocomix.config import StudentSection
-from conceptlm.cocomix.model import ConceptHead, Steering, StudentLM, compress_concepts, concept_head, sae_layer_norm
 from conceptlm.cocomix.costs import count_parameters
+from conceptlm.cocomix.model import ConceptHead, Steering, StudentLM, compress_concepts, concept_head, sae_layer_norm
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
 

@@ -383,8 +383,8 @@ class InterpretSection:
 # ------------------------------------------------------------------------------------------------ run configs
 @dataclass(kw_only=True)
 class TinyTeacherConfig(RunConfig):
-    """The run config of a tiny teacher (built by :func:`train_tiny_teacher` from the corpus and teacher
-    sections)."""
+    """The run config of a tiny teacher (built by :func:`conceptlm.cocomix.teacher.train_tiny_teacher` from the
+    corpus and teacher sections; its run is ``{run_dir}/teacher``)."""
 
     corpus: CorpusSection = field(default_factory=CorpusSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
@@ -392,6 +392,8 @@ class TinyTeacherConfig(RunConfig):
 
 @dataclass(kw_only=True)
 class SAETrainConfig(RunConfig):
+    """The run config of the SAE stage (``{run_dir}/sae``: :func:`conceptlm.cocomix.sae_train.sae_run_config`)."""
+
     corpus: CorpusSection = field(default_factory=CorpusSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     sae: SAESection = field(default_factory=SAESection)

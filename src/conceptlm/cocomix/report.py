@@ -134,7 +134,8 @@ def _run_costs(run_dir: Path, own: dict[str, Any], manifest: dict[str, Any] | No
 
 def _one_off(cfg: Any) -> dict[str, Any]:
     """The run's one-off costs, as recorded by the teacher, SAE and label stages' manifests."""
-    from conceptlm.cocomix.labels import SAE_DIR, SPLITS, label_cache_dir
+    from conceptlm.cocomix.labels import SPLITS, label_cache_dir
+    from conceptlm.cocomix.sae_train import SAE_DIR
     from conceptlm.cocomix.teacher import TINY_TEACHER_DIR
 
     def cost_of(directory: Path) -> dict[str, Any] | None:
