@@ -17,7 +17,7 @@ A step is what the loop does per optimizer step: forward of the unit, ``ntp + la
 counts, backward, AdamW update, zero_grad. Arms run round-robin (one step of each per round) so machine noise hits
 them alike; the median over rounds is reported, and the median over rounds of the time ratio to the NTP step of the same
 round (``paired_ratio_vs_ntp``, less sensitive to load changes). FLOPs per token are
-:func:`conceptlm.cocomix.student.flops_per_token` (matmul FLOPs x 3 for a training step: blocks
+:func:`conceptlm.cocomix.costs.flops_per_token` (matmul FLOPs x 3 for a training step: blocks
 ``4d² + 2·d·d_ff`` MACs per slot plus causal attention ``d·(S+1)`` per slot, two slots per token and ``S = 2T`` in the
 blocks after the insertion with ``interleave``; concept head ``C·d + K·d``; LM head ``V·d``). The FLOP bound of an
 arm's time ratio is its FLOP ratio to NTP; ``vs_bound = measured ratio / FLOP ratio`` (1.0 = as cheap as its FLOPs
@@ -34,10 +34,11 @@ import time
 
 import torch
 
-from conceptlm.cocomix.attribution import ConceptLabeler, LabelSection
-from conceptlm.cocomix.model import StudentSection
+from conceptlm.cocomix.attribution import ConceptLabeler
+from conceptlm.cocomix.config import CocomixSection, LabelSection, StudentSection
+from conceptlm.cocomix.costs import flops_per_token
 from conceptlm.cocomix.sae import TopKSAE
-from conceptlm.cocomix.student import CocomixSection, StudentUnit, flops_per_token
+from conceptlm.cocomix.student import StudentUnit
 from conceptlm.core.hf import build_tiny_model
 
 

@@ -3,7 +3,7 @@
 For each teacher, side by side in one run (round-robin repeats, median time):
 
 * ``forward``: the teacher's forward pass alone (no gradients) -- the floor;
-* ``reference``: the reference code's recipe (spec §2.1): teacher parameters require grad, a full
+* ``reference``: the reference code's recipe (CoCoMix paper §2.1, Eq. 1): teacher parameters require grad, a full
   ``loss.backward()`` (weight gradients included), dense ``(g @ W_dec^T) * c`` over all latents, top-k;
 * ``post``: :func:`conceptlm.cocomix.attribution.concept_labels` with ``mode=post`` (frozen teacher,
   ``autograd.grad`` w.r.t. the residual only, the k active decoder rows gathered);

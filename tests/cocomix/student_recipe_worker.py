@@ -12,8 +12,9 @@ import sys
 
 import torch
 
-from conceptlm.cocomix.model import StudentLM, StudentSection
-from conceptlm.cocomix.student import StudentTrainConfig, train_student
+from conceptlm.cocomix.config import StudentSection, StudentTrainConfig
+from conceptlm.cocomix.model import StudentLM
+from conceptlm.cocomix.student import train_student
 from conceptlm.core.config import load_config
 
 TINY = ["student.vocab_size=48", "student.d_model=32", "student.n_layers=2", "student.n_heads=4",

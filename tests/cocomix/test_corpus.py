@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conceptlm.cocomix.corpus import (TOPICS, CorpusSection, WindowDataset, build_corpus, collate_windows,
-                                      corpus_identity, generate_documents, load_documents, read_documents,
-                                      split_documents, tokenize_windows)
+from conceptlm.cocomix.config import CorpusSection
+from conceptlm.cocomix.corpus import (TOPICS, WindowDataset, build_corpus, collate_windows, corpus_identity,
+                                      generate_documents, load_documents, read_documents, split_documents,
+                                      tokenize_windows)
 from conceptlm.core.errors import ConfigError, DataError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 

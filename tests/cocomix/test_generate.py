@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conceptlm.cocomix.config import StudentSection
 from conceptlm.cocomix.generate import filter_logits, generate, sample_next
-from conceptlm.cocomix.model import Steering, StudentLM, StudentSection
+from conceptlm.cocomix.model import Steering, StudentLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from conceptlm.cli import main
-from conceptlm.cocomix.config import CocomixConfig
-from conceptlm.cocomix.corpus import CorpusSection, load_documents, read_documents
+from conceptlm.cocomix.config import CocomixConfig, CorpusSection
+from conceptlm.cocomix.corpus import load_documents, read_documents
 from conceptlm.cocomix.label_cache import LABELS, MASK, LabelCache, LabelCacheError
 from conceptlm.cocomix.labels import label, resolve_sae_dir
 from conceptlm.cocomix.sae import TopKSAE, load_sae, save_sae
@@ -151,7 +151,7 @@ def test_labels_sae_path_loads_a_foreign_sae_and_labels_like_its_conversion(env,
 
 def test_concept_descriptions_of_a_foreign_sae_file_are_keyed_by_its_bytes(env, tmp_path):
     from conceptlm.cocomix.corpus import build_corpus
-    from conceptlm.cocomix.interpret import describe_concepts
+    from conceptlm.cocomix.descriptions import describe_concepts
     from conceptlm.cocomix.teacher import load_teacher
 
     pt = tmp_path / "5.pt"

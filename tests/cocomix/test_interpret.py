@@ -11,13 +11,14 @@ import shutil
 import pytest
 import torch
 
-from conceptlm.cocomix.config import CocomixConfig
+from conceptlm.cocomix.config import CocomixConfig, StudentSection
 from conceptlm.cocomix.corpus import build_corpus
+from conceptlm.cocomix.descriptions import (CONCEPTS_FILE, StreamingTopN, concept_activation, sae_activations,
+                                            token_frequency)
 from conceptlm.cocomix.generate import generate
-from conceptlm.cocomix.interpret import (CONCEPTS_FILE, StreamingTopN, concept_activation,
-                                         concept_logits, concepts, explain, sae_activations, steer, token_frequency)
+from conceptlm.cocomix.interpret import concept_logits, concepts, explain, steer
 from conceptlm.cocomix.labels import resolve_teacher
-from conceptlm.cocomix.model import Steering, StudentLM, StudentSection, sae_layer_norm
+from conceptlm.cocomix.model import Steering, StudentLM, sae_layer_norm
 from conceptlm.cocomix.pipeline import pipeline
 from conceptlm.cocomix.sae import TopKSAE, load_sae, save_sae
 from conceptlm.cocomix.teacher import hidden_at_layer, load_teacher

@@ -19,15 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-from conceptlm.cocomix.attribution import ConceptLabeler, LabelSection
-from conceptlm.cocomix.corpus import CorpusSection, build_corpus, load_documents
+from conceptlm.cocomix.attribution import ConceptLabeler
+from conceptlm.cocomix.config import CorpusSection, LabelSection, TeacherSection
+from conceptlm.cocomix.corpus import build_corpus, load_documents
 from conceptlm.cocomix.label_cache import (
     HEADER, LABELS, MASK, PROGRESS, CacheSpec, LabelCache, LabelCacheError, LabeledWindows, label_dtype,
     state_fingerprint, write_label_cache,
 )
-from conceptlm.cocomix.labels import LABELS_DIR, SAE_DIR, label, open_labeled_windows
+from conceptlm.cocomix.labels import LABELS_DIR, label, open_labeled_windows
 from conceptlm.cocomix.sae import load_sae, save_sae
-from conceptlm.cocomix.teacher import TeacherSection, load_teacher, teacher_identity
+from conceptlm.cocomix.sae_train import SAE_DIR
+from conceptlm.cocomix.teacher import load_teacher, teacher_identity
 from conceptlm.core.config import RunSection
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.hf import build_tiny_model, save_model

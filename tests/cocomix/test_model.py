@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conceptlm.cocomix.model import (ConceptHead, Steering, StudentLM, StudentSection, compress_concepts,
-                                     concept_head, sae_layer_norm)
-from conceptlm.cocomix.student import count_parameters
+from conceptlm.cocomix.config import StudentSection
+from conceptlm.cocomix.costs import count_parameters
+from conceptlm.cocomix.model import ConceptHead, Steering, StudentLM, compress_concepts, concept_head, sae_layer_norm
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
 
@@ -119,7 +119,8 @@ def test_sparse_compression_equals_dense_matmul_with_gradients():
 
 
 def test_concept_head_module_matches_the_reference_formula():
-    """ĉ = (W_c TopK(z) + b_c + pre_bias) * sigma + mu with z = W_p (LN(h) - pre_bias) + b_p (spec §3.3)."""
+    """ĉ = (W_c TopK(z) + b_c + pre_bias) * sigma + mu with z = W_p (LN(h) - pre_bias) + b_p (CoCoMix paper §2.2,
+    Eq. 3)."""
     torch.manual_seed(3)
     head = ConceptHead(8, 25, 3, compress=True)
     with torch.no_grad():
@@ -259,7 +260,7 @@ def test_sequence_longer_than_max_len_is_refused():
     ("student.mix=add", "student.concept_head"),
 ])
 def test_bad_student_sections_are_one_line_config_errors(override, match):
-    from conceptlm.cocomix.student import StudentTrainConfig
+    from conceptlm.cocomix.config import StudentTrainConfig
 
     args = ["student.n_layers=3", "student.n_concepts=48", "student.d_model=32", "student.n_heads=4", override]
     if "mix=add" in override:

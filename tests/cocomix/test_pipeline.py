@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from conceptlm.cocomix.config import CocomixConfig
-from conceptlm.cocomix.pipeline import build_report, pipeline, reach_point, report
+from conceptlm.cocomix.pipeline import pipeline, report
+from conceptlm.cocomix.report import build_report, reach_point
 from conceptlm.cocomix.sae_train import sae_run_config
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
@@ -64,6 +66,17 @@ def test_pipeline_end_to_end_then_every_stage_is_skipped(tmp_path):
     assert (run / "sae" / "sae.json").is_file() and (run / "labels" / "train").is_dir()
     assert first["sae"]["skipped"] is False and first["labels"]["windows"] > 0
     assert {k: v["skipped"] for k, v in first["students"].items()} == {"ntp-s0": False, "cocomix-s0": False}
+
+    # the run folder's config.yaml is the pipeline's; the SAE stage is a run of its own in sae/, like teacher/
+    top = yaml.safe_load((run / "config.yaml").read_text())
+    assert {"pipeline", "student", "cocomix", "labels", "sae"} <= set(top) and top["run"]["name"] == cfg.run.name
+    assert top["pipeline"]["arms"] == ["ntp", "cocomix"] and top["train"]["max_steps"] == cfg.train.max_steps
+    stage = yaml.safe_load((run / "sae" / "config.yaml").read_text())
+    assert {"corpus", "teacher", "sae"} <= set(stage) and not {"pipeline", "student", "cocomix"} & set(stage)
+    assert stage["run"]["name"] == "sae" and stage["train"]["max_steps"] == cfg.sae.steps
+    assert (run / "sae" / "metrics.jsonl").is_file() and (run / "sae" / "checkpoints").is_dir()
+    assert (run / "sae" / "artifact.json").is_file() and (run / "teacher" / "config.yaml").is_file()
+    assert not any((run / n).exists() for n in ("checkpoints", "metrics.jsonl", "tb"))
 
     # the report's numbers are the students' own eval rows
     arms = json.loads((run / "report" / "report.json").read_text())["arms"]

@@ -121,7 +121,8 @@ def test_openai_pt_layout_matches_the_reference_forward(tmp_path):
     sae = load_any_sae(tmp_path / "5.pt")
     assert sae.normalize_input and sae.k == K
     x = torch.randn(25, D, generator=_g(7)) * 3 - 1
-    # spec §1.2: LN (unbiased std), c = TopK(ReLU)(W_enc (x~ - b_pre) + b_lat), x^ = (W_dec c + b_pre) sigma + mu
+    # OpenAI's TopK SAE (CoCoMix paper §2.1): LN (unbiased std), c = TopK(ReLU)(W_enc (x~ - b_pre) + b_lat),
+    # x^ = (W_dec c + b_pre) sigma + mu
     mu = x.mean(-1, keepdim=True)
     sigma = (x - mu).std(-1, keepdim=True)
     xn = (x - mu) / (sigma + 1e-5)

@@ -8,9 +8,11 @@ import shutil
 import pytest
 import torch
 
-from conceptlm.cocomix.sae import load_sae
-from conceptlm.cocomix.sae_train import SAETrainConfig, train_sae
-from conceptlm.cocomix.teacher import load_teacher, hidden_at_layer, TeacherSection
+from conceptlm.cocomix.config import SAETrainConfig, TeacherSection
+from conceptlm.cocomix.sae import SAE_CONFIG, SAE_WEIGHTS, load_sae
+from conceptlm.cocomix.sae_train import SAE_DIR, train_sae
+from conceptlm.cocomix.teacher import hidden_at_layer, load_teacher
+from conceptlm.core.artifact import Identity, begin, read_manifest
 from conceptlm.core.config import load_config
 
 BASE = ["corpus.n_documents=120", "corpus.window=24", "teacher.steps=20", "teacher.hidden_size=32",
@@ -48,12 +50,12 @@ def test_train_sae_end_to_end_writes_the_sae_and_metrics(first_run):
     assert (sae.d_in, sae.n_latents, sae.k) == (32, 96, 6) and sae.meta["layer"] == 1
     assert sae.meta["teacher"]["num_layers"] == 2
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(96))
-    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (cfg.run_dir / SAE_DIR / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     assert train[-1]["l0"] <= 6 and 0 <= train[-1]["dead"] <= 1 and "tokens_per_s" in train[-1]
     assert train[-1]["fvu"] < train[0]["fvu"]  # it learns
     assert any(r["auxk"] > 0 and r["dead"] > 0 for r in train)  # latents went dead (400 tokens): AuxK ran
-    ckpt = cfg.run_dir / "checkpoints" / "step_00000020"
+    ckpt = cfg.run_dir / SAE_DIR / "checkpoints" / "step_00000020"
     assert json.loads((ckpt / "artifacts" / "sae_config" / "sae.json").read_text())["n_latents"] == 96
     in_ckpt = load_sae(ckpt / "model")
     assert torch.equal(in_ckpt.W_enc, sae.W_enc) and torch.equal(in_ckpt.W_dec, sae.W_dec)
@@ -70,9 +72,13 @@ def test_resume_after_a_stop_gives_the_same_sae(first_run):
     teacher = str(cfg.run_dir / "teacher")
     b = _cfg(tmp, "b", "train.max_steps=20", "train.save_every=10", f"teacher.path={teacher}")
     train_sae(b)
-    shutil.rmtree(b.run_dir / "checkpoints" / "step_00000020")  # the run stopped after step 10
-    (b.run_dir / "checkpoints" / "latest").write_text("step_00000010\n")
-    shutil.rmtree(b.run_dir / "sae")
+    sae_run = b.run_dir / SAE_DIR
+    shutil.rmtree(sae_run / "checkpoints" / "step_00000020")  # the run stopped after step 10
+    (sae_run / "checkpoints" / "latest").write_text("step_00000010\n")
+    for name in (SAE_WEIGHTS, SAE_CONFIG):  # before it wrote the SAE and completed its artifact.json
+        (sae_run / name).unlink()
+    m = read_manifest(sae_run)
+    begin(sae_run, Identity(m["kind"], m["format"], m["settings"], m["inputs"]))
     train_sae(_cfg(tmp, "b", "train.max_steps=20", "train.save_every=10", f"teacher.path={teacher}",
                    "run.resume=auto"))
     ref, got = load_sae(cfg.run_dir / "sae"), load_sae(b.run_dir / "sae")

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conceptlm.cocomix.model import StudentSection, sae_layer_norm
-from conceptlm.cocomix.student import (ARMS, CocomixSection, StudentTrainConfig, StudentUnit, collate_windows,
-                                       count_parameters, flops_per_token, load_student, make_arm, match_ntp,
-                                       train_student)
+from conceptlm.cocomix.arms import make_arm, match_ntp
+from conceptlm.cocomix.config import ARMS, CocomixSection, StudentSection, StudentTrainConfig
+from conceptlm.cocomix.costs import count_parameters, flops_per_token
+from conceptlm.cocomix.model import sae_layer_norm
+from conceptlm.cocomix.student import StudentUnit, collate_windows, load_student, train_student
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError, DataError
@@ -121,7 +122,7 @@ def test_kd_part_is_the_forward_kl_from_a_frozen_teacher():
 
 
 # ------------------------------------------------------------------------------------------------ sizes
-PAPER = [  # spec §3.6: (d, L, heads) -> base, CoCoMix active, CoCoMix total, NTP width, NTP params (millions)
+PAPER = [  # paper App. A: (d, L, heads) -> base, CoCoMix active, CoCoMix total, NTP width, NTP params (millions)
     ((512, 8, 8), 51.5, 68.3, 85.1, 624, 69.4),  # the paper's 624 is 1.6% over; the closest width is 616
     ((1024, 24, 16), 354.8, 388.4, 422.0, 1072, 386.3),
     ((2048, 24, 16), 1313.6, 1380.8, 1447.9, 2096, 1373.4),

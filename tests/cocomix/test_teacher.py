@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers
 
-from conceptlm.cocomix.corpus import CorpusSection
-from conceptlm.cocomix.teacher import (TeacherSection, hidden_at_layer, load_teacher, teacher_blocks,
-                                       teacher_identity, train_tiny_teacher)
+from conceptlm.cocomix.config import CorpusSection, TeacherSection
+from conceptlm.cocomix.teacher import (hidden_at_layer, load_teacher, teacher_blocks, teacher_identity,
+                                       train_tiny_teacher)
 from conceptlm.core.distributed import DistInfo
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.hf import build_tiny_model, save_model

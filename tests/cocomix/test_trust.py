@@ -15,15 +15,16 @@ import pytest
 import torch
 import transformers
 
-from conceptlm.cocomix.attribution import LabelSection
-from conceptlm.cocomix.config import CocomixConfig
-from conceptlm.cocomix.corpus import CorpusSection, load_documents, split_documents
-from conceptlm.cocomix.labels import SAE_DIR, label
+from conceptlm.cocomix.arms import make_arm
+from conceptlm.cocomix.config import CocomixConfig, CorpusSection, LabelSection, TeacherSection
+from conceptlm.cocomix.corpus import load_documents, split_documents
+from conceptlm.cocomix.costs import count_parameters, flops_per_token
+from conceptlm.cocomix.labels import label
 from conceptlm.cocomix.pipeline import pipeline, report, train
 from conceptlm.cocomix.sae import TopKSAE, load_sae, save_sae
-from conceptlm.cocomix.student import count_parameters, flops_per_token, make_arm
-from conceptlm.cocomix.teacher import TeacherSection, load_teacher, teacher_identity, train_tiny_teacher
-from conceptlm.core.artifact import StaleArtifactError, read_manifest
+from conceptlm.cocomix.sae_train import SAE_DIR
+from conceptlm.cocomix.teacher import load_teacher, teacher_identity, train_tiny_teacher
+from conceptlm.core.artifact import Identity, StaleArtifactError, read_manifest, write_manifest
 from conceptlm.core.config import RunSection, load_config
 from conceptlm.core.distributed import DistInfo
 from conceptlm.core.errors import ConfigError, DataError, RunLockedError
@@ -87,6 +88,23 @@ def test_a_changed_config_is_refused_with_one_line_before_anything_is_rewritten(
     with pytest.raises(StaleArtifactError, match=r"^sae: sae\.k 4 -> 5; rerun with pipeline\.on_change=rebuild$"):
         pipeline(tiny_cfg(run, "sae.k=5", "labels.k_attr=4"))
     assert {p: p.read_bytes() for p in kept} == before  # the report was not rewritten with mixed numbers
+
+
+def test_an_sae_of_the_layout_before_its_own_run_folder_is_refused_or_rebuilt(run):
+    """An SAE folder of format 1 (its run's checkpoints and metrics at the top of the run folder) is never mixed
+    with the current layout: refused with one line, or rebuilt on request with the old top-level run removed."""
+    root = run / NAME
+    m = read_manifest(root / "sae")
+    write_manifest(root / "sae", Identity(m["kind"], 1, m["settings"], m["inputs"]), files=list(m["files"]),
+                   extra={"cost": m["cost"]})
+    (root / "checkpoints" / "step_00000004").mkdir(parents=True)  # what the old SAE run left at the top
+    (root / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(StaleArtifactError, match=r"^sae: format 1 -> 2; rerun with pipeline\.on_change=rebuild$"):
+        pipeline(tiny_cfg(run))
+    summary = pipeline(tiny_cfg(run, "pipeline.on_change=rebuild"))
+    assert summary["sae"]["skipped"] is False and read_manifest(root / "sae")["format"] == 2
+    assert not (root / "checkpoints").exists() and not (root / "metrics.jsonl").exists()
+    assert (root / "sae" / "checkpoints").is_dir()
 
 
 def test_rebuild_redoes_exactly_the_stages_downstream_of_a_student_change(run, caplog):

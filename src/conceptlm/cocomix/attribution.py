@@ -43,69 +43,24 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from conceptlm.cocomix.config import LabelSection
 from conceptlm.cocomix.teacher import teacher_blocks
-from conceptlm.core.config import check
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.hf import backbone, causal_lm_loss_sum
 
 __all__ = [
-    "LabelSection", "ConceptLabels", "TeacherPass", "ConceptLabeler",
+    "ConceptLabels", "TeacherPass", "ConceptLabeler",
     "freeze", "teacher_pass", "decoder_scale", "post_attribution", "dense_attribution",
     "select_labels", "concept_labels",
 ]
 
 # Elements of the largest temporary a chunk may build (64 MiB in fp32).
 _CHUNK_ELEMENTS = 1 << 24
-
-
-@dataclass(kw_only=True)
-class LabelSection:
-    """How concept labels are chosen and cached (the ``labels`` section of a CoCoMix config)."""
-
-    k_attr: int = 4
-    """Labels per token (the reference's ``topK_attri``)."""
-    mode: Literal["post", "pre"] = "post"
-    """Activation in the attribution: ``post`` = post-TopK values, active latents only (reference code);
-    ``pre`` = pre-activations of all latents (paper Eq. 1)."""
-    score: Literal["signed", "abs"] = "signed"
-    """Rank by the signed score (reference and paper) or by its magnitude (ablation)."""
-    selection: Literal["attribution", "activation"] = "attribution"
-    """``attribution`` (CoCoMix) or ``activation``: the ``k_attr`` most active SAE latents (paper Fig. 6a)."""
-    include_sigma: bool = False
-    """Multiply scores by the token's normalization scale (exact decoder chain rule); labels are unchanged."""
-    sae_path: str = ""
-    """SAE file or SAE run folder; empty = the SAE training run's output."""
-    cache_dir: str = ""
-    """Where the label cache is written (empty = ``{run_dir}/labels``)."""
-    batch_size: int = 8
-    """Windows per teacher pass."""
-    chunk_windows: int = 64
-    """Windows per cache chunk (one progress record each); a multiple of ``batch_size``."""
-    chunk_tokens: int = 0
-    """Tokens per scoring chunk (bounds the gathered / dense temporaries); 0 = automatic."""
-    progress: bool = True
-
-    def validate(self) -> None:
-        check(self.k_attr > 0, "labels.k_attr", "must be > 0")
-        check(self.mode in ("post", "pre"), "labels.mode", f"{self.mode!r} is not one of: post, pre")
-        check(self.score in ("signed", "abs"), "labels.score", f"{self.score!r} is not one of: signed, abs")
-        check(self.selection in ("attribution", "activation"), "labels.selection",
-              f"{self.selection!r} is not one of: attribution, activation")
-        check(self.batch_size > 0, "labels.batch_size", "must be > 0")
-        check(self.chunk_windows > 0, "labels.chunk_windows", "must be > 0")
-        check(self.chunk_windows % self.batch_size == 0, "labels.chunk_windows",
-              f"{self.chunk_windows} is not a multiple of labels.batch_size={self.batch_size}")
-        check(self.chunk_tokens >= 0, "labels.chunk_tokens", "must be >= 0 (0 = automatic)")
-
-    def describe(self) -> dict[str, Any]:
-        """The settings that determine the labels (recorded in a label cache's header)."""
-        return {"k_attr": self.k_attr, "mode": self.mode, "score": self.score, "selection": self.selection,
-                "include_sigma": self.include_sigma}
 
 
 @dataclass

@@ -16,7 +16,7 @@ Sources (``CorpusSection.source``):
 
 Windows: the documents of one split are tokenized (no special tokens), each followed by the tokenizer's EOS,
 concatenated and cut into consecutive windows of ``window`` tokens (the remainder is dropped), as in the reference
-code's OpenWebText preparation (spec §5.4) but with fixed windows, so labels can be cached. The split is by
+code's OpenWebText preparation (CoCoMix paper App. A) but with fixed windows, so labels can be cached. The split is by
 document: a seeded permutation puts ``round(val_fraction * n)`` documents (at least one when ``val_fraction > 0``)
 into validation.
 """
@@ -30,17 +30,17 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from conceptlm.core.config import check
+from conceptlm.cocomix.config import CorpusSection
 from conceptlm.core.errors import DataError
 from conceptlm.data.chat import DuplicateKeyError, refuse_duplicate_keys
 from conceptlm.data.text import read_text_file
 
-__all__ = ["CorpusSection", "GeneratedDocument", "generate_documents", "read_documents", "load_documents",
+__all__ = ["GeneratedDocument", "generate_documents", "read_documents", "load_documents",
            "split_documents", "tokenize_windows", "WindowDataset", "collate_windows", "CorpusSplits",
            "build_corpus", "corpus_identity", "source_files", "TOPICS"]
 
@@ -48,51 +48,6 @@ log = logging.getLogger(__name__)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 """A lone surrogate (e.g. from a JSON ``\\ud800`` escape): not Unicode text, no tokenizer can encode it."""
-
-
-@dataclass(kw_only=True)
-class CorpusSection:
-    source: str = "generated"
-    """``generated``, or a ``.txt`` / ``.jsonl`` file, or a directory of them."""
-    text_field: str = "text"
-    """JSONL: dotted path of the document text (``text``, ``messages.1.content``)."""
-    txt_split: Literal["paragraph", "line"] = "paragraph"
-    """TXT: one document per blank-line-separated paragraph, or per non-empty line."""
-    n_documents: int = 2000
-    """``generated``: how many documents; files: use the first N documents (0 = all; a warning says how many were
-    left out)."""
-    seed: int = 0
-    """Seeds the generator and the train/val split."""
-    window: int = 64
-    """Tokens per window."""
-    val_fraction: float = 0.05
-    n_topics: int = 16
-    """``generated``: number of latent topics."""
-    topics_per_document: int = 2
-    """``generated``: topics mixed in one document."""
-    sentences_per_document: tuple[int, int] = (6, 14)
-    """``generated``: inclusive range of sentences per document."""
-    topic_stickiness: float = 0.7
-    """``generated``: probability that a sentence keeps the previous sentence's topic."""
-
-    def validate(self) -> None:
-        check(bool(self.source), "corpus.source", "must be 'generated' or a .txt/.jsonl file or a directory")
-        if self.source != "generated":
-            p = Path(self.source)
-            check(p.is_dir() or (p.is_file() and p.suffix in (".txt", ".jsonl")), "corpus.source",
-                  f"{self.source!r} is neither 'generated', an existing .txt/.jsonl file, nor a directory")
-        check(bool(self.text_field), "corpus.text_field", "must be a non-empty dotted path")
-        check(self.n_documents >= 0, "corpus.n_documents", "must be >= 0")
-        check(self.source != "generated" or self.n_documents >= 2, "corpus.n_documents",
-              "the generator needs at least 2 documents (one for validation)")
-        check(self.window >= 2, "corpus.window", "must be >= 2")
-        check(0.0 <= self.val_fraction < 1.0, "corpus.val_fraction", "must be in [0, 1)")
-        check(self.n_topics >= 1, "corpus.n_topics", "must be >= 1")
-        check(1 <= self.topics_per_document <= self.n_topics, "corpus.topics_per_document",
-              f"must be in [1, n_topics={self.n_topics}]")
-        lo, hi = self.sentences_per_document
-        check(1 <= lo <= hi, "corpus.sentences_per_document", "must be (min, max) with 1 <= min <= max")
-        check(0.0 <= self.topic_stickiness <= 1.0, "corpus.topic_stickiness", "must be in [0, 1]")
 
 
 # ----------------------------------------------------------------------------------------------- generator

@@ -2,8 +2,8 @@
 
 With ``mix: interleave`` each new token adds one slot to the blocks below the insert layer and two (token, concept)
 slots to the blocks above it; the causal mask of a cached step is aligned bottom-right, so cached decoding equals
-recomputing the whole sequence (the reference code's SDPA path does not, spec §3.5). A :class:`Steering` amplifies
-one concept in every forward pass of the generation (prompt and new tokens).
+recomputing the whole sequence (the reference code's SDPA path does not: it aligns the mask top-left). A
+:class:`Steering` amplifies one concept in every forward pass of the generation (prompt and new tokens).
 """
 
 from __future__ import annotations

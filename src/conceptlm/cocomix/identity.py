@@ -136,7 +136,10 @@ def tiny_teacher_identity(corpus: Any, teacher: Any, documents: tuple[list[str],
 
 def sae_identity(cfg: Any, teacher_fingerprint: str, train_windows: str, n_processes: int = 1) -> Identity:
     """The SAE of ``cfg`` (the SAE run's config, after :func:`~conceptlm.cocomix.sae_train.sae_run_config`) on
-    the teacher ``teacher_fingerprint``, trained on the windows whose token digest is ``train_windows``."""
+    the teacher ``teacher_fingerprint``, trained on the windows whose token digest is ``train_windows``.
+
+    Format 2: the SAE folder is the SAE's own run (its config, metrics and checkpoints with it); an SAE of format 1
+    (its run's checkpoints and metrics at the top of the pipeline's run folder) is another artifact."""
     t = cfg.train
     settings = {
         "sae": {**_pick(cfg.sae, _SAE), "steps": t.max_steps, "batch_size": t.micro_batch_size, "lr": cfg.optim.lr},
@@ -145,7 +148,7 @@ def sae_identity(cfg: Any, teacher_fingerprint: str, train_windows: str, n_proce
         "schedule": dataclasses.asdict(cfg.schedule),
         "train": {"grad_accum": t.grad_accum, "seed": t.seed, "precision": t.precision, "world_size": n_processes},
     }
-    return Identity(SAE_KIND, 1, settings, {"teacher": teacher_fingerprint, "train_windows": train_windows})
+    return Identity(SAE_KIND, 2, settings, {"teacher": teacher_fingerprint, "train_windows": train_windows})
 
 
 def labels_identity(labels: Any, *, layer: int, window: int, split: str, n_windows: int, teacher: str, sae: str,

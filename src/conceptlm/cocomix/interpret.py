@@ -1,11 +1,12 @@
-"""Interpretability and steering of a CoCoMix student (paper §3.2, Fig. 5, App. B.2; spec §7).
+"""Interpretability and steering of a CoCoMix student (paper §3.2, Fig. 5, App. B.2).
 
 Three verbs over a pipeline run folder (``{run_dir}/teacher``, ``sae``, ``students/{arm}-s{seed}``):
 
 * :func:`concepts`: what each SAE latent means. Over the corpus's training windows, the teacher's residual stream
   after block ``teacher.layer`` is encoded by the SAE; for every latent the ``top_tokens`` tokens with the largest
-  activation are kept (a streaming top-N over batches, :class:`StreamingTopN`: memory ``C x N`` plus one batch),
-  each with a short context snippet, together with how often the latent fires. The result is
+  activation are kept (a streaming top-N over batches,
+  :class:`~conceptlm.cocomix.descriptions.StreamingTopN`: memory ``C x N`` plus one batch), each with a short
+  context snippet, together with how often the latent fires. The result is
   ``{sae_dir}/concepts.json``, written atomically, keyed by the SAE weights' sha256 (and the corpus and the
   settings): it is computed once and recomputed only when one of them changes.
 * :func:`explain`: for every token of a prompt, the student's top predicted concepts (softmax of the concept head's
@@ -15,7 +16,8 @@ Three verbs over a pipeline run folder (``{run_dir}/teacher``, ``sae``, ``studen
   top-activating tokens occur in each continuation, and the teacher's SAE activation of the concept on each
   continuation (mean over its tokens, read with the whole text as context).
 
-The settings are the ``interpret`` section (:class:`InterpretSection`).
+The settings are the ``interpret`` section (:class:`~conceptlm.cocomix.config.InterpretSection`); the
+descriptions and activation measurements are :mod:`conceptlm.cocomix.descriptions`.
 """
 
 from __future__ import annotations
@@ -23,294 +25,29 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from conceptlm.cocomix.config import InterpretSection
+from conceptlm.cocomix.descriptions import (SHOWN_TOKENS, ConceptDescriptions, clean_text, concept_activation,
+                                            describe_concepts, describe_tokens, interpret_section, token_frequency)
 from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.model import Steering, StudentLM, sae_layer_norm
-from conceptlm.cocomix.sae import TopKSAE
-from conceptlm.core.artifact import file_sha256
 from conceptlm.core.config import check
 from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.core.io import atomic_write_text
-from conceptlm.core.progress import progress_bar
 
-__all__ = [
-    "InterpretSection", "StreamingTopN", "ConceptDescriptions", "concepts", "explain", "steer",
-    "describe_concepts", "concept_logits", "concept_activation", "token_frequency", "sae_activations",
-    "CONCEPTS_FILE", "INTERPRET_DIR",
-]
+__all__ = ["concepts", "explain", "steer", "format_explain", "format_steer", "concept_logits", "INTERPRET_DIR"]
 
-CONCEPTS_FILE = "concepts.json"
-"""Concept descriptions, next to the SAE's ``sae.safetensors``."""
 INTERPRET_DIR = "interpret"
 """Sub-folder of a student run that receives ``explain.json`` / ``steer.json`` by default."""
-_FORMAT = "conceptlm-sae-concepts"
-_VERSION = 1
-_SHOWN_TOKENS = 3  # description tokens shown per concept in the printed tables
-
-
-@dataclass(kw_only=True)
-class InterpretSection:
-    """``interpret:`` in a CoCoMix config: the prompt, the student, and the explain / steer / description settings."""
-
-    prompt: str = ""
-    """Text to explain or continue; empty = the first ``prompt_tokens`` tokens of the first validation window."""
-    prompt_tokens: int = 32
-    """Length of the default prompt (0 = the whole window)."""
-    arm: str = "cocomix"
-    """Student arm (``students/{arm}-s{seed}``); it needs a concept head (and a mixed concept for steering)."""
-    seed: int = 0
-    top_concepts: int = 5
-    """Concepts shown per prompt token by ``explain``."""
-    steer_concept: int = -1
-    """Concept to steer; -1 = the concept the student predicts (arg-max) most often over the prompt."""
-    steer_factor: float = 10.0
-    """Multiplier of the concept's logit before the TopK (the paper uses [-10, 10])."""
-    steer_force: bool = False
-    """Always keep the concept, with value ``steer_factor * max(z)`` (steers a concept that is off; spec §7)."""
-    max_new_tokens: int = 40
-    temperature: float = 0.8
-    """Sampling temperature of both continuations (0 = greedy)."""
-    top_k: int = 0
-    top_p: float = 1.0
-    sample_seed: int = 0
-    """Seed of the sampler; the plain and the steered continuation use the same one."""
-    top_tokens: int = 10
-    """N of the concept descriptions: top-activating tokens kept per concept."""
-    context_tokens: int = 6
-    """Tokens either side of a top-activating token in its context snippet."""
-    describe_windows: int = 0
-    """Training windows scanned for the descriptions (0 = all)."""
-    batch_size: int = 16
-    """Windows per teacher pass while describing concepts."""
-    progress: bool = True
-
-    def validate(self) -> None:
-        from conceptlm.cocomix.student import ARMS
-
-        check(self.arm in ARMS, "interpret.arm", f"unknown arm {self.arm!r}; choose from {', '.join(ARMS)}")
-        for name in ("top_concepts", "max_new_tokens", "top_tokens", "batch_size"):
-            check(getattr(self, name) > 0, f"interpret.{name}", "must be > 0")
-        for name in ("prompt_tokens", "context_tokens", "describe_windows", "top_k"):
-            check(getattr(self, name) >= 0, f"interpret.{name}", "must be >= 0")
-        check(self.steer_concept >= -1, "interpret.steer_concept", "must be a concept index, or -1 (automatic)")
-        check(self.temperature >= 0, "interpret.temperature", "must be >= 0")
-        check(0 < self.top_p <= 1, "interpret.top_p", "must be in (0, 1]")
-
-
-def _section(cfg: Any) -> InterpretSection:
-    section = getattr(cfg, "interpret", None) or InterpretSection()
-    section.validate()
-    return section
 
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------------------------ streaming top-N
-class StreamingTopN:
-    """The ``n`` largest positive activations of every latent over a stream of sparse SAE codes.
-
-    Order: larger activation first; equal activations by smaller position. The result equals sorting all
-    ``(activation, position)`` pairs of a latent at once, whatever the batch split. Memory: ``(C, n)`` tables plus
-    one batch.
-    """
-
-    def __init__(self, n_latents: int, n: int, device: torch.device | str = "cpu"):
-        self.n_latents, self.n = n_latents, n
-        self.values = torch.full((n_latents, n), float("-inf"), device=device)
-        self.positions = torch.full((n_latents, n), -1, dtype=torch.long, device=device)
-        self.fired = torch.zeros(n_latents, dtype=torch.long, device=device)
-        self.tokens = 0
-
-    def update(self, values: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor) -> None:
-        """Fold in one batch: ``values`` / ``indices`` ``(M, k)`` (the SAE's kept codes of ``M`` tokens) and
-        ``positions`` ``(M,)`` long (global token positions, each seen once)."""
-        dev = self.values.device
-        values, indices, positions = values.to(dev).float(), indices.to(dev), positions.to(dev)
-        active = values > 0
-        lat = indices[active]
-        val = values[active]
-        pos = positions[:, None].expand_as(indices)[active]
-        self.fired += torch.bincount(lat, minlength=self.n_latents)
-        self.tokens += int(positions.numel())
-        kept = self.positions >= 0
-        rows = torch.arange(self.n_latents, device=dev)[:, None].expand_as(self.positions)
-        lat = torch.cat((rows[kept], lat))
-        val = torch.cat((self.values[kept], val))
-        pos = torch.cat((self.positions[kept], pos))
-        order = torch.argsort(pos, stable=True)  # lexicographic (latent, -value, position) by stable sorts
-        order = order[torch.argsort(-val[order], stable=True)]
-        order = order[torch.argsort(lat[order], stable=True)]
-        lat, val, pos = lat[order], val[order], pos[order]
-        rank = torch.arange(lat.numel(), device=dev) - torch.searchsorted(lat, lat)
-        keep = rank < self.n
-        self.values.fill_(float("-inf"))
-        self.positions.fill_(-1)
-        self.values[lat[keep], rank[keep]] = val[keep]
-        self.positions[lat[keep], rank[keep]] = pos[keep]
-
-    def frequency(self) -> torch.Tensor:
-        """``(C,)`` fraction of the tokens seen on which each latent fired (positive activation)."""
-        return self.fired.double() / max(self.tokens, 1)
-
-
-def sae_activations(teacher: nn.Module, sae: TopKSAE, layer: int, input_ids: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The SAE code of the teacher's residual stream after block ``layer``: ``(B, T) -> (values (B, T, k) >= 0,
-    indices (B, T, k))``."""
-    from conceptlm.cocomix.teacher import hidden_at_layer
-
-    with torch.no_grad():
-        h = hidden_at_layer(teacher, input_ids, layer)
-        x, _, _ = sae.normalize(h.to(sae.W_enc.dtype))
-        return sae.encode(x)
-
-
-def concept_activation(teacher: nn.Module, sae: TopKSAE, layer: int, input_ids: torch.Tensor, concept: int,
-                       start: int = 0) -> dict[str, float]:
-    """The teacher's SAE activation of ``concept`` on tokens ``start..`` of ``input_ids`` ``(1, L)`` (the whole
-    sequence is the context): ``{"mean": mean activation, "fired": fraction of those tokens where it is > 0}``."""
-    values, indices = sae_activations(teacher, sae, layer, input_ids)
-    act = torch.where(indices == concept, values, torch.zeros_like(values)).sum(-1)[0, start:]
-    if act.numel() == 0:
-        return {"mean": 0.0, "fired": 0.0}
-    return {"mean": float(act.mean()), "fired": float((act > 0).float().mean())}
-
-
-def token_frequency(token_ids: list[int], vocabulary: set[int]) -> float:
-    """Fraction of ``token_ids`` that lie in ``vocabulary`` (0 for an empty list)."""
-    return sum(t in vocabulary for t in token_ids) / len(token_ids) if token_ids else 0.0
-
-
-# ------------------------------------------------------------------------------------------------ descriptions
-def _clean(text: str) -> str:
-    return text.replace("\n", "\\n")
-
-
-def _snippets(tokenizer, windows: torch.Tensor, positions: list[int], ctx: int) -> list[tuple[str, str]]:
-    """``(token text, context snippet)`` per global position; the token is marked ``«...»`` in its snippet."""
-    t = windows.shape[1]
-    flat = windows.reshape(-1).tolist()
-    parts: list[list[int]] = []
-    for p in positions:
-        w, i = divmod(p, t)
-        base = w * t
-        parts += [flat[base + max(0, i - ctx): base + i], [flat[p]], flat[base + i + 1: base + min(t, i + 1 + ctx)]]
-    texts = [_clean(s) for s in tokenizer.batch_decode(parts)] if parts else []
-    return [(texts[3 * j + 1], f"{texts[3 * j]}«{texts[3 * j + 1]}»{texts[3 * j + 2]}") for j in range(len(positions))]
-
-
-def _describe(tokens: list[str]) -> str:
-    return ", ".join(repr(t) for t in tokens) if tokens else "(never fires)"
-
-
-def _build_descriptions(top: StreamingTopN, windows: torch.Tensor, tokenizer, ctx: int) -> list[dict[str, Any]]:
-    t = windows.shape[1]
-    positions, values = top.positions.cpu().tolist(), top.values.cpu().tolist()
-    flat_ids = windows.reshape(-1).tolist()
-    snippets = iter(_snippets(tokenizer, windows, [p for row in positions for p in row if p >= 0], ctx))
-    fired, freq = top.fired.cpu().tolist(), top.frequency().cpu().tolist()
-    out = []
-    for c in range(top.n_latents):
-        entries, tokens, ids = [], [], []
-        for pos, value in zip(positions[c], values[c], strict=True):
-            if pos < 0:
-                break
-            text, snippet = next(snippets)
-            entries.append({"token": text, "token_id": flat_ids[pos], "activation": value, "window": pos // t,
-                            "position": pos % t, "context": snippet})
-            if flat_ids[pos] not in ids:
-                ids.append(flat_ids[pos])
-                tokens.append(text)
-        out.append({"concept": c, "frequency": freq[c], "fired": fired[c], "description": _describe(tokens),
-                    "tokens": tokens, "token_ids": ids, "top": entries})
-    return out
-
-
-@dataclass
-class ConceptDescriptions:
-    """The contents of ``concepts.json``: ``data["concepts"][c]`` describes latent ``c``; ``computed`` tells
-    whether this call computed it (False: read back)."""
-
-    path: Path
-    data: dict[str, Any]
-    computed: bool
-
-    @property
-    def n_concepts(self) -> int:
-        return len(self.data["concepts"])
-
-    def __getitem__(self, concept: int) -> dict[str, Any]:
-        return self.data["concepts"][concept]
-
-    def short(self, concept: int, n: int = _SHOWN_TOKENS) -> str:
-        """The first ``n`` distinct top-activating tokens of ``concept``, quoted."""
-        return _describe(self[concept]["tokens"][:n])
-
-
-def _description_key(cfg: Any, section: InterpretSection, sae_dir: Path, n_windows: int) -> dict[str, Any]:
-    from conceptlm.cocomix.corpus import corpus_identity
-
-    from conceptlm.cocomix.sae_formats import sae_weights_file
-
-    return {"sae_sha256": file_sha256(sae_weights_file(sae_dir)), "layer": cfg.teacher.layer,
-            "corpus": corpus_identity(cfg.corpus), "split": "train", "windows": n_windows,
-            "top_tokens": section.top_tokens, "context_tokens": section.context_tokens}
-
-
-def _read_descriptions(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return None  # a damaged file is recomputed
-    ok = isinstance(data, dict) and data.get("format") == _FORMAT and data.get("version") == _VERSION
-    return data if ok and data.get("key") == key else None
-
-
-def describe_concepts(cfg: Any, *, teacher: nn.Module, tokenizer, sae: TopKSAE, sae_dir: str | Path,
-                      windows: torch.Tensor, section: InterpretSection | None = None,
-                      output: str | Path | None = None) -> ConceptDescriptions:
-    """Concept descriptions of ``sae`` over ``windows`` ``(N, T)`` (the training windows), from ``output``
-    (default ``{sae_dir}/concepts.json``) when that file has the same key, else computed and written atomically.
-
-    The key: the sha256 of the SAE's weights file (``{sae_dir}/sae.safetensors`` for ours), ``teacher.layer``, the
-    corpus identity, the number of windows scanned, ``top_tokens`` and ``context_tokens``. A foreign SAE given as a
-    file (OpenAI ``.pt``) keeps its descriptions next to it (``{stem}.concepts.json``).
-    """
-    section = section or _section(cfg)
-    sae_dir = Path(sae_dir)
-    default = sae_dir / CONCEPTS_FILE if sae_dir.is_dir() else sae_dir.with_name(f"{sae_dir.stem}.{CONCEPTS_FILE}")
-    path = Path(output) if output is not None else default
-    if section.describe_windows:
-        windows = windows[: section.describe_windows]
-    key = _description_key(cfg, section, sae_dir, windows.shape[0])
-    data = _read_descriptions(path, key)
-    if data is not None:
-        return ConceptDescriptions(path, data, computed=False)
-    device = sae.W_enc.device
-    top = StreamingTopN(sae.n_latents, section.top_tokens, device=device)
-    t = windows.shape[1]
-    with progress_bar(total=windows.shape[0], unit="win", desc="concept descriptions", enabled=section.progress) as bar:
-        for s in range(0, windows.shape[0], section.batch_size):
-            batch = windows[s: s + section.batch_size].to(device)
-            values, indices = sae_activations(teacher, sae, cfg.teacher.layer, batch)
-            pos = torch.arange(s * t, s * t + batch.numel(), device=device)
-            top.update(values.reshape(-1, sae.k), indices.reshape(-1, sae.k), pos)
-            bar.update(batch.shape[0])
-    data = {"format": _FORMAT, "version": _VERSION, "key": key, "tokens": top.tokens,
-            "concepts": _build_descriptions(top, windows.cpu(), tokenizer, section.context_tokens)}
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False) + "\n")
-    return ConceptDescriptions(path, data, computed=True)
 
 
 # ------------------------------------------------------------------------------------------------ the run's parts
@@ -440,7 +177,7 @@ def concepts(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Pa
     concepts."""
     if checkpoint is not None:
         cfg = dataclasses.replace(cfg, labels=dataclasses.replace(cfg.labels, sae_path=str(checkpoint)))
-    run = _Run(cfg, _section(cfg))
+    run = _Run(cfg, interpret_section(cfg))
     if output is not None:
         run._descriptions = describe_concepts(cfg, teacher=run.teacher, tokenizer=run.tokenizer, sae=run.sae,
                                               sae_dir=run.sae_dir, windows=run.splits.train.windows,
@@ -451,7 +188,7 @@ def concepts(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Pa
     print(f"{desc.path}: {desc.n_concepts} concepts over {desc.data['tokens']} tokens, {alive} fire at least once"
           f" ({'computed' if desc.computed else 'read back'})")
     for c in items[:10]:
-        print(f"  c{c['concept']:<6} {100 * c['frequency']:6.2f}%  {_describe(c['tokens'][:5])}")
+        print(f"  c{c['concept']:<6} {100 * c['frequency']:6.2f}%  {describe_tokens(c['tokens'][:5])}")
     return {"path": str(desc.path), "computed": desc.computed, "concepts": desc.n_concepts, "firing": alive,
             "tokens": desc.data["tokens"],
             "most_frequent": [{k: c[k] for k in ("concept", "frequency", "description")} for c in items[:10]]}
@@ -462,9 +199,9 @@ def _token_rows(tokenizer, ids: list[int], probs: torch.Tensor, logits: torch.Te
     top_p, top_i = probs.topk(k, dim=-1)
     rows = []
     for t, tok in enumerate(ids):
-        rows.append({"position": t, "token_id": tok, "token": _clean(tokenizer.decode([tok])), "concepts": [
+        rows.append({"position": t, "token_id": tok, "token": clean_text(tokenizer.decode([tok])), "concepts": [
             {"concept": int(c), "p": float(p), "logit": float(logits[t, c]), "description": desc[int(c)]["description"],
-             "tokens": desc[int(c)]["tokens"][:_SHOWN_TOKENS]}
+             "tokens": desc[int(c)]["tokens"][:SHOWN_TOKENS]}
             for p, c in zip(top_p[t].tolist(), top_i[t].tolist(), strict=True)]})
     return rows
 
@@ -475,7 +212,7 @@ def format_explain(result: dict[str, Any]) -> str:
     lines = [f"student {result['checkpoint']}", f"prompt: {result['prompt']!r}",
              f"{'pos':>4}  {'token':<{width}} | top concepts: description (p)"]
     for r in result["tokens"]:
-        cells = [f"c{c['concept']}: {_describe(c['tokens'])} ({c['p']:.3f})" for c in r["concepts"]]
+        cells = [f"c{c['concept']}: {describe_tokens(c['tokens'])} ({c['p']:.3f})" for c in r["concepts"]]
         lines.append(f"{r['position']:>4}  {r['token']!r:<{width}} | " + " ; ".join(cells))
     return "\n".join(lines)
 
@@ -494,7 +231,7 @@ def explain(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Pat
         "concepts": [{"concept", "p", "logit", "description", "tokens"}]}]}``; ``p`` is the softmax over all ``C``
         concept logits of that token.
     """
-    section = _section(cfg)
+    section = interpret_section(cfg)
     run = _Run(cfg, section)
     model, ckpt = run.student(checkpoint)
     check(section.top_concepts <= model.config.n_concepts, "interpret.top_concepts",
@@ -504,7 +241,7 @@ def explain(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Pat
     logits = concept_logits(model, ids)[0]
     rows = _token_rows(run.tokenizer, ids[0].tolist(), logits.softmax(-1), logits, section.top_concepts, desc)
     result = {"checkpoint": str(ckpt), "arm": section.arm, "seed": section.seed,
-              "prompt": _clean(run.tokenizer.decode(ids[0].tolist())), "concepts_file": str(desc.path),
+              "prompt": clean_text(run.tokenizer.decode(ids[0].tolist())), "concepts_file": str(desc.path),
               "tokens": rows}
     path = _default_output(run, output, "explain.json")
     result["output"] = str(path)
@@ -528,7 +265,7 @@ def _continuation(run: _Run, model: StudentLM, prompt: torch.Tensor, steering: S
                    top_k=section.top_k, top_p=section.top_p, generator=gen, steer=steering)
     new = seq[0, prompt.shape[1]:].tolist()
     act = concept_activation(run.teacher, run.sae, run.cfg.teacher.layer, seq, concept, start=prompt.shape[1])
-    return {"text": _clean(run.tokenizer.decode(new)), "token_ids": new,
+    return {"text": clean_text(run.tokenizer.decode(new)), "token_ids": new,
             "top_token_frequency": token_frequency(new, vocabulary), "sae_activation": act["mean"],
             "sae_fired": act["fired"]}
 
@@ -564,7 +301,7 @@ def steer(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path 
         ``top_token_frequency`` (fraction of its tokens among the concept's top-activating tokens),
         ``sae_activation`` (the teacher's mean SAE activation of the concept over its tokens) and ``sae_fired``.
     """
-    section = _section(cfg)
+    section = interpret_section(cfg)
     run = _Run(cfg, section)
     model, ckpt = run.student(checkpoint)
     if not model.config.compresses:
@@ -588,7 +325,7 @@ def steer(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path 
     result = {"checkpoint": str(ckpt), "arm": section.arm, "seed": section.seed, "concept": concept,
               "concept_choice": choice, "description": desc[concept]["description"],
               "frequency": desc[concept]["frequency"], "factor": section.steer_factor, "force": section.steer_force,
-              "prompt": _clean(run.tokenizer.decode(prompt[0].tolist())), "temperature": section.temperature,
+              "prompt": clean_text(run.tokenizer.decode(prompt[0].tolist())), "temperature": section.temperature,
               "sample_seed": section.sample_seed, "identical": plain["token_ids"] == steered["token_ids"],
               "plain": plain, "steered": steered}
     path = _default_output(run, output, "steer.json")

@@ -1,4 +1,5 @@
-"""An on-disk cache of concept labels for fixed token windows (CoCoMix spec §10.2.1).
+"""An on-disk cache of concept labels for fixed token windows (ours: the reference code recomputes them every
+step).
 
 The teacher and the SAE are frozen, so the labels are a deterministic function of the window: computed once, they
 serve every student seed and ablation, and the student's training steps no longer run the teacher.

@@ -9,8 +9,8 @@ call resumes from its last complete chunk; a cache of another identity is refuse
 (``pipeline.on_change=rebuild`` recomputes it), a damaged one with one line naming the file. The call holds the run
 folder's lock (and the cache folder's, when it lies elsewhere) like a training run.
 
-The config needs the sections ``teacher`` (:class:`~conceptlm.cocomix.teacher.TeacherSection`), ``corpus``
-(:class:`~conceptlm.cocomix.corpus.CorpusSection`), ``labels`` (:class:`~conceptlm.cocomix.attribution.LabelSection`)
+The config needs the sections ``teacher`` (:class:`~conceptlm.cocomix.config.TeacherSection`), ``corpus``
+(:class:`~conceptlm.cocomix.config.CorpusSection`), ``labels`` (:class:`~conceptlm.cocomix.config.LabelSection`)
 and ``run`` (for the run folder).
 """
 
@@ -34,7 +34,7 @@ from conceptlm.cocomix.label_cache import (HEADER, LABELS, MASK, PROGRESS, Cache
                                            LabeledWindows, missing_folders, state_fingerprint, write_label_cache)
 from conceptlm.cocomix.sae import SAE_CONFIG, TopKSAE, load_sae
 from conceptlm.cocomix.sae_formats import detect_sae_format
-from conceptlm.cocomix.sae_train import SAE_OUTPUT_DIR
+from conceptlm.cocomix.sae_train import SAE_DIR
 from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, load_teacher, resolve_teacher_path, teacher_identity,
                                        teacher_width)
 from conceptlm.core.artifact import (StaleArtifactError, begin, damaged_file, decide, is_complete, read_manifest,
@@ -42,13 +42,11 @@ from conceptlm.core.artifact import (StaleArtifactError, begin, damaged_file, de
 from conceptlm.core.errors import CheckpointError, ConfigError, DataError
 from conceptlm.core.lock import RunLock
 
-__all__ = ["SAE_DIR", "LABELS_DIR", "SPLITS", "label", "resolve_sae_dir", "check_sae_settings", "resolve_teacher",
+__all__ = ["LABELS_DIR", "SPLITS", "label", "resolve_sae_dir", "check_sae_settings", "resolve_teacher",
            "label_cache_dir", "open_labeled_windows", "StaleLabelCacheError"]
 
 log = logging.getLogger(__name__)
 
-SAE_DIR = SAE_OUTPUT_DIR
-"""Sub-folder of a run that holds its SAE (``sae.safetensors`` + ``sae.json``, written by ``train_sae``)."""
 LABELS_DIR = "labels"
 """Sub-folder of a run that holds its label caches when ``labels.cache_dir`` is empty."""
 SPLITS = ("train", "val")

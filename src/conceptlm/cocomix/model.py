@@ -1,5 +1,5 @@
 """The CoCoMix student: a decoder-only LM on :mod:`conceptlm.core.modules` with a concept head, compression into a
-continuous concept and mixing into the hidden states (paper §3.2, Eq. 2-4; spec §3).
+continuous concept and mixing into the hidden states (CoCoMix paper §2.2, Eq. 2-4).
 
 Shapes: ``B`` batch, ``T`` tokens, ``d`` width, ``V`` vocabulary, ``C`` concepts (SAE latents), ``K`` kept concept
 logits (TopK), ``A`` concept labels per token (``K_attr``).
@@ -29,7 +29,8 @@ Where this differs from the reference code (documented choices):
 * RoPE (``style: llama``) in the mixed blocks: by default both slots of token ``t`` carry position ``t``
   (``interleave_positions: shared``; ``sequential`` numbers the 2T slots 0..2T-1). GPT-2 style has positions only at
   the input, like the reference;
-* KV-cached decoding aligns the causal mask bottom-right (the reference is wrong under SDPA, spec §3.5);
+* KV-cached decoding aligns the causal mask bottom-right (the reference code's SDPA path aligns it top-left: the two
+  new queries of a cached step would see only the first two keys);
 * labels come with a validity mask; masked rows (e.g. zero attribution at the last position) are excluded;
 * dropout defaults to 0 (the reference silently trains with 0.1; set ``dropout`` to reproduce it).
 """
@@ -37,17 +38,16 @@ Where this differs from the reference code (documented choices):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conceptlm.core.config import check
+from conceptlm.cocomix.config import StudentSection
 from conceptlm.core.modules import Decoder, DecoderConfig, KVCache
 
 __all__ = [
-    "StudentSection", "StudentLM", "StudentOutput", "ConceptOutput", "Steering", "ConceptHead",
+    "StudentLM", "decoder_config", "StudentOutput", "ConceptOutput", "Steering", "ConceptHead",
     "concept_head", "sae_layer_norm", "compress_concepts", "SAE_LN_EPS",
 ]
 
@@ -55,88 +55,14 @@ SAE_LN_EPS = 1e-5
 _CHUNK_ELEMENTS = 1 << 23  # concept logits held at once by default (32 MiB in fp32)
 
 
-@dataclass(kw_only=True)
-class StudentSection:
-    """The student's architecture (``student:`` in a config); the objective lives in ``CocomixSection``."""
-
-    style: Literal["llama", "gpt2"] = "gpt2"
-    """``gpt2``: LayerNorm, tanh-GELU MLP, learned absolute positions, biases (the paper's student); ``llama``:
-    RMSNorm, SwiGLU, RoPE, no biases."""
-    vocab_size: int = 1024
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 0
-    """MLP width; 0 = ``4*d_model`` (gpt2) or ``8*d_model/3`` rounded up to a multiple of 8 (llama)."""
-    max_len: int = 256
-    """Longest sequence in tokens (size of the position table for gpt2; a hard limit for both styles)."""
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    """Embedding, residual and attention dropout (the reference trains with 0.1)."""
-    init_std: float = 0.02
-    mix: Literal["interleave", "add", "pause", "none"] = "interleave"
-    concept_head: bool = True
-    """Predict concepts at ``insert_layer`` (needed by ``interleave`` / ``add`` and by the concept loss)."""
-    insert_layer: int = 1
-    """Blocks below the insertion: the concept is predicted from the residual stream after this many blocks."""
-    n_concepts: int = 1024
-    """``C``: concept vocabulary (the SAE's latent count)."""
-    concept_k: int = 16
-    """``K``: concept logits kept (TopK) before compression."""
-    interleave_positions: Literal["shared", "sequential"] = "shared"
-    """RoPE positions of the mixed blocks (llama style): ``shared`` = both slots of token t at t; ``sequential`` =
-    slots numbered 0..2T-1."""
-    concept_chunk: int = 0
-    """Tokens per chunk of the concept head (0 = as many as fit in 2^23 logits)."""
-    slot_positions: bool = False
-    """gpt2 style, ``mix: interleave | pause``: add token t's position embedding to the slot after ``h_t`` (``ĉ_t``
-    or the pause vector), as a token fed at the input would get, so that slot's query can find the latest token.
-    Off (the paper and the reference): the upper blocks have no positions, so one shared pause vector cannot tell
-    its slots apart, and ``ĉ_t`` carries position only through the concept bottleneck."""
-
-    def validate(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len", "n_concepts", "concept_k"):
-            check(getattr(self, name) > 0, f"student.{name}", "must be > 0")
-        check(self.d_model % self.n_heads == 0, "student.d_model",
-              f"{self.d_model} is not divisible by student.n_heads={self.n_heads}")
-        check(self.style != "llama" or (self.d_model // self.n_heads) % 2 == 0, "student.d_model",
-              "llama style (RoPE) needs an even head width d_model/n_heads")
-        check(self.d_ff >= 0 and self.concept_chunk >= 0, "student", "d_ff and concept_chunk must be >= 0")
-        check(0.0 <= self.dropout < 1.0, "student.dropout", "must be in [0, 1)")
-        check(not (self.concept_head or self.doubled) or 0 <= self.insert_layer < self.n_layers,
-              "student.insert_layer", f"must be in [0, n_layers={self.n_layers})")
-        check(self.concept_k <= self.n_concepts, "student.concept_k",
-              f"{self.concept_k} exceeds student.n_concepts={self.n_concepts}")
-        check(not self.slot_positions or (self.doubled and self.style == "gpt2"), "student.slot_positions",
-              "applies to mix=interleave|pause in the gpt2 style only (llama-style blocks see positions through RoPE)")
-        check(self.mix not in ("interleave", "add") or self.concept_head, "student.concept_head",
-              f"mix={self.mix} mixes the predicted concept: set concept_head=true")
-
-    @property
-    def ffn_dim(self) -> int:
-        """Resolved MLP width."""
-        if self.d_ff:
-            return self.d_ff
-        return 4 * self.d_model if self.style == "gpt2" else 8 * -(-8 * self.d_model // 24)
-
-    @property
-    def doubled(self) -> bool:
-        """Blocks from ``insert_layer`` on see two slots per token."""
-        return self.mix in ("interleave", "pause")
-
-    @property
-    def compresses(self) -> bool:
-        """The predicted concept is compressed and mixed in (``interleave`` / ``add``)."""
-        return self.mix in ("interleave", "add")
-
-    def decoder_config(self) -> DecoderConfig:
-        """The :class:`DecoderConfig` of the blocks."""
-        common = dict(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.ffn_dim,
-                      dropout=self.dropout, attn_dropout=self.dropout, init_std=self.init_std)
-        if self.style == "gpt2":
-            return DecoderConfig(**common, norm="layer", norm_eps=1e-5, mlp="gelu_tanh", rope=False,
-                                 attention_bias=True, mlp_bias=True)
-        return DecoderConfig(**common, norm="rms", norm_eps=1e-6, mlp="swiglu", rope=True)
+def decoder_config(s: StudentSection) -> DecoderConfig:
+    """The :class:`DecoderConfig` of the blocks of the student ``s``."""
+    common = dict(d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads, d_ff=s.ffn_dim,
+                  dropout=s.dropout, attn_dropout=s.dropout, init_std=s.init_std)
+    if s.style == "gpt2":
+        return DecoderConfig(**common, norm="layer", norm_eps=1e-5, mlp="gelu_tanh", rope=False,
+                             attention_bias=True, mlp_bias=True)
+    return DecoderConfig(**common, norm="rms", norm_eps=1e-6, mlp="swiglu", rope=True)
 
 
 @dataclass(frozen=True)
@@ -283,7 +209,7 @@ def concept_head(
     ce_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concept logits ``z = x W^T + b`` in token chunks: the concept CE and the top-K, without ever holding all
-    ``N x C`` logits (paper Eq. 2; spec §3.4).
+    ``N x C`` logits (CoCoMix paper §2.2, Eq. 2).
 
     ``CE_sum = sum_{n: mask_n} (1/A) sum_a [logsumexp(z_n) - z_n[labels_{n,a}]]`` -- the full C-way softmax of the
     un-masked logits, i.e. a soft-target CE with mass 1/A on each label. Gradients reach ``x``, ``weight`` and
@@ -382,7 +308,7 @@ class StudentLM(nn.Module):
         if cfg.style == "gpt2":
             self.pos_embed = nn.Embedding(cfg.max_len, d)
             nn.init.normal_(self.pos_embed.weight, std=cfg.init_std)
-        self.decoder = Decoder(cfg.decoder_config())
+        self.decoder = Decoder(decoder_config(cfg))
         if cfg.style == "gpt2":  # GPT-2: residual output projections scaled by 1/sqrt(2 n_layers)
             for layer in self.decoder.layers:
                 for proj in (layer.attn.o_proj, layer.mlp.fc2):

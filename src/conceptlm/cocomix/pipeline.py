@@ -5,14 +5,17 @@ make now is what it made before.
 
 1. ``teacher/``: a tiny teacher trained on the corpus (``teacher.path: null``), with its BPE tokenizer in
    ``teacher/tokenizer/``; else the given teacher is used;
-2. ``sae/``: the TopK SAE on block ``teacher.layer`` (the run folder's own ``metrics.jsonl`` and checkpoints are
-   the SAE run's);
+2. ``sae/``: the TopK SAE on block ``teacher.layer``, a run of its own (its ``config.yaml``, ``metrics.jsonl`` and
+   checkpoints are there, next to the SAE);
 3. ``labels/{train,val}``: the concept-label caches (``pipeline.labels: cached``);
 4. ``students/{arm}-s{seed}/``: one student run per arm and seed, all on the same windows, batches, optimizer and
    schedule (the ``train`` / ``optim`` / ``schedule`` sections), evaluated in eval mode at the same cadence;
 5. ``report/``: validation loss against tokens and against training FLOPs for every arm (PNG), and
    ``report.md`` / ``report.json`` built from each student's own saved config, metrics and recorded costs
    (:mod:`conceptlm.cocomix.report`).
+
+The run folder's own ``config.yaml`` is the pipeline's config (written when every stage has run); each stage's run
+has its own config in its folder.
 
 Every output folder holds an ``artifact.json`` (:mod:`conceptlm.cocomix.identity`): the fingerprint of the
 settings that shaped it and of its inputs by content (the teacher's weights, the documents and token ids, the
@@ -35,13 +38,13 @@ from typing import Any
 from conceptlm.cocomix.config import CocomixConfig
 from conceptlm.cocomix.identity import (LABELS_KIND, log_to_stderr, on_change_of, run_stage, student_identity,
                                         tiny_teacher_identity, windows_digest, world_size)
-from conceptlm.cocomix.report import (BASELINE_ARM, REPORT_DIR, STUDENTS_DIR, VAL_KEY, build_report, reach_point,
-                                      student_runs)
+from conceptlm.cocomix.report import STUDENTS_DIR, build_report, student_runs
 from conceptlm.core.artifact import Identity, begin, fingerprint_of, write_manifest
+from conceptlm.core.config import config_text
 from conceptlm.core.errors import ConfigError
+from conceptlm.core.io import atomic_write_text
 
-__all__ = ["pipeline", "train", "report", "student_runs", "build_report", "reach_point", "check_arms",
-           "STUDENTS_DIR", "REPORT_DIR", "BASELINE_ARM", "VAL_KEY"]
+__all__ = ["pipeline", "train", "report", "check_arms"]
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +53,16 @@ def _resumable(cfg: CocomixConfig) -> CocomixConfig:
 
 
 def check_arms(cfg: CocomixConfig) -> None:
-    """Resolve every arm of ``pipeline.arms`` (:func:`~conceptlm.cocomix.student.make_arm`) before any stage runs,
+    """Resolve every arm of ``pipeline.arms`` (:func:`~conceptlm.cocomix.arms.make_arm`) before any stage runs,
     so an arm that cannot be built is refused before the teacher is trained."""
-    from conceptlm.cocomix.student import make_arm
+    from conceptlm.cocomix.arms import make_arm
 
     for arm in cfg.pipeline.arms:
         make_arm(arm, cfg.student, cfg.cocomix, seq_len=cfg.corpus.window)
 
 
 def _student_config(cfg: CocomixConfig, arm: str, seed: int, vocab_size: int) -> CocomixConfig:
-    from conceptlm.cocomix.student import make_arm
+    from conceptlm.cocomix.arms import make_arm
 
     base = dataclasses.replace(cfg.student, vocab_size=vocab_size)
     student, cocomix = make_arm(arm, base, cfg.cocomix, seq_len=cfg.corpus.window)
@@ -160,8 +163,7 @@ class _Stages:
 
     def sae(self) -> dict[str, Any]:
         from conceptlm.cocomix.identity import sae_identity
-        from conceptlm.cocomix.labels import SAE_DIR
-        from conceptlm.cocomix.sae_train import sae_run_config, train_sae
+        from conceptlm.cocomix.sae_train import SAE_DIR, sae_run_config, train_sae
 
         out = self.run_dir / SAE_DIR
         if self.cfg.labels.sae_path:  # a given SAE (ours or sparsify / SAELens / OpenAI): nothing to train
@@ -229,19 +231,12 @@ class _Stages:
             else None, n_processes=world_size())
 
     def costs(self, sub: CocomixConfig) -> dict[str, float]:
-        """FLOPs per training token the student owes to its teacher (KD) and to its labels (see
-        :mod:`conceptlm.cocomix.costs`), recorded in its ``artifact.json`` for the report."""
-        from conceptlm.cocomix.costs import label_flops_per_token, teacher_forward_flops
+        """FLOPs per training token the student owes to its teacher (KD) and to its labels
+        (:func:`conceptlm.cocomix.costs.owed_flops_per_token`), recorded in its ``artifact.json`` for the report."""
+        from conceptlm.cocomix.costs import owed_flops_per_token
 
-        out = {"teacher_flops_per_token": 0.0, "label_flops_per_token": 0.0}
-        if sub.cocomix.kd_weight > 0:
-            out["teacher_flops_per_token"] = teacher_forward_flops(self.teacher()[0])
-        if _uses_labels(sub) and sub.cocomix.lam > 0:
-            sae = self.sae_module()
-            out["label_flops_per_token"] = label_flops_per_token(
-                self.teacher()[0], self.cfg.teacher.layer, n_latents=sae.n_latents, k=int(sae.k),
-                labels=self.cfg.labels)
-        return out
+        return owed_flops_per_token(sub.student, sub.cocomix, teacher=self.teacher()[0], layer=self.cfg.teacher.layer,
+                                    labels=self.cfg.labels, sae=self.sae_module)
 
     def run_student(self, sub: CocomixConfig, train_ds, val_ds, *, skip_finished: bool = True) -> dict[str, Any]:
         """One student run with its ``artifact.json`` (identity recorded at the start, files at the end)."""
@@ -329,6 +324,8 @@ def pipeline(cfg: CocomixConfig, *, checkpoint: str | None = None, output: str |
     if stages.verify_seconds is not None and timed:
         summary["label_cache_verification"] = {"seconds": stages.verify_seconds, "students_seconds": sum(timed),
                                                "fraction": stages.verify_seconds / sum(timed)}
+    if _is_main():
+        atomic_write_text(Path(cfg.run_dir) / "config.yaml", config_text(cfg, header=command))
     summary["report"] = build_report(cfg, output=output, expected={k: v["identity"] for k, v in students.items()})
     return summary
 

@@ -8,7 +8,7 @@ or flagged in the report (``rebuild``), and a run without a manifest (an older v
 Its config and metrics are checked against their recorded sha256.
 
 FLOPs per training token (see :mod:`conceptlm.cocomix.costs`): the student's matmuls
-(:func:`~conceptlm.cocomix.student.flops_per_token`), plus the teacher's forward for KD arms, plus the label
+(:func:`~conceptlm.cocomix.costs.flops_per_token`), plus the teacher's forward for KD arms, plus the label
 extraction (teacher forward and backward to the SAE layer, and the SAE) for arms trained on concept labels, cached
 or not. "FLOPs to reach NTP" is the ratio of these totals at the token counts where the curves reach NTP's final
 loss. The one-off costs of the run (tiny teacher training, SAE training, the label pass over the cached windows)
@@ -124,24 +124,18 @@ def _check_run(run_dir: Path, name: str, expected: dict[str, Identity] | None, o
 
 def _run_costs(run_dir: Path, own: dict[str, Any], manifest: dict[str, Any] | None, window_default: int
                ) -> dict[str, Any]:
-    from conceptlm.cocomix.model import StudentSection
-    from conceptlm.cocomix.student import count_parameters, flops_per_token
+    from conceptlm.cocomix.config import StudentSection
+    from conceptlm.cocomix.costs import arm_costs
 
     student = _section(StudentSection, own.get("student"))
     window = int((own.get("corpus") or {}).get("window", window_default))
-    cost = (manifest or {}).get("cost")
-    student_fpt = flops_per_token(student, window)["total"]
-    kd = label = None
-    if isinstance(cost, dict):
-        kd, label = float(cost.get("teacher_flops_per_token", 0.0)), float(cost.get("label_flops_per_token", 0.0))
-    return {"student_flops_per_token": student_fpt, "teacher_flops_per_token": kd, "label_flops_per_token": label,
-            "train_flops_per_token": student_fpt + (kd or 0.0) + (label or 0.0),
-            "active_parameters": count_parameters(student)["active"], "window": window}
+    return {**arm_costs(student, window, (manifest or {}).get("cost")), "window": window}
 
 
 def _one_off(cfg: Any) -> dict[str, Any]:
     """The run's one-off costs, as recorded by the teacher, SAE and label stages' manifests."""
-    from conceptlm.cocomix.labels import SAE_DIR, SPLITS, label_cache_dir
+    from conceptlm.cocomix.labels import SPLITS, label_cache_dir
+    from conceptlm.cocomix.sae_train import SAE_DIR
     from conceptlm.cocomix.teacher import TINY_TEACHER_DIR
 
     def cost_of(directory: Path) -> dict[str, Any] | None:

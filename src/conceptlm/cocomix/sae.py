@@ -1,6 +1,7 @@
 """TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") — the concept space.
 
-Formulas (spec §1.2, ``d = d_in``, ``C = n_latents``):
+Formulas (the TopK SAE of Gao et al. 2024 that the CoCoMix paper uses, §2.1 and App. A; ``d = d_in``,
+``C = n_latents``):
 
 - ``normalize``: ``mu = mean(h)``, ``sigma = std(h - mu)`` (unbiased, divides by ``d - 1``),
   ``x = (h - mu) / (sigma + eps)``; the identity (``mu = 0``, ``sigma = 1``, ``eps`` unused) when
@@ -28,6 +29,7 @@ continues exactly.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conceptlm.cocomix.config import DEFAULT_DEAD_AFTER_TOKENS
 from conceptlm.core.errors import CheckpointError
-from conceptlm.core.io import atomic_dir
+from conceptlm.core.io import atomic_dir, atomic_write_text
 
 __all__ = ["TopKSAE", "SAEOutput", "fvu_terms", "batch_fvu", "l0_terms", "mse_sum", "auxk_sum", "save_sae",
            "load_sae", "read_sae_config", "SAE_WEIGHTS", "SAE_CONFIG", "SAE_FORMAT"]
@@ -46,7 +49,6 @@ SAE_WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "sae.json"
 SAE_FORMAT = "conceptlm-topk-sae"
 _FORMAT_VERSION = 1
-DEFAULT_DEAD_AFTER_TOKENS = 10_000_000  # Gao et al. 2024
 
 
 @dataclass
@@ -83,7 +85,7 @@ class TopKSAE(nn.Module):
         d_in: input width (>= 2 when normalizing).
         n_latents: number of latents ``C``.
         k: active latents per token.
-        normalize_input: layer-norm each input token (spec §1.2).
+        normalize_input: layer-norm each input token (as OpenAI's TopK SAEs do).
         eps: added to ``sigma`` in the normalization.
         k_aux: dead latents used by AuxK (default ``d_in // 2``, as in Gao et al. / sparsify).
         dead_after_tokens: tokens without firing after which a latent counts as dead.
@@ -286,13 +288,15 @@ def l0_terms(values: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 # ----------------------------------------------------------------------------------------------- save / load
 def save_sae(sae: TopKSAE, directory: str | Path, *, layer: int | None = None, teacher: Any = None,
-             extra: dict[str, Any] | None = None) -> Path:
+             extra: dict[str, Any] | None = None, in_place: bool = False) -> Path:
     """Write ``sae.safetensors`` (the four parameters) and ``sae.json`` (config, layer, teacher) atomically.
 
     Args:
         layer: index of the teacher block whose output the SAE reads (defaults to ``sae.meta["layer"]``).
         teacher: a JSON-able identity of the teacher (e.g. its path and a hash; defaults to ``sae.meta``'s).
         extra: further JSON-able entries for ``sae.json``.
+        in_place: write the two files into ``directory`` (each atomically), keeping what else it holds (the SAE
+            run's config, metrics and checkpoints); by default ``directory`` is replaced as a whole.
 
     Returns:
         The directory.
@@ -304,6 +308,13 @@ def save_sae(sae: TopKSAE, directory: str | Path, *, layer: int | None = None, t
            "layer": layer if layer is not None else sae.meta.get("layer"),
            "teacher": teacher if teacher is not None else sae.meta.get("teacher"), **(extra or {})}
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in _param_items(sae)}
+    if in_place:
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / f".tmp-{SAE_WEIGHTS}"
+        save_file(tensors, str(partial), metadata={"format": SAE_FORMAT})
+        os.replace(partial, directory / SAE_WEIGHTS)
+        atomic_write_text(directory / SAE_CONFIG, json.dumps(cfg, indent=2) + "\n")
+        return directory
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / SAE_WEIGHTS), metadata={"format": SAE_FORMAT})
         (tmp / SAE_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")

@@ -15,7 +15,8 @@ Formats (:func:`load_any_sae` detects them):
   ``norm_out(acts @ W_dec + b_dec)``. ``apply_b_dec_to_input: false`` is folded into ``b_enc`` exactly
   (``b_enc + W_enc.T b_dec``). ``normalize_activations``: ``none`` or ``layer_norm`` (refused:
   ``constant_norm_rescale``, ``expected_average_only_in``, ``reshape_activations: hook_z``).
-- **OpenAI** GPT-2 TopK SAEs (spec §1.3): a ``.pt`` state dict, read with ``torch.load(weights_only=True)``:
+- **OpenAI** GPT-2 TopK SAEs (the SAE of the CoCoMix paper, App. A): a ``.pt`` state dict, read with
+  ``torch.load(weights_only=True)``:
   ``pre_bias (d,)``, ``encoder.weight (C, d)``, ``latent_bias (C,)``, ``decoder.weight (d, C)``, the ``stats_*`` /
   ``latents_*`` buffers (ignored), ``activation`` (``"TopK"``) and ``activation_state_dict`` (``{"k", "postact_fn":
   "ReLU"}``). Layer-normed input exactly when the activation is TopK.
@@ -180,7 +181,8 @@ def load_saelens_sae(path: str | Path) -> TopKSAE:
 
 # ----------------------------------------------------------------------------------------------- OpenAI
 def load_openai_sae(path: str | Path) -> TopKSAE:
-    """An OpenAI ``sparse_autoencoder`` TopK state dict (``.pt``, spec §1.3), loaded with ``weights_only=True``."""
+    """An OpenAI ``sparse_autoencoder`` TopK state dict (``.pt``, the CoCoMix paper's SAE), loaded with
+    ``weights_only=True``."""
     p = Path(path)
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)

@@ -1,10 +1,13 @@
 """Training a TopK SAE on a frozen teacher's residual stream, on the shared loop.
 
-``train_sae(cfg)``: (train a tiny teacher when ``teacher.path`` is null) -> load the frozen teacher -> token
-windows of the corpus -> initialise the SAE (``b_dec`` = mean of the normalized activations of the first
-``sae.init_windows`` training windows, the same on every rank) -> ``fit`` with :class:`SAEUnit` -> the final SAE in
-our own format in ``{run_dir}/sae`` (``sae.safetensors`` + ``sae.json``). Every checkpoint also holds the SAE in that
-format in its ``model/`` folder, and the SAE config as the ``sae_config`` artefact.
+``train_sae(cfg)``: (train a tiny teacher in ``{run_dir}/teacher`` when ``teacher.path`` is null) -> load the frozen
+teacher -> token windows of the corpus -> initialise the SAE (``b_dec`` = mean of the normalized activations of the
+first ``sae.init_windows`` training windows, the same on every rank) -> ``fit`` with :class:`SAEUnit` -> the final
+SAE in our own format (``sae.safetensors`` + ``sae.json``). The SAE stage is a run of its own in ``{run_dir}/sae``,
+like the tiny teacher's in ``{run_dir}/teacher`` and each student's in ``{run_dir}/students/``: its config
+(:func:`sae_run_config`), metrics, checkpoints, the final SAE and its ``artifact.json`` are all in that folder. Every
+checkpoint also holds the SAE in our format in its ``model/`` folder, and the SAE config as the ``sae_config``
+artefact.
 
 Loss (per token, normalized space): ``||x - x_hat||^2 / d_in + aux_coef * ||e - e_hat||^2 / d_in`` (parts ``mse``
 and ``auxk``, averaged over tokens). Metrics: ``fvu`` (see :func:`conceptlm.cocomix.sae.fvu_terms`; the reference
@@ -15,77 +18,35 @@ token).
 from __future__ import annotations
 
 
+import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from conceptlm.cocomix.corpus import CorpusSection, build_corpus, collate_windows, corpus_identity
-from conceptlm.cocomix.sae import (DEFAULT_DEAD_AFTER_TOKENS, SAE_CONFIG, SAE_WEIGHTS, TopKSAE, auxk_sum, fvu_terms,
-                                   l0_terms, load_params, mse_sum, save_sae)
-from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, TeacherSection, hidden_at_layer, load_teacher,
-                                       teacher_identity, teacher_width, train_tiny_teacher)
-from conceptlm.core.config import RunConfig, check, with_own_length
+from conceptlm.cocomix.config import SAESection, SAETrainConfig
+from conceptlm.cocomix.corpus import build_corpus, collate_windows, corpus_identity
+from conceptlm.cocomix.sae import (SAE_CONFIG, SAE_WEIGHTS, TopKSAE, auxk_sum, fvu_terms, l0_terms, load_params,
+                                   mse_sum, save_sae)
+from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, hidden_at_layer, load_teacher, teacher_identity,
+                                       teacher_width, train_tiny_teacher)
+from conceptlm.core.config import RunConfig, with_own_length
 from conceptlm.core.distributed import all_reduce_sum, barrier
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
-__all__ = ["SAESection", "SAETrainConfig", "SAEUnit", "train_sae", "build_sae", "sae_run_config", "SAE_OUTPUT_DIR"]
+__all__ = ["SAEUnit", "train_sae", "build_sae", "sae_run_config", "SAE_DIR"]
 
 log = logging.getLogger(__name__)
 
-SAE_OUTPUT_DIR = "sae"
-"""Folder of the run that holds the final SAE."""
-
-
-@dataclass(kw_only=True)
-class SAESection:
-    n_latents: int = 512
-    """Number of latents (concepts); the input width ``d_in`` is the teacher's."""
-    k: int = 16
-    """Active latents per token."""
-    aux_k: int | None = None
-    """Dead latents used by AuxK (default ``d_in // 2``); 0 disables AuxK."""
-    aux_coef: float = 1 / 32
-    dead_after_tokens: int = DEFAULT_DEAD_AFTER_TOKENS
-    """A latent that has not fired for this many tokens is dead (Gao et al.: 10M)."""
-    normalize_input: bool = True
-    eps: float = 1e-5
-    init_windows: int = 64
-    """Training windows whose mean activation initialises ``b_dec`` (and is the FVU reference)."""
-    seed: int = 0
-    # the SAE's own training length and step size, so one config can train the SAE and the students differently
-    steps: int | None = None
-    """Optimizer steps of the SAE run (``null`` = ``train.max_steps``)."""
-    batch_size: int | None = None
-    """Windows per micro-batch of the SAE run (``null`` = ``train.micro_batch_size``)."""
-    lr: float | None = None
-    """Peak learning rate of the SAE run (``null`` = ``optim.lr``)."""
-
-    def validate(self) -> None:
-        check(self.steps is None or self.steps >= 1, "sae.steps", "must be >= 1 or null")
-        check(self.batch_size is None or self.batch_size >= 1, "sae.batch_size", "must be >= 1 or null")
-        check(self.lr is None or self.lr > 0, "sae.lr", "must be > 0 or null")
-        check(self.n_latents >= 1, "sae.n_latents", "must be >= 1")
-        check(1 <= self.k <= self.n_latents, "sae.k", f"must be in [1, n_latents={self.n_latents}]")
-        check(self.aux_k is None or self.aux_k >= 0, "sae.aux_k", "must be >= 0 or null")
-        check(self.aux_coef >= 0, "sae.aux_coef", "must be >= 0")
-        check(self.dead_after_tokens >= 1, "sae.dead_after_tokens", "must be >= 1")
-        check(self.eps > 0, "sae.eps", "must be > 0")
-        check(self.init_windows >= 1, "sae.init_windows", "must be >= 1")
-
-
-@dataclass(kw_only=True)
-class SAETrainConfig(RunConfig):
-    corpus: CorpusSection = field(default_factory=CorpusSection)
-    teacher: TeacherSection = field(default_factory=TeacherSection)
-    sae: SAESection = field(default_factory=SAESection)
+SAE_DIR = "sae"
+"""Sub-folder of a run that holds its SAE stage: the SAE run (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``),
+the final SAE (``sae.safetensors`` + ``sae.json``) and its ``artifact.json``."""
 
 
 def build_sae(section: SAESection, d_in: int) -> TopKSAE:
@@ -193,45 +154,50 @@ def _initial_mean(unit: SAEUnit, windows: torch.Tensor, device: torch.device) ->
 
 
 def sae_run_config(cfg: SAETrainConfig) -> SAETrainConfig:
-    """``cfg`` with ``sae.steps`` / ``sae.batch_size`` / ``sae.lr`` (when set) in place of the run's
-    ``train.max_steps`` / ``train.micro_batch_size`` / ``optim.lr``."""
-    return with_own_length(cfg, steps=cfg.sae.steps, batch_size=cfg.sae.batch_size, lr=cfg.sae.lr)
+    """The SAE stage's own run config: the ``corpus``, ``teacher`` and ``sae`` sections and the shared loop's
+    sections of ``cfg`` (an :class:`SAETrainConfig` or a whole :class:`~conceptlm.cocomix.config.CocomixConfig`), with
+    ``sae.steps`` / ``sae.batch_size`` / ``sae.lr`` (when set) in place of ``train.max_steps`` /
+    ``train.micro_batch_size`` / ``optim.lr``, in the run folder ``{cfg.run_dir}/sae``."""
+    own = with_own_length(cfg, steps=cfg.sae.steps, batch_size=cfg.sae.batch_size, lr=cfg.sae.lr)
+    shared = {f.name: getattr(own, f.name) for f in dataclasses.fields(RunConfig)}
+    shared["run"] = dataclasses.replace(own.run, out_dir=str(cfg.run_dir), name=SAE_DIR)
+    return SAETrainConfig(**shared, corpus=cfg.corpus, teacher=cfg.teacher, sae=cfg.sae)
 
 
 def train_sae(cfg: SAETrainConfig, *, command: str | None = None) -> TrainResult:
-    """Train the SAE of ``cfg`` (see the module docstring). Returns the loop's result; the SAE is in
+    """Train the SAE of ``cfg`` (see the module docstring). Returns the loop's result; the SAE run is
     ``{run_dir}/sae`` with an ``artifact.json`` (:func:`conceptlm.cocomix.identity.sae_identity`: the SAE
     settings, the teacher's weights and the training windows by content), recorded when the run starts.
 
-    An SAE of other settings or inputs in ``{run_dir}/sae`` is refused with one line naming the change, before
-    anything is written (``pipeline.on_change=rebuild``, when the config has a ``pipeline`` section: the SAE, its
-    checkpoints and metrics are removed and it is trained again); the tiny teacher (``teacher.path: null``) is
-    checked the same way first.
+    An SAE of other settings or inputs in ``{run_dir}/sae`` (or one made before the SAE was a run of its own, whose
+    checkpoints and metrics lie in ``{run_dir}``) is refused with one line naming the change, before anything is
+    written (``pipeline.on_change=rebuild``, when the config has a ``pipeline`` section: the SAE run is removed,
+    with an older layout's checkpoints and metrics in ``{run_dir}``, and trained again); the tiny teacher
+    (``teacher.path: null``) is checked the same way first.
     """
     from conceptlm.cocomix.costs import sae_train_flops
     from conceptlm.cocomix.identity import on_change_of, run_stage, sae_identity, windows_digest
     from conceptlm.core.artifact import begin, write_manifest
-    from conceptlm.core.lock import RunLock
 
     cfg.validate()
-    cfg = sae_run_config(cfg)
+    root = cfg.run_dir
     on_change = on_change_of(cfg)
+    cfg = sae_run_config(cfg)
     with run_session(cfg, command) as session:
         info = session.info
         teacher_path = cfg.teacher.path
         if teacher_path is None:
-            teacher_path = str(train_tiny_teacher(cfg.corpus, cfg.teacher, cfg.run_dir / TINY_TEACHER_DIR, info,
+            teacher_path = str(train_tiny_teacher(cfg.corpus, cfg.teacher, root / TINY_TEACHER_DIR, info,
                                                   command=command, progress=cfg.train.progress,
                                                   on_change=on_change))
         teacher, tokenizer = load_teacher(cfg.teacher, path=teacher_path, device=info.device)
         splits = build_corpus(cfg.corpus, tokenizer)
         identity = teacher_identity(teacher_path, cfg.teacher.layer, model=teacher)
-        out = cfg.run_dir / SAE_OUTPUT_DIR
+        out = cfg.run_dir
         artifact = sae_identity(cfg, identity["fingerprint"], windows_digest(splits.train.windows), info.world_size)
-        state = run_stage(out, artifact, on_change=on_change, what=SAE_OUTPUT_DIR, remove=info.is_main)
-        if state == "rebuild" and info.is_main:  # the SAE run's own checkpoints and metrics go with it
-            session.lock = RunLock(cfg.run_dir).acquire()
-            _remove_sae_run(cfg.run_dir)
+        state = run_stage(out, artifact, on_change=on_change, what=SAE_DIR, remove=info.is_main)
+        if state == "rebuild" and info.is_main:  # an older layout's SAE run at the top of the run folder goes too
+            _remove_top_level_sae_run(root)
         barrier()
         session.create_run_dir()
         if info.is_main and state != "skip":  # (a finished SAE of the same identity stays marked finished)
@@ -251,7 +217,7 @@ def train_sae(cfg: SAETrainConfig, *, command: str | None = None) -> TrainResult
                      artifacts={"sae_config": _SAEConfigArtifact(config), "tokenizer": tokenizer})
         if info.is_main:
             final = _sae_from_state(sae, {f"sae.{k}": v.detach().cpu() for k, v in sae.state_dict().items()})
-            save_sae(final, out, layer=cfg.teacher.layer, teacher=identity)
+            save_sae(final, out, layer=cfg.teacher.layer, teacher=identity, in_place=True)
             t = cfg.train
             tokens = t.max_steps * t.micro_batch_size * t.grad_accum * info.world_size * cfg.corpus.window
             cost = sae_train_flops(teacher, cfg.teacher.layer, n_latents=cfg.sae.n_latents, k=cfg.sae.k,
@@ -263,11 +229,20 @@ def train_sae(cfg: SAETrainConfig, *, command: str | None = None) -> TrainResult
         return result
 
 
-def _remove_sae_run(run_dir: Path) -> None:
-    """What an SAE run wrote at the top of its run folder (checkpoints, metrics, TensorBoard), for a rebuild."""
+def _remove_top_level_sae_run(root: Path) -> None:
+    """For a rebuild: what an SAE run of an older layout wrote at the top of the pipeline's run folder (its
+    checkpoints, metrics and TensorBoard; nothing else writes there), under that folder's lock."""
     import shutil
 
-    for name in ("checkpoints", "tb"):
-        if (run_dir / name).is_dir():
-            shutil.rmtree(run_dir / name)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    from conceptlm.core.lock import RunLock
+
+    if not any((root / n).exists() for n in ("checkpoints", "tb", "metrics.jsonl")):
+        return
+    lock = RunLock(root).acquire()
+    try:
+        for name in ("checkpoints", "tb"):
+            if (root / name).is_dir():
+                shutil.rmtree(root / name)
+        (root / "metrics.jsonl").unlink(missing_ok=True)
+    finally:
+        lock.release()

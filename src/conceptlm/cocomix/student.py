@@ -1,8 +1,10 @@
-"""Training a CoCoMix student and its baselines with the shared loop (paper §2.2, Eq. 4; spec §3.4, §4).
+"""Training a CoCoMix student and its baselines with the shared loop (paper §2.2, Eq. 4; the baselines of §3 and
+App. A).
 
 ``L = L_NTP + lam * L_concept (+ kd_weight * L_KD)``; every arm of the comparison is the same unit with another
-``student`` / ``cocomix`` section (:func:`make_arm`): CoCoMix, NTP with matched active parameters or matched FLOPs,
-knowledge distillation, pause tokens, KD + pause, mixing only (lam = 0), concept loss only (no mixing) and ``add``.
+``student`` / ``cocomix`` section (:func:`conceptlm.cocomix.arms.make_arm`): CoCoMix, NTP with matched active
+parameters or matched FLOPs, knowledge distillation, pause tokens, KD + pause, mixing only (lam = 0), concept loss
+only (no mixing) and ``add``.
 
 Batches are ``{"ids": (B,), "input_ids": (B, T)}`` plus, for the concept loss, ``"concept_labels"`` ``(B, T, A)``
 (SAE latent indices) and ``"concept_mask"`` ``(B, T)`` (True = the labels count). Labels may instead be computed on
@@ -12,187 +14,22 @@ the device by a frozen ``labeler`` module (``labeler(input_ids) -> (labels, mask
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conceptlm.cocomix.model import StudentLM, StudentSection
+from conceptlm.cocomix.config import CocomixSection, StudentSection, StudentTrainConfig
+from conceptlm.cocomix.model import StudentLM
 from conceptlm.core import checkpoint as ckpt_lib
-from conceptlm.core.config import RunConfig, check
 from conceptlm.core.errors import ConfigError, DataError
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
-__all__ = [
-    "CocomixSection", "StudentTrainConfig", "StudentUnit", "train_student", "collate_windows", "load_student",
-    "count_parameters", "flops_per_token", "match_ntp", "make_arm", "ARMS",
-]
-
-
-@dataclass(kw_only=True)
-class CocomixSection:
-    """The objective (``cocomix:`` in a config); the architecture is ``student:``."""
-
-    lam: float = 0.1
-    """``λ``, weight of the concept loss (0 = not trained; its CE is then reported as the metric ``concept_ce``)."""
-    k_attr: int = 4
-    """``K_attr``: concept labels per token (checked against the batches)."""
-    kd_weight: float = 0.0
-    """``λ_KD`` of knowledge distillation from a teacher's next-token distribution (0 = off)."""
-    kd_temperature: float = 1.0
-    """Softmax temperature ``τ`` of both distributions in the KD term (the term is scaled by ``τ²``)."""
-
-    def validate(self) -> None:
-        check(self.lam >= 0, "cocomix.lam", "must be >= 0")
-        check(self.k_attr > 0, "cocomix.k_attr", "must be > 0")
-        check(self.kd_weight >= 0, "cocomix.kd_weight", "must be >= 0")
-        check(self.kd_temperature > 0, "cocomix.kd_temperature", "must be > 0")
-
-
-@dataclass(kw_only=True)
-class StudentTrainConfig(RunConfig):
-    student: StudentSection = field(default_factory=StudentSection)
-    cocomix: CocomixSection = field(default_factory=CocomixSection)
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.cocomix.lam == 0 or self.student.concept_head, "cocomix.lam",
-              f"{self.cocomix.lam} trains a concept head: set student.concept_head=true or cocomix.lam=0")
-
-
-# ------------------------------------------------------------------------------------------------ cost model
-def _layer_macs(s: StudentSection) -> int:
-    mlp = (2 if s.style == "gpt2" else 3) * s.d_model * s.ffn_dim
-    return 4 * s.d_model * s.d_model + mlp
-
-
-def count_parameters(s: StudentSection) -> dict[str, int]:
-    """Parameter counts: ``base`` (LM without concept parts), ``total`` (stored) and ``active`` (the paper's count:
-    only ``K`` of the ``C`` compress columns touch a token; spec §3.6)."""
-    d, f = s.d_model, s.ffn_dim
-    gpt2 = s.style == "gpt2"
-    layer = _layer_macs(s) + ((4 * d + f + d + 4 * d) if gpt2 else 2 * d)  # + biases and norms
-    base = s.vocab_size * d * (1 if s.tie_embeddings else 2) + s.n_layers * layer + (2 * d if gpt2 else d)
-    base += s.max_len * d if gpt2 else 0
-    head_total = head_active = 0
-    if s.concept_head:
-        head_total = head_active = s.n_concepts * d + s.n_concepts + d  # predictor + pre_bias
-        if s.compresses:
-            head_total += s.n_concepts * d + d
-            head_active += s.concept_k * d + d
-    pause = d if s.mix == "pause" else 0
-    return {"base": base, "total": base + head_total + pause, "active": base + head_active + pause}
-
-
-def flops_per_token(s: StudentSection, seq_len: int, *, training: bool = True) -> dict[str, float]:
-    """Analytic matmul FLOPs per token (2 per multiply-add; a training step is 3x the forward: the backward does
-    one matmul for the input gradient and one for the weight gradient).
-
-    Per token: every block slot costs ``4d² + (2|3)·d·d_ff`` MACs plus causal attention ``2·d·(S+1)/2`` over its
-    ``S``-slot sequence; blocks from ``insert_layer`` on have 2 slots per token and ``S = 2T`` when doubled; the
-    concept head adds ``C·d`` (predictor) and ``K·d`` (sparse compression); the LM head ``V·d``. Norms,
-    softmaxes, top-K and embeddings are not counted.
-    """
-    d, t = s.d_model, seq_len
-    split = s.insert_layer if (s.concept_head or s.doubled) else s.n_layers
-    slot = lambda n_slots: _layer_macs(s) + d * (n_slots + 1)  # noqa: E731 - per-slot MACs in an S-slot sequence
-    lower = split * slot(t)
-    upper = (s.n_layers - split) * (2 * slot(2 * t) if s.doubled else slot(t))
-    head = (s.n_concepts * d + (s.concept_k * d if s.compresses else 0)) if s.concept_head else 0
-    parts = {"blocks": lower + upper, "concept_head": head, "lm_head": s.vocab_size * d}
-    scale = 2 * (3 if training else 1)
-    out = {k: float(v * scale) for k, v in parts.items()}
-    out["total"] = sum(out.values())
-    return out
-
-
-def _ntp_like(s: StudentSection) -> StudentSection:
-    return dataclasses.replace(s, mix="none", concept_head=False)
-
-
-def _resized(s: StudentSection, d_model: int | None = None, n_layers: int | None = None) -> StudentSection:
-    d = d_model or s.d_model
-    d_ff = round(s.d_ff * d / s.d_model) if s.d_ff else 0
-    layers = n_layers or s.n_layers
-    return dataclasses.replace(s, d_model=d, d_ff=d_ff, n_layers=layers, insert_layer=min(s.insert_layer, layers - 1))
-
-
-def match_ntp(s: StudentSection, *, by: Literal["params", "flops"] = "params", seq_len: int | None = None,
-              vary: Literal["d_model", "n_layers"] = "d_model") -> StudentSection:
-    """The NTP baseline (no concept head, no mixing) whose active parameters (``by="params"``, the paper's
-    baseline) or training FLOPs per token at ``seq_len`` (``by="flops"``) are closest to those of ``s``, by changing
-    ``d_model`` (multiples of ``n_heads``; even head width for llama) or ``n_layers``."""
-    if by == "flops" and not seq_len:
-        raise ValueError("match_ntp(by='flops') needs seq_len")
-    cost = (lambda c: count_parameters(c)["active"]) if by == "params" else \
-        (lambda c: flops_per_token(c, seq_len)["total"])  # type: ignore[arg-type]
-    target = cost(s)
-    base = _ntp_like(s)
-    if vary == "d_model":
-        step = s.n_heads * (2 if s.style == "llama" else 1)
-        options = [_resized(base, d_model=d) for d in range(step, 8 * s.d_model + 1, step)]
-    else:
-        options = [_resized(base, n_layers=n) for n in range(1, 8 * s.n_layers + 1)]
-    return min(options, key=lambda c: abs(cost(c) - target))
-
-
-ARMS = ("cocomix", "ntp", "ntp_flops", "kd", "pause", "kd_pause", "mix_only", "concept_only", "add", "cocomix_pos",
-        "pause_pos")
-"""Arms of the comparison (spec §4, §10.3): names accepted by :func:`make_arm`."""
-
-
-def make_arm(name: str, student: StudentSection, cocomix: CocomixSection, *, seq_len: int,
-             kd_weight: float = 0.1) -> tuple[StudentSection, CocomixSection]:
-    """``(student, cocomix)`` sections of one arm, derived from the CoCoMix ones.
-
-    ``ntp``: NTP with the CoCoMix student's active parameter count (wider); ``ntp_flops``: NTP with its training
-    FLOPs per token at ``seq_len``; ``kd``: the ``ntp`` model + KD (``kd_weight``, the paper's 0.1); ``pause`` /
-    ``kd_pause``: the CoCoMix architecture with a learned pause vector interleaved instead of the concept (no
-    concept head); ``mix_only``: lam = 0; ``concept_only``: concept loss, no mixing; ``add``: ``mix=add``;
-    ``cocomix_pos`` / ``pause_pos``: ``cocomix`` / ``pause`` with token t's position embedding added to its second
-    slot (``student.slot_positions``, gpt2 style; in the llama style they equal ``cocomix`` / ``pause``: RoPE
-    already gives the slots positions).
-
-    Raises:
-        ConfigError: ``cocomix`` or ``mix_only`` with ``student.mix`` ``add`` / ``pause``: the arm named
-            ``cocomix`` would silently be the ``add`` / ``pause`` arm (list that arm instead).
-    """
-    if name not in ARMS:
-        raise ConfigError(f"unknown arm {name!r}; choose one of {', '.join(ARMS)}", field="arm")
-    if name in ("cocomix", "mix_only") and student.mix not in ("interleave", "none"):
-        raise ConfigError(f"{student.mix!r} would turn the arm {name!r} (the concept interleaved) into another arm; "
-                          f"the arms set their own mixing: keep student.mix=interleave and list the "
-                          f"{'add' if student.mix == 'add' else 'pause'} arm in pipeline.arms", field="student.mix")
-    s = dataclasses.replace(student, mix="interleave" if student.mix == "none" else student.mix, concept_head=True)
-    if s.mix == "add":
-        s = dataclasses.replace(s, slot_positions=False)
-    flat = dataclasses.replace(s, slot_positions=False)  # the arms without a second slot per token
-    c = dataclasses.replace(cocomix, kd_weight=0.0)
-    off = dataclasses.replace(c, lam=0.0)
-    if name == "cocomix":
-        return s, c
-    if name in ("ntp", "kd"):
-        return match_ntp(flat, by="params"), dataclasses.replace(off, kd_weight=kd_weight if name == "kd" else 0.0)
-    if name == "ntp_flops":
-        return match_ntp(flat, by="flops", seq_len=seq_len), off
-    if name in ("pause", "kd_pause"):
-        return (dataclasses.replace(s, mix="pause", concept_head=False),
-                dataclasses.replace(off, kd_weight=kd_weight if name == "kd_pause" else 0.0))
-    if name in ("cocomix_pos", "pause_pos"):
-        s = dataclasses.replace(s, slot_positions=s.style == "gpt2")
-        if name == "cocomix_pos":
-            return dataclasses.replace(s, mix="interleave"), c
-        return dataclasses.replace(s, mix="pause", concept_head=False), off
-    if name == "mix_only":
-        return s, off
-    if name == "concept_only":
-        return dataclasses.replace(flat, mix="none"), c
-    return dataclasses.replace(flat, mix="add"), c
+__all__ = ["StudentUnit", "train_student", "collate_windows", "load_student"]
 
 
 # ------------------------------------------------------------------------------------------------ the unit

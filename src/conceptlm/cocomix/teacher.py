@@ -14,18 +14,18 @@ residual stream after one block without running the blocks above it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from conceptlm.cocomix.corpus import (CorpusSection, build_corpus, collate_windows, corpus_identity,
+from conceptlm.cocomix.config import CorpusSection, TeacherSection, TinyTeacherConfig
+from conceptlm.cocomix.corpus import (build_corpus, collate_windows, corpus_identity,
                                       load_documents, split_documents)
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core import hf
-from conceptlm.core.config import OptimSection, RunConfig, RunSection, ScheduleSection, TrainSection, check
+from conceptlm.core.config import OptimSection, RunSection, ScheduleSection, TrainSection
 from conceptlm.core.distributed import DistInfo
 from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.core.lock import RunLock
@@ -35,7 +35,7 @@ from conceptlm.core.tokenizer import train_bpe_tokenizer
 from conceptlm.core.unit import THROUGHPUT_KEY
 from conceptlm.lm.unit import HFModelUnit
 
-__all__ = ["TeacherSection", "TinyTeacherConfig", "NextTokenUnit", "resolve_teacher_path", "load_teacher",
+__all__ = ["NextTokenUnit", "resolve_teacher_path", "load_teacher",
            "train_tiny_teacher", "teacher_blocks", "hidden_at_layer", "teacher_identity", "teacher_width",
            "TINY_TEACHER_DIR"]
 
@@ -43,43 +43,6 @@ log = logging.getLogger(__name__)
 
 TINY_TEACHER_DIR = "teacher"
 """Sub-folder of a run that holds its tiny teacher's own run (checkpoints, tokenizer)."""
-
-
-@dataclass(kw_only=True)
-class TeacherSection:
-    path: str | None = None
-    """HF folder, ``.gguf``, named model, conceptlm run/checkpoint folder; ``null`` = train a tiny teacher."""
-    layer: int = 1
-    """Index of the block whose output (residual stream) is the SAE input (spec: 5 of GPT-2's 12)."""
-    # tiny teacher (path: null)
-    arch: str = "llama"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    vocab_size: int = 512
-    """Size of the BPE vocabulary trained on the corpus."""
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    save_every: int = 0
-    """Tiny-teacher checkpoint cadence (0: only at the end)."""
-    seed: int = 0
-
-    def validate(self) -> None:
-        check(self.layer >= 0, "teacher.layer", "must be >= 0")
-        check(self.arch in hf.ARCHS, "teacher.arch", f"must be one of {', '.join(hf.ARCHS)}")
-        for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size"):
-            check(getattr(self, name) > 0, f"teacher.{name}", "must be > 0")
-        check(self.hidden_size % self.num_heads == 0, "teacher.hidden_size", "must be a multiple of num_heads")
-        check(self.vocab_size >= 300, "teacher.vocab_size", "must be >= 300 (256 bytes + special tokens + merges)")
-        check(self.lr > 0, "teacher.lr", "must be > 0")
-        check(0 <= self.warmup_steps <= self.steps, "teacher.warmup_steps", "must be in [0, steps]")
-        check(self.save_every >= 0, "teacher.save_every", "must be >= 0")
-        if self.path is None:
-            check(self.layer < self.num_layers, "teacher.layer",
-                  f"{self.layer} is not a block of the tiny teacher (num_layers={self.num_layers})")
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -207,15 +170,6 @@ def teacher_identity(path: str | Path, layer: int, model: nn.Module | None = Non
 
 
 # ----------------------------------------------------------------------------------------------- tiny teacher
-@dataclass(kw_only=True)
-class TinyTeacherConfig(RunConfig):
-    """The run config of a tiny teacher (built by :func:`train_tiny_teacher` from the corpus and teacher
-    sections)."""
-
-    corpus: CorpusSection = field(default_factory=CorpusSection)
-    teacher: TeacherSection = field(default_factory=TeacherSection)
-
-
 class NextTokenUnit(HFModelUnit):
     """Next-token prediction on token windows (``nll``: summed cross-entropy over ``B * (T - 1)`` targets)."""
 
