@@ -390,9 +390,20 @@ class WindowDataset(Dataset):
 
 
 def collate_windows(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """``{"ids": (B,) int64, "input_ids": (B, T) int64}``."""
-    return {"ids": torch.tensor([it["id"] for it in items], dtype=torch.long),
-            "input_ids": torch.stack([it["input_ids"] for it in items])}
+    """Token windows ``{"id", "input_ids" (T,)[, "concept_labels" (T, A), "concept_mask" (T,)]}`` -> a batch
+    ``{"ids": (B,), "input_ids": (B, T)[, "concept_labels" (B, T, A), "concept_mask" (B, T)]}`` (the label keys when
+    every item has them: the student's cached labels)."""
+    lengths = {int(it["input_ids"].shape[0]) for it in items}
+    if len(lengths) != 1:
+        raise DataError(f"windows of different lengths {sorted(lengths)} in one batch (ids "
+                        f"{[it['id'] for it in items][:8]}); the student trains on fixed windows", field="input_ids")
+    batch = {"ids": torch.tensor([int(it["id"]) for it in items], dtype=torch.long),
+             "input_ids": torch.stack([torch.as_tensor(it["input_ids"]).long() for it in items])}
+    if all(it.get("concept_labels") is not None for it in items):
+        batch["concept_labels"] = torch.stack([torch.as_tensor(it["concept_labels"]).long() for it in items])
+        if all(it.get("concept_mask") is not None for it in items):
+            batch["concept_mask"] = torch.stack([torch.as_tensor(it["concept_mask"]).bool() for it in items])
+    return batch
 
 
 @dataclass

@@ -46,21 +46,17 @@ INTERPRET_DIR = "interpret"
 """Sub-folder of a student run that receives ``explain.json`` / ``steer.json`` by default."""
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 # ------------------------------------------------------------------------------------------------ the run's parts
 class _Run:
     """What the verbs read from a run folder: teacher + tokenizer, SAE, corpus windows, descriptions, student."""
 
     def __init__(self, cfg: Any, section: InterpretSection):
         from conceptlm.cocomix.corpus import build_corpus
-        from conceptlm.cocomix.labels import resolve_sae_dir, resolve_teacher
+        from conceptlm.cocomix.labels import compute_device, resolve_sae_dir, resolve_teacher
         from conceptlm.cocomix.sae import load_sae
         from conceptlm.cocomix.teacher import load_teacher
 
-        self.cfg, self.section, self.device = cfg, section, _device()
+        self.cfg, self.section, self.device = cfg, section, compute_device()
         self.sae_dir = resolve_sae_dir(cfg)
         self.sae = load_sae(self.sae_dir, device=self.device)
         self.teacher, self.tokenizer = load_teacher(cfg.teacher, path=resolve_teacher(cfg, self.sae),

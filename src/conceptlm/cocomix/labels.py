@@ -42,7 +42,7 @@ from conceptlm.core.artifact import (StaleArtifactError, begin, damaged_file, de
 from conceptlm.core.errors import CheckpointError, ConfigError, DataError
 from conceptlm.core.lock import RunLock
 
-__all__ = ["LABELS_DIR", "SPLITS", "label", "resolve_sae_dir", "check_sae_settings", "resolve_teacher",
+__all__ = ["LABELS_DIR", "SPLITS", "label", "resolve_sae_dir", "check_sae_settings", "resolve_teacher", "compute_device",
            "label_cache_dir", "open_labeled_windows", "StaleLabelCacheError"]
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ def _check_pair(cfg: Any, teacher: nn.Module, teacher_path: str, sae: TopKSAE, s
                           path=where, field="d_in")
 
 
-def _device() -> torch.device:
+def compute_device() -> torch.device:
+    """The current CUDA device when there is one, else the CPU (where labels and the interpretation verbs run)."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -148,7 +149,7 @@ def label(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path 
     cfg.labels.validate()
     log_to_stderr()
     sae_dir = resolve_sae_dir(cfg, checkpoint)
-    device = _device()
+    device = compute_device()
     sae = load_sae(sae_dir, device=device)
     check_sae_settings(cfg, sae, sae_dir)
     teacher_path = resolve_teacher(cfg, sae)

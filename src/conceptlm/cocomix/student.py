@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conceptlm.cocomix.config import CocomixSection, StudentSection, StudentTrainConfig
+from conceptlm.cocomix.corpus import collate_windows
 from conceptlm.cocomix.model import StudentLM
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.errors import ConfigError, DataError
@@ -29,7 +30,7 @@ from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
-__all__ = ["StudentUnit", "train_student", "collate_windows", "load_student"]
+__all__ = ["StudentUnit", "train_student", "load_student"]
 
 
 # ------------------------------------------------------------------------------------------------ the unit
@@ -157,21 +158,6 @@ class StudentUnit(TrainUnit):
 
 
 # ------------------------------------------------------------------------------------------------ recipe
-def collate_windows(items: list[dict]) -> dict:
-    """Token windows ``{"id", "input_ids" (T,)[, "concept_labels" (T, A), "concept_mask" (T,)]}`` -> a batch."""
-    lengths = {int(it["input_ids"].shape[0]) for it in items}
-    if len(lengths) != 1:
-        raise DataError(f"windows of different lengths {sorted(lengths)} in one batch (ids "
-                        f"{[it['id'] for it in items][:8]}); the student trains on fixed windows", field="input_ids")
-    batch = {"ids": torch.tensor([int(it["id"]) for it in items]),
-             "input_ids": torch.stack([torch.as_tensor(it["input_ids"]).long() for it in items])}
-    if all(it.get("concept_labels") is not None for it in items):
-        batch["concept_labels"] = torch.stack([torch.as_tensor(it["concept_labels"]).long() for it in items])
-        if all(it.get("concept_mask") is not None for it in items):
-            batch["concept_mask"] = torch.stack([torch.as_tensor(it["concept_mask"]).bool() for it in items])
-    return batch
-
-
 def train_student(cfg: StudentTrainConfig, *, command: str | None = None, train_ds=None, eval_ds=None,
                   teacher: nn.Module | None = None, labeler: nn.Module | None = None, on_eval=None):
     """Train the student of ``cfg`` on ``train_ds`` (items as in :func:`collate_windows`); returns the
