@@ -36,13 +36,13 @@ from conceptlm.jepa.collapse import (  # noqa: E402
     retrieval_accuracy,
     retrieval_ranks,
 )
-from conceptlm.jepa.config import JepaConfig, JepaSection  # noqa: E402
+from conceptlm.jepa.config import JepaConfig, JepaSection, ViewConfig  # noqa: E402
 from conceptlm.jepa.forward import run_jepa_batch  # noqa: E402
 from conceptlm.jepa.losses import jepa_distance, vicreg_covariance, vicreg_variance  # noqa: E402
 from conceptlm.jepa.packing import collate_packed  # noqa: E402
 from conceptlm.jepa.recipe import train as jepa_train  # noqa: E402
 from conceptlm.jepa.unit import JepaUnit  # noqa: E402
-from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, build_views  # noqa: E402
+from conceptlm.jepa.views import add_predictor_tokens, build_views  # noqa: E402
 from tests.conftest import make_chat_records, tiny_overrides  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -159,7 +159,8 @@ def jepa_loss(model: nn.Module, batch: SeparateBatch | PackedBatch, *, lam: floa
 
     Example::
 
-        from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, build_views
+        from conceptlm.jepa.config import ViewConfig
+        from conceptlm.jepa.views import add_predictor_tokens, build_views
         from conceptlm.jepa.packing import collate_packed
         from conceptlm.jepa.hf_trainer import jepa_loss
 

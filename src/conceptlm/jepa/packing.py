@@ -57,7 +57,7 @@ __all__ = [
 PAD_SEGMENT, LM_SEGMENT, TEXT_SEGMENT, CODE_SEGMENT = -1, 0, 1, 2
 
 VIEW_SETTINGS = ("num_predictors", "predictor_position", "text_view", "code_view")
-"""The :class:`~conceptlm.jepa.views.ViewConfig` fields a batch records in ``view_settings`` (with ``pred_is_text``
+"""The :class:`~conceptlm.jepa.config.ViewConfig` fields a batch records in ``view_settings`` (with ``pred_is_text``
 for the direction), so that a trainer can check them against its own settings."""
 
 
