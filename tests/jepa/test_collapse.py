@@ -264,9 +264,10 @@ def test_hf_trainer_applies_the_regularizer_like_the_unit(tiny, tmp_path):
     (γ·Σ CE/N + λ·Σ d/E + w_var·Σ B·var/E + w_cov·Σ B·cov/E), and the logs carry both VICReg parts."""
     import transformers
 
-    from conceptlm.jepa.hf_trainer import JepaTrainer, _jepa_section
+    from conceptlm.jepa.hf_collate import jepa_section
+    from conceptlm.jepa.hf_trainer import JepaTrainer
 
-    assert _jepa_section({"anti_collapse": "vicreg"}).anti_collapse == "vicreg"
+    assert jepa_section({"anti_collapse": "vicreg"}).anti_collapse == "vicreg"
     model, batch = tiny
     cfg = JepaSection(anti_collapse="vicreg", vicreg_var_weight=0.5, vicreg_cov_weight=0.1, vicreg_gamma=0.8)
     unit = JepaUnit(model, cfg).train()

@@ -24,7 +24,8 @@ import transformers  # noqa: E402
 from conceptlm.core.hf import build_tiny_model  # noqa: E402
 from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
 from conceptlm.jepa.config import JepaSection, ViewConfig  # noqa: E402
-from conceptlm.jepa.hf_trainer import BATCH_KEY, JepaDataCollator, JepaTrainer, check_view_settings  # noqa: E402
+from conceptlm.jepa.hf_collate import BATCH_KEY, JepaDataCollator, check_view_settings  # noqa: E402
+from conceptlm.jepa.hf_trainer import JepaTrainer  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate  # noqa: E402
 from conceptlm.jepa.views import add_predictor_tokens, build_views  # noqa: E402
 
