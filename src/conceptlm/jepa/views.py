@@ -1,6 +1,6 @@
 """LLM-JEPA views: turn a record into the LM sequence, the Text view and the Code view, as token ids.
 
-A chat record ``[system?, user, ..., assistant]`` gives three token sequences (paper §3, spec §2):
+A chat record ``[system?, user, ..., assistant]`` gives three token sequences (LLM-JEPA paper §3):
 
 * LM sequence: the whole chat, rendered and labelled exactly like SFT (:func:`conceptlm.data.chat.tokenize_chat`),
   so with λ = 0 LLM-JEPA is plain SFT.
