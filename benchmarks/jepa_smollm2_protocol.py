@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -168,17 +167,6 @@ def correct_lists(predictions: Path, from_record: int = 0) -> tuple[list[bool], 
     return [bool(r["correct"]) for r in rows], [bool(exact_match(r["prediction"], r["reference"])) for r in rows]
 
 
-def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
-    """Two-sided exact McNemar test on paired outcomes: ``only_a``, ``only_b`` and p."""
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
-    n = only_a + only_b
-    if n == 0:
-        return {"only_a": 0, "only_b": 0, "p": 1.0}
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
-    return {"only_a": only_a, "only_b": only_b, "p": min(1.0, 2 * tail)}
-
-
 def _mean_std(xs: list[float]) -> dict:
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -243,6 +231,8 @@ def collect(out: Path, arms: list[str] | None, from_record: int = 0) -> dict:
             "step_s": _mean_std([by_seed[s]["step_s"] for s in seeds]),
             "token_bound": by_seed[seeds[0]]["token_bound"],
             "runs": {s: {k: v for k, v in by_seed[s].items() if not k.startswith("_")} for s in seeds}}
+    from conceptlm.eval.stats import mcnemar_exact
+
     for a, b in comparisons(list(runs)):
         seeds = sorted(set(runs[a]) & set(runs[b]))
         if not seeds:

@@ -150,12 +150,12 @@ def main(argv=None) -> None:
     from conceptlm.core.errors import DataError
     from conceptlm.core.hf import build_tiny_model
     from conceptlm.core.tokenizer import train_bpe_tokenizer
-    from conceptlm.data.batching import BatchPlan
-    from conceptlm.jepa.config import JepaSection
+    from conceptlm.core.sampling import BatchPlan
+    from conceptlm.jepa.config import JepaSection, ViewConfig
     from conceptlm.jepa.data import JepaDataset
     from conceptlm.jepa.packing import collate_packed, collate_separate, pad_sequences
     from conceptlm.jepa.unit import JepaUnit, jepa_step_active
-    from conceptlm.jepa.views import ViewConfig, predictor_token
+    from conceptlm.jepa.views import predictor_token
 
     if args.threads:
         torch.set_num_threads(args.threads)

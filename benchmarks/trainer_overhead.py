@@ -39,10 +39,10 @@ def main() -> None:
     from conceptlm.core.hf import build_tiny_model
     from conceptlm.core.tokenizer import train_bpe_tokenizer
     from conceptlm.core.trainer import Trainer
-    from conceptlm.data.batching import BatchPlan, collate
+    from conceptlm.core.sampling import BatchPlan, step_batches
+    from conceptlm.data.batching import collate
     from conceptlm.data.chat import ChatDataset
     from conceptlm.data.generators.nlrx import generate_records
-    from conceptlm.data.sources import step_batches
     from conceptlm.sft.config import SFTConfig
     from conceptlm.sft.unit import SFTUnit
 
@@ -78,8 +78,8 @@ def main() -> None:
         cfg = load_config(SFTConfig, None, [f"run.out_dir={tmp}", f"run.name=r{offset}", f"train.max_steps={args.steps}",
                                             f"train.log_every={args.steps}", "train.eval_every=0",
                                             "train.progress=false", "optim.lr=1e-3"])
-        trainer = Trainer(SFTUnit(fresh_model()), cfg, info, train_batches=lambda s: get(s + offset), tokenizer=tok,
-                          data_state={})
+        trainer = Trainer(SFTUnit(fresh_model()), cfg, info, train_batches=lambda s: get(s + offset),
+                          artifacts={"tokenizer": tok}, data_state={})
         res = trainer.fit()
         return res.last_train["tokens_per_s"]
 

@@ -35,10 +35,10 @@ from conceptlm.core.hf import build_tiny_model, ensure_pad_token, load_causal_lm
 from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
 from conceptlm.data.chat import iter_jsonl_objects  # noqa: E402
 from conceptlm.data.generators.nlrx import generate_records  # noqa: E402
-from conceptlm.jepa.config import JepaSection  # noqa: E402
+from conceptlm.jepa.config import JepaSection, ViewConfig  # noqa: E402
 from conceptlm.jepa.data import JepaDataset  # noqa: E402
 from conceptlm.jepa.hf_trainer import JepaTrainer  # noqa: E402
-from conceptlm.jepa.views import ViewConfig, add_predictor_tokens  # noqa: E402
+from conceptlm.jepa.views import add_predictor_tokens  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

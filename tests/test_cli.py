@@ -27,6 +27,23 @@ def test_help_everywhere(argv, capsys):
     assert "usage: conceptlm" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method, verb", [("lcm", "prepare"), ("lcm", "cost"), ("cocomix", "pipeline"),
+                                          ("cocomix", "report")])
+def test_verbs_that_take_no_checkpoint_do_not_offer_it(method, verb, capsys):
+    from conceptlm.cli import METHODS
+
+    assert not METHODS[method].verbs[verb].takes_checkpoint
+    with pytest.raises(SystemExit) as e:
+        main([method, verb, "--help"])
+    assert e.value.code == 0 and "--checkpoint" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # refused by argparse, before any config is read
+        main([method, verb, "--checkpoint", "x"])
+    assert e.value.code == 2 and "unrecognized arguments: --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sft", "eval", "--help"])
+    assert "--checkpoint" in capsys.readouterr().out
+
+
 BAD_LINES = {
     "invalid json": (b'{"messages": [}\n', "train.jsonl:3", None),
     "missing role": (b'{"messages": [{"content": "x"}]}\n', "train.jsonl:3", "messages[0].role"),

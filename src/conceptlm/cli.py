@@ -33,9 +33,10 @@ class Verb:
     """One ``conceptlm <method> <verb>``: ``func`` is ``module:function`` (imported lazily, ``--help`` stays fast).
 
     ``kind="train"`` functions are called as ``f(cfg, command=...)`` and return a ``TrainResult``; ``kind="run"``
-    functions as ``f(cfg, checkpoint=..., output=...)`` and return a JSON-able dict. A verb that ``prints`` its
-    own human-readable result and writes the whole of it to ``result["output"]`` has the CLI name that file instead
-    of dumping the JSON after the table.
+    functions as ``f(cfg, checkpoint=..., output=...)`` (``f(cfg, output=...)`` when ``takes_checkpoint`` is False:
+    the verb then has no ``--checkpoint`` option) and return a JSON-able dict. A verb that ``prints`` its own
+    human-readable result and writes the whole of it to ``result["output"]`` has the CLI name that file instead of
+    dumping the JSON after the table.
     """
 
     help: str
@@ -43,6 +44,7 @@ class Verb:
     kind: str = "run"
     prints: bool = False
     checkpoint_help: str = "checkpoint dir (default: the run's latest)"
+    takes_checkpoint: bool = True
 
     def call(self, cfg, args, command: str):
         module, name = self.func.split(":")
@@ -51,6 +53,8 @@ class Verb:
             res = fn(cfg, command=command)
             return {"run_dir": str(res.run_dir), "step": res.step, "train": res.last_train, "eval": res.last_eval,
                     "checkpoint": str(res.checkpoint) if res.checkpoint else None}
+        if not self.takes_checkpoint:
+            return fn(cfg, output=args.output)
         return fn(cfg, checkpoint=args.checkpoint, output=args.output)
 
 
@@ -91,7 +95,7 @@ METHODS: dict[str, Method] = {
         help="CoCoMix: continuous-concept pretraining from a teacher's SAE concepts (arXiv 2502.08524)",
         config="conceptlm.cocomix.config:CocomixConfig",
         verbs={"pipeline": Verb("teacher -> SAE -> labels -> students -> report, each stage resumable and skipped "
-                                "when done", "conceptlm.cocomix.pipeline:pipeline"),
+                                "when done", "conceptlm.cocomix.pipeline:pipeline", takes_checkpoint=False),
                "train-sae": Verb("train the TopK SAE on the teacher's hidden states (trains a tiny teacher first "
                                  "when teacher.path is null)", "conceptlm.cocomix.sae_train:train_sae", kind="train"),
                "label": Verb("compute the concept labels of the corpus windows once and cache them (resumable)",
@@ -99,7 +103,7 @@ METHODS: dict[str, Method] = {
                "train": Verb("train one student as configured (student + cocomix sections) on the cached labels",
                              "conceptlm.cocomix.pipeline:train", kind="train"),
                "report": Verb("rebuild the report (curves vs tokens and FLOPs, markdown table) from the student "
-                              "runs", "conceptlm.cocomix.pipeline:report"),
+                              "runs", "conceptlm.cocomix.pipeline:report", takes_checkpoint=False),
                "concepts": Verb("describe every SAE latent by its top-activating teacher tokens (cached in "
                                 "sae/concepts.json)", "conceptlm.cocomix.interpret:concepts"),
                "explain": Verb("the student's top predicted concepts for every token of interpret.prompt, with "
@@ -111,7 +115,7 @@ METHODS: dict[str, Method] = {
              "(arXiv 2412.08821)",
         config="conceptlm.lcm.config:LCMConfig",
         verbs={"prepare": Verb("segment and embed the documents, store them as Parquet shards (resumable)",
-                               "conceptlm.lcm.recipe:prepare"),
+                               "conceptlm.lcm.recipe:prepare", takes_checkpoint=False),
                "train": Verb("train the LCM of lcm.model (base, two_tower, one_tower, quant_d, quant_c) on the "
                              "prepared documents (works under torchrun)", "conceptlm.lcm.recipe:train", kind="train"),
                "train-decoder": Verb("train the sentence decoder (embedding -> text) or build its retrieval bank",
@@ -124,7 +128,7 @@ METHODS: dict[str, Method] = {
                                 "text metrics of continuations on validation documents",
                                 "conceptlm.lcm.recipe:evaluate"),
                "cost": Verb("inference FLOPs of LCM generation vs a token-level LLM by context and sentence length "
-                            "(table + plot, section cost)", "conceptlm.lcm.recipe:cost")}),
+                            "(table + plot, section cost)", "conceptlm.lcm.recipe:cost", takes_checkpoint=False)}),
 }
 """Every method and its verbs. A new method (or verb) is one entry here; nothing else in the CLI changes."""
 
@@ -152,7 +156,8 @@ def _build_parser() -> argparse.ArgumentParser:
             vp.add_argument("--config", help="YAML config file (see configs/)")
             vp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
             if v.kind != "train":
-                vp.add_argument("--checkpoint", help=v.checkpoint_help)
+                if v.takes_checkpoint:
+                    vp.add_argument("--checkpoint", help=v.checkpoint_help)
                 vp.add_argument("--output", help="output path (default: inside the run folder)")
     return p
 

@@ -43,10 +43,9 @@ def _cfg(out_dir, *extra: str) -> CocomixConfig:
     return load_config(CocomixConfig, CONFIG, [f"run.out_dir={out_dir}", *TINY, *extra])
 
 
-@pytest.fixture(scope="session")
-def run(tmp_path_factory):
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_torch_thread):
     """One tiny pipeline run (teacher, SAE, labels, a CoCoMix student), shared by the tests of this file."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("interpret")
     cfg = _cfg(root)
     pipeline(cfg)

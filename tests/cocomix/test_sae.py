@@ -13,13 +13,7 @@ from conceptlm.cocomix.sae import (SAE_CONFIG, SAE_WEIGHTS, TopKSAE, auxk_sum, b
 from conceptlm.core.errors import CheckpointError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are much faster on one thread when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sae(d=16, n=48, k=5, **kw) -> TopKSAE:

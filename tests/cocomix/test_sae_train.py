@@ -21,12 +21,7 @@ BASE = ["corpus.n_documents=120", "corpus.window=24", "teacher.steps=20", "teach
         "train.eval_every=0", "optim.lr=3e-3", "optim.weight_decay=0", "schedule.kind=constant", "train.log_every=5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tmp, name, *extra) -> SAETrainConfig:
@@ -34,9 +29,8 @@ def _cfg(tmp, name, *extra) -> SAETrainConfig:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(tmp_path_factory, one_torch_thread):
     """train_sae end to end: trains the tiny teacher, then 20 SAE steps (checkpoints at 10 and 20)."""
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("sae_runs")
     cfg = _cfg(tmp, "a", "train.max_steps=20", "train.save_every=10")
     res = train_sae(cfg)

@@ -15,12 +15,7 @@ from conceptlm.core.hf import build_tiny_model, save_model
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _info() -> DistInfo:
@@ -57,13 +52,12 @@ def test_hidden_at_layer_equals_output_hidden_states_without_running_later_block
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, one_torch_thread):
     """A tiny teacher trained on the shared loop (12 steps, checkpoints at 6 and 12)."""
     root = tmp_path_factory.mktemp("teacher")
     corpus = CorpusSection(n_documents=80, window=24, seed=1)
     sec = TeacherSection(hidden_size=32, num_heads=2, num_layers=2, vocab_size=320, steps=12, batch_size=8,
                          save_every=6, warmup_steps=2)
-    torch.set_num_threads(1)
     export = train_tiny_teacher(corpus, sec, root / "teacher", _info(), progress=False)
     return corpus, sec, root / "teacher", export
 

@@ -52,13 +52,10 @@ def tiny_cfg(out_dir, *extra: str) -> CocomixConfig:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, one_torch_thread):
     """One finished tiny pipeline run (ntp + cocomix, seed 0; students checkpointed at steps 2 and 4)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("trust")
     summary = pipeline(tiny_cfg(root))
-    torch.set_num_threads(before)
     return root, summary
 
 

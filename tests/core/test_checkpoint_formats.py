@@ -1,9 +1,6 @@
-"""HF units: the native checkpoint plus the ``from_pretrained`` export, and resuming a checkpoint of the earlier
-format (``model/`` + ``unit_extra.safetensors``, no ``unit.safetensors``/manifest)."""
+"""HF units: the native checkpoint plus the ``from_pretrained`` export."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 import torch
@@ -39,18 +36,3 @@ def test_hf_unit_checkpoint_holds_native_state_export_and_tokenizer(tmp_path, ch
     model = AutoModelForCausalLM.from_pretrained(ckpt / "model")
     tok = AutoTokenizer.from_pretrained(ckpt / "model")
     assert model.config.vocab_size >= len(tok)
-
-
-def test_resume_from_a_checkpoint_of_the_earlier_format(tmp_path, chat_files):
-    straight = run(tmp_path, "straight", chat_files[0], **{"train.max_steps": 4})
-    run(tmp_path, "old", chat_files[0], **{"train.max_steps": 2})
-    ckpt = tmp_path / "runs" / "old" / "checkpoints" / "step_00000002"
-    (ckpt / ckpt_lib.UNIT_FILE).unlink()  # make it look like the first format
-    (ckpt / ckpt_lib.MANIFEST).unlink()
-    shutil.rmtree(ckpt / "artifacts")
-    assert ckpt_lib.verify_checkpoint(ckpt) is None
-    res = run(tmp_path, "old", chat_files[0], **{"train.max_steps": 4, "run.resume": "auto"})
-    a = load_file(str(straight.checkpoint / "model" / "model.safetensors"))
-    b = load_file(str(res.checkpoint / "model" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (res.checkpoint / ckpt_lib.UNIT_FILE).is_file()  # new checkpoints use the native format

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conceptlm.core.config import config_to_dict, load_config, parse_override, save_config
-from conceptlm.lm.config import BaseRunConfig
+from conceptlm.lm.config import LMRunConfig
 from conceptlm.core.errors import ConfigError
 from conceptlm.sft.config import SFTConfig
 
@@ -91,14 +91,14 @@ def test_every_config_file_loads():
 
 
 def test_base_config_is_valid():
-    BaseRunConfig().validate()
+    LMRunConfig().validate()
 
 
 def test_with_own_length_replaces_only_what_is_set_and_caps_warmup():
     from conceptlm.core.config import with_own_length
 
-    cfg = load_config(BaseRunConfig, None, ["train.max_steps=100", "train.micro_batch_size=16", "optim.lr=0.003",
-                                            "schedule.warmup_steps=30"])
+    cfg = load_config(LMRunConfig, None, ["train.max_steps=100", "train.micro_batch_size=16", "optim.lr=0.003",
+                                          "schedule.warmup_steps=30"])
     short = with_own_length(cfg, steps=20, batch_size=None, lr=1e-4)
     assert (short.train.max_steps, short.train.micro_batch_size, short.optim.lr) == (20, 16, 1e-4)
     assert short.schedule.warmup_steps == 20 and cfg.schedule.warmup_steps == 30  # capped; cfg untouched

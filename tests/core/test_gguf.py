@@ -203,9 +203,7 @@ def test_smollm2_second_load_uses_cache(smollm2, smollm2_cache, monkeypatch):
     meta = json.loads((folder / gguf.MARKER).read_text())
     assert meta["source"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
-    t0 = time.perf_counter()
     hf.load_causal_lm("smollm2-135m")  # CONCEPTLM_CACHE points at smollm2_cache (module fixture)
-    assert time.perf_counter() - t0 < 30
 
 
 @needs_smollm2

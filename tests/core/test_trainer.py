@@ -135,3 +135,62 @@ def test_lora_run_trains_only_adapters_and_round_trips(tmp_path, chat_files):
         out = model(input_ids=ids).logits
         again = load_causal_lm(model_dir)(input_ids=ids).logits
     assert torch.equal(out, again)
+
+
+class _TwoPartUnit(torch.nn.Module):
+    """Two loss parts whose sums are read from the batch (independent of the weights): ``a`` over the ``a`` items,
+    ``b`` over the ``b`` items."""
+
+    loss_weights = {"a": 0.25, "b": 3.0}
+    throughput_unit = "items"
+    step_rng = None
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def counts(self, batch):
+        return {"a": len(batch["a"]), "b": len(batch["b"])}
+
+    def forward(self, batch):
+        return {"a": batch["a"].sum() + 0 * self.w.sum(), "b": batch["b"].sum() + 0 * self.w.sum()}
+
+    def prepare(self, batch):
+        return batch
+
+    def eval_metrics(self, batch):
+        return {}
+
+    def begin_step(self, step):
+        pass
+
+    def frozen_modules(self):
+        return []
+
+    def fsdp_units(self):
+        return []
+
+    def export(self, directory, state_dict, artifacts):
+        return False
+
+
+def test_logged_eval_loss_applies_the_loss_weights(tmp_path):
+    """The eval row's ``loss`` = Σ_k weight_k · (mean of part k over the eval set), each part averaged over its own
+    items: a = (1+2+3+5)/4 = 2.75, b = (4+6+8)/3 = 6, loss = 0.25·2.75 + 3·6 = 18.6875."""
+    from conceptlm.core.config import RunConfig
+    from conceptlm.core.distributed import DistInfo
+    from conceptlm.core.trainer import Trainer
+
+    cfg = load_config(RunConfig, None, [f"run.out_dir={tmp_path}", "run.name=w", "train.max_steps=1",
+                                        "train.log_every=1", "train.eval_every=1", "train.progress=false",
+                                        "schedule.warmup_steps=0"])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    t = torch.tensor
+    evals = [{"a": t([1.0, 2.0, 3.0]), "b": t([4.0])}, {"a": t([5.0]), "b": t([6.0, 8.0])}]
+    trainer = Trainer(_TwoPartUnit(), cfg, info, train_batches=lambda s: [evals[0]], eval_batches=lambda: evals,
+                      data_state={})
+    res = trainer.fit()
+    row = [json.loads(l) for l in (res.run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l][-1]
+    assert row["split"] == "eval"
+    assert row["a"] == pytest.approx(2.75) and row["b"] == pytest.approx(6.0)
+    assert row["loss"] == pytest.approx(0.25 * 2.75 + 3.0 * 6.0)

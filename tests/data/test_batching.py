@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conceptlm.core.errors import ConfigError
-from conceptlm.data.batching import BatchPlan, collate, padding_stats
+from conceptlm.core.sampling import BatchPlan
+from conceptlm.data.batching import collate, padding_stats
 
 
 def skewed_lengths(n: int, seed: int = 0) -> list[int]:

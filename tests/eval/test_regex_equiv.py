@@ -14,20 +14,22 @@ from pathlib import Path
 import pytest
 
 from conceptlm.eval.regex_equiv import (
+    RegexTooComplexError,
+    find_counterexample,
+    regex_equivalent,
+    regex_matcher,
+    regex_matches,
+)
+from conceptlm.eval.regex_parse import (
     Boundary,
     Chars,
     Complement,
     Concat,
     Inter,
     RegexParseError,
-    RegexTooComplexError,
     Repeat,
     Union,
-    find_counterexample,
     parse_regex,
-    regex_equivalent,
-    regex_matcher,
-    regex_matches,
 )
 
 SYNTH_TEST = Path("/work/shared/data/llm_jepa/synth_test.jsonl")

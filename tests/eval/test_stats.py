@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from conceptlm.eval.stats import accuracy_ci, mean_std
+from conceptlm.eval.stats import accuracy_ci, mcnemar_exact, mean_std
 
 
 def test_wilson_8_of_10_at_95():
@@ -76,3 +76,17 @@ def test_mean_std_edges():
         mean_std([])
     with pytest.raises(ValueError, match="non-finite"):
         mean_std([1.0, float("nan")])
+
+
+def test_mcnemar_exact_by_hand():
+    a = [True, False, False, False, False, True, True]
+    b = [False, True, True, True, True, True, False]
+    # discordant: only a = 2 (records 0, 6), only b = 4 -> p = 2 * (C(6,0) + C(6,1) + C(6,2)) / 2**6 = 44/64
+    assert mcnemar_exact(a, b) == {"only_a": 2, "only_b": 4, "p": pytest.approx(44 / 64)}
+    assert mcnemar_exact([True, False], [True, False]) == {"only_a": 0, "only_b": 0, "p": 1.0}
+    assert mcnemar_exact([True] * 5 + [False] * 3, [False] * 8)["p"] == pytest.approx(2 / 32)
+    # only a = 3, only b = 1 (n = 4): p = 2 * (C(4,0) + C(4,1)) / 2**4 = 10/16; only a = 1, only b = 0: p = 2 * 1/2 = 1
+    assert mcnemar_exact([1, 1, 1, 0, 1], [0, 0, 0, 1, 1]) == {"only_a": 3, "only_b": 1, "p": pytest.approx(10 / 16)}
+    assert mcnemar_exact([True], [False])["p"] == 1.0
+    # only a = 6, only b = 0: p = 2 / 2**6 = 1/32
+    assert mcnemar_exact([True] * 6, [False] * 6)["p"] == pytest.approx(1 / 32)

@@ -24,7 +24,8 @@ from conceptlm.data.chat import tokenize_chat  # noqa: E402
 from conceptlm.data.templates import default_system_prompt  # noqa: E402
 from conceptlm.jepa.forward import jepa_objective, run_jepa_batch  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate  # noqa: E402
-from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, build_views  # noqa: E402
+from conceptlm.jepa.config import ViewConfig  # noqa: E402
+from conceptlm.jepa.views import add_predictor_tokens, build_views  # noqa: E402
 
 # SmolLM2-135M-Instruct's template (its whole text): a default system turn when messages[0] is not a system one
 SMOL = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -36,13 +36,13 @@ from conceptlm.jepa.collapse import (  # noqa: E402
     retrieval_accuracy,
     retrieval_ranks,
 )
-from conceptlm.jepa.config import JepaConfig, JepaSection  # noqa: E402
+from conceptlm.jepa.config import JepaConfig, JepaSection, ViewConfig  # noqa: E402
 from conceptlm.jepa.forward import run_jepa_batch  # noqa: E402
 from conceptlm.jepa.losses import jepa_distance, vicreg_covariance, vicreg_variance  # noqa: E402
 from conceptlm.jepa.packing import collate_packed  # noqa: E402
 from conceptlm.jepa.recipe import train as jepa_train  # noqa: E402
 from conceptlm.jepa.unit import JepaUnit  # noqa: E402
-from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, build_views  # noqa: E402
+from conceptlm.jepa.views import add_predictor_tokens, build_views  # noqa: E402
 from tests.conftest import make_chat_records, tiny_overrides  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -264,9 +264,10 @@ def test_hf_trainer_applies_the_regularizer_like_the_unit(tiny, tmp_path):
     (γ·Σ CE/N + λ·Σ d/E + w_var·Σ B·var/E + w_cov·Σ B·cov/E), and the logs carry both VICReg parts."""
     import transformers
 
-    from conceptlm.jepa.hf_trainer import JepaTrainer, _jepa_section
+    from conceptlm.jepa.hf_collate import jepa_section
+    from conceptlm.jepa.hf_trainer import JepaTrainer
 
-    assert _jepa_section({"anti_collapse": "vicreg"}).anti_collapse == "vicreg"
+    assert jepa_section({"anti_collapse": "vicreg"}).anti_collapse == "vicreg"
     model, batch = tiny
     cfg = JepaSection(anti_collapse="vicreg", vicreg_var_weight=0.5, vicreg_cov_weight=0.1, vicreg_gamma=0.8)
     unit = JepaUnit(model, cfg).train()

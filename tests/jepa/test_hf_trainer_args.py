@@ -23,10 +23,11 @@ import transformers  # noqa: E402
 
 from conceptlm.core.hf import build_tiny_model  # noqa: E402
 from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
-from conceptlm.jepa.config import JepaSection  # noqa: E402
-from conceptlm.jepa.hf_trainer import BATCH_KEY, JepaDataCollator, JepaTrainer, check_view_settings  # noqa: E402
+from conceptlm.jepa.config import JepaSection, ViewConfig  # noqa: E402
+from conceptlm.jepa.hf_collate import BATCH_KEY, JepaDataCollator, check_view_settings  # noqa: E402
+from conceptlm.jepa.hf_trainer import JepaTrainer  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate  # noqa: E402
-from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, build_views  # noqa: E402
+from conceptlm.jepa.views import add_predictor_tokens, build_views  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RECORDS = [[{"role": "system", "content": "Convert."}, {"role": "user", "content": u},

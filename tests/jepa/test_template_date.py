@@ -27,7 +27,8 @@ from conceptlm.data.templates import (  # noqa: E402
     pin_template_date,
     render_chat,
 )
-from conceptlm.jepa.views import ViewConfig, build_views  # noqa: E402
+from conceptlm.jepa.config import ViewConfig  # noqa: E402
+from conceptlm.jepa.views import build_views  # noqa: E402
 from conceptlm.lm.config import TokenizerSection  # noqa: E402
 
 CLOCK = ("{{ bos_token }}<|im_start|>system\nToday is {{ strftime_now('%d %B %Y') }}.<|im_end|>\n"

@@ -11,9 +11,9 @@ import pytest  # noqa: E402
 from conceptlm.core.errors import DataError  # noqa: E402
 from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
 from conceptlm.data.chat import tokenize_chat  # noqa: E402
+from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.views import (  # noqa: E402
     JepaExample,
-    ViewConfig,
     add_predictor_tokens,
     build_views,
     common_prefix_len,

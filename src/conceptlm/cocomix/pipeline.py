@@ -309,8 +309,6 @@ def pipeline(cfg: CocomixConfig, *, checkpoint: str | None = None, output: str |
              command: str | None = "conceptlm cocomix pipeline") -> dict[str, Any]:
     """Run every stage (reusing those whose output has the fingerprint they would make now) and write the
     report; returns the report's summary. See the module docstring for ``pipeline.on_change``."""
-    if checkpoint is not None:
-        raise ConfigError("the pipeline takes no --checkpoint (it continues its own run folder)", field="checkpoint")
     log_to_stderr()
     check_arms(cfg)
     stages = _Stages(cfg, command)
@@ -349,8 +347,6 @@ def report(cfg: CocomixConfig, *, checkpoint: str | None = None, output: str | N
     each from its own saved config, metrics and recorded costs. A student whose ``artifact.json`` does not match
     what the current config would train is refused (``pipeline.on_change=refuse``) or flagged in the report
     (``rebuild``: the report cannot retrain it; rerun the pipeline for that)."""
-    if checkpoint is not None:
-        raise ConfigError("report takes no --checkpoint (it reads the run folder's students)", field="checkpoint")
     from conceptlm.core.artifact import read_manifest
 
     log_to_stderr()

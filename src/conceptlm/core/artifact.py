@@ -35,7 +35,8 @@ from conceptlm.core.io import atomic_write_text
 
 __all__ = ["ARTIFACT_FILE", "Identity", "StaleArtifactError", "canonical_json", "digest", "file_sha256",
            "files_digest", "tensors_digest", "write_manifest", "begin", "is_complete", "read_manifest",
-           "fingerprint_of", "diff_identity", "decide", "damaged_file", "listed_file_problem", "verify_files", "require"]
+           "fingerprint_of", "diff_identity", "decide", "file_listing", "damaged_file", "listed_file_problem",
+           "verify_files", "require"]
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,7 @@ def write_manifest(directory: str | Path, identity: Identity, *, files: Iterable
     """Write ``{directory}/artifact.json`` (atomically, last): the identity, its fingerprint and the size and
     sha256 of ``files`` (relative names; default every file in the folder). Returns the manifest."""
     directory = Path(directory)
-    rels = sorted(files) if files is not None else _list_files(directory)
-    listing = {}
-    for rel in rels:
-        p = directory / rel
-        listing[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    listing = file_listing(directory, sorted(files) if files is not None else _list_files(directory))
     manifest = {**identity.as_dict(), "fingerprint": identity.fingerprint, "files": listing, **(extra or {})}
     atomic_write_text(directory / ARTIFACT_FILE, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     return manifest
@@ -272,6 +269,13 @@ def decide(directory: str | Path, identity: Identity, *, on_change: OnChange = "
         log.warning("%s: rebuilding (%s)", name, "; ".join(changes))
         return "rebuild"
     raise StaleArtifactError(f"{name}: {'; '.join(changes)}; rerun with {option}=rebuild")
+
+
+def file_listing(root: str | Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "sha256"}}`` of the files ``names`` (relative to ``root``, in that order): what a manifest
+    records and :func:`listed_file_problem` checks."""
+    root = Path(root)
+    return {rel: {"size": (root / rel).stat().st_size, "sha256": file_sha256(root / rel)} for rel in names}
 
 
 def damaged_file(directory: str | Path, manifest: Mapping[str, Any] | None = None,

@@ -17,7 +17,6 @@ either the previous complete checkpoint or the new complete one; a save that fai
 ``CheckpointError`` naming the newest complete checkpoint. Resuming verifies the manifest and falls back to the newest
 intact checkpoint (with a warning naming what was wrong); when every checkpoint is damaged it refuses, naming them.
 Resuming loads ``unit.safetensors`` strictly: a missing, unexpected or wrong-shape tensor is an error naming it.
-Checkpoints written before the native format (``model/`` + ``unit_extra.safetensors``, no manifest) still resume.
 """
 
 from __future__ import annotations
@@ -36,13 +35,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from conceptlm.core.artifact import file_sha256, listed_file_problem
+from conceptlm.core.artifact import file_listing, listed_file_problem
 from conceptlm.core.errors import CheckpointError
 from conceptlm.core.io import atomic_dir, atomic_write_text
 
 __all__ = ["save_checkpoint", "find_latest_checkpoint", "find_resumable_checkpoint", "verify_checkpoint",
            "load_trainer_state", "load_unit_state", "checkpoint_keys", "rng_state", "set_rng_state",
-           "list_checkpoints", "checkpoint_step", "run_finished", "remove_stale_temporaries", "tied_parameter_names", "UNIT_FILE", "MANIFEST", "FORMAT"]
+           "list_checkpoints", "checkpoint_step", "run_finished", "remove_stale_temporaries", "tied_parameter_names",
+           "UNIT_FILE", "MANIFEST", "FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +130,15 @@ def verify_checkpoint(ckpt: str | Path) -> str | None:
     """``None`` if the checkpoint is intact, else what is wrong with it (one line)."""
     ckpt = Path(ckpt)
     manifest = ckpt / MANIFEST
-    if not manifest.is_file():  # a checkpoint of the earlier format (or a foreign folder)
+    if not manifest.is_file():  # nothing to check the files against: at least the trainer state and the weights
         if not (ckpt / "trainer_state.pt").is_file():
             return "no trainer_state.pt and no manifest.json"
         try:
             load_trainer_state(ckpt)
         except Exception as e:  # noqa: BLE001 - any failure means unusable
             return f"trainer_state.pt is unreadable ({type(e).__name__})"
-        if not ((ckpt / UNIT_FILE).is_file() or (ckpt / "model").is_dir()):
-            return "no weights (unit.safetensors / model/)"
+        if not (ckpt / UNIT_FILE).is_file():
+            return f"no weights ({UNIT_FILE})"
         return None
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
@@ -209,8 +209,8 @@ def _save_artifact(obj: Any, directory: Path) -> None:
 
 
 def _write_manifest(directory: Path, step: int) -> None:
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file()}
+    names = [str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file()]
+    files = file_listing(directory, names)
     text = json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1)
     (directory / MANIFEST).write_text(text + "\n", encoding="utf-8")
 
@@ -292,8 +292,6 @@ def load_unit_state(unit: torch.nn.Module, ckpt: str | Path) -> None:
     ckpt = Path(ckpt)
     path = ckpt / UNIT_FILE
     if not path.is_file():
-        if (ckpt / "model").is_dir():
-            return _load_legacy(unit, ckpt)
         raise CheckpointError(f"{ckpt}: no {UNIT_FILE} (not a conceptlm checkpoint)")
     sd = _read_unit_file(path)
     expected = checkpoint_keys(unit)
@@ -313,49 +311,6 @@ def load_unit_state(unit: torch.nn.Module, ckpt: str | Path) -> None:
             raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, the model expects "
                                   f"{tuple(own[k].shape)}")
     unit.load_state_dict(sd, strict=False)
-
-
-def _load_legacy(unit: torch.nn.Module, ckpt: Path) -> None:
-    """Checkpoints of the first format: HF ``model/`` (full or LoRA adapter) + ``unit_extra.safetensors``."""
-    hf_model = getattr(unit, "model", None)
-    if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "save_pretrained"):
-        raise CheckpointError(f"{ckpt}: a checkpoint of the earlier format (model/, no {UNIT_FILE}) can only be "
-                              "resumed by an SFT/JEPA unit; start a new run (run.name=...)")
-    model_dir = ckpt / "model"
-    if (model_dir / "adapter_config.json").is_file():
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(hf_model, _read_safetensors_dir(model_dir, "adapter_model"))
-        if result.unexpected_keys:
-            raise CheckpointError(f"{model_dir}: unexpected adapter tensor {result.unexpected_keys[0]!r}")
-    else:
-        sd = _read_safetensors_dir(model_dir, "model")
-        missing, unexpected = hf_model.load_state_dict(sd, strict=False)
-        tied = tied_parameter_names(hf_model)
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
-            first = missing[0] if missing else unexpected[0]
-            raise CheckpointError(f"{model_dir}: weights do not match the model ({len(missing)} missing, "
-                                  f"{len(unexpected)} unexpected, e.g. {first!r})")
-    extra_path = ckpt / "unit_extra.safetensors"
-    if extra_path.is_file():
-        _, unexpected = unit.load_state_dict(_read_unit_file(extra_path), strict=False)
-        if unexpected:
-            raise CheckpointError(f"{extra_path}: unexpected tensor {unexpected[0]!r}")
-    log.info("resumed from a checkpoint of the earlier format (%s); new checkpoints use %s", ckpt, UNIT_FILE)
-
-
-def _read_safetensors_dir(directory: Path, stem: str) -> dict[str, torch.Tensor]:
-    single = directory / f"{stem}.safetensors"
-    if single.is_file():
-        return _read_unit_file(single)
-    shards = sorted(directory.glob(f"{stem}-*-of-*.safetensors"))
-    if not shards:
-        raise CheckpointError(f"{directory}: no {stem}.safetensors found")
-    sd: dict[str, torch.Tensor] = {}
-    for s in shards:
-        sd.update(_read_unit_file(s))
-    return sd
 
 
 def tied_parameter_names(model: torch.nn.Module) -> set[str]:

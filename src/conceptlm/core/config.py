@@ -35,8 +35,6 @@ def check(cond: bool, field_name: str, message: str) -> None:
         raise ConfigError(message, field=field_name)
 
 
-_check = check
-
 
 @dataclass(kw_only=True)
 class RunSection:
@@ -51,9 +49,9 @@ class RunSection:
     generation): ``refuse`` stops with a list of them; ``apply`` uses the new values from the resumed step on."""
 
     def validate(self) -> None:
-        _check(bool(self.name) and not any(c in self.name for c in "/\\\0") and self.name not in (".", ".."),
-               "run.name", f"{self.name!r} is not a folder name: must be non-empty, without '/' or '\\', and not "
-               "'.' or '..' (the run folder must lie inside run.out_dir)")
+        check(bool(self.name) and not any(c in self.name for c in "/\\\0") and self.name not in (".", ".."),
+              "run.name", f"{self.name!r} is not a folder name: must be non-empty, without '/' or '\\', and not "
+              "'.' or '..' (the run folder must lie inside run.out_dir)")
 
 
 @dataclass(kw_only=True)
@@ -67,9 +65,9 @@ class OptimSection:
     """Max global grad norm; 0 disables clipping."""
 
     def validate(self) -> None:
-        _check(self.lr > 0, "optim.lr", "must be > 0")
-        _check(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", "each beta must be in [0, 1)")
-        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        check(self.lr > 0, "optim.lr", "must be > 0")
+        check(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", "each beta must be in [0, 1)")
+        check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -80,8 +78,8 @@ class ScheduleSection:
     """Final LR as a fraction of ``optim.lr`` (cosine and linear decay)."""
 
     def validate(self) -> None:
-        _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
+        check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -104,9 +102,9 @@ class TrainSection:
     def validate(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints",
                      "log_every"):
-            _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
-        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
-        _check(self.save_every >= 0, "train.save_every", "must be >= 0")
+            check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+        check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        check(self.save_every >= 0, "train.save_every", "must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -135,8 +133,8 @@ class RunConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
-        _check(self.schedule.warmup_steps <= self.train.max_steps, "schedule.warmup_steps",
-               f"{self.schedule.warmup_steps} exceeds train.max_steps={self.train.max_steps}")
+        check(self.schedule.warmup_steps <= self.train.max_steps, "schedule.warmup_steps",
+              f"{self.schedule.warmup_steps} exceeds train.max_steps={self.train.max_steps}")
 
     @property
     def run_dir(self) -> Path:

@@ -2,6 +2,9 @@
 
 Everything here works on the model classes of ``ARCHS`` and on a ``peft.PeftModel`` wrapping one of them. No
 function downloads anything: models and tokenizers load from local directories only.
+
+The module is long (about 550 lines) because every method's model handling meets here: one home for what conceptlm
+assumes about ``transformers`` and ``peft`` (versions change it), rather than several half-copies.
 """
 
 from __future__ import annotations

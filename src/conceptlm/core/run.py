@@ -33,8 +33,8 @@ from conceptlm.core.io import atomic_write_text
 from conceptlm.core.lock import RunLock
 from conceptlm.core.resume import check_config_changes
 
-__all__ = ["seed_everything", "prepare_run", "create_run_dir", "check_resume", "run_session", "RunSession",
-           "ResumePlan", "take_resume_plan"]
+__all__ = ["seed_everything", "prepare_run", "create_run_dir", "check_resume", "resume_checkpoint", "run_session",
+           "RunSession", "ResumePlan", "take_resume_plan"]
 
 
 def seed_everything(seed: int) -> None:
@@ -112,9 +112,10 @@ def take_resume_plan(run_dir: str | Path) -> ResumePlan | None:
     return _PLANS.pop(_plan_key(Path(run_dir)), None)
 
 
-def _resume_checkpoint(cfg: RunConfig) -> Path | None:
-    """The checkpoint ``run.resume`` continues (after :func:`check_resume`): the newest intact one for ``auto``
-    (an error when every checkpoint is damaged), the given folder, or None."""
+def resume_checkpoint(cfg: RunConfig) -> Path | None:
+    """The checkpoint ``run.resume`` continues, after :func:`check_resume`: the newest intact one for ``auto`` (an
+    error when every checkpoint is damaged), the given folder, or None (start from scratch)."""
+    check_resume(cfg)
     resume = cfg.run.resume
     if resume == "never":
         return None
@@ -129,8 +130,7 @@ def create_run_dir(cfg: RunConfig, info: DistInfo, *, command: str | None = None
     (rank 0, when given), clear temporary folders a killed save left behind, and save the resolved config: now for a
     run that starts from scratch, by the trainer once it has accepted the resume otherwise (see :class:`ResumePlan`),
     so that a refused resume leaves ``config.yaml`` as it was."""
-    check_resume(cfg)
-    resume_from = _resume_checkpoint(cfg)
+    resume_from = resume_checkpoint(cfg)
     changes = check_config_changes(cfg, resume_from) if resume_from is not None else {}
     text = config_text(cfg, header=command)
     failed: BaseException | None = None

@@ -152,7 +152,7 @@ class BatchPlan:
 
 
 def step_batches(dataset, plan, collate_fn: Callable[[list[Any]], Any]) -> Callable[[int], list[Any]]:
-    """``step -> this rank's micro-batches`` from a :class:`~conceptlm.data.batching.BatchPlan`."""
+    """``step -> this rank's micro-batches`` from a :class:`BatchPlan`."""
     def get(step: int) -> list[Any]:
         return [collate_fn([dataset[i] for i in idx]) for idx in plan.micro_batches(step)]
     return get

@@ -33,7 +33,7 @@ from conceptlm.core.errors import CheckpointError, ConfigError, NonFiniteLossErr
 from conceptlm.core.metrics import MetricLogger
 from conceptlm.core.progress import progress_bar
 from conceptlm.core.resume import check_config_changes
-from conceptlm.core.run import take_resume_plan
+from conceptlm.core.run import resume_checkpoint, take_resume_plan
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.core.schedule import build_scheduler
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
@@ -115,12 +115,10 @@ class Trainer:
     def __init__(self, unit: TrainUnit, cfg: RunConfig, info: DistInfo, *,
                  train_batches: Callable[[int], list[Any]], eval_batches: Callable[[], Iterable[Any]] | None = None,
                  artifacts: dict[str, Any] | None = None, data_state: dict | None = None,
-                 on_eval: Callable[[int], dict[str, float]] | None = None, tokenizer=None):
+                 on_eval: Callable[[int], dict[str, float]] | None = None):
         self.unit, self.cfg, self.info = unit, cfg, info
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.artifacts = dict(artifacts or {})
-        if tokenizer is not None:
-            self.artifacts.setdefault("tokenizer", tokenizer)
         self.data_state, self.on_eval = data_state or {}, on_eval
         self.run_dir = cfg.run_dir
         self.strategy = resolve_strategy(cfg.dist.strategy, info.world_size)
@@ -141,22 +139,6 @@ class Trainer:
             raise ValueError(f"{type(self.unit).__name__}: {sorted(both)} is both a loss part and a metric")
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _resume_checkpoint(self) -> Path | None:
-        resume = self.cfg.run.resume
-        if resume == "never":
-            if ckpt_lib.find_latest_checkpoint(self.run_dir) is not None:
-                raise ConfigError(f"{self.run_dir} already holds checkpoints: set run.resume=auto to continue "
-                                  "it, or choose another run.name", field="run.resume")
-            return None
-        if resume == "auto":
-            return ckpt_lib.find_resumable_checkpoint(self.run_dir)
-        path = Path(resume)
-        problem = ckpt_lib.verify_checkpoint(path) if path.is_dir() else "not a directory"
-        if problem is not None:
-            raise ConfigError(f"{path} is not a usable checkpoint ({problem}); use run.resume=auto to continue from "
-                              "the run's newest intact checkpoint", field="run.resume")
-        return path
-
     def _check_frozen(self) -> None:
         names = dict(self.unit.named_modules())
         for name in self.unit.frozen_modules():
@@ -201,8 +183,8 @@ class Trainer:
         plan = take_resume_plan(self.run_dir)  # decided (and the config checked) when the run folder was set up
         if plan is not None:
             resume_from, changes = plan.checkpoint, plan.changes
-        else:
-            resume_from = self._resume_checkpoint()
+        else:  # a trainer used without a run session (tests, benchmarks): the same policy, decided here
+            resume_from = resume_checkpoint(cfg)
             changes = check_config_changes(cfg, resume_from) if resume_from is not None else {}
         self.ckpt_keys = ckpt_lib.checkpoint_keys(self.unit)
         if resume_from is not None:

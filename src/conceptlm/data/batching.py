@@ -1,8 +1,5 @@
-"""Dynamic padding (``collate``) and padding statistics; :class:`BatchPlan` (re-exported from
-:mod:`conceptlm.core.sampling`) maps an optimizer step to example indices with a pure function of the step, so a run resumed
-at step ``s`` sees exactly the batches it would have seen, and the global batch of a step is the same whatever
-the split into ranks and micro-batches (which makes gradient-accumulation and multi-process runs comparable).
-"""
+"""Dynamic padding (``collate``) and padding statistics. Which examples a step gets is
+:class:`conceptlm.core.sampling.BatchPlan`'s business."""
 
 from __future__ import annotations
 
@@ -10,9 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from conceptlm.core.sampling import BatchPlan
-
-__all__ = ["BatchPlan", "collate", "padding_stats"]
+__all__ = ["collate", "padding_stats"]
 
 
 def collate(examples: Sequence[dict], *, pad_token_id: int, padding_side: str = "right",

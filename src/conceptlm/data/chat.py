@@ -7,6 +7,9 @@ A record is one conversation: a list of ``{"role", "content"}`` messages with ro
 
 Label masks are found from character offsets of the rendered chat, so they work for any Hugging Face chat
 tokenizer, not only the ChatML one of :func:`conceptlm.core.tokenizer.train_bpe_tokenizer`.
+
+The module is long (about 530 lines) because reading, validating and tokenizing share the one definition of a chat
+record and its error messages; split, its rules would live in two places.
 """
 
 from __future__ import annotations

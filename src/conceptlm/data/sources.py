@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conceptlm.core.errors import ConfigError, DataError
-from conceptlm.core.sampling import eval_batches, step_batches  # noqa: F401 (re-exported)
 
-__all__ = ["Source", "resolve_source", "corpus_texts", "chat_records", "build_dataset", "step_batches", "eval_batches"]
+__all__ = ["Source", "resolve_source", "corpus_texts", "chat_records", "build_dataset"]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Exact semantic equivalence of regular expressions in the NL-RX dialect (Locascio et al. 2016, arXiv 1608.03000).
 
-The dialect (and its parser) lives in :mod:`conceptlm.eval.regex_parse`; its public names are re-exported here.
+The dialect (its parser and syntax tree) lives in :mod:`conceptlm.eval.regex_parse`.
 
 Decision procedure: the alphabet is split into finitely many classes that every character set of both regexes
 (and the word-character set) respects; each sub-expression compiles to a minimal DFA over the classes whose start
@@ -35,8 +35,7 @@ from conceptlm.eval.regex_parse import (
     parse_regex,
 )
 
-__all__ = ["RegexParseError", "RegexTooComplexError", "Chars", "Empty", "Boundary", "Concat", "Union", "Inter",
-           "Complement", "Repeat", "Node", "Partition", "parse_regex", "regex_matcher", "regex_matches", "find_counterexample",
+__all__ = ["RegexTooComplexError", "Partition", "regex_matcher", "regex_matches", "find_counterexample",
            "regex_equivalent"]
 
 

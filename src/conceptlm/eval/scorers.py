@@ -26,7 +26,8 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from conceptlm.eval.regex_equiv import RegexParseError, RegexTooComplexError, parse_regex, regex_equivalent
+from conceptlm.eval.regex_equiv import RegexTooComplexError, regex_equivalent
+from conceptlm.eval.regex_parse import RegexParseError, parse_regex
 
 __all__ = [
     "SCORERS",

@@ -1,4 +1,5 @@
-"""Small statistics for evaluation tables: accuracy with a confidence interval, mean ± sample std over seeds."""
+"""Small statistics for evaluation tables: accuracy with a confidence interval, mean ± sample std over seeds, the
+exact McNemar test of two models on the same records."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 from collections.abc import Iterable, Sequence
 from statistics import NormalDist
 
-__all__ = ["accuracy_ci", "mean_std"]
+__all__ = ["accuracy_ci", "mean_std", "mcnemar_exact"]
 
 _METHODS = ("wilson", "wald")
 
@@ -77,3 +78,25 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     if len(xs) == 1:
         return mean, math.nan
     return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Two-sided exact McNemar test on paired outcomes (model A and model B on the same records).
+
+    Only the discordant records count: ``only_a`` (A right, B wrong) and ``only_b``; under the null hypothesis each
+    is Binomial(n = only_a + only_b, 1/2), so ``p = min(1, 2 · Σ_{i ≤ min(only_a, only_b)} C(n, i) / 2^n)`` (1 when
+    there is no discordant record).
+
+    Args:
+        a, b: per-record outcomes of the two models, same length, in the same record order.
+
+    Returns:
+        ``{"only_a", "only_b", "p"}``, e.g. ``only_a = 2, only_b = 4``: p = 2 · (1 + 6 + 15) / 64 = 44/64.
+    """
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n = only_a + only_b
+    if n == 0:
+        return {"only_a": 0, "only_b": 0, "p": 1.0}
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return {"only_a": only_a, "only_b": only_b, "p": min(1.0, 2 * tail)}

@@ -10,12 +10,17 @@ from typing import Literal
 from conceptlm.lm.config import LMRunConfig
 from conceptlm.core.errors import ConfigError
 
-__all__ = ["JepaSection", "StpSection", "JepaConfig", "OBJECTIVES", "DEFAULT_LAM"]
+__all__ = ["JepaSection", "StpSection", "JepaConfig", "ViewConfig", "OBJECTIVES", "DEFAULT_LAM", "PREDICTOR_POSITIONS",
+           "TEXT_VIEWS", "CODE_VIEWS", "DIRECTIONS"]
 
 OBJECTIVES = ("two_view", "stp")
 DEFAULT_LAM = {"two_view": 1.0, "stp": 0.02}
 """λ when ``jepa.lam`` is not set: the LLM-JEPA paper's 1.0; for STP the reference driver's 0.02 (``run_stp.py``;
 ``stp.py``'s argparse default is 0.1)."""
+PREDICTOR_POSITIONS = ("after", "before")
+TEXT_VIEWS = ("context", "user_only")
+CODE_VIEWS = ("with_system", "alone")
+DIRECTIONS = ("text_to_code", "code_to_text")
 
 
 @dataclass(kw_only=True)
@@ -171,3 +176,49 @@ class JepaSection:
 @dataclass(kw_only=True)
 class JepaConfig(LMRunConfig):
     jepa: JepaSection = field(default_factory=JepaSection)
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """How to build the views (:func:`conceptlm.jepa.views.build_views`); the ``jepa`` section of a config maps
+    onto this (:func:`conceptlm.jepa.recipe.view_config`).
+
+    Attributes:
+        num_predictors: k ≥ 0 predictor tokens appended to (or prepended to) the predicting view's content.
+        predictor_position: ``after`` (``content<|predictor_k|>…<|predictor_1|>``, Enc = last predictor) or
+            ``before`` (``<|predictor_1|>…<|predictor_k|>content``, Enc = last content token).
+        text_view: ``context`` (the LM sequence's own context: system prompt and earlier turns, then the user turn)
+            or ``user_only`` (the user turn rendered alone, as the reference code does).
+        direction: ``text_to_code`` (Pred(Enc(Text)) ≈ Enc(Code); predictors go on Text) or ``code_to_text``
+            (predictors go on Code and it predicts Enc(Text)).
+        code_view: ``with_system`` (for templates that give every conversation a system turn, the Code view
+            carries the LM sequence's system turn, shared in packed mode; see :mod:`conceptlm.jepa.views`) or ``alone``
+            (the assistant turn rendered alone, the reference code).
+        label_mode: LM targets, passed to ``tokenize_chat``: ``assistant`` or ``all``.
+        enc_index_override: if set (a negative int), Enc of both views is read at ``len(view) + override``
+            (the reference's ``--last_token``) instead of the derived content index.
+    """
+
+    num_predictors: int = 0
+    predictor_position: str = "after"
+    text_view: str = "context"
+    direction: str = "text_to_code"
+    label_mode: str = "assistant"
+    code_view: str = "with_system"
+    enc_index_override: int | None = None
+
+    def __post_init__(self) -> None:
+        from conceptlm.data.chat import LABEL_MODES  # here, not at the top: this module stays free of torch
+
+        if not isinstance(self.num_predictors, int) or self.num_predictors < 0:
+            raise ValueError(f"num_predictors must be an integer >= 0, got {self.num_predictors!r}")
+        for name, value, allowed in (("predictor_position", self.predictor_position, PREDICTOR_POSITIONS),
+                                     ("text_view", self.text_view, TEXT_VIEWS),
+                                     ("direction", self.direction, DIRECTIONS),
+                                     ("code_view", self.code_view, CODE_VIEWS),
+                                     ("label_mode", self.label_mode, LABEL_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        o = self.enc_index_override
+        if o is not None and (not isinstance(o, int) or o >= 0):
+            raise ValueError(f"enc_index_override must be a negative integer (-1 = last token) or None, got {o!r}")

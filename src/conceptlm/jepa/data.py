@@ -8,7 +8,8 @@ from pathlib import Path
 
 from conceptlm.core.errors import DataError
 from conceptlm.data.chat import iter_jsonl_objects
-from conceptlm.jepa.views import JepaExample, ViewConfig, build_views
+from conceptlm.jepa.config import ViewConfig
+from conceptlm.jepa.views import JepaExample, build_views
 
 __all__ = ["JepaDataset"]
 

@@ -17,7 +17,8 @@ equal to rounding (tested to 1e-5 in fp32, gradients included):
 With ``jepa_active=False`` (JEPA-loss dropout, a skipped step) both modes run only the plain LM forward on the LM
 rows with a 2-D mask — exactly the SFT computation.
 
-Enc is the final normed hidden state (the LM head's input) at the view's Enc index (spec §3.2).
+Enc is the final normed hidden state (the LM head's input) at the view's Enc index (LLM-JEPA paper §3, Eq. 3; the
+reference reads ``hidden_states[-1]``, which is that state).
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """The ``transformers.Trainer`` path's data side: collators (two-view :class:`JepaDataCollator`; STP's lives in
 :mod:`conceptlm.jepa.stp_hf`), the parsing of ``jepa_args`` and the check that a trainer's view settings match how
-its batches were built (:func:`check_view_settings`). Used by :class:`conceptlm.jepa.hf_trainer.JepaTrainer`, which
-re-exports the public names."""
+its batches were built (:func:`check_view_settings`). Used by :class:`conceptlm.jepa.hf_trainer.JepaTrainer`."""
 
 from __future__ import annotations
 

@@ -4,11 +4,12 @@
   collated batch, for any hand-written training loop.
 * :class:`JepaDataCollator` + :class:`JepaTrainer` — drop-in pieces for a ``transformers.Trainer`` pipeline.
 
-Gradient-accumulation normalisation in :class:`JepaTrainer` (fixes spec §0 item 2, where the reference's JEPA loss is
-not divided by the accumulation steps). Before the micro-batches of an optimizer step run, the Trainer calls
-``_get_num_items_in_batch`` on all of them; ours returns ``num_items_in_batch`` = N, the number of shifted LM targets
-of the whole accumulated batch, and records E, its number of examples (both summed over ranks when
-``average_tokens_across_devices`` is on, the transformers default). Every micro-batch m then back-propagates
+Gradient-accumulation normalisation in :class:`JepaTrainer` (the reference's ``RepresentationTrainer.compute_loss``
+ignores ``num_items_in_batch``, so under transformers 4.55 its JEPA loss is not divided by the accumulation steps).
+Before the micro-batches of an optimizer step run, the Trainer calls ``_get_num_items_in_batch`` on all of them; ours
+returns ``num_items_in_batch`` = N, the number of shifted LM targets of the whole accumulated batch, and records E,
+its number of examples (both summed over ranks when ``average_tokens_across_devices`` is on, the transformers
+default). Every micro-batch m then back-propagates
 
     loss_m = s · (γ · Σ_{t∈m} CE_t / N  +  λ · Σ_{i∈m} d_i / E),   s = processes (1 when not averaging),
 
@@ -60,9 +61,8 @@ from conceptlm.jepa.stp_hf import StpDataCollator, attach_stp_predictor, stp_cou
 from conceptlm.jepa.stp_unit import lam_at
 from conceptlm.jepa.unit import jepa_step_active
 
-__all__ = ["BATCH_KEY", "jepa_loss", "JepaDataCollator", "JepaTrainer", "check_view_settings"]
+__all__ = ["jepa_loss", "JepaTrainer"]
 
-_jepa_section = jepa_section  # the earlier private name
 _WRAPPERS = ("FullyShardedDataParallel", "DeepSpeedEngine")  # containers whose forward calls self.module(...)
 
 
@@ -159,7 +159,8 @@ def jepa_loss(model: nn.Module, batch: SeparateBatch | PackedBatch, *, lam: floa
 
     Example::
 
-        from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, build_views
+        from conceptlm.jepa.config import ViewConfig
+        from conceptlm.jepa.views import add_predictor_tokens, build_views
         from conceptlm.jepa.packing import collate_packed
         from conceptlm.jepa.hf_trainer import jepa_loss
 

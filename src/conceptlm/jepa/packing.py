@@ -3,7 +3,8 @@
 ``separate`` mode (reference layout, dynamic padding): three independent padded batches — LM sequences, Text views,
 Code views — each padded to its own longest row.
 
-``packed`` mode: ONE row per example, ``[LM sequence F | Text remainder R_T | Code block C]`` (spec §9.1):
+``packed`` mode: ONE row per example, ``[LM sequence F | Text remainder R_T | Code block C]`` (a tree-attention
+layout of ours; the paper's reference code runs the views as extra padded batch rows):
 
 * F (segment 0): plain causal attention, positions 0 … n−1.
 * R_T (segment 1) = ``text_ids[p : text_enc + 1]``, the Text tokens after the prefix of p tokens it shares with F
@@ -57,7 +58,7 @@ __all__ = [
 PAD_SEGMENT, LM_SEGMENT, TEXT_SEGMENT, CODE_SEGMENT = -1, 0, 1, 2
 
 VIEW_SETTINGS = ("num_predictors", "predictor_position", "text_view", "code_view")
-"""The :class:`~conceptlm.jepa.views.ViewConfig` fields a batch records in ``view_settings`` (with ``pred_is_text``
+"""The :class:`~conceptlm.jepa.config.ViewConfig` fields a batch records in ``view_settings`` (with ``pred_is_text``
 for the direction), so that a trainer can check them against its own settings."""
 
 

@@ -16,14 +16,14 @@ from conceptlm.lm.recipe import generation_eval, load_exported_model, load_sourc
 from conceptlm.data.sources import Source, corpus_texts
 from conceptlm.data.sources import build_dataset as build_lm_dataset
 from conceptlm.data.templates import pin_template_date
-from conceptlm.jepa.config import JepaConfig
+from conceptlm.jepa.config import JepaConfig, ViewConfig
 from conceptlm.jepa.data import JepaDataset
 from conceptlm.jepa.packing import collate_packed, collate_separate
 from conceptlm.jepa.stp_batch import collate_stp
 from conceptlm.jepa.stp_data import StpChatDataset, StpTextDataset
 from conceptlm.jepa.stp_unit import StpUnit
 from conceptlm.jepa.unit import JepaUnit
-from conceptlm.jepa.views import ViewConfig, add_predictor_tokens, predictor_token
+from conceptlm.jepa.views import add_predictor_tokens, predictor_token
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """LLM-JEPA views: turn a record into the LM sequence, the Text view and the Code view, as token ids.
 
-A chat record ``[system?, user, ..., assistant]`` gives three token sequences (paper §3, spec §2):
+A chat record ``[system?, user, ..., assistant]`` gives three token sequences (LLM-JEPA paper §3):
 
 * LM sequence: the whole chat, rendered and labelled exactly like SFT (:func:`conceptlm.data.chat.tokenize_chat`),
   so with λ = 0 LLM-JEPA is plain SFT.
@@ -40,10 +40,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from conceptlm.core.errors import DataError
+from conceptlm.jepa.config import ViewConfig
 from conceptlm.data.templates import default_system_prompt, render_chat, token_id
 from conceptlm.data.chat import (
     IGNORE_INDEX,
-    LABEL_MODES,
     check_encodable,
     template_error,
     tokenize_chat,
@@ -51,11 +51,6 @@ from conceptlm.data.chat import (
 )
 
 __all__ = [
-    "PREDICTOR_POSITIONS",
-    "TEXT_VIEWS",
-    "CODE_VIEWS",
-    "DIRECTIONS",
-    "ViewConfig",
     "JepaExample",
     "predictor_token",
     "add_predictor_tokens",
@@ -63,59 +58,12 @@ __all__ = [
     "common_prefix_len",
 ]
 
-PREDICTOR_POSITIONS = ("after", "before")
-TEXT_VIEWS = ("context", "user_only")
-CODE_VIEWS = ("with_system", "alone")
-DIRECTIONS = ("text_to_code", "code_to_text")
 _SENTINELS = ("\u00a7", "\u00b6")  # two different characters that no template rewrites or trims
 
 
 def predictor_token(i: int) -> str:
     """The string of predictor token ``i`` (1-based): ``<|predictor_i|>``."""
     return f"<|predictor_{i}|>"
-
-
-@dataclass(frozen=True)
-class ViewConfig:
-    """How to build the views (the ``jepa`` section of a config maps onto this).
-
-    Attributes:
-        num_predictors: k ≥ 0 predictor tokens appended to (or prepended to) the predicting view's content.
-        predictor_position: ``after`` (``content<|predictor_k|>…<|predictor_1|>``, Enc = last predictor) or
-            ``before`` (``<|predictor_1|>…<|predictor_k|>content``, Enc = last content token).
-        text_view: ``context`` (the LM sequence's own context: system prompt and earlier turns, then the user turn)
-            or ``user_only`` (the user turn rendered alone, as the reference code does).
-        direction: ``text_to_code`` (Pred(Enc(Text)) ≈ Enc(Code); predictors go on Text) or ``code_to_text``
-            (predictors go on Code and it predicts Enc(Text)).
-        code_view: ``with_system`` (for templates that give every conversation a system turn, the Code view
-            carries the LM sequence's system turn, shared in packed mode; see the module docstring) or ``alone``
-            (the assistant turn rendered alone, the reference code).
-        label_mode: LM targets, passed to ``tokenize_chat``: ``assistant`` or ``all``.
-        enc_index_override: if set (a negative int), Enc of both views is read at ``len(view) + override``
-            (the reference's ``--last_token``) instead of the derived content index.
-    """
-
-    num_predictors: int = 0
-    predictor_position: str = "after"
-    text_view: str = "context"
-    direction: str = "text_to_code"
-    label_mode: str = "assistant"
-    code_view: str = "with_system"
-    enc_index_override: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_predictors, int) or self.num_predictors < 0:
-            raise ValueError(f"num_predictors must be an integer >= 0, got {self.num_predictors!r}")
-        for name, value, allowed in (("predictor_position", self.predictor_position, PREDICTOR_POSITIONS),
-                                     ("text_view", self.text_view, TEXT_VIEWS),
-                                     ("direction", self.direction, DIRECTIONS),
-                                     ("code_view", self.code_view, CODE_VIEWS),
-                                     ("label_mode", self.label_mode, LABEL_MODES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        o = self.enc_index_override
-        if o is not None and (not isinstance(o, int) or o >= 0):
-            raise ValueError(f"enc_index_override must be a negative integer (-1 = last token) or None, got {o!r}")
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,6 @@ def prepare(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None
     """``conceptlm lcm prepare``: segment, embed and store ``docs`` in ``prepare.out_dir`` (resumable)."""
     from conceptlm.lcm.prepare import prepare as run_prepare
 
-    if checkpoint:
-        raise ConfigError("prepare takes no --checkpoint", field="checkpoint")
     return run_prepare(prepare_config(cfg), output=output)
 
 
@@ -492,7 +490,5 @@ def cost(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = 
     sizes), printed and written as ``cost.md`` / ``cost.png`` to ``{run_dir}/cost`` (or the folder ``output``)."""
     from conceptlm.lcm.cost import run_cost
 
-    if checkpoint:
-        raise ConfigError("cost takes no --checkpoint (it reads the sizes of the config)", field="checkpoint")
     out = run_cost(cfg.cost, Path(output) if output else cfg.run_dir / "cost", cfg.lcm)
     return {"break_even": out["break_even"], "files": out["files"]}

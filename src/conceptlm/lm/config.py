@@ -6,11 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from conceptlm.core.config import RunConfig
-from conceptlm.core.config import check as _check
+from conceptlm.core.config import RunConfig, check
 
 __all__ = ["ModelSection", "LoraSection", "TokenizerSection", "DataSection", "GenerateSection", "LMRunConfig",
-           "BaseRunConfig", "SCORER_NAMES"]
+           "SCORER_NAMES"]
 
 SCORER_NAMES = ("exact", "regex", "gsm8k", "sql", "nq", "label")
 
@@ -25,8 +24,8 @@ class LoraSection:
     """``None`` picks the attention projections of the model's family (see ``core.hf.lora_target_modules``)."""
 
     def validate(self) -> None:
-        _check(self.r > 0, "model.lora.r", "must be > 0")
-        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
+        check(self.r > 0, "model.lora.r", "must be > 0")
+        check(0.0 <= self.dropout < 1.0, "model.lora.dropout", "must be in [0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -45,12 +44,12 @@ class ModelSection:
     lora: LoraSection = field(default_factory=LoraSection)
 
     def validate(self) -> None:
-        _check(self.hidden_size > 0, "model.hidden_size", "must be > 0")
-        _check(self.num_layers > 0, "model.num_layers", "must be > 0")
-        _check(self.num_heads > 0, "model.num_heads", "must be > 0")
-        _check(self.num_kv_heads is None or self.num_kv_heads > 0, "model.num_kv_heads", "must be > 0")
-        _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
-               f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        check(self.hidden_size > 0, "model.hidden_size", "must be > 0")
+        check(self.num_layers > 0, "model.num_layers", "must be > 0")
+        check(self.num_heads > 0, "model.num_heads", "must be > 0")
+        check(self.num_kv_heads is None or self.num_kv_heads > 0, "model.num_kv_heads", "must be > 0")
+        check(self.hidden_size % self.num_heads == 0, "model.num_heads",
+              f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         self.lora.validate()
 
 
@@ -65,9 +64,9 @@ class TokenizerSection:
     pinned so that token ids, and the caches built from them, do not change with the day a run starts."""
 
     def validate(self) -> None:
-        _check(self.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 bytes + special tokens)")
-        _check(_is_template_date(self.template_date), "tokenizer.template_date",
-               f"{self.template_date!r} is not a date like '26 Jul 2024' or '2024-07-26'")
+        check(self.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 bytes + special tokens)")
+        check(_is_template_date(self.template_date), "tokenizer.template_date",
+              f"{self.template_date!r} is not a date like '26 Jul 2024' or '2024-07-26'")
 
 
 def _is_template_date(value: str) -> bool:
@@ -99,8 +98,8 @@ class DataSection:
     generator_seed: int = 0
 
     def validate(self) -> None:
-        _check(self.max_length >= 8, "data.max_length", "must be >= 8")
-        _check(bool(self.train), "data.train", "must name the training data")
+        check(self.max_length >= 8, "data.max_length", "must be >= 8")
+        check(bool(self.train), "data.train", "must name the training data")
 
 
 @dataclass(kw_only=True)
@@ -112,7 +111,7 @@ class GenerateSection:
     limit: int | None = None
 
     def validate(self) -> None:
-        _check(self.max_new_tokens > 0 and self.batch_size > 0, "generate", "max_new_tokens/batch_size must be > 0")
+        check(self.max_new_tokens > 0 and self.batch_size > 0, "generate", "max_new_tokens/batch_size must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -123,7 +122,3 @@ class LMRunConfig(RunConfig):
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
-
-
-BaseRunConfig = LMRunConfig
-"""The earlier name of :class:`LMRunConfig`."""

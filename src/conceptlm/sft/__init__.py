@@ -1,9 +1,5 @@
 """Supervised fine-tuning / from-scratch next-token training of Hugging Face causal LMs.
 
-The method-independent workload of the toolkit and the NTP baseline every other method is compared to.
+The method-independent workload of the toolkit and the NTP baseline every other method is compared to: the config
+in :mod:`conceptlm.sft.config`, the unit in :mod:`conceptlm.sft.unit`, the recipes in :mod:`conceptlm.sft.recipe`.
 """
-
-from conceptlm.sft.config import SFTConfig
-from conceptlm.sft.unit import SFTUnit
-
-__all__ = ["SFTConfig", "SFTUnit"]
