@@ -15,7 +15,7 @@ import torch
 
 from conceptlm.core import hf
 from conceptlm.core.errors import ConceptLMError
-from conceptlm.core.hf import ARCHS
+from conceptlm.core.config import ARCHS
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 
 V = 300

@@ -18,7 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from conceptlm.core.hf import ARCHS, build_tiny_model, load_causal_lm  # noqa: E402
+from conceptlm.core.config import ARCHS  # noqa: E402
+from conceptlm.core.hf import build_tiny_model, load_causal_lm  # noqa: E402
 from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
 from conceptlm.jepa.forward import attention_windows, jepa_objective, run_jepa_batch  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate, tree_attention_mask  # noqa: E402

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from conceptlm.core.config import RunConfig, check
+from conceptlm.core.config import ARCHS, RunConfig, check
 
 __all__ = ["CorpusSection", "TeacherSection", "SAESection", "LabelSection", "StudentSection", "CocomixSection",
            "PipelineSection", "InterpretSection", "TinyTeacherConfig", "SAETrainConfig", "StudentTrainConfig",
@@ -109,8 +109,6 @@ class TeacherSection:
     seed: int = 0
 
     def validate(self) -> None:
-        from conceptlm.core.hf import ARCHS  # (transformers: only when a config is validated)
-
         check(self.layer >= 0, "teacher.layer", "must be >= 0")
         check(self.arch in ARCHS, "teacher.arch", f"must be one of {', '.join(ARCHS)}")
         for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size"):

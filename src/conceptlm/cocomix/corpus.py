@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from conceptlm.cocomix.config import CorpusSection
+from conceptlm.core.artifact import file_sha256
 from conceptlm.core.errors import DataError
 from conceptlm.data.chat import DuplicateKeyError, refuse_duplicate_keys
 from conceptlm.data.text import read_text_file
@@ -284,11 +285,7 @@ def _file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = file_sha256(path)
     return _HASHES[key]
 
 

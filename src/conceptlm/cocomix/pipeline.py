@@ -305,7 +305,7 @@ def _finish_student(run_dir: Path, identity: Identity, cost: dict[str, float], r
     write_manifest(run_dir, identity, files=files, extra=extra)
 
 
-def pipeline(cfg: CocomixConfig, *, checkpoint: str | None = None, output: str | None = None,
+def pipeline(cfg: CocomixConfig, *, output: str | None = None,
              command: str | None = "conceptlm cocomix pipeline") -> dict[str, Any]:
     """Run every stage (reusing those whose output has the fingerprint they would make now) and write the
     report; returns the report's summary. See the module docstring for ``pipeline.on_change``."""
@@ -342,7 +342,7 @@ def train(cfg: CocomixConfig, *, command: str | None = None):
     return stages.run_student(sub, train_ds, val_ds, skip_finished=False)["result"]
 
 
-def report(cfg: CocomixConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict[str, Any]:
+def report(cfg: CocomixConfig, *, output: str | None = None) -> dict[str, Any]:
     """``conceptlm cocomix report``: rebuild the report from the student runs that exist (``--output`` folder),
     each from its own saved config, metrics and recorded costs. A student whose ``artifact.json`` does not match
     what the current config would train is refused (``pipeline.on_change=refuse``) or flagged in the report

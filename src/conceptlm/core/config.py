@@ -26,7 +26,12 @@ from conceptlm.core.errors import ConfigError
 __all__ = [
     "RunSection", "OptimSection", "ScheduleSection", "TrainSection", "DistSection", "RunConfig",
     "load_config", "config_to_dict", "config_text", "save_config", "parse_override", "check", "with_own_length",
+    "ARCHS",
 ]
+
+ARCHS: tuple[str, ...] = ("llama", "qwen2", "gpt2", "gemma2", "olmo2")
+"""Hugging Face causal-LM architectures the toolkit builds and adapts (:mod:`conceptlm.core.hf`); here so that
+configs validate an ``arch`` without importing transformers."""
 
 
 def check(cond: bool, field_name: str, message: str) -> None:

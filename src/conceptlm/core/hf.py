@@ -18,11 +18,11 @@ import torch.nn.functional as F
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from conceptlm.core.config import ARCHS
 from conceptlm.core.errors import ConceptLMError
 from conceptlm.core.io import atomic_dir
 
 __all__ = [
-    "ARCHS",
     "ModelPathError",
     "build_tiny_model",
     "load_causal_lm",
@@ -41,7 +41,6 @@ __all__ = [
     "context_length",
 ]
 
-ARCHS: tuple[str, ...] = ("llama", "qwen2", "gpt2", "gemma2", "olmo2")
 
 
 def _tiny_config(arch: str, vocab_size: int, *, hidden_size: int, num_layers: int, num_heads: int,
