@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from conceptlm.core.io import atomic_write_text
-from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
-from conceptlm.lcm.model import LCMSection
+from conceptlm.lcm.config import DiffusionSection, LCMSection, SamplerOptions
 from conceptlm.lcm.one_tower import OneTowerUnit
 from conceptlm.lcm.unit import collate_documents
 

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.rng import StepRandomness
-from conceptlm.lcm.decoder_train import (DecoderTrainConfig, PrefixDecoderUnit, SentenceTargets, TargetCollator,
-                                         autobleu, eval_decoder, evaluate_decoder, noise_embeddings,
-                                         round_trip_cosine, split_sentences, train_decoder)
+from conceptlm.lcm.config import DecoderTrainConfig
+from conceptlm.lcm.decoder_train import (PrefixDecoderUnit, SentenceTargets, TargetCollator, autobleu, eval_decoder,
+                                         evaluate_decoder, noise_embeddings, round_trip_cosine, split_sentences,
+                                         train_decoder)
 from conceptlm.lcm.decoders import PrefixLMDecoder, RetrievalDecoder, load_decoder
 from tests.lcm.test_decoders import SENTENCES, BagEncoder, tiny_decoder
 

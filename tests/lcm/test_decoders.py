@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.hf import save_model
 from conceptlm.core.rng import derived_generator
-from conceptlm.lcm.decoders import (DecoderSection, PrefixLMDecoder, PrefixProjector, RetrievalDecoder,
-                                    build_prefix_decoder, load_decoder)
+from conceptlm.lcm.config import DecoderSection
+from conceptlm.lcm.decoders import (PrefixLMDecoder, PrefixProjector, RetrievalDecoder, build_prefix_decoder,
+                                    load_decoder)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conceptlm.core.errors import ConfigError
-from conceptlm.lcm.diffusion.config import DiffusionSection
+from conceptlm.lcm.config import DiffusionSection
 from conceptlm.lcm.diffusion.cosine import cosine_betas
 from conceptlm.lcm.diffusion.linear import linear_betas
 from conceptlm.lcm.diffusion.quadratic import quadratic_betas

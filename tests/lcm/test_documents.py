@@ -12,7 +12,8 @@ import pytest
 
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError, DataError
-from conceptlm.lcm.documents import SCRIPTS, DocsSection, generate_document, iter_documents
+from conceptlm.lcm.config import DocsSection
+from conceptlm.lcm.documents import SCRIPTS, generate_document, iter_documents
 from conceptlm.lcm.segment import get_segmenter
 
 SHARED_YELP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"
@@ -111,7 +112,7 @@ def test_bad_txt_file_error_and_skip(tmp_path):
 
 
 def test_section_validation_names_the_field(tmp_path):
-    from conceptlm.lcm.prepare import PrepareConfig
+    from conceptlm.lcm.config import PrepareConfig
 
     with pytest.raises(ConfigError, match="docs.source") as e:
         load_config(PrepareConfig, None, [f"docs.source={tmp_path / 'missing.jsonl'}"])
@@ -133,7 +134,8 @@ def test_yelp_reviews_read():
 # ------------------------------------------------------------------------------------------------ instructions
 def test_instruction_records_become_source_marker_answer(tmp_path):
     from conceptlm.lcm.documents import split_instruction
-    from conceptlm.lcm.prepare import PrepareSection, segment_document
+    from conceptlm.lcm.config import PrepareSection
+    from conceptlm.lcm.prepare import segment_document
 
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"article": "The cat sat. It was warm.", "summary": "A warm cat."}) + "\n"

@@ -16,11 +16,12 @@ import torch
 
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
 from conceptlm.lcm import prepare as prep_mod
-from conceptlm.lcm.documents import DocsSection, iter_documents
-from conceptlm.lcm.encoders import EncoderSection, get_encoder
+from conceptlm.lcm.config import DocsSection, EncoderSection, PrepareConfig, PrepareSection, SegmentSection
+from conceptlm.lcm.documents import iter_documents
+from conceptlm.lcm.encoders import get_encoder
 from conceptlm.lcm.normalizer import RobustNormalizer
-from conceptlm.lcm.prepare import PrepareConfig, PrepareSection, prepare, segment_document
-from conceptlm.lcm.segment import SegmentSection, get_segmenter
+from conceptlm.lcm.prepare import prepare, segment_document
+from conceptlm.lcm.segment import get_segmenter
 from conceptlm.lcm.store import EmbeddedDocuments, assign_split
 from tests.lcm.test_encoders import SHARED_YELP, make_tiny_st_dir
 

@@ -16,12 +16,9 @@ from safetensors.torch import load_file
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
-from conceptlm.lcm.model import LCMSection
+from conceptlm.lcm.config import DiffusionSection, LCMSection, LCMTrainConfig, QuantSection
 from conceptlm.lcm.normalizer import RobustNormalizer
-from conceptlm.lcm.train import (LCMTrainConfig, SyntheticVectorDocuments, fit_normalizer, load_lcm,
-                                 sample_vectors, train_lcm)
-from conceptlm.lcm.diffusion.config import DiffusionSection
-from conceptlm.lcm.quant_config import QuantSection
+from conceptlm.lcm.train import SyntheticVectorDocuments, fit_normalizer, load_lcm, sample_vectors, train_lcm
 from conceptlm.lcm.unit import BaseLCMUnit, DocumentChunks, collate_documents
 from conceptlm.lcm.variants import build_unit
 
@@ -268,8 +265,10 @@ def test_real_minilm_documents_train_and_generate(tmp_path):
     import torch.nn.functional as F
 
     from conceptlm.lcm.encoders import get_encoder
-    from conceptlm.lcm.generate import GenerationOptions, generate
-    from conceptlm.lcm.prepare import PrepareConfig, prepare
+    from conceptlm.lcm.config import GenerationOptions
+    from conceptlm.lcm.generate import generate
+    from conceptlm.lcm.config import PrepareConfig
+    from conceptlm.lcm.prepare import prepare
     from conceptlm.lcm.store import EmbeddedDocuments
 
     folder = tmp_path / "prepared"

@@ -19,14 +19,14 @@ from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError, RunLockedError
 from conceptlm.core.lock import RunLock
 from conceptlm.lcm import prepare as prep_mod
-from conceptlm.lcm.config import LCMConfig
-from conceptlm.lcm.decoder_train import DecoderTrainConfig, train_decoder as train_decoder_only
+from conceptlm.lcm.config import DecoderTrainConfig, DocsSection, EncoderSection, LCMConfig, SegmentSection
+from conceptlm.lcm.decoder_train import train_decoder as train_decoder_only
 from conceptlm.lcm.decoders import decoder_manifest, load_decoder
-from conceptlm.lcm.documents import DocsSection, iter_documents
-from conceptlm.lcm.encoders import EncoderSection, get_encoder, identity_fingerprint
+from conceptlm.lcm.documents import iter_documents
+from conceptlm.lcm.encoders import get_encoder, identity_fingerprint
 from conceptlm.lcm.prepare import prepare as prepare_docs
 from conceptlm.lcm.recipe import evaluate, generate, prepare, train, train_decoder
-from conceptlm.lcm.segment import SegmentSection, get_segmenter
+from conceptlm.lcm.segment import get_segmenter
 from conceptlm.lcm.store import EmbeddedDocuments, assign_split
 from tests.lcm.test_encoders import make_tiny_st_dir
 from tests.lcm.test_prepare import _cfg as prepare_cfg

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from conceptlm.core.rng import StepRandomness
-from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
-from conceptlm.lcm.generate import GenerationOptions, generate
-from conceptlm.lcm.model import LCMSection
+from conceptlm.lcm.config import DiffusionSection, GenerationOptions, LCMSection, SamplerOptions
+from conceptlm.lcm.generate import generate
 from conceptlm.lcm.two_tower import TwoTowerUnit, cross_attention_keep, draw_training_noise
 from conceptlm.lcm.unit import collate_documents
 

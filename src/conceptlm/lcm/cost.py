@@ -33,36 +33,28 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from conceptlm.core.config import check
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.io import atomic_write_text
-from conceptlm.lcm.model import LCMSection, swiglu_inner_dim
+from conceptlm.lcm.config import CostSection, LCMSection, TransformerSize
 
 __all__ = [
-    "TransformerSize", "LCMSize", "LLAMA2_7B", "SONAR_ENCODER", "SONAR_DECODER", "MINILM_L6_ENCODER",
+    "swiglu_inner_dim", "LCMSize", "LLAMA2_7B", "SONAR_ENCODER", "SONAR_DECODER", "MINILM_L6_ENCODER",
     "attention_params", "swiglu_params", "contextualizer_layer_params", "denoiser_layer_params", "modulator_params",
     "two_tower_params", "base_lcm_params", "one_tower_params", "two_tower_lcm", "base_lcm", "one_tower_lcm",
     "lcm_from_section", "TWO_TOWER_1_6B", "TWO_TOWER_7B", "ONE_TOWER_1_6B", "LCM_PRESETS", "LLM_PRESETS",
     "ENCODER_PRESETS", "DECODER_PRESETS", "llm_generation_flops", "lcm_generation_flops",
-    "break_even_sentence_length", "crossover_total_tokens", "CostSection", "resolve_sizes", "cost_table",
+    "break_even_sentence_length", "crossover_total_tokens", "resolve_sizes", "cost_table",
     "cost_markdown", "run_cost",
 ]
 
 
-@dataclass(kw_only=True)
-class TransformerSize:
-    """What the FLOPs model needs of a Transformer; also the explicit form of ``cost.llm`` / ``encoder`` /
-    ``decoder`` in a config (write large counts as integers, e.g. ``6476271616``, or as ``6.5e+9``)."""
-
-    name: str = "custom"
-    n_params: int
-    """Non-embedding parameters ``N`` (token / position tables excluded: a lookup costs no matmul FLOPs)."""
-    n_layers: int
-    d_model: int
-    """Attention width ``d`` (the ``2 n_layer c d`` term)."""
+def swiglu_inner_dim(ffn_inner_dim: int, multiple_of: int = 256) -> int:
+    """The reference's SwiGLU hidden width for a nominal FFN width: ``m * ceil(int(2/3 * f) / m)``
+    (8192 -> 5632, 16384 -> 11008)."""
+    return multiple_of * math.ceil(int(ffn_inner_dim * 2 / 3) / multiple_of)
 
 
 @dataclass(kw_only=True)
@@ -347,60 +339,7 @@ def crossover_total_tokens(lcm: LCMSize, encoder: TransformerSize, decoder: Tran
     return max(0.0, -b / a)
 
 
-# ----------------------------------------------------------------------------------------- config + report
-def _log_spaced_totals() -> list[int]:
-    return [1000, 2000, 4000, 8000, 16000, 32000, 64000, 128000]
-
-
-@dataclass(kw_only=True)
-class CostSection:
-    """Inference-FLOPs comparison of the LCM with a token LLM (section ``cost`` of an LCM config; paper Fig. 13)."""
-
-    lcm: str = "two_tower_1.6b"
-    """LCM sizes: ``two_tower_1.6b`` | ``two_tower_7b`` | ``one_tower_1.6b`` (the paper's configs) or ``run`` (the
-    run's own ``lcm`` section: d_model, n_layers, n_denoiser_layers, d_ff, dim, model)."""
-    llm: str | TransformerSize = "llama2_7b"
-    """The token LLM: ``llama2_7b`` or explicit ``{name, n_params, n_layers, d_model}`` (non-embedding params)."""
-    encoder: str | TransformerSize = "sonar"
-    """Sentence encoder: ``sonar`` (0.50B, 24 layers, d 1024), ``minilm_l6`` or explicit sizes."""
-    decoder: str | TransformerSize = "sonar"
-    """Sentence decoder: ``sonar`` (0.60B, 24 layers, d 1024) or explicit sizes."""
-    inference_steps: int = 40
-    """Diffusion steps per generated sentence (the paper's 40; the reference code's list for 40 has 50 steps)."""
-    cfg: bool = True
-    """Classifier-free guidance: conditional and unconditional denoiser rows at every step (2x denoiser cost)."""
-    precompute_modulation: bool = False
-    """Count the AdaLN modulations (and timestep MLP) as precomputed per timestep (spec §11.4), not per step."""
-    beam_size: int = 1
-    """Sentence-decoder beam (multiplies the decode cost)."""
-    sentence_tokens: list[float] = field(default_factory=lambda: [10.0, 20.0, 30.0, 40.0, 60.0])
-    """Average sentence lengths in LLM tokens: one LCM curve / table column each."""
-    total_tokens: list[int] = field(default_factory=_log_spaced_totals)
-    """Document lengths (prompt + output, LLM tokens): the table rows / x axis."""
-    prompt_fraction: float = 0.5
-    """Fraction of each document given as the prompt (the rest is generated)."""
-
-    def validate(self) -> None:
-        choices = [*LCM_PRESETS, "run"]
-        check(self.lcm in choices, "cost.lcm", f"{self.lcm!r} is not one of {', '.join(choices)}")
-        for name, presets in (("llm", LLM_PRESETS), ("encoder", ENCODER_PRESETS), ("decoder", DECODER_PRESETS)):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                check(value in presets, f"cost.{name}",
-                      f"{value!r} is not one of {', '.join(presets)} (or give n_params, n_layers, d_model)")
-            else:
-                check(value.n_params > 0, f"cost.{name}.n_params", "must be > 0")
-                check(value.n_layers >= 1, f"cost.{name}.n_layers", "must be >= 1")
-                check(value.d_model >= 1, f"cost.{name}.d_model", "must be >= 1")
-        check(self.inference_steps >= 1, "cost.inference_steps", "must be >= 1")
-        check(self.beam_size >= 1, "cost.beam_size", "must be >= 1")
-        check(len(self.sentence_tokens) > 0, "cost.sentence_tokens", "needs at least one sentence length")
-        check(all(v > 0 for v in self.sentence_tokens), "cost.sentence_tokens", "every length must be > 0")
-        check(len(self.total_tokens) > 0, "cost.total_tokens", "needs at least one total length")
-        check(all(v >= 1 for v in self.total_tokens), "cost.total_tokens", "every length must be >= 1")
-        check(0.0 <= self.prompt_fraction < 1.0, "cost.prompt_fraction", "must be in [0, 1) (something is generated)")
-
-
+# ----------------------------------------------------------------------------------------- report
 def resolve_sizes(section: CostSection, lcm_section: LCMSection | None = None
                   ) -> tuple[LCMSize, TransformerSize, TransformerSize, TransformerSize]:
     """``(lcm, llm, encoder, decoder)`` sizes of a validated section; ``lcm: run`` needs ``lcm_section``.

@@ -37,15 +37,14 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from conceptlm.core.artifact import Identity, decide, digest
-from conceptlm.core.config import RunConfig, check, with_own_length
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.core.recipe import fit, make_plan
@@ -53,16 +52,17 @@ from conceptlm.core.rng import StepRandomness, derive_seed
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
-from conceptlm.lcm.decoders import (DECODER_KIND, DecoderSection, PrefixLMDecoder, RetrievalDecoder,
-                                    SentenceDecoder, build_prefix_decoder, load_decoder)
-from conceptlm.lcm.documents import DocsSection, iter_documents
-from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder, identity_fingerprint
-from conceptlm.lcm.prepare import PrepareSection
-from conceptlm.lcm.segment import SegmentSection, get_segmenter
+from conceptlm.lcm.config import (DecoderTrainConfig, DocsSection, PrepareSection,
+                                  SegmentSection, decoder_run_config)
+from conceptlm.lcm.decoders import (DECODER_KIND, PrefixLMDecoder, RetrievalDecoder, SentenceDecoder,
+                                    build_prefix_decoder, load_decoder)
+from conceptlm.lcm.documents import iter_documents
+from conceptlm.lcm.encoders import SentenceEncoder, get_encoder, identity_fingerprint
+from conceptlm.lcm.segment import get_segmenter
 from conceptlm.lcm.store import assign_split
 
 __all__ = [
-    "DecoderTrainSection", "decoder_run_config", "DecoderTrainConfig", "SentenceTargets", "TargetCollator",
+    "SentenceTargets", "TargetCollator",
     "PrefixDecoderUnit", "noise_embeddings", "autobleu", "round_trip_cosine", "evaluate_decoder",
     "corpus_sentences", "split_sentences", "train_decoder", "eval_decoder", "decoder_identity",
 ]
@@ -70,70 +70,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 NOISE_PURPOSE = "lcm-decoder-noise"
 NOISE_SCALE_PURPOSE = "lcm-decoder-noise-scale"
-
-
-# ------------------------------------------------------------------------------------------------ config
-@dataclass(kw_only=True)
-class DecoderTrainSection:
-    """``decoder_train:``: which sentences a decoder trains and is evaluated on (from ``docs`` + ``segment``, or
-    given directly), and the decoder run's own length and step size."""
-
-    max_sentences: int = 20000
-    """Training sentences kept (after removing duplicates and the held-out ones)."""
-    eval_sentences: int = 256
-    """Held-out sentences (eval loss); drawn first from the shuffled unique sentences."""
-    decode_eval: int = 64
-    """Held-out sentences decoded at every evaluation for AutoBLEU and round-trip cosine (0 = none)."""
-    min_chars: int = 2
-    """Shorter sentences are dropped."""
-    split: Literal["train", "all"] = "train"
-    """Documents the decoder learns from: ``train`` (the prepared folder's train split, or the documents of
-    ``docs`` that ``prepare``'s split rule puts there) or ``all`` (validation documents included: ``generate`` and
-    ``evaluate`` then refuse it on validation documents)."""
-    on_change: Literal["refuse", "rebuild"] = "refuse"
-    """A retrieval bank already in the run folder that was made from other sentences, encoder or settings:
-    ``refuse`` (one line naming what changed) or ``rebuild`` it. An identical bank is always reused. (A prefix
-    decoder is a training run: a changed config is refused by the run's resume check.)"""
-    steps: int | None = None
-    """Optimizer steps of the decoder run (None = ``train.max_steps``)."""
-    batch_size: int | None = None
-    """Sentences per micro-batch (None = ``train.micro_batch_size``)."""
-    lr: float | None = None
-    """Peak learning rate (None = ``optim.lr``)."""
-
-    def validate(self) -> None:
-        check(self.max_sentences > 0, "decoder_train.max_sentences", "must be > 0")
-        check(self.eval_sentences >= 0, "decoder_train.eval_sentences", "must be >= 0")
-        check(0 <= self.decode_eval <= self.eval_sentences, "decoder_train.decode_eval",
-              f"must be in [0, decoder_train.eval_sentences={self.eval_sentences}]")
-        check(self.min_chars >= 1, "decoder_train.min_chars", "must be >= 1")
-        check(self.steps is None or self.steps > 0, "decoder_train.steps", "must be > 0 or null")
-        check(self.batch_size is None or self.batch_size > 0, "decoder_train.batch_size", "must be > 0 or null")
-        check(self.lr is None or self.lr > 0, "decoder_train.lr", "must be > 0 or null")
-        check(self.split in ("train", "all"), "decoder_train.split", "must be train or all")
-        check(self.on_change in ("refuse", "rebuild"), "decoder_train.on_change", "must be refuse or rebuild")
-
-
-@dataclass(kw_only=True)
-class DecoderTrainConfig(RunConfig):
-    """``conceptlm lcm train-decoder``: a sentence decoder for the frozen encoder."""
-
-    decoder: DecoderSection = field(default_factory=DecoderSection)
-    encoder: EncoderSection = field(default_factory=EncoderSection)
-    docs: DocsSection = field(default_factory=DocsSection)
-    segment: SegmentSection = field(default_factory=SegmentSection)
-    decoder_train: DecoderTrainSection = field(default_factory=DecoderTrainSection)
-    prepare: PrepareSection = field(default_factory=PrepareSection)
-    """Only its split rule is read (``val_fraction``, ``split_seed``): the decoder learns from the documents of
-    ``docs`` that ``prepare`` puts in the train split."""
-
-
-def decoder_run_config(cfg):
-    """``cfg`` with ``decoder_train.steps`` / ``batch_size`` / ``lr`` (when set) in place of the run's
-    ``train.max_steps`` / ``train.micro_batch_size`` / ``optim.lr`` (the decoder is trained with its own length
-    when it shares a config with the LCM)."""
-    d = cfg.decoder_train
-    return with_own_length(cfg, steps=d.steps, batch_size=d.batch_size, lr=d.lr)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +37,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conceptlm.core.artifact import Identity, damaged_file, read_manifest, write_manifest
-from conceptlm.core.config import check
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
 from conceptlm.core.io import atomic_dir
+from conceptlm.lcm.config import DecoderSection
 from conceptlm.lcm.encoders import SentenceEncoder, verify_identity
 
 __all__ = [
     "DECODER_FILE", "SentenceDecoder", "RetrievalDecoder", "PrefixProjector", "PrefixSettings",
-    "PrefixLMDecoder", "DecoderSection", "build_prefix_decoder", "load_decoder", "resolve_decoder_dir",
+    "PrefixLMDecoder", "build_prefix_decoder", "load_decoder", "resolve_decoder_dir",
     "check_encoder_identity", "DECODER_KIND", "decoder_manifest",
 ]
 
@@ -221,63 +221,6 @@ class RetrievalDecoder(SentenceDecoder):
             raise ConfigError(f"does not hold a list of {vectors.shape[0]} sentences (one per bank vector)",
                               path=directory / "sentences.json")
         return cls(vectors, sentences, meta["encoder"], normalized=True)
-
-
-# ------------------------------------------------------------------------------------------------ sections
-@dataclass(kw_only=True)
-class DecoderSection:
-    """How concepts are turned back into text (the ``decoder`` section)."""
-
-    kind: Literal["retrieval", "prefix_lm"] = "prefix_lm"
-    """``retrieval``: nearest sentence of an embedded bank; ``prefix_lm``: a causal LM conditioned on the vector."""
-    path: str | None = None
-    """A saved decoder folder (``decoder.json``) to load; training writes one (the checkpoint's ``model/``)."""
-    base: str | None = None
-    """prefix_lm: ``null`` = a tiny Llama and a BPE tokenizer trained from scratch; else a pretrained causal LM
-    (``smollm2-135m``, a ``.gguf`` file or a local HF folder)."""
-    n_prefix: int = 4
-    """Prefix embeddings the vector is mapped to."""
-    projector: Literal["linear", "mlp"] = "mlp"
-    projector_hidden: int = 1024
-    """Inner width of the ``mlp`` projector."""
-    lora: int = 0
-    """LoRA rank on the pretrained LM (0 = train all its weights; the projector always trains fully)."""
-    lora_alpha: int = 16
-    noise_std: float = 0.3
-    """Training noise: expected norm of the Gaussian noise added to the unit-norm embedding (per-dimension std
-    ``noise_std / sqrt(dim)``) before renormalizing; 0 disables it. The paper-style ``sqrt(1-a) x + sqrt(a) sd eps``
-    with ``a <= 0.2`` (spec §11.2) corresponds to noise norms up to ``sqrt(a / (1 - a)) = 0.5``."""
-    noise_schedule: Literal["fixed", "uniform"] = "uniform"
-    """``fixed``: every example gets ``noise_std``; ``uniform``: a per-example std drawn from U[0, noise_std]."""
-    max_tokens: int = 64
-    """Sentence tokens kept as training targets (longer sentences are cut and get no EOS target)."""
-    max_new_tokens: int = 64
-    num_beams: int = 1
-    """1 = greedy decoding."""
-    batch_size: int = 64
-    """Vectors decoded per ``generate`` call."""
-    lowercase: bool = False
-    """Train on lower-cased targets (the MiniLM embedding is uncased) and capitalize the first letter on decoding."""
-    vocab_size: int = 4096
-    """Tiny from-scratch LM: BPE vocabulary size."""
-    hidden_size: int = 256
-    num_layers: int = 3
-    num_heads: int = 4
-    max_position_embeddings: int = 256
-
-    def validate(self) -> None:
-        for name in ("n_prefix", "projector_hidden", "max_tokens", "max_new_tokens", "num_beams", "batch_size",
-                     "vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
-            check(getattr(self, name) > 0, f"decoder.{name}", "must be > 0")
-        check(self.lora >= 0, "decoder.lora", "must be >= 0 (0 = no LoRA)")
-        check(self.lora == 0 or self.base is not None, "decoder.lora",
-              "LoRA needs a pretrained decoder.base; a from-scratch LM trains all its weights (set decoder.lora=0)")
-        check(self.noise_std >= 0, "decoder.noise_std", "must be >= 0")
-        check(self.hidden_size % self.num_heads == 0, "decoder.hidden_size",
-              f"{self.hidden_size} is not a multiple of decoder.num_heads={self.num_heads}")
-        need = self.n_prefix + max(self.max_tokens, self.max_new_tokens) + 1
-        check(self.base is not None or need <= self.max_position_embeddings, "decoder.max_position_embeddings",
-              f"{self.max_position_embeddings} is shorter than n_prefix + max(max_tokens, max_new_tokens) + 1 = {need}")
 
 
 # ------------------------------------------------------------------------------------------------ prefix LM

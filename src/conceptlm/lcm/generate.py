@@ -32,55 +32,21 @@ does not depend on the other documents of the batch, nor on whether caches are u
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from conceptlm.core.config import check
 from conceptlm.core.modules import KVCache, positions_from_padding
 from conceptlm.core.rng import derived_generator
-from conceptlm.lcm.diffusion.config import SamplerOptions
+from conceptlm.lcm.config import GenerationOptions
 from conceptlm.lcm.model import BaseLCM, NormalizedModel
-from conceptlm.lcm.quant_config import QuantSamplingOptions
 
-__all__ = ["GenerationOptions", "GeneratedDocument", "generate", "STOP_REASONS", "NextSentencePredictor",
+__all__ = ["GeneratedDocument", "generate", "STOP_REASONS", "NextSentencePredictor",
            "BaseLCMPredictor", "row_generator"]
 
 STOP_REASONS = ("eot", "repetition", "max_new_sentences", "max_sentences")
-
-
-@dataclass(kw_only=True)
-class GenerationOptions:
-    """Stopping rules and sampling of :func:`generate` (defaults: the paper's thresholds)."""
-
-    max_new_sentences: int = 32
-    min_new_sentences: int = 1
-    """The end-of-text and repetition rules apply only from this many generated sentences on."""
-    eos_threshold: float | None = 0.9
-    """Stop when ``cos(x^_n, eot)`` reaches it (``None``: off; also off when no ``eot`` is given)."""
-    repetition_threshold: float | None = 0.9
-    """Stop when ``cos(x^_n, x_{n-1})`` reaches it (``None``: off)."""
-    trim_stop_sentence: bool = True
-    temperature: float = 0.0
-    seed: int = 0
-    use_cache: bool = True
-    """Reuse the model's caches across steps (KV caches, cross-attention memories); off = recompute everything
-    each step (same output, for checking and timing)."""
-    diffusion: SamplerOptions = field(default_factory=SamplerOptions)
-    """The diffusion sampler of One-/Two-Tower models (ignored by the others)."""
-    quant: QuantSamplingOptions = field(default_factory=QuantSamplingOptions)
-    """Unit sampling of Quant-LCMs (ignored by the others)."""
-
-    def validate(self) -> None:
-        """Raises ``ConfigError`` (a ``ValueError``) naming the field as ``generate.<name>``."""
-        self.diffusion.validate()
-        self.quant.validate()
-        check(self.max_new_sentences >= 1, "generate.max_new_sentences", "must be >= 1")
-        check(0 <= self.min_new_sentences <= self.max_new_sentences, "generate.min_new_sentences",
-              f"must be in [0, max_new_sentences={self.max_new_sentences}]")
-        check(self.temperature >= 0, "generate.temperature", "must be >= 0")
 
 
 @dataclass

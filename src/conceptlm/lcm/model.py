@@ -21,109 +21,17 @@ recipe also writes them as a checkpoint artefact for the decoders and evaluation
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
 
-from conceptlm.core.config import check
-from conceptlm.core.modules import Decoder, DecoderConfig, KVCache
-from conceptlm.lcm.diffusion.config import DiffusionSection
-from conceptlm.lcm.quant_config import QuantSection
+from conceptlm.core.modules import Decoder, KVCache
+from conceptlm.lcm.config import LCMSection
 
-__all__ = ["LCMSection", "NormalizedModel", "CausalSentenceModel", "BaseLCM", "swiglu_inner_dim", "LCM_VARIANTS"]
-
-LCM_VARIANTS = ("base", "two_tower", "one_tower", "quant_d", "quant_c")
-"""``lcm.model`` values: Base-LCM (MSE), the two diffusion LCMs, Quant-LCM with discrete / continuous targets."""
+__all__ = ["NormalizedModel", "CausalSentenceModel", "BaseLCM"]
 
 LEARNED_POSITION_STD = 0.006
 """Init std of learned positions in the reference frontend (the SONAR per-dimension std)."""
-
-
-def swiglu_inner_dim(ffn_inner_dim: int, multiple_of: int = 256) -> int:
-    """The reference's SwiGLU hidden width for a nominal FFN width: ``m * ceil(int(2/3 * f) / m)``
-    (8192 -> 5632, 16384 -> 11008)."""
-    return multiple_of * math.ceil(int(ffn_inner_dim * 2 / 3) / multiple_of)
-
-
-@dataclass(kw_only=True)
-class LCMSection:
-    """The Base-LCM architecture (section ``lcm`` of an LCM run config)."""
-
-    model: Literal["base", "two_tower", "one_tower", "quant_d", "quant_c"] = "base"
-    """LCM variant: ``base`` (MSE regression), ``two_tower`` / ``one_tower`` (diffusion, section ``diffusion``),
-    ``quant_d`` / ``quant_c`` (Quantized LCM with discrete / continuous targets, section ``quant``)."""
-    dim: int = 384
-    """Sentence-embedding width ``D``; must equal the data's (checked against the data by the recipe)."""
-    d_model: int = 256
-    n_layers: int = 2
-    """Decoder blocks (0 = PreNet -> PostNet, a linear next-vector baseline); the Two-Tower's contextualizer."""
-    n_denoiser_layers: int = 2
-    """Two-Tower only: blocks of the denoiser (AdaLN-zero, identity self-attention, cross-attention)."""
-    n_heads: int = 4
-    d_ff: int = 768
-    """SwiGLU hidden width (the reference's ``swiglu_inner_dim(ffn)``: ffn 8192 -> 5632)."""
-    dropout: float = 0.1
-    """Residual dropout on each sub-layer output (reference: 0.1)."""
-    attn_dropout: float = 0.0
-    max_sentences: int = 128
-    """Longest sequence of sentences the model sees: documents are cut into chunks of this many sentences for
-    training (reference ``len_to_wrap_long_seq``), the learned-position table has this many rows, and a generated
-    document (prompt + continuation) never grows beyond it."""
-    positions: Literal["rope", "learned", "none"] = "rope"
-    """RoPE (theta ``rope_theta``) on queries and keys (reference 1.6B arch), a learned table added after the
-    PreNet (reference toy arch), or none."""
-    rope_theta: float = 10000.0
-    scale_embeddings: bool = False
-    """Multiply the PreNet output by ``sqrt(d_model)`` (reference option, off by default)."""
-    normalize: bool = True
-    """Fit the robust normalizer (median / IQR) on the training embeddings; ``false`` = identity statistics."""
-    normalizer_samples: int = 100_000
-    """At most this many training sentence vectors are used to fit the normalizer."""
-    min_context: int = 1
-    """Positions ``< min_context`` of each chunk are never targets (reference ``min_context_size``)."""
-    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
-    """Noise process and objective of ``two_tower`` / ``one_tower`` (ignored by the other variants)."""
-    quant: QuantSection = field(default_factory=QuantSection)
-    """Quantizer of ``quant_d`` / ``quant_c`` (ignored by the other variants)."""
-
-    def validate(self) -> None:
-        check(self.dim > 0, "lcm.dim", "must be > 0")
-        check(self.d_model > 0 and self.n_heads > 0, "lcm.d_model", "d_model and n_heads must be > 0")
-        check(self.d_model % self.n_heads == 0, "lcm.n_heads", f"must divide d_model={self.d_model}")
-        if self.positions == "rope":
-            check((self.d_model // self.n_heads) % 2 == 0, "lcm.n_heads",
-                  f"RoPE needs an even head width, d_model/n_heads = {self.d_model // self.n_heads}")
-        check(self.n_layers >= 0, "lcm.n_layers", "must be >= 0")
-        check(self.d_ff > 0, "lcm.d_ff", "must be > 0")
-        check(0.0 <= self.dropout < 1.0 and 0.0 <= self.attn_dropout < 1.0, "lcm.dropout", "must be in [0, 1)")
-        check(self.max_sentences >= 2, "lcm.max_sentences", "must be >= 2 (one context and one target)")
-        check(self.normalizer_samples > 0, "lcm.normalizer_samples", "must be > 0")
-        check(0 <= self.min_context < self.max_sentences, "lcm.min_context",
-              f"must be in [0, max_sentences={self.max_sentences})")
-        check(self.model in LCM_VARIANTS, "lcm.model", f"must be one of {', '.join(LCM_VARIANTS)}")
-        check(self.n_denoiser_layers >= 1, "lcm.n_denoiser_layers", "must be >= 1")
-        self.diffusion.validate()
-        self.quant.validate()
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LCMSection:
-        """The section of a saved ``config.yaml`` (its ``diffusion`` / ``quant`` sub-sections as dicts; files
-        written before they existed have none). Raises ``TypeError`` for unknown fields."""
-        data = dict(data)
-        sub = {"diffusion": DiffusionSection, "quant": QuantSection}
-        for name, kind in sub.items():
-            if isinstance(data.get(name), dict):
-                data[name] = kind(**data[name])
-        return cls(**data)
-
-    def decoder_config(self) -> DecoderConfig:
-        """The shared-blocks config of the reference architecture: RMSNorm, SwiGLU and attention with biases."""
-        return DecoderConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, d_ff=self.d_ff,
-                             mlp="swiglu", norm="rms", norm_eps=1e-5, rope=self.positions == "rope",
-                             rope_theta=self.rope_theta, attention_bias=True, mlp_bias=True, dropout=self.dropout,
-                             attn_dropout=self.attn_dropout, causal=True)
 
 
 class NormalizedModel(nn.Module):

@@ -53,13 +53,13 @@ from conceptlm.core.modules import Decoder, KVCache, TimestepEmbedder
 from conceptlm.core.rng import StepRandomness
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm import metrics as M
-from conceptlm.lcm.diffusion.config import SamplerOptions
+from conceptlm.lcm.config import GenerationOptions, LCMSection, SamplerOptions
 from conceptlm.lcm.diffusion.ddim import DDIMSampler
 from conceptlm.lcm.diffusion.schedule import NoiseSchedule, build_schedule
 from conceptlm.lcm.diffusion.weighting import loss_weights, sample_timesteps
-from conceptlm.lcm.generate import GenerationOptions, SequenceState, row_generator
+from conceptlm.lcm.generate import SequenceState, row_generator
 from conceptlm.lcm.interleave import interleave, interleaved_attention_mask, interleaved_positions
-from conceptlm.lcm.model import LEARNED_POSITION_STD, LCMSection, NormalizedModel
+from conceptlm.lcm.model import LEARNED_POSITION_STD, NormalizedModel
 from conceptlm.lcm.unit import TeacherForcedEval
 
 __all__ = ["OneTowerLCM", "OneTowerUnit", "OneTowerPredictor", "additive_mask", "TIMESTEP_FREQ_DIM"]

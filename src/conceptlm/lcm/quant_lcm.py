@@ -49,10 +49,10 @@ from conceptlm.core.modules import Decoder, KVCache
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm import metrics as M
-from conceptlm.lcm.generate import GenerationOptions, SequenceState, row_generator
+from conceptlm.lcm.config import GenerationOptions, LCMSection, QuantSamplingOptions
+from conceptlm.lcm.generate import SequenceState, row_generator
 from conceptlm.lcm.interleave import interleave, interleaved_attention_mask, interleaved_positions
-from conceptlm.lcm.model import LEARNED_POSITION_STD, LCMSection, NormalizedModel
-from conceptlm.lcm.quant_config import QuantSamplingOptions
+from conceptlm.lcm.model import LEARNED_POSITION_STD, NormalizedModel
 from conceptlm.lcm.rvq import ResidualQuantizer
 from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, TeacherForcedEval
 

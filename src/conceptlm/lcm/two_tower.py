@@ -52,8 +52,8 @@ from conceptlm.core.modules import (AdaLNModulation, CrossAttention, Modulation,
 from conceptlm.core.modules.cache import KVCache
 from conceptlm.core.rng import derived_generator
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
-from conceptlm.lcm.diffusion.config import SamplerOptions
-from conceptlm.lcm.model import CausalSentenceModel, LCMSection
+from conceptlm.lcm.config import LCMSection, SamplerOptions
+from conceptlm.lcm.model import CausalSentenceModel
 from conceptlm.lcm.unit import TeacherForcedEval
 
 __all__ = ["TwoTowerLCM", "DenoiserBlock", "TwoTowerUnit", "TwoTowerPredictor", "cross_attention_keep",

@@ -32,7 +32,8 @@ import torch
 
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm import metrics as M
-from conceptlm.lcm.model import BaseLCM, LCMSection
+from conceptlm.lcm.config import LCMSection
+from conceptlm.lcm.model import BaseLCM
 
 __all__ = ["DocumentChunks", "collate_documents", "BaseLCMUnit", "TeacherForcedEval", "target_mask",
            "scored_positions",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 from conceptlm.core.unit import TrainUnit
-from conceptlm.lcm.model import LCMSection
+from conceptlm.lcm.config import LCMSection
 
 __all__ = ["UNITS", "unit_class", "build_unit"]
 

@@ -1,6 +1,6 @@
 """Diffusion for the LCMs: noise schedules, the DDIM sampler with classifier-free guidance, loss weighting."""
 
-from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
+from conceptlm.lcm.config import DiffusionSection, SamplerOptions
 from conceptlm.lcm.diffusion.cosine import cosine_betas
 from conceptlm.lcm.diffusion.ddim import DDIMSampler, classifier_free_guidance, dynamic_threshold
 from conceptlm.lcm.diffusion.linear import linear_betas

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from conceptlm.lcm.diffusion.config import SamplerOptions
+from conceptlm.lcm.config import SamplerOptions
 from conceptlm.lcm.diffusion.schedule import NoiseSchedule, _check_prediction, inference_timesteps
 
 __all__ = ["classifier_free_guidance", "dynamic_threshold", "DDIMSampler", "Denoise"]

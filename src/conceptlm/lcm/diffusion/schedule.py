@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from conceptlm.core.errors import ConfigError
-from conceptlm.lcm.diffusion.config import DiffusionSection
+from conceptlm.lcm.config import DiffusionSection
 
 __all__ = [
     "PREDICTIONS", "NoiseSchedule", "betas_from_alpha_bar", "rescale_zero_terminal_snr", "build_schedule",
