@@ -20,7 +20,7 @@ import torch
 
 from conceptlm.lcm.config import GenerationOptions, LCMSection
 from conceptlm.lcm.generate import generate
-from conceptlm.lcm.model import BaseLCM
+from conceptlm.lcm.variants.base import BaseLCM
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import torch
 
 from conceptlm.core.io import atomic_write_text
 from conceptlm.lcm.config import DiffusionSection, LCMSection, SamplerOptions
-from conceptlm.lcm.one_tower import OneTowerUnit
-from conceptlm.lcm.unit import collate_documents
+from conceptlm.lcm.sequence import collate_documents
+from conceptlm.lcm.variants.one_tower import OneTowerUnit
 
 
 def main() -> None:

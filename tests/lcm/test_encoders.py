@@ -13,8 +13,8 @@ import torch
 
 from conceptlm.core.errors import ConceptLMError, ConfigError
 from conceptlm.lcm.config import EncoderSection
-from conceptlm.lcm.encoders import (SentenceTransformersEncoder, TransformerSentenceEncoder, get_encoder,
-                                    verify_identity, weights_fingerprint)
+from conceptlm.lcm.data.encoders import (SentenceTransformersEncoder, TransformerSentenceEncoder, get_encoder,
+                                         verify_identity, weights_fingerprint)
 
 SHARED_YELP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"
 
@@ -55,8 +55,8 @@ def _yelp_sentences(n: int) -> list[str]:
     if not SHARED_YELP.is_file():
         return SENTENCES * (n // len(SENTENCES) + 1)
     from conceptlm.lcm.config import DocsSection
-    from conceptlm.lcm.documents import iter_documents
-    from conceptlm.lcm.segment import get_segmenter
+    from conceptlm.lcm.data.documents import iter_documents
+    from conceptlm.lcm.data.segment import get_segmenter
 
     seg, out = get_segmenter(), []
     for _, text in iter_documents(DocsSection(source=str(SHARED_YELP), text_field="messages.1.content",

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conceptlm.lcm.config import GenerationOptions, LCMSection
 from conceptlm.lcm.generate import generate
-from conceptlm.lcm.model import BaseLCM
+from conceptlm.lcm.variants.base import BaseLCM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,7 @@ from conceptlm.core.errors import ConfigError
 from conceptlm.core.modules import KVCache, positions_from_padding
 from conceptlm.lcm.config import LCMSection
 from conceptlm.lcm.cost import swiglu_inner_dim
-from conceptlm.lcm.model import BaseLCM
+from conceptlm.lcm.variants.base import BaseLCM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,10 +14,10 @@ from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.lcm.config import DiffusionSection, GenerationOptions, LCMSection, SamplerOptions
 from conceptlm.lcm.diffusion.ddim import DDIMSampler
 from conceptlm.lcm.generate import generate
-from conceptlm.lcm.one_tower import (DROP_PURPOSE, NOISE_PURPOSE, TIMESTEP_PURPOSE, OneTowerLCM, OneTowerUnit,
-                                     additive_mask)
+from conceptlm.lcm.sequence import TEACHER_FORCED_METRICS, collate_documents
 from conceptlm.lcm.train import SyntheticVectorDocuments
-from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, collate_documents
+from conceptlm.lcm.variants.one_tower import (DROP_PURPOSE, NOISE_PURPOSE, TIMESTEP_PURPOSE, OneTowerLCM, OneTowerUnit,
+                                              additive_mask)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -392,7 +392,7 @@ class DecoderSection:
     noise_std: float = 0.3
     """Training noise: expected norm of the Gaussian noise added to the unit-norm embedding (per-dimension std
     ``noise_std / sqrt(dim)``) before renormalizing; 0 disables it. The paper-style ``sqrt(1-a) x + sqrt(a) sd eps``
-    with ``a <= 0.2`` (spec §11.2) corresponds to noise norms up to ``sqrt(a / (1 - a)) = 0.5``."""
+    with ``a <= 0.2`` (LCM paper §2.5.2, Eq. 27) corresponds to noise norms up to ``sqrt(a / (1 - a)) = 0.5``."""
     noise_schedule: Literal["fixed", "uniform"] = "uniform"
     """``fixed``: every example gets ``noise_std``; ``uniform``: a per-example std drawn from U[0, noise_std]."""
     max_tokens: int = 64
@@ -470,7 +470,7 @@ class DecoderTrainSection:
 # ------------------------------------------------------------------------------------------- generation and evaluation
 @dataclass(kw_only=True)
 class SamplerOptions:
-    """How a diffusion LCM samples one sentence embedding (``generate.diffusion``; spec §4.4).
+    """How a diffusion LCM samples one sentence embedding (``generate.diffusion``; LCM paper §2.3.2, §2.4.1).
 
     Defaults are the paper's evaluation settings: 40 inference steps, guidance 3 with rescale 0.7, initial noise
     scale 0.6, epsilon scaling 1.00045, deterministic DDIM.
@@ -480,7 +480,7 @@ class SamplerOptions:
     spacing: Literal["trailing", "leading", "linspace", "reference"] = "trailing"
     """Timestep spacing: ``trailing`` = ``round(T - k T / S) - 1`` (the paper's formula, diffusers' ``trailing``),
     ``leading``, ``linspace``, or ``reference`` = the released code's integer-stride list (S = 40 of T = 100 runs
-    50 steps, spec §4.4 item 3)."""
+    50 steps)."""
     guidance_scale: float = 3.0
     """Classifier-free guidance ``g`` (1 = the conditional prediction only; the unconditional pass is skipped)."""
     guidance_rescale: float = 0.7
@@ -570,7 +570,7 @@ class GenerationOptions:
 @dataclass(kw_only=True)
 class GenerateSection(GenerationOptions):
     """``generate:``: the prompt of ``conceptlm lcm generate`` and, inherited from
-    :class:`~conceptlm.lcm.generate.GenerationOptions`, the stopping rules and sampling (the paper's defaults)."""
+    :class:`~conceptlm.lcm.config.GenerationOptions`, the stopping rules and sampling (the paper's defaults)."""
 
     prompt: str = ""
     """Prompt text (segmented and embedded with the run's segmenter and encoder); empty = the first
@@ -662,7 +662,8 @@ class CostSection:
     cfg: bool = True
     """Classifier-free guidance: conditional and unconditional denoiser rows at every step (2x denoiser cost)."""
     precompute_modulation: bool = False
-    """Count the AdaLN modulations (and timestep MLP) as precomputed per timestep (spec §11.4), not per step."""
+    """Count the AdaLN modulations (and timestep MLP) as precomputed per timestep (as our generation does; not in
+    the paper), not per step."""
     beam_size: int = 1
     """Sentence-decoder beam (multiplies the decode cost)."""
     sentence_tokens: list[float] = field(default_factory=lambda: [10.0, 20.0, 30.0, 40.0, 60.0])

@@ -1,4 +1,4 @@
-"""Inference-FLOPs model of LCM generation vs a token-level LLM (paper §2.5.1, Fig. 13; spec §8.6).
+"""Inference-FLOPs model of LCM generation vs a token-level LLM (LCM paper §2.5.1, Fig. 13).
 
 A closed-form count of forward FLOPs, Kaplan-style: one new position of a Transformer with ``N`` (non-embedding)
 parameters, ``n_layer`` layers of width ``d`` that attends ``c`` positions costs ``2 N + 2 n_layer c d``.
@@ -15,14 +15,14 @@ steps, ``r`` = 2 rows per step with classifier-free guidance (conditional + unco
     denoiser       S r sum_{k=P..n-1} (2 N_den' + 2 L_den d (k + 1))     k previous sentences + the zero key
     decode         G b sum_{j=1..l} (2 N_dec + 2 n_dec d_dec (j + 1))    ``b`` = beam size
     with N_den' = N_den - N_t when the timestep-only parameters N_t (AdaLN modulators + timestep MLP) are
-    precomputed per timestep (spec §11.4 item 3), else N_den.
+    precomputed per timestep (as our generation does), else N_den.
 
-As in spec §8.6, every sentence is counted as SONAR-encoded (the generated ones too) and the unconditional CFG row
-is counted at the conditional row's cost (the reference batches both halves over the padded context). Non-integer
-sentence counts use the same closed forms (an average document). The Base-LCM has no denoiser (one contextualizer
-pass per sentence); the One-Tower LCM uses its single Transformer both as the contextualizer (the clean copy of each
-sentence, KV-cached) and as the denoiser (``S`` passes of the noisy position, which attends the clean prefix and
-itself: ``k + 1`` keys).
+The paper prints no closed form; in our reconstruction of its Fig. 13, every sentence is counted as SONAR-encoded
+(the generated ones too) and the unconditional CFG row is counted at the conditional row's cost (the reference
+batches both halves over the padded context). Non-integer sentence counts use the same closed forms (an average
+document). The Base-LCM has no denoiser (one contextualizer pass per sentence); the One-Tower LCM uses its single
+Transformer both as the contextualizer (the clean copy of each sentence, KV-cached) and as the denoiser (``S``
+passes of the noisy position, which attends the clean prefix and itself: ``k + 1`` keys).
 
 :func:`run_cost` is the single entry point of ``conceptlm lcm cost``: it prints the table, writes ``cost.md`` and
 ``cost.png`` and returns the rows and break-even points.
@@ -74,9 +74,9 @@ class LCMSize:
 LLAMA2_7B = TransformerSize(name="llama2_7b", n_params=6_476_271_616, n_layers=32, d_model=4096)
 """Llama-2-7B without its token embedding and LM head: 32 x (4 d^2 + 3 d 11008 + 2 d) + d."""
 SONAR_ENCODER = TransformerSize(name="sonar_encoder", n_params=500_000_000, n_layers=24, d_model=1024)
-"""SONAR text encoder, ~0.50B non-embedding parameters (spec §8.6)."""
+"""SONAR text encoder, ~0.50B non-embedding parameters (LCM paper §2.5.1)."""
 SONAR_DECODER = TransformerSize(name="sonar_decoder", n_params=600_000_000, n_layers=24, d_model=1024)
-"""SONAR text decoder, ~0.60B non-embedding parameters (spec §8.6)."""
+"""SONAR text decoder, ~0.60B non-embedding parameters (LCM paper §2.5.1)."""
 MINILM_L6_ENCODER = TransformerSize(name="minilm_l6", n_params=10_647_552, n_layers=6, d_model=384)
 """all-MiniLM-L6-v2 (BERT, 6 layers, d 384, FFN 1536, biases, LayerNorms), the project's default encoder."""
 
@@ -113,7 +113,7 @@ def _hidden(ffn_inner: int, nominal_ffn: bool) -> int:
 
 def two_tower_params(d: int, n_ctx_layers: int, n_den_layers: int, ffn_inner: int, dim_in: int,
                      freq_dim: int = 256, *, nominal_ffn: bool = True) -> dict[str, int]:
-    """Parameter counts of the Two-Tower diffusion LCM (spec §4.1, §4.6; biases on every projection).
+    """Parameter counts of the Two-Tower diffusion LCM (LCM paper §2.3.4, Fig. 6; biases on every projection).
 
     Args:
         d: model width (both towers; the timestep embedding width equals ``d``).
@@ -145,7 +145,7 @@ def two_tower_params(d: int, n_ctx_layers: int, n_den_layers: int, ffn_inner: in
 
 def base_lcm_params(d: int, n_layers: int, ffn_inner: int, dim_in: int, *, nominal_ffn: bool = True,
                     max_positions: int = 0) -> dict[str, int]:
-    """Parameter counts of the Base-LCM (spec §3.1): PreNet, causal blocks, final RMSNorm, PostNet.
+    """Parameter counts of the Base-LCM (LCM paper §2.3.1, Fig. 4): PreNet, causal blocks, final RMSNorm, PostNet.
 
     ``max_positions`` rows of learned positions (0 with RoPE) are reported as ``positions`` and are part of
     ``total`` but not of ``non_embedding`` (the ``N`` of the FLOPs model). ``ffn_inner`` as in
@@ -162,7 +162,7 @@ def base_lcm_params(d: int, n_layers: int, ffn_inner: int, dim_in: int, *, nomin
 def one_tower_params(d: int, n_layers: int, ffn_inner: int, dim_in: int, freq_dim: int = 256, *,
                      nominal_ffn: bool = True, timestep_dim: int | None = None,
                      max_positions: int = 0) -> dict[str, int]:
-    """Parameter counts of the One-Tower diffusion LCM (spec §5; the paper gives no code, so assumptions).
+    """Parameter counts of the One-Tower diffusion LCM (LCM paper §2.3.3; the paper gives no code, so assumptions).
 
     Assumed: the timestep embedding is the Two-Tower's DiT-style MLP (``freq_dim -> t_dim -> t_dim``, ``t_dim =
     timestep_dim or d``), **concatenated** to the input embedding before the PreNet (``(D + t_dim) -> d``, as the

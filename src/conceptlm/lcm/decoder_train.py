@@ -6,7 +6,7 @@ cross-entropy of the sentence tokens (and EOS) given the ``n_prefix`` prefix emb
 The frozen sentence encoder is **not part of the unit**: every sentence is embedded once, before training, and the
 dataset holds the vectors (a sentence is seen many times over the epochs; encoding it once is far cheaper than in
 every step, and the unit stays a plain LM that DDP/FSDP handle as usual). Training inputs are **noised** for
-robustness (paper §2.5.2, spec §11.2): ``x' = normalize(x + s * eps / sqrt(dim))``, ``eps ~ N(0, I)``, with ``s``
+robustness (LCM paper §2.5.2, Eq. 27): ``x' = normalize(x + s * eps / sqrt(dim))``, ``eps ~ N(0, I)``, with ``s``
 ``decoder.noise_std`` (``fixed``) or drawn per example from U[0, noise_std] (``uniform``). The draws come from
 ``step_rng.per_example`` keyed by (step, sentence index): the same on whichever rank or micro-batch holds the
 sentence. Evaluation reads clean vectors.
@@ -45,26 +45,26 @@ import torch
 import torch.nn.functional as F
 
 from conceptlm.core.artifact import Identity, decide, digest
-from conceptlm.core.errors import ConfigError
+from conceptlm.core.errors import ConceptLMError, ConfigError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.rng import StepRandomness, derive_seed
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
-from conceptlm.lcm.config import (DecoderTrainConfig, DocsSection, PrepareSection,
-                                  SegmentSection, decoder_run_config)
-from conceptlm.lcm.decoders import (DECODER_KIND, PrefixLMDecoder, RetrievalDecoder, SentenceDecoder,
-                                    build_prefix_decoder, load_decoder)
-from conceptlm.lcm.documents import iter_documents
-from conceptlm.lcm.encoders import SentenceEncoder, get_encoder, identity_fingerprint
-from conceptlm.lcm.segment import get_segmenter
-from conceptlm.lcm.store import assign_split
+from conceptlm.lcm.config import DecoderTrainConfig, DocsSection, PrepareSection, SegmentSection, decoder_run_config
+from conceptlm.lcm.data.documents import iter_documents
+from conceptlm.lcm.data.encoders import SentenceEncoder, get_encoder, identity_fingerprint, verify_identity
+from conceptlm.lcm.data.segment import get_segmenter
+from conceptlm.lcm.data.store import MANIFEST_FILE, EmbeddedDocuments, assign_split
+from conceptlm.lcm.decoders import DECODER_KIND, RetrievalDecoder, SentenceDecoder, load_decoder
+from conceptlm.lcm.prefix_decoder import PrefixLMDecoder, build_prefix_decoder
 
 __all__ = [
     "SentenceTargets", "TargetCollator",
     "PrefixDecoderUnit", "noise_embeddings", "autobleu", "round_trip_cosine", "evaluate_decoder",
     "corpus_sentences", "split_sentences", "train_decoder", "eval_decoder", "decoder_identity",
+    "StoredVectorsEncoder", "prepared_sentences",
 ]
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,65 @@ def evaluate_decoder(encoder: SentenceEncoder, decoder: SentenceDecoder, sentenc
 
 
 # ------------------------------------------------------------------------------------------------ recipes
+class StoredVectorsEncoder:
+    """An encoder that answers from the vectors a ``prepare`` run already stored (fp16) and encodes only the
+    sentences it has not seen; same identity as the wrapped encoder."""
+
+    def __init__(self, encoder, table: dict[str, torch.Tensor]):
+        self.encoder, self.table = encoder, table
+        self.name = encoder.name
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def identity(self) -> dict:
+        return self.encoder.identity()
+
+    def encode(self, sentences, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+        sentences = list(sentences)
+        missing = list(dict.fromkeys(s for s in sentences if s not in self.table))
+        fresh = dict(zip(missing, self.encoder.encode(missing, batch_size=batch_size, progress=progress))) \
+            if missing else {}
+        if not sentences:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self.table[s] if s in self.table else fresh[s] for s in sentences]).float()
+
+
+def prepared_sentences(folder: Path | None, split: str, encoder) -> tuple[list[str] | None,
+                                                                         dict[str, torch.Tensor] | None, dict | None]:
+    """``(sentences, vectors, data)`` of the prepared ``folder``'s training documents (all documents with
+    ``split="all"``, ``decoder_train.split``) for the decoder, or ``(None, None, None)`` when there is no prepared
+    folder.
+
+    ``sentences``: every sentence in document order except the appended end-of-text sentence; ``vectors``:
+    sentence -> stored vector (fp16, as the LCM sees it) when the folder was made with this encoder, else None;
+    ``data``: what the decoder's manifest records (the folder's fingerprint, the split and the split rule)."""
+    if folder is None or not (folder / MANIFEST_FILE).is_file():
+        return None, None, None
+    docs = EmbeddedDocuments(folder, "train" if split == "train" else "all")
+    try:
+        verify_identity(docs.encoder_identity, encoder, where=str(folder))
+        same = True
+    except ConceptLMError:
+        same = False
+    prep = docs.manifest.get("prepare") or {}
+    eot = prep.get("end_of_text_sentence") if prep.get("end_of_text") else None
+    sentences: list[str] = []
+    table: dict[str, torch.Tensor] = {}
+    for i in range(len(docs)):
+        d = docs[i]
+        sents = d["sentences"]
+        n = len(sents) - 1 if eot is not None and sents and sents[-1] == eot else len(sents)
+        sentences.extend(sents[:n])
+        if same:
+            for sentence, vector in zip(sents[:n], d["vectors"][:n]):
+                table.setdefault(sentence, vector)
+    data = {"source": "prepared", "prepared": docs.fingerprint, "split": split,
+            "val_fraction": prep.get("val_fraction"), "split_seed": prep.get("split_seed"), "documents": len(docs)}
+    return sentences, (table if same else None), data
+
+
 def _sentences(cfg: DecoderTrainConfig, given: Sequence[str] | None, data: dict | None = None
                ) -> tuple[list[str], list[str], dict]:
     """``(train, held_out, data)``: the decoder's sentences and where they came from (see the module docstring)."""
@@ -270,7 +329,7 @@ def decoder_identity(cfg: DecoderTrainConfig, encoder: SentenceEncoder, train_s:
 
     Settings: the decoder and ``decoder_train`` sections and the seed (a prefix decoder also its optimizer,
     schedule and length); inputs: the fingerprints of the training and held-out sentences, of the encoder
-    (:func:`~conceptlm.lcm.encoders.identity_fingerprint`) and, when the vectors came from a prepared folder, of
+    (:func:`~conceptlm.lcm.data.encoders.identity_fingerprint`) and, when the vectors came from a prepared folder, of
     that folder."""
     d = {k: v for k, v in asdict(cfg.decoder_train).items() if k != "on_change"}  # what to do, not what it is
     settings: dict[str, Any] = {"decoder": {k: v for k, v in asdict(cfg.decoder).items() if k != "path"},

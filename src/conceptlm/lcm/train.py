@@ -1,15 +1,15 @@
 """The LCM training recipe: ``train_lcm(cfg)`` on the shared loop for every ``lcm.model`` variant (Base-LCM,
 Two-Tower, One-Tower, Quant-LCM-D/C; :mod:`conceptlm.lcm.variants`), and :func:`load_lcm` to reload a checkpoint.
 
-Config sections (besides run/optim/schedule/train/dist): ``lcm`` (:class:`~conceptlm.lcm.model.LCMSection`, the
+Config sections (besides run/optim/schedule/train/dist): ``lcm`` (:class:`~conceptlm.lcm.config.LCMSection`, the
 architecture) and ``lcm_data`` (:class:`LCMDataSection`). Data are any datasets of ``{"id", "vectors" (n, D)}``
 documents passed to :func:`train_lcm`; otherwise ``lcm_data.source`` names a prepared folder (the ``prepare``
-verb's Parquet shards, read as :class:`~conceptlm.lcm.store.EmbeddedDocuments`: ``train`` split for training,
+verb's Parquet shards, read as :class:`~conceptlm.lcm.data.store.EmbeddedDocuments`: ``train`` split for training,
 ``validation`` for evaluation) or ``synthetic`` (:class:`SyntheticVectorDocuments`: vectors that follow a fixed
 noisy rotation, so the next vector is predictable from the previous ones).
 
 Normalizer (``lcm.normalize``): the training data's own normalizer when it has one (a prepared folder's
-``normalizer.json``), else a :class:`~conceptlm.lcm.normalizer.RobustNormalizer` (``gaussian_robust``: median,
+``normalizer.json``), else a :class:`~conceptlm.lcm.data.normalizer.RobustNormalizer` (``gaussian_robust``: median,
 IQR / 1.34898) fitted on at most ``lcm.normalizer_samples`` training vectors taken from evenly spaced documents.
 Its statistics become buffers of the model (``unit.safetensors`` alone can generate) and the normalizer is also
 written with every checkpoint as ``artifacts/normalizer/normalizer.json``
@@ -37,9 +37,8 @@ from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.lcm.config import LCMSection, LCMTrainConfig
-from conceptlm.lcm.model import NormalizedModel
-from conceptlm.lcm.normalizer import RobustNormalizer, warn_if_few_vectors
-from conceptlm.lcm.unit import DocumentChunks, collate_documents
+from conceptlm.lcm.data.normalizer import RobustNormalizer, warn_if_few_vectors
+from conceptlm.lcm.sequence import DocumentChunks, NormalizedModel, collate_documents
 from conceptlm.lcm.variants import build_unit
 
 __all__ = ["SyntheticVectorDocuments", "train_lcm", "load_lcm",
@@ -149,7 +148,7 @@ def _check_dim(documents, dim: int, what: str) -> None:
 def _datasets(cfg: LCMTrainConfig):
     d = cfg.lcm_data
     if d.source != "synthetic":
-        from conceptlm.lcm.store import EmbeddedDocuments
+        from conceptlm.lcm.data.store import EmbeddedDocuments
 
         if not (Path(d.source) / "manifest.json").is_file():
             raise ConfigError(f"{d.source!r} is neither 'synthetic' nor a prepared folder (no manifest.json); "

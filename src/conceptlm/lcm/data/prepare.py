@@ -1,9 +1,9 @@
 """The ``prepare`` verb: documents -> sentences -> embeddings in Parquet shards, plus the fitted normalizer.
 
-Documents (:mod:`~conceptlm.lcm.documents`) are segmented (:mod:`~conceptlm.lcm.segment`), optionally capped at
-``max_sentences`` and suffixed with the paper's end-of-document concept "End of text." (§2.3.1), and embedded
-(:mod:`~conceptlm.lcm.encoders`); every ``shard_size`` documents form one shard (layout in
-:mod:`~conceptlm.lcm.store`). Each shard is written to a temporary name and renamed, ``prepare_state.json`` records
+Documents (:mod:`~conceptlm.lcm.data.documents`) are segmented (:mod:`~conceptlm.lcm.data.segment`), optionally
+capped at ``max_sentences`` and suffixed with the paper's end-of-document concept "End of text." (§2.3.1), and embedded
+(:mod:`~conceptlm.lcm.data.encoders`); every ``shard_size`` documents form one shard (layout in
+:mod:`~conceptlm.lcm.data.store`). Each shard is written to a temporary name and renamed, ``prepare_state.json`` records
 the settings, and ``manifest.json`` is written last.
 
 Resuming: a second run with the same settings walks the same deterministic document stream, keeps every shard
@@ -14,7 +14,7 @@ any moment resumes without duplicates or holes. A shard made from other document
 a damaged one is refused with one line naming the shard and what changed (``prepare.on_change: refuse``, the
 default), or re-encoded (``prepare.on_change: rebuild``, only those shards). The normalizer is then fitted on the
 vectors of the training documents as stored (fp16), on at most ``normalizer_max_samples`` evenly strided vectors
-(a warning when fewer than :data:`~conceptlm.lcm.normalizer.MIN_FIT_VECTORS`), and ``artifact.json`` (kind
+(a warning when fewer than :data:`~conceptlm.lcm.data.normalizer.MIN_FIT_VECTORS`), and ``artifact.json`` (kind
 ``lcm.prepared``) and ``manifest.json`` are written last.
 
 The folder is locked (:class:`~conceptlm.core.lock.RunLock`) while ``prepare`` writes it. A refused run changes
@@ -47,12 +47,12 @@ from conceptlm.core.io import atomic_write_text
 from conceptlm.core.lock import RunLock
 from conceptlm.core.progress import progress_bar
 from conceptlm.lcm.config import DocsSection, PrepareConfig, PrepareSection
-from conceptlm.lcm.documents import iter_documents, split_instruction
-from conceptlm.lcm.encoders import SentenceEncoder, get_encoder, identity_fingerprint
-from conceptlm.lcm.normalizer import NORMALIZER_FILE, RobustNormalizer, warn_if_few_vectors
-from conceptlm.lcm.segment import Segmenter, get_segmenter
-from conceptlm.lcm.store import (ARTIFACT_KIND, FORMAT, MANIFEST_FILE, STATE_FILE, assign_split, documents_table,
-                                 read_shard, shard_inputs, shard_name)
+from conceptlm.lcm.data.documents import iter_documents, split_instruction
+from conceptlm.lcm.data.encoders import SentenceEncoder, get_encoder, identity_fingerprint
+from conceptlm.lcm.data.normalizer import NORMALIZER_FILE, RobustNormalizer, warn_if_few_vectors
+from conceptlm.lcm.data.segment import Segmenter, get_segmenter
+from conceptlm.lcm.data.store import (ARTIFACT_KIND, FORMAT, MANIFEST_FILE, STATE_FILE, assign_split, documents_table,
+                                      read_shard, shard_inputs, shard_name)
 
 __all__ = ["prepare", "segment_document"]
 
@@ -106,7 +106,7 @@ def _state(cfg: PrepareConfig, identity: dict) -> dict:
 
 def _identity_settings(state: dict) -> dict:
     """The settings part of the folder's identity: the state without paths (the documents' source is identified
-    by their content; the encoder by :func:`~conceptlm.lcm.encoders.identity_fingerprint`)."""
+    by their content; the encoder by :func:`~conceptlm.lcm.data.encoders.identity_fingerprint`)."""
     return {"format": state["format"], "docs": {k: v for k, v in state["docs"].items() if k != "source"},
             "segment": state["segment"], "prepare": state["prepare"]}
 
