@@ -16,12 +16,14 @@ from conceptlm.lcm.config import LCMConfig
 REPO = Path(__file__).resolve().parents[2]
 
 LIGHT = {"conceptlm", "conceptlm.core", "conceptlm.core.config", "conceptlm.core.errors", "conceptlm.lcm",
-         "conceptlm.lcm.config"}
+         "conceptlm.lcm.config", "conceptlm.lcm.variants"}
 """The conceptlm modules that reading the LCM schema may load: config modules and errors, nothing else."""
 
 
-def test_importing_the_config_loads_only_config_modules():
-    code = ("import json, sys\nimport conceptlm.lcm.config\n"
+@pytest.mark.parametrize("module", ["conceptlm.lcm.config", "conceptlm.lcm.variants"])
+def test_importing_the_config_loads_only_config_modules(module):
+    """Reading the schema (and the ``lcm.model`` registry) loads no model code."""
+    code = (f"import json, sys\nimport {module}\n"
             "print(json.dumps({'conceptlm': sorted(m for m in sys.modules if m.split('.')[0] == 'conceptlm'),"
             " 'heavy': sorted(m for m in ('torch', 'transformers', 'numpy', 'safetensors') if m in sys.modules)}))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -32,10 +32,12 @@ import torch
 
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.errors import CheckpointError, ConceptLMError, ConfigError
+from conceptlm.core.evaluation import evaluate_unit
 from conceptlm.core.io import atomic_write_text
+from conceptlm.core.trainer import to_device
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
-from conceptlm.lcm.sequence import DocumentChunks, collate_documents, scored_positions, teacher_forced_metrics
+from conceptlm.lcm.sequence import DocumentChunks, collate_documents, scored_positions
 from conceptlm.lcm.variants import build_unit
 
 __all__ = ["prepare", "train", "train_decoder", "eval_decoder", "generate", "evaluate", "cost", "load_run"]
@@ -304,38 +306,34 @@ def _mi_scorer(name: str):
 
 
 def _teacher_forced(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> tuple[dict[str, float], list, list]:
-    """Sums of the unit's eval metrics over the documents, plus up to ``evaluate.mi_sentences`` predicted
-    vectors with their ground-truth context sentences (for MI)."""
+    """Means of the unit's eval metrics over the documents (:func:`~conceptlm.core.evaluation.evaluate_unit`, the
+    trainer's evaluation path), plus up to ``evaluate.mi_sentences`` predicted vectors with their ground-truth
+    context sentences (for MI)."""
     e = cfg.evaluate
     chunks = DocumentChunks(docs, max_sentences=run.model.cfg.max_sentences, min_length=2)
     use_rt = e.round_trip and run.decoder is not None
-    unit = build_unit(run.model.cfg, round_trip=run.round_trip if use_rt else None, model=run.model)
-    unit.eval()
+    unit = build_unit(run.model.cfg, round_trip=run.round_trip if use_rt else None, model=run.model).eval()
     if hasattr(unit, "eval_sampler"):  # diffusion LCMs sample each prediction with generate.diffusion
         unit.eval_sampler = cfg.generate.diffusion
-    sums: dict[str, list[float]] = {}
+    items = [[chunks[i] for i in range(start, min(start + e.batch_size, len(chunks)))]
+             for start in range(0, len(chunks), e.batch_size)]
+    batches = [collate_documents(b) for b in items]
+    device = next(run.model.parameters()).device
+    tf = evaluate_unit(unit, batches, device=device, parts=[]).means(unit.loss_weights)
     mi_vectors: list[torch.Tensor] = []
     mi_contexts: list[list[str]] = []
-    with torch.no_grad():
-        for start in range(0, len(chunks), e.batch_size):
-            items = [chunks[i] for i in range(start, min(start + e.batch_size, len(chunks)))]
-            batch = collate_documents(items)
-            pred = run.model.denormalize(unit.teacher_forced(batch)).float()
-            tm = scored_positions(batch, run.model.cfg.min_context)
-            metrics = teacher_forced_metrics(pred, batch["vectors"], tm, unit.round_trip)
-            for name, (s, c) in metrics.items():
-                acc = sums.setdefault(name, [0.0, 0.0])
-                acc[0] += float(s)
-                acc[1] += float(c)
-            if not e.mi_model or len(mi_vectors) >= e.mi_sentences:
-                continue
-            for b, it in enumerate(items):
-                sents = docs[it["doc"]]["sentences"][it["start"]:it["start"] + len(it["vectors"])]
-                for t in tm[b].nonzero().flatten().tolist():
-                    if len(mi_vectors) < e.mi_sentences:
-                        mi_vectors.append(pred[b, t])
-                        mi_contexts.append(sents[:t])
-    return {k: s / c for k, (s, c) in sums.items() if c}, mi_vectors, mi_contexts
+    for batch, its in zip(batches, items):  # the predictions again (same noise), for as many batches as MI needs
+        if not e.mi_model or len(mi_vectors) >= e.mi_sentences:
+            break
+        pred = unit.predictions(to_device(batch, device))
+        tm = scored_positions(batch, unit.cfg.min_context)
+        for b, it in enumerate(its):
+            sents = docs[it["doc"]]["sentences"][it["start"]:it["start"] + len(it["vectors"])]
+            for t in tm[b].nonzero().flatten().tolist():
+                if len(mi_vectors) < e.mi_sentences:
+                    mi_vectors.append(pred[b, t])
+                    mi_contexts.append(sents[:t])
+    return tf, mi_vectors, mi_contexts
 
 
 def _text_metrics(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> dict[str, Any]:
