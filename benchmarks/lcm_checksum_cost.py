@@ -39,7 +39,7 @@ from conceptlm.core.config import load_config  # noqa: E402
 from conceptlm.core.io import atomic_write_text  # noqa: E402
 from conceptlm.lcm import recipe  # noqa: E402
 from conceptlm.lcm.config import LCMConfig  # noqa: E402
-from conceptlm.lcm.store import EmbeddedDocuments, read_shard  # noqa: E402
+from conceptlm.lcm.data.store import EmbeddedDocuments, read_shard  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

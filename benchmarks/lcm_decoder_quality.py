@@ -25,11 +25,12 @@ import torch
 
 from conceptlm.core.config import load_config
 from conceptlm.core.io import atomic_write_text
-from conceptlm.lcm.decoder_train import DecoderTrainConfig, evaluate_decoder, train_decoder
+from conceptlm.lcm.config import DecoderTrainConfig, DocsSection, SegmentSection
+from conceptlm.lcm.data.documents import iter_documents
+from conceptlm.lcm.data.encoders import get_encoder
+from conceptlm.lcm.data.segment import get_segmenter
+from conceptlm.lcm.decoder_train import evaluate_decoder, train_decoder
 from conceptlm.lcm.decoders import RetrievalDecoder, load_decoder
-from conceptlm.lcm.documents import DocsSection, iter_documents
-from conceptlm.lcm.encoders import get_encoder
-from conceptlm.lcm.segment import SegmentSection, get_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
 YELP = REPO.parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"

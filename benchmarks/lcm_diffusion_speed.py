@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from conceptlm.core.io import atomic_write_text
-from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
-from conceptlm.lcm.generate import GenerationOptions, generate
-from conceptlm.lcm.model import LCMSection
+from conceptlm.lcm.config import DiffusionSection, GenerationOptions, LCMSection, SamplerOptions
+from conceptlm.lcm.generate import generate
 from conceptlm.lcm.variants import build_unit
 
 

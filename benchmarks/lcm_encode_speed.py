@@ -29,9 +29,10 @@ os.environ.setdefault("CONCEPTLM_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
 
-from conceptlm.lcm.documents import DocsSection, iter_documents  # noqa: E402
-from conceptlm.lcm.encoders import EncoderSection, get_encoder  # noqa: E402
-from conceptlm.lcm.segment import get_segmenter  # noqa: E402
+from conceptlm.lcm.config import DocsSection, EncoderSection  # noqa: E402
+from conceptlm.lcm.data.documents import iter_documents  # noqa: E402
+from conceptlm.lcm.data.encoders import get_encoder  # noqa: E402
+from conceptlm.lcm.data.segment import get_segmenter  # noqa: E402
 
 YELP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"
 
@@ -101,7 +102,8 @@ def bench_encode(args) -> dict:
 
 
 def bench_prepare(args) -> dict:
-    from conceptlm.lcm.prepare import PrepareConfig, PrepareSection, prepare
+    from conceptlm.lcm.config import PrepareConfig, PrepareSection
+    from conceptlm.lcm.data.prepare import prepare
 
     n_docs = docs_for(args.prepare_sentences)
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from conceptlm.lcm.generate import GenerationOptions, generate
-from conceptlm.lcm.model import BaseLCM, LCMSection
+from conceptlm.lcm.config import GenerationOptions, LCMSection
+from conceptlm.lcm.generate import generate
+from conceptlm.lcm.variants.base import BaseLCM
 
 
 def main() -> None:

@@ -44,13 +44,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from conceptlm.core.io import atomic_write_text  # noqa: E402
+from conceptlm.lcm.config import DocsSection, SegmentSection  # noqa: E402
+from conceptlm.lcm.data.documents import iter_documents  # noqa: E402
+from conceptlm.lcm.data.encoders import get_encoder  # noqa: E402
+from conceptlm.lcm.data.normalizer import RobustNormalizer  # noqa: E402
+from conceptlm.lcm.data.segment import get_segmenter  # noqa: E402
 from conceptlm.lcm.decoder_train import autobleu  # noqa: E402
 from conceptlm.lcm.decoders import RetrievalDecoder  # noqa: E402
-from conceptlm.lcm.documents import DocsSection, iter_documents  # noqa: E402
-from conceptlm.lcm.encoders import get_encoder  # noqa: E402
-from conceptlm.lcm.normalizer import RobustNormalizer  # noqa: E402
 from conceptlm.lcm.rvq import ResidualQuantizer  # noqa: E402
-from conceptlm.lcm.segment import SegmentSection, get_segmenter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 YELP = REPO.parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"

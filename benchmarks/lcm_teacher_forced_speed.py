@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from conceptlm.core.io import atomic_write_text
-from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
-from conceptlm.lcm.model import LCMSection
-from conceptlm.lcm.one_tower import OneTowerUnit
-from conceptlm.lcm.unit import collate_documents
+from conceptlm.lcm.config import DiffusionSection, LCMSection, SamplerOptions
+from conceptlm.lcm.sequence import collate_documents
+from conceptlm.lcm.variants.one_tower import OneTowerUnit
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 
 from conceptlm.core.config import load_config
-from conceptlm.lcm.train import LCMTrainConfig, train_lcm
+from conceptlm.lcm.config import LCMTrainConfig
+from conceptlm.lcm.train import train_lcm
 
 if __name__ == "__main__":
     res = train_lcm(load_config(LCMTrainConfig, None, sys.argv[1:]))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conceptlm.core.errors import ConfigError
-from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
+from conceptlm.lcm.config import DiffusionSection, SamplerOptions
 from conceptlm.lcm.diffusion.ddim import DDIMSampler, classifier_free_guidance, dynamic_threshold
 from conceptlm.lcm.diffusion.schedule import build_schedule
 

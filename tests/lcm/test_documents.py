@@ -12,8 +12,9 @@ import pytest
 
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError, DataError
-from conceptlm.lcm.documents import SCRIPTS, DocsSection, generate_document, iter_documents
-from conceptlm.lcm.segment import get_segmenter
+from conceptlm.lcm.config import DocsSection
+from conceptlm.lcm.data.documents import SCRIPTS, generate_document, iter_documents
+from conceptlm.lcm.data.segment import get_segmenter
 
 SHARED_YELP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"
 
@@ -76,7 +77,7 @@ def test_txt_split_modes_and_directory(tmp_path):
 def test_unescape():
     text = list(iter_documents(DocsSection(source="generated", n_documents=1)))[0][1]
     assert "\\n" not in text
-    from conceptlm.lcm.documents import _unescape
+    from conceptlm.lcm.data.documents import _unescape
 
     assert _unescape('a\\n\\nb \\"q\\" \\t') == 'a\n\nb "q" \t'
 
@@ -111,7 +112,7 @@ def test_bad_txt_file_error_and_skip(tmp_path):
 
 
 def test_section_validation_names_the_field(tmp_path):
-    from conceptlm.lcm.prepare import PrepareConfig
+    from conceptlm.lcm.config import PrepareConfig
 
     with pytest.raises(ConfigError, match="docs.source") as e:
         load_config(PrepareConfig, None, [f"docs.source={tmp_path / 'missing.jsonl'}"])
@@ -132,8 +133,9 @@ def test_yelp_reviews_read():
 
 # ------------------------------------------------------------------------------------------------ instructions
 def test_instruction_records_become_source_marker_answer(tmp_path):
-    from conceptlm.lcm.documents import split_instruction
-    from conceptlm.lcm.prepare import PrepareSection, segment_document
+    from conceptlm.lcm.data.documents import split_instruction
+    from conceptlm.lcm.config import PrepareSection
+    from conceptlm.lcm.data.prepare import segment_document
 
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"article": "The cat sat. It was warm.", "summary": "A warm cat."}) + "\n"
@@ -153,7 +155,7 @@ def test_instruction_records_become_source_marker_answer(tmp_path):
 
 
 def test_generated_summaries_are_the_lead_and_the_last_sentence():
-    from conceptlm.lcm.documents import split_instruction
+    from conceptlm.lcm.data.documents import split_instruction
 
     text = generate_document(0, 3, task="summary")
     source, answer = split_instruction(text, "[MODEL]:")

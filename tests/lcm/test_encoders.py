@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conceptlm.core.errors import ConceptLMError, ConfigError
-from conceptlm.lcm.encoders import (EncoderSection, SentenceTransformersEncoder, TransformerSentenceEncoder,
-                                    get_encoder, verify_identity, weights_fingerprint)
+from conceptlm.lcm.config import EncoderSection
+from conceptlm.lcm.data.encoders import (SentenceTransformersEncoder, TransformerSentenceEncoder, get_encoder,
+                                         verify_identity, weights_fingerprint)
 
 SHARED_YELP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"
 
@@ -53,8 +54,9 @@ def make_tiny_st_dir(path: Path, *, pooling: str = "mean", normalize: bool = Tru
 def _yelp_sentences(n: int) -> list[str]:
     if not SHARED_YELP.is_file():
         return SENTENCES * (n // len(SENTENCES) + 1)
-    from conceptlm.lcm.documents import DocsSection, iter_documents
-    from conceptlm.lcm.segment import get_segmenter
+    from conceptlm.lcm.config import DocsSection
+    from conceptlm.lcm.data.documents import iter_documents
+    from conceptlm.lcm.data.segment import get_segmenter
 
     seg, out = get_segmenter(), []
     for _, text in iter_documents(DocsSection(source=str(SHARED_YELP), text_field="messages.1.content",

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conceptlm.lcm.generate import GenerationOptions, generate
-from conceptlm.lcm.model import BaseLCM, LCMSection
+from conceptlm.lcm.config import GenerationOptions, LCMSection
+from conceptlm.lcm.generate import generate
+from conceptlm.lcm.variants.base import BaseLCM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,9 @@ import torch
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.modules import KVCache, positions_from_padding
-from conceptlm.lcm.model import BaseLCM, LCMSection, swiglu_inner_dim
+from conceptlm.lcm.config import LCMSection
+from conceptlm.lcm.cost import swiglu_inner_dim
+from conceptlm.lcm.variants.base import BaseLCM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conceptlm.core.errors import ConceptLMError
-from conceptlm.lcm import normalizer as norm_mod
-from conceptlm.lcm.normalizer import RobustNormalizer, column_quantiles
+from conceptlm.lcm.data import normalizer as norm_mod
+from conceptlm.lcm.data.normalizer import RobustNormalizer, column_quantiles
 
 PHI_IQR = 1.3489795003921634  # Φ⁻¹(0.75) − Φ⁻¹(0.25)
 
@@ -68,7 +68,7 @@ def test_heavy_tails_documented_scale_vs_reference_percent_bug():
     t = (z / (chi / 3).sqrt()).float()
     good = RobustNormalizer(2).fit(t).scale
     bad = RobustNormalizer(2, method="reference_percent").fit(t).scale
-    # t(3): IQR = 2 * 0.7649 => 1.134; percent-quantile version ≈ 6.6 (spec §2.3)
+    # t(3): IQR = 2 * 0.7649 => 1.134; percent-quantile version ≈ 6.6 (the reference fit script)
     torch.testing.assert_close(good, torch.full((2,), 2 * 0.76489 / PHI_IQR), atol=0.02, rtol=0)
     assert (bad > 5.5).all() and (bad < 7.8).all()
     gauss = torch.randn(400_000, 2, generator=g)

@@ -11,14 +11,13 @@ import torch
 
 from conceptlm.core.modules import timestep_embedding
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
-from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
+from conceptlm.lcm.config import DiffusionSection, GenerationOptions, LCMSection, SamplerOptions
 from conceptlm.lcm.diffusion.ddim import DDIMSampler
-from conceptlm.lcm.generate import GenerationOptions, generate
-from conceptlm.lcm.model import LCMSection
-from conceptlm.lcm.one_tower import (DROP_PURPOSE, NOISE_PURPOSE, TIMESTEP_PURPOSE, OneTowerLCM, OneTowerUnit,
-                                     additive_mask)
+from conceptlm.lcm.generate import generate
+from conceptlm.lcm.sequence import TEACHER_FORCED_METRICS, collate_documents
 from conceptlm.lcm.train import SyntheticVectorDocuments
-from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, collate_documents
+from conceptlm.lcm.variants.one_tower import (DROP_PURPOSE, NOISE_PURPOSE, TIMESTEP_PURPOSE, OneTowerLCM, OneTowerUnit,
+                                              additive_mask)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

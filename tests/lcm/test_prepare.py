@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
-from conceptlm.lcm import prepare as prep_mod
-from conceptlm.lcm.documents import DocsSection, iter_documents
-from conceptlm.lcm.encoders import EncoderSection, get_encoder
-from conceptlm.lcm.normalizer import RobustNormalizer
-from conceptlm.lcm.prepare import PrepareConfig, PrepareSection, prepare, segment_document
-from conceptlm.lcm.segment import SegmentSection, get_segmenter
-from conceptlm.lcm.store import EmbeddedDocuments, assign_split
+from conceptlm.lcm.config import DocsSection, EncoderSection, PrepareConfig, PrepareSection, SegmentSection
+from conceptlm.lcm.data import prepare as prep_mod
+from conceptlm.lcm.data.documents import iter_documents
+from conceptlm.lcm.data.encoders import get_encoder
+from conceptlm.lcm.data.normalizer import RobustNormalizer
+from conceptlm.lcm.data.prepare import prepare, segment_document
+from conceptlm.lcm.data.segment import get_segmenter
+from conceptlm.lcm.data.store import EmbeddedDocuments, assign_split
 from tests.lcm.test_encoders import SHARED_YELP, make_tiny_st_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ _KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from conceptlm.lcm import prepare as prep_mod
+from conceptlm.lcm.data import prepare as prep_mod
 from tests.lcm.test_prepare import _cfg
 real = prep_mod._write_shard
 def slow(path, *a, **k):

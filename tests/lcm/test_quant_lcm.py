@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from conceptlm.core.rng import StepRandomness
-from conceptlm.lcm.generate import GenerationOptions, generate
-from conceptlm.lcm.model import LCMSection
-from conceptlm.lcm.quant_config import QuantSamplingOptions, QuantSection
-from conceptlm.lcm.quant_lcm import QuantLCM, QuantLCMUnit, sample_units
-from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, collate_documents
+from conceptlm.lcm.config import GenerationOptions, LCMSection, QuantSamplingOptions, QuantSection
+from conceptlm.lcm.generate import generate
+from conceptlm.lcm.sequence import TEACHER_FORCED_METRICS, collate_documents
+from conceptlm.lcm.variants.quant import QuantLCM, QuantLCMUnit, sample_units
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,8 @@ from conceptlm.cli import main
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
-from conceptlm.lcm.recipe import StoredVectorsEncoder, evaluate, generate, prepare, train, train_decoder
+from conceptlm.lcm.decoder_train import StoredVectorsEncoder
+from conceptlm.lcm.recipe import evaluate, generate, prepare, train, train_decoder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,7 +144,7 @@ def test_stored_vectors_are_reused_and_only_new_sentences_encoded():
 
 def test_retrieval_bank_takes_the_prepared_vectors(trained):
     from conceptlm.lcm.decoders import load_decoder
-    from conceptlm.lcm.store import EmbeddedDocuments
+    from conceptlm.lcm.data.store import EmbeddedDocuments
 
     cfg, *_ = trained
     bank = load_decoder(cfg.decoder_dir)
@@ -197,8 +198,8 @@ def test_every_variant_trains_generates_and_evaluates(trained, variant, capsys):
 def test_instruction_data_trains_on_the_answer_and_is_scored_on_it(tmp_path):
     """docs.generated_task=summary: source sentences, the [MODEL]: marker, the answer; only the answer is a
     target, and evaluation answers each validation source."""
-    from conceptlm.lcm.store import EmbeddedDocuments
-    from conceptlm.lcm.unit import DocumentChunks, collate_documents
+    from conceptlm.lcm.data.store import EmbeddedDocuments
+    from conceptlm.lcm.sequence import DocumentChunks, collate_documents
 
     over = _overrides(tmp_path) + ["docs.generated_task=summary", "train.max_steps=8", "evaluate.fragility_sentences=0",
                                    "evaluate.round_trip=false"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from conceptlm.core.errors import ConfigError
-from conceptlm.lcm.segment import (FALLBACK_SEPARATORS, RuleSegmenter, SegmentSection, cap_spans, get_segmenter,
-                                   resplit_spans)
+from conceptlm.lcm.config import SegmentSection
+from conceptlm.lcm.data.segment import FALLBACK_SEPARATORS, RuleSegmenter, cap_spans, get_segmenter, resplit_spans
 
 SHARED_YELP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"
 SEG = get_segmenter()
@@ -112,7 +112,8 @@ def test_round_trip_and_cap_on_random_text(seed):
 def test_round_trip_on_yelp_reviews():
     if not SHARED_YELP.is_file():
         pytest.skip(f"shared data not available ({SHARED_YELP})")
-    from conceptlm.lcm.documents import DocsSection, iter_documents
+    from conceptlm.lcm.config import DocsSection
+    from conceptlm.lcm.data.documents import iter_documents
 
     seg = RuleSegmenter(SegmentSection(max_chars=120))
     n = 0

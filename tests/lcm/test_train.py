@@ -16,14 +16,12 @@ from safetensors.torch import load_file
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
-from conceptlm.lcm.model import LCMSection
-from conceptlm.lcm.normalizer import RobustNormalizer
-from conceptlm.lcm.train import (LCMTrainConfig, SyntheticVectorDocuments, fit_normalizer, load_lcm,
-                                 sample_vectors, train_lcm)
-from conceptlm.lcm.diffusion.config import DiffusionSection
-from conceptlm.lcm.quant_config import QuantSection
-from conceptlm.lcm.unit import BaseLCMUnit, DocumentChunks, collate_documents
+from conceptlm.lcm.config import DiffusionSection, LCMSection, LCMTrainConfig, QuantSection
+from conceptlm.lcm.data.normalizer import RobustNormalizer
+from conceptlm.lcm.sequence import DocumentChunks, collate_documents
+from conceptlm.lcm.train import SyntheticVectorDocuments, fit_normalizer, load_lcm, sample_vectors, train_lcm
 from conceptlm.lcm.variants import build_unit
+from conceptlm.lcm.variants.base import BaseLCMUnit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,15 +94,16 @@ def test_eval_metrics_by_hand():
     u = unit_for(dim=2).eval()
     docs = [torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])]
     batch = collate_documents([{"id": i, "vectors": d} for i, d in enumerate(docs)])
-    u(batch)  # eval forward stashes its predictions for eval_metrics
-    assert "_pred_normalized" in batch
+    keys = set(batch)
+    u(batch)  # the eval forward leaves the batch as it is: eval_metrics predicts from the batch itself
+    assert set(batch) == keys
     m = u.eval_metrics(batch)
-    assert "_pred_normalized" not in batch
+    assert set(batch) == keys
     assert m["l2_prev"][0].item() == pytest.approx(5.0 + 0.0 + 1.0) and m["l2_prev"][1] == 3
     want = sum((u.model(d.unsqueeze(0))[0, t - 1] - d[t]).norm().item() for d in docs for t in range(1, len(d)))
     assert m["l2"][0].item() == pytest.approx(want, rel=1e-5) and m["l2"][1] == 3
     assert m["ca"][1] == 3 and m["par"][1] <= 3 and m["cos"][1] == 3
-    again = u.eval_metrics(batch)  # recomputed without the stash: the same
+    again = u.eval_metrics(batch)  # computed again: the same
     assert all(float(m[k][0]) == pytest.approx(float(again[k][0]), abs=1e-6) and m[k][1] == again[k][1] for k in m)
     assert "l2_r" not in m
     u.round_trip = lambda v: torch.zeros_like(v)  # every prediction "decodes" to the origin
@@ -267,10 +266,12 @@ def test_real_minilm_documents_train_and_generate(tmp_path):
     end-of-text rule, decoded by nearest neighbour over the training sentences."""
     import torch.nn.functional as F
 
-    from conceptlm.lcm.encoders import get_encoder
-    from conceptlm.lcm.generate import GenerationOptions, generate
-    from conceptlm.lcm.prepare import PrepareConfig, prepare
-    from conceptlm.lcm.store import EmbeddedDocuments
+    from conceptlm.lcm.data.encoders import get_encoder
+    from conceptlm.lcm.config import GenerationOptions
+    from conceptlm.lcm.generate import generate
+    from conceptlm.lcm.config import PrepareConfig
+    from conceptlm.lcm.data.prepare import prepare
+    from conceptlm.lcm.data.store import EmbeddedDocuments
 
     folder = tmp_path / "prepared"
     prepare(load_config(PrepareConfig, None, ["docs.n_documents=160", f"prepare.out_dir={folder}",

@@ -18,16 +18,16 @@ from conceptlm.core.artifact import digest, file_sha256, fingerprint_of, read_ma
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError, RunLockedError
 from conceptlm.core.lock import RunLock
-from conceptlm.lcm import prepare as prep_mod
-from conceptlm.lcm.config import LCMConfig
-from conceptlm.lcm.decoder_train import DecoderTrainConfig, train_decoder as train_decoder_only
+from conceptlm.lcm.config import DecoderTrainConfig, DocsSection, EncoderSection, LCMConfig, SegmentSection
+from conceptlm.lcm.data import prepare as prep_mod
+from conceptlm.lcm.data.documents import iter_documents
+from conceptlm.lcm.data.encoders import get_encoder, identity_fingerprint
+from conceptlm.lcm.data.prepare import prepare as prepare_docs
+from conceptlm.lcm.data.segment import get_segmenter
+from conceptlm.lcm.data.store import EmbeddedDocuments, assign_split
+from conceptlm.lcm.decoder_train import train_decoder as train_decoder_only
 from conceptlm.lcm.decoders import decoder_manifest, load_decoder
-from conceptlm.lcm.documents import DocsSection, iter_documents
-from conceptlm.lcm.encoders import EncoderSection, get_encoder, identity_fingerprint
-from conceptlm.lcm.prepare import prepare as prepare_docs
 from conceptlm.lcm.recipe import evaluate, generate, prepare, train, train_decoder
-from conceptlm.lcm.segment import SegmentSection, get_segmenter
-from conceptlm.lcm.store import EmbeddedDocuments, assign_split
 from tests.lcm.test_encoders import make_tiny_st_dir
 from tests.lcm.test_prepare import _cfg as prepare_cfg
 
@@ -262,7 +262,7 @@ def _rewrite_vectors(shard: Path, split: str) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from conceptlm.lcm.store import documents_table, read_shard
+    from conceptlm.lcm.data.store import documents_table, read_shard
 
     data = read_shard(shard)
     flat, offsets = data["vectors"]
@@ -275,11 +275,11 @@ def _rewrite_vectors(shard: Path, split: str) -> None:
 
 
 def test_the_normalizer_sees_training_vectors_only_and_warns_when_fitted_on_few(encoders, tmp_path, caplog):
-    from conceptlm.lcm.normalizer import RobustNormalizer
+    from conceptlm.lcm.data.normalizer import RobustNormalizer
 
     out = tmp_path / "a"
     cfg = prepare_cfg(encoders[0], out)
-    with caplog.at_level(logging.WARNING, logger="conceptlm.lcm.normalizer"):
+    with caplog.at_level(logging.WARNING, logger="conceptlm.lcm.data.normalizer"):
         prepare_docs(cfg)
     warned = [r.getMessage() for r in caplog.records if "normalizer fitted on only" in r.getMessage()]
     saved = RobustNormalizer.from_pretrained(out)

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from conceptlm.core.rng import StepRandomness
-from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
-from conceptlm.lcm.generate import GenerationOptions, generate
-from conceptlm.lcm.model import LCMSection
-from conceptlm.lcm.two_tower import TwoTowerUnit, cross_attention_keep, draw_training_noise
-from conceptlm.lcm.unit import collate_documents
+from conceptlm.lcm.config import DiffusionSection, GenerationOptions, LCMSection, SamplerOptions
+from conceptlm.lcm.generate import generate
+from conceptlm.lcm.sequence import collate_documents
+from conceptlm.lcm.variants.two_tower import TwoTowerUnit, cross_attention_keep, draw_training_noise
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -172,7 +171,7 @@ def test_teacher_forced_noise_is_per_document_and_eta_gets_its_step_noise():
     denoiser's x0 from the initial latent of the document's own noise; eta > 0 runs (it needs step noise)."""
     from conceptlm.core.rng import EVAL_STEP
     from conceptlm.lcm.diffusion.ddim import DDIMSampler
-    from conceptlm.lcm.two_tower import EVAL_PURPOSE
+    from conceptlm.lcm.variants.two_tower import EVAL_PURPOSE
 
     torch.manual_seed(4)
     unit = TwoTowerUnit(cfg()).eval()

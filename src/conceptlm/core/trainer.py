@@ -311,46 +311,22 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean of every loss part and metric over the eval set (all ranks), and the weighted total as ``loss``.
+        """Mean of every loss part and metric over the eval set (all ranks), and the weighted total as ``loss``
+        (:func:`~conceptlm.core.evaluation.evaluate_unit`, the path the recipes' evaluations share).
 
         The unit's randomness during evaluation is keyed by the eval batch index only (``step = EVAL_STEP``), so
         every evaluation draws the same numbers.
         """
+        from conceptlm.core.evaluation import evaluate_unit  # imported here: it builds on this module
+
         if self.eval_batches is None:
             return {}
         # DDP: call the plain unit (replicated weights, no collectives inside forward); FSDP: the sharded module.
         module = self.model if self.strategy == "fsdp" else self.unit
-        unit, parts, dev = self.unit, self.parts, self.info.device
-        acc = _Accumulator(parts, self.metric_names, dev)
-        counts = torch.zeros(len(parts), dtype=torch.float64, device=dev)
-        was_training = module.training
-        module.eval()
-        for j, b in enumerate(self.eval_batches()):
-            unit.step_rng = self._rng(EVAL_STEP, j)
-            b = to_device(b, dev)
-            with autocast_context(self.cfg.train.precision, dev):
-                b = unit.prepare(b)
-                c = _count_vector(unit.counts(b), parts, dev)
-                out = module(b)
-                extra = unit.eval_metrics(b)
-            # a part with no items in this batch contributes nothing (its value may be nan); decided on the
-            # device, so evaluation does not sync with the host per batch
-            present = torch.tensor([k in out for k in parts], device=dev)
-            live = (c > 0) & present
-            acc.add({k: (torch.where(live[parts.index(k)], v.detach().double(), 0.0) if k in parts else v)
-                     for k, v in out.items()}, self._unit_name())
-            acc.add(extra, self._unit_name())
-            counts += torch.where(live, c, 0.0)
-        unit.step_rng = None
-        module.train(was_training)
-        counts = counts.cpu()
-        all_reduce_sum(counts)
-        sums = acc.reduce()
-        res = {k: sums[k] / counts[i].item() for i, k in enumerate(parts) if counts[i] > 0}
-        if res:
-            res = {"loss": sum(unit.loss_weights[k] * v for k, v in res.items()), **res}
-        res.update(acc.metric_means(sums))
-        return res
+        sums = evaluate_unit(self.unit, self.eval_batches(), device=self.info.device,
+                             precision=self.cfg.train.precision, parts=self.parts, metric_names=self.metric_names,
+                             module=module, rng=lambda j: self._rng(EVAL_STEP, j))
+        return sums.means(self.unit.loss_weights)
 
     # ------------------------------------------------------------------------------------------------ state
     def save(self, model, optimizer, scheduler) -> Path | None:

@@ -1,4 +1,4 @@
-"""Inference-FLOPs model of LCM generation vs a token-level LLM (paper §2.5.1, Fig. 13; spec §8.6).
+"""Inference-FLOPs model of LCM generation vs a token-level LLM (LCM paper §2.5.1, Fig. 13).
 
 A closed-form count of forward FLOPs, Kaplan-style: one new position of a Transformer with ``N`` (non-embedding)
 parameters, ``n_layer`` layers of width ``d`` that attends ``c`` positions costs ``2 N + 2 n_layer c d``.
@@ -15,14 +15,14 @@ steps, ``r`` = 2 rows per step with classifier-free guidance (conditional + unco
     denoiser       S r sum_{k=P..n-1} (2 N_den' + 2 L_den d (k + 1))     k previous sentences + the zero key
     decode         G b sum_{j=1..l} (2 N_dec + 2 n_dec d_dec (j + 1))    ``b`` = beam size
     with N_den' = N_den - N_t when the timestep-only parameters N_t (AdaLN modulators + timestep MLP) are
-    precomputed per timestep (spec §11.4 item 3), else N_den.
+    precomputed per timestep (as our generation does), else N_den.
 
-As in spec §8.6, every sentence is counted as SONAR-encoded (the generated ones too) and the unconditional CFG row
-is counted at the conditional row's cost (the reference batches both halves over the padded context). Non-integer
-sentence counts use the same closed forms (an average document). The Base-LCM has no denoiser (one contextualizer
-pass per sentence); the One-Tower LCM uses its single Transformer both as the contextualizer (the clean copy of each
-sentence, KV-cached) and as the denoiser (``S`` passes of the noisy position, which attends the clean prefix and
-itself: ``k + 1`` keys).
+The paper prints no closed form; in our reconstruction of its Fig. 13, every sentence is counted as SONAR-encoded
+(the generated ones too) and the unconditional CFG row is counted at the conditional row's cost (the reference
+batches both halves over the padded context). Non-integer sentence counts use the same closed forms (an average
+document). The Base-LCM has no denoiser (one contextualizer pass per sentence); the One-Tower LCM uses its single
+Transformer both as the contextualizer (the clean copy of each sentence, KV-cached) and as the denoiser (``S``
+passes of the noisy position, which attends the clean prefix and itself: ``k + 1`` keys).
 
 :func:`run_cost` is the single entry point of ``conceptlm lcm cost``: it prints the table, writes ``cost.md`` and
 ``cost.png`` and returns the rows and break-even points.
@@ -33,36 +33,28 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from conceptlm.core.config import check
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.io import atomic_write_text
-from conceptlm.lcm.model import LCMSection, swiglu_inner_dim
+from conceptlm.lcm.config import CostSection, LCMSection, TransformerSize
 
 __all__ = [
-    "TransformerSize", "LCMSize", "LLAMA2_7B", "SONAR_ENCODER", "SONAR_DECODER", "MINILM_L6_ENCODER",
+    "swiglu_inner_dim", "LCMSize", "LLAMA2_7B", "SONAR_ENCODER", "SONAR_DECODER", "MINILM_L6_ENCODER",
     "attention_params", "swiglu_params", "contextualizer_layer_params", "denoiser_layer_params", "modulator_params",
     "two_tower_params", "base_lcm_params", "one_tower_params", "two_tower_lcm", "base_lcm", "one_tower_lcm",
     "lcm_from_section", "TWO_TOWER_1_6B", "TWO_TOWER_7B", "ONE_TOWER_1_6B", "LCM_PRESETS", "LLM_PRESETS",
     "ENCODER_PRESETS", "DECODER_PRESETS", "llm_generation_flops", "lcm_generation_flops",
-    "break_even_sentence_length", "crossover_total_tokens", "CostSection", "resolve_sizes", "cost_table",
+    "break_even_sentence_length", "crossover_total_tokens", "resolve_sizes", "cost_table",
     "cost_markdown", "run_cost",
 ]
 
 
-@dataclass(kw_only=True)
-class TransformerSize:
-    """What the FLOPs model needs of a Transformer; also the explicit form of ``cost.llm`` / ``encoder`` /
-    ``decoder`` in a config (write large counts as integers, e.g. ``6476271616``, or as ``6.5e+9``)."""
-
-    name: str = "custom"
-    n_params: int
-    """Non-embedding parameters ``N`` (token / position tables excluded: a lookup costs no matmul FLOPs)."""
-    n_layers: int
-    d_model: int
-    """Attention width ``d`` (the ``2 n_layer c d`` term)."""
+def swiglu_inner_dim(ffn_inner_dim: int, multiple_of: int = 256) -> int:
+    """The reference's SwiGLU hidden width for a nominal FFN width: ``m * ceil(int(2/3 * f) / m)``
+    (8192 -> 5632, 16384 -> 11008)."""
+    return multiple_of * math.ceil(int(ffn_inner_dim * 2 / 3) / multiple_of)
 
 
 @dataclass(kw_only=True)
@@ -82,9 +74,9 @@ class LCMSize:
 LLAMA2_7B = TransformerSize(name="llama2_7b", n_params=6_476_271_616, n_layers=32, d_model=4096)
 """Llama-2-7B without its token embedding and LM head: 32 x (4 d^2 + 3 d 11008 + 2 d) + d."""
 SONAR_ENCODER = TransformerSize(name="sonar_encoder", n_params=500_000_000, n_layers=24, d_model=1024)
-"""SONAR text encoder, ~0.50B non-embedding parameters (spec §8.6)."""
+"""SONAR text encoder, ~0.50B non-embedding parameters (LCM paper §2.5.1)."""
 SONAR_DECODER = TransformerSize(name="sonar_decoder", n_params=600_000_000, n_layers=24, d_model=1024)
-"""SONAR text decoder, ~0.60B non-embedding parameters (spec §8.6)."""
+"""SONAR text decoder, ~0.60B non-embedding parameters (LCM paper §2.5.1)."""
 MINILM_L6_ENCODER = TransformerSize(name="minilm_l6", n_params=10_647_552, n_layers=6, d_model=384)
 """all-MiniLM-L6-v2 (BERT, 6 layers, d 384, FFN 1536, biases, LayerNorms), the project's default encoder."""
 
@@ -121,7 +113,7 @@ def _hidden(ffn_inner: int, nominal_ffn: bool) -> int:
 
 def two_tower_params(d: int, n_ctx_layers: int, n_den_layers: int, ffn_inner: int, dim_in: int,
                      freq_dim: int = 256, *, nominal_ffn: bool = True) -> dict[str, int]:
-    """Parameter counts of the Two-Tower diffusion LCM (spec §4.1, §4.6; biases on every projection).
+    """Parameter counts of the Two-Tower diffusion LCM (LCM paper §2.3.4, Fig. 6; biases on every projection).
 
     Args:
         d: model width (both towers; the timestep embedding width equals ``d``).
@@ -153,7 +145,7 @@ def two_tower_params(d: int, n_ctx_layers: int, n_den_layers: int, ffn_inner: in
 
 def base_lcm_params(d: int, n_layers: int, ffn_inner: int, dim_in: int, *, nominal_ffn: bool = True,
                     max_positions: int = 0) -> dict[str, int]:
-    """Parameter counts of the Base-LCM (spec §3.1): PreNet, causal blocks, final RMSNorm, PostNet.
+    """Parameter counts of the Base-LCM (LCM paper §2.3.1, Fig. 4): PreNet, causal blocks, final RMSNorm, PostNet.
 
     ``max_positions`` rows of learned positions (0 with RoPE) are reported as ``positions`` and are part of
     ``total`` but not of ``non_embedding`` (the ``N`` of the FLOPs model). ``ffn_inner`` as in
@@ -170,7 +162,7 @@ def base_lcm_params(d: int, n_layers: int, ffn_inner: int, dim_in: int, *, nomin
 def one_tower_params(d: int, n_layers: int, ffn_inner: int, dim_in: int, freq_dim: int = 256, *,
                      nominal_ffn: bool = True, timestep_dim: int | None = None,
                      max_positions: int = 0) -> dict[str, int]:
-    """Parameter counts of the One-Tower diffusion LCM (spec §5; the paper gives no code, so assumptions).
+    """Parameter counts of the One-Tower diffusion LCM (LCM paper §2.3.3; the paper gives no code, so assumptions).
 
     Assumed: the timestep embedding is the Two-Tower's DiT-style MLP (``freq_dim -> t_dim -> t_dim``, ``t_dim =
     timestep_dim or d``), **concatenated** to the input embedding before the PreNet (``(D + t_dim) -> d``, as the
@@ -347,60 +339,7 @@ def crossover_total_tokens(lcm: LCMSize, encoder: TransformerSize, decoder: Tran
     return max(0.0, -b / a)
 
 
-# ----------------------------------------------------------------------------------------- config + report
-def _log_spaced_totals() -> list[int]:
-    return [1000, 2000, 4000, 8000, 16000, 32000, 64000, 128000]
-
-
-@dataclass(kw_only=True)
-class CostSection:
-    """Inference-FLOPs comparison of the LCM with a token LLM (section ``cost`` of an LCM config; paper Fig. 13)."""
-
-    lcm: str = "two_tower_1.6b"
-    """LCM sizes: ``two_tower_1.6b`` | ``two_tower_7b`` | ``one_tower_1.6b`` (the paper's configs) or ``run`` (the
-    run's own ``lcm`` section: d_model, n_layers, n_denoiser_layers, d_ff, dim, model)."""
-    llm: str | TransformerSize = "llama2_7b"
-    """The token LLM: ``llama2_7b`` or explicit ``{name, n_params, n_layers, d_model}`` (non-embedding params)."""
-    encoder: str | TransformerSize = "sonar"
-    """Sentence encoder: ``sonar`` (0.50B, 24 layers, d 1024), ``minilm_l6`` or explicit sizes."""
-    decoder: str | TransformerSize = "sonar"
-    """Sentence decoder: ``sonar`` (0.60B, 24 layers, d 1024) or explicit sizes."""
-    inference_steps: int = 40
-    """Diffusion steps per generated sentence (the paper's 40; the reference code's list for 40 has 50 steps)."""
-    cfg: bool = True
-    """Classifier-free guidance: conditional and unconditional denoiser rows at every step (2x denoiser cost)."""
-    precompute_modulation: bool = False
-    """Count the AdaLN modulations (and timestep MLP) as precomputed per timestep (spec §11.4), not per step."""
-    beam_size: int = 1
-    """Sentence-decoder beam (multiplies the decode cost)."""
-    sentence_tokens: list[float] = field(default_factory=lambda: [10.0, 20.0, 30.0, 40.0, 60.0])
-    """Average sentence lengths in LLM tokens: one LCM curve / table column each."""
-    total_tokens: list[int] = field(default_factory=_log_spaced_totals)
-    """Document lengths (prompt + output, LLM tokens): the table rows / x axis."""
-    prompt_fraction: float = 0.5
-    """Fraction of each document given as the prompt (the rest is generated)."""
-
-    def validate(self) -> None:
-        choices = [*LCM_PRESETS, "run"]
-        check(self.lcm in choices, "cost.lcm", f"{self.lcm!r} is not one of {', '.join(choices)}")
-        for name, presets in (("llm", LLM_PRESETS), ("encoder", ENCODER_PRESETS), ("decoder", DECODER_PRESETS)):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                check(value in presets, f"cost.{name}",
-                      f"{value!r} is not one of {', '.join(presets)} (or give n_params, n_layers, d_model)")
-            else:
-                check(value.n_params > 0, f"cost.{name}.n_params", "must be > 0")
-                check(value.n_layers >= 1, f"cost.{name}.n_layers", "must be >= 1")
-                check(value.d_model >= 1, f"cost.{name}.d_model", "must be >= 1")
-        check(self.inference_steps >= 1, "cost.inference_steps", "must be >= 1")
-        check(self.beam_size >= 1, "cost.beam_size", "must be >= 1")
-        check(len(self.sentence_tokens) > 0, "cost.sentence_tokens", "needs at least one sentence length")
-        check(all(v > 0 for v in self.sentence_tokens), "cost.sentence_tokens", "every length must be > 0")
-        check(len(self.total_tokens) > 0, "cost.total_tokens", "needs at least one total length")
-        check(all(v >= 1 for v in self.total_tokens), "cost.total_tokens", "every length must be >= 1")
-        check(0.0 <= self.prompt_fraction < 1.0, "cost.prompt_fraction", "must be in [0, 1) (something is generated)")
-
-
+# ----------------------------------------------------------------------------------------- report
 def resolve_sizes(section: CostSection, lcm_section: LCMSection | None = None
                   ) -> tuple[LCMSize, TransformerSize, TransformerSize, TransformerSize]:
     """``(lcm, llm, encoder, decoder)`` sizes of a validated section; ``lcm: run`` needs ``lcm_section``.

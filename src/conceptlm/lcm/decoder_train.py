@@ -6,7 +6,7 @@ cross-entropy of the sentence tokens (and EOS) given the ``n_prefix`` prefix emb
 The frozen sentence encoder is **not part of the unit**: every sentence is embedded once, before training, and the
 dataset holds the vectors (a sentence is seen many times over the epochs; encoding it once is far cheaper than in
 every step, and the unit stays a plain LM that DDP/FSDP handle as usual). Training inputs are **noised** for
-robustness (paper §2.5.2, spec §11.2): ``x' = normalize(x + s * eps / sqrt(dim))``, ``eps ~ N(0, I)``, with ``s``
+robustness (LCM paper §2.5.2, Eq. 27): ``x' = normalize(x + s * eps / sqrt(dim))``, ``eps ~ N(0, I)``, with ``s``
 ``decoder.noise_std`` (``fixed``) or drawn per example from U[0, noise_std] (``uniform``). The draws come from
 ``step_rng.per_example`` keyed by (step, sentence index): the same on whichever rank or micro-batch holds the
 sentence. Evaluation reads clean vectors.
@@ -37,103 +37,39 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from conceptlm.core.artifact import Identity, decide, digest
-from conceptlm.core.config import RunConfig, check, with_own_length
-from conceptlm.core.errors import ConfigError
+from conceptlm.core.errors import ConceptLMError, ConfigError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.rng import StepRandomness, derive_seed
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
-from conceptlm.lcm.decoders import (DECODER_KIND, DecoderSection, PrefixLMDecoder, RetrievalDecoder,
-                                    SentenceDecoder, build_prefix_decoder, load_decoder)
-from conceptlm.lcm.documents import DocsSection, iter_documents
-from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder, identity_fingerprint
-from conceptlm.lcm.prepare import PrepareSection
-from conceptlm.lcm.segment import SegmentSection, get_segmenter
-from conceptlm.lcm.store import assign_split
+from conceptlm.lcm.config import DecoderTrainConfig, DocsSection, PrepareSection, SegmentSection, decoder_run_config
+from conceptlm.lcm.data.documents import iter_documents
+from conceptlm.lcm.data.encoders import SentenceEncoder, get_encoder, identity_fingerprint, verify_identity
+from conceptlm.lcm.data.segment import get_segmenter
+from conceptlm.lcm.data.store import MANIFEST_FILE, EmbeddedDocuments, assign_split
+from conceptlm.lcm.decoders import DECODER_KIND, RetrievalDecoder, SentenceDecoder, load_decoder
+from conceptlm.lcm.prefix_decoder import PrefixLMDecoder, build_prefix_decoder
 
 __all__ = [
-    "DecoderTrainSection", "decoder_run_config", "DecoderTrainConfig", "SentenceTargets", "TargetCollator",
+    "SentenceTargets", "TargetCollator",
     "PrefixDecoderUnit", "noise_embeddings", "autobleu", "round_trip_cosine", "evaluate_decoder",
     "corpus_sentences", "split_sentences", "train_decoder", "eval_decoder", "decoder_identity",
+    "StoredVectorsEncoder", "prepared_sentences",
 ]
 
 log = logging.getLogger(__name__)
 NOISE_PURPOSE = "lcm-decoder-noise"
 NOISE_SCALE_PURPOSE = "lcm-decoder-noise-scale"
-
-
-# ------------------------------------------------------------------------------------------------ config
-@dataclass(kw_only=True)
-class DecoderTrainSection:
-    """``decoder_train:``: which sentences a decoder trains and is evaluated on (from ``docs`` + ``segment``, or
-    given directly), and the decoder run's own length and step size."""
-
-    max_sentences: int = 20000
-    """Training sentences kept (after removing duplicates and the held-out ones)."""
-    eval_sentences: int = 256
-    """Held-out sentences (eval loss); drawn first from the shuffled unique sentences."""
-    decode_eval: int = 64
-    """Held-out sentences decoded at every evaluation for AutoBLEU and round-trip cosine (0 = none)."""
-    min_chars: int = 2
-    """Shorter sentences are dropped."""
-    split: Literal["train", "all"] = "train"
-    """Documents the decoder learns from: ``train`` (the prepared folder's train split, or the documents of
-    ``docs`` that ``prepare``'s split rule puts there) or ``all`` (validation documents included: ``generate`` and
-    ``evaluate`` then refuse it on validation documents)."""
-    on_change: Literal["refuse", "rebuild"] = "refuse"
-    """A retrieval bank already in the run folder that was made from other sentences, encoder or settings:
-    ``refuse`` (one line naming what changed) or ``rebuild`` it. An identical bank is always reused. (A prefix
-    decoder is a training run: a changed config is refused by the run's resume check.)"""
-    steps: int | None = None
-    """Optimizer steps of the decoder run (None = ``train.max_steps``)."""
-    batch_size: int | None = None
-    """Sentences per micro-batch (None = ``train.micro_batch_size``)."""
-    lr: float | None = None
-    """Peak learning rate (None = ``optim.lr``)."""
-
-    def validate(self) -> None:
-        check(self.max_sentences > 0, "decoder_train.max_sentences", "must be > 0")
-        check(self.eval_sentences >= 0, "decoder_train.eval_sentences", "must be >= 0")
-        check(0 <= self.decode_eval <= self.eval_sentences, "decoder_train.decode_eval",
-              f"must be in [0, decoder_train.eval_sentences={self.eval_sentences}]")
-        check(self.min_chars >= 1, "decoder_train.min_chars", "must be >= 1")
-        check(self.steps is None or self.steps > 0, "decoder_train.steps", "must be > 0 or null")
-        check(self.batch_size is None or self.batch_size > 0, "decoder_train.batch_size", "must be > 0 or null")
-        check(self.lr is None or self.lr > 0, "decoder_train.lr", "must be > 0 or null")
-        check(self.split in ("train", "all"), "decoder_train.split", "must be train or all")
-        check(self.on_change in ("refuse", "rebuild"), "decoder_train.on_change", "must be refuse or rebuild")
-
-
-@dataclass(kw_only=True)
-class DecoderTrainConfig(RunConfig):
-    """``conceptlm lcm train-decoder``: a sentence decoder for the frozen encoder."""
-
-    decoder: DecoderSection = field(default_factory=DecoderSection)
-    encoder: EncoderSection = field(default_factory=EncoderSection)
-    docs: DocsSection = field(default_factory=DocsSection)
-    segment: SegmentSection = field(default_factory=SegmentSection)
-    decoder_train: DecoderTrainSection = field(default_factory=DecoderTrainSection)
-    prepare: PrepareSection = field(default_factory=PrepareSection)
-    """Only its split rule is read (``val_fraction``, ``split_seed``): the decoder learns from the documents of
-    ``docs`` that ``prepare`` puts in the train split."""
-
-
-def decoder_run_config(cfg):
-    """``cfg`` with ``decoder_train.steps`` / ``batch_size`` / ``lr`` (when set) in place of the run's
-    ``train.max_steps`` / ``train.micro_batch_size`` / ``optim.lr`` (the decoder is trained with its own length
-    when it shares a config with the LCM)."""
-    d = cfg.decoder_train
-    return with_own_length(cfg, steps=d.steps, batch_size=d.batch_size, lr=d.lr)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -308,6 +244,65 @@ def evaluate_decoder(encoder: SentenceEncoder, decoder: SentenceDecoder, sentenc
 
 
 # ------------------------------------------------------------------------------------------------ recipes
+class StoredVectorsEncoder:
+    """An encoder that answers from the vectors a ``prepare`` run already stored (fp16) and encodes only the
+    sentences it has not seen; same identity as the wrapped encoder."""
+
+    def __init__(self, encoder, table: dict[str, torch.Tensor]):
+        self.encoder, self.table = encoder, table
+        self.name = encoder.name
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def identity(self) -> dict:
+        return self.encoder.identity()
+
+    def encode(self, sentences, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+        sentences = list(sentences)
+        missing = list(dict.fromkeys(s for s in sentences if s not in self.table))
+        fresh = dict(zip(missing, self.encoder.encode(missing, batch_size=batch_size, progress=progress))) \
+            if missing else {}
+        if not sentences:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self.table[s] if s in self.table else fresh[s] for s in sentences]).float()
+
+
+def prepared_sentences(folder: Path | None, split: str, encoder) -> tuple[list[str] | None,
+                                                                         dict[str, torch.Tensor] | None, dict | None]:
+    """``(sentences, vectors, data)`` of the prepared ``folder``'s training documents (all documents with
+    ``split="all"``, ``decoder_train.split``) for the decoder, or ``(None, None, None)`` when there is no prepared
+    folder.
+
+    ``sentences``: every sentence in document order except the appended end-of-text sentence; ``vectors``:
+    sentence -> stored vector (fp16, as the LCM sees it) when the folder was made with this encoder, else None;
+    ``data``: what the decoder's manifest records (the folder's fingerprint, the split and the split rule)."""
+    if folder is None or not (folder / MANIFEST_FILE).is_file():
+        return None, None, None
+    docs = EmbeddedDocuments(folder, "train" if split == "train" else "all")
+    try:
+        verify_identity(docs.encoder_identity, encoder, where=str(folder))
+        same = True
+    except ConceptLMError:
+        same = False
+    prep = docs.manifest.get("prepare") or {}
+    eot = prep.get("end_of_text_sentence") if prep.get("end_of_text") else None
+    sentences: list[str] = []
+    table: dict[str, torch.Tensor] = {}
+    for i in range(len(docs)):
+        d = docs[i]
+        sents = d["sentences"]
+        n = len(sents) - 1 if eot is not None and sents and sents[-1] == eot else len(sents)
+        sentences.extend(sents[:n])
+        if same:
+            for sentence, vector in zip(sents[:n], d["vectors"][:n]):
+                table.setdefault(sentence, vector)
+    data = {"source": "prepared", "prepared": docs.fingerprint, "split": split,
+            "val_fraction": prep.get("val_fraction"), "split_seed": prep.get("split_seed"), "documents": len(docs)}
+    return sentences, (table if same else None), data
+
+
 def _sentences(cfg: DecoderTrainConfig, given: Sequence[str] | None, data: dict | None = None
                ) -> tuple[list[str], list[str], dict]:
     """``(train, held_out, data)``: the decoder's sentences and where they came from (see the module docstring)."""
@@ -334,7 +329,7 @@ def decoder_identity(cfg: DecoderTrainConfig, encoder: SentenceEncoder, train_s:
 
     Settings: the decoder and ``decoder_train`` sections and the seed (a prefix decoder also its optimizer,
     schedule and length); inputs: the fingerprints of the training and held-out sentences, of the encoder
-    (:func:`~conceptlm.lcm.encoders.identity_fingerprint`) and, when the vectors came from a prepared folder, of
+    (:func:`~conceptlm.lcm.data.encoders.identity_fingerprint`) and, when the vectors came from a prepared folder, of
     that folder."""
     d = {k: v for k, v in asdict(cfg.decoder_train).items() if k != "on_change"}  # what to do, not what it is
     settings: dict[str, Any] = {"decoder": {k: v for k, v in asdict(cfg.decoder).items() if k != "path"},

@@ -2,10 +2,8 @@
 
 - :class:`RetrievalDecoder` returns, for each vector, the nearest sentence (cosine) of an embedded sentence bank.
   No training, always fluent: the floor for round-trip checks and a sanity check of predicted concepts.
-- :class:`PrefixLMDecoder` is a causal LM conditioned on the vector through ``n_prefix`` prefix embeddings: a small
-  projector maps the (unit-norm) embedding to ``n_prefix x hidden`` input embeddings that are prepended to the token
-  embeddings (``inputs_embeds``). The LM is a tiny Llama trained from scratch with a BPE tokenizer trained on the
-  sentences, or a pretrained causal LM (``smollm2-135m``, any local HF folder), optionally with LoRA.
+- :class:`~conceptlm.lcm.prefix_decoder.PrefixLMDecoder` (its own module) is a causal LM conditioned on the vector
+  through ``n_prefix`` prefix embeddings, trained by :mod:`conceptlm.lcm.decoder_train`.
 
 A decoder is saved as a folder with ``decoder.json`` (kind, settings and the identity of the encoder it was made
 for). Loading with an encoder whose identity differs is refused with a one-line :class:`ConfigError`. A decoder made
@@ -26,26 +24,23 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from conceptlm.core.artifact import Identity, damaged_file, read_manifest, write_manifest
-from conceptlm.core.config import check
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
 from conceptlm.core.io import atomic_dir
-from conceptlm.lcm.encoders import SentenceEncoder, verify_identity
+from conceptlm.lcm.config import DecoderSection
+from conceptlm.lcm.data.encoders import SentenceEncoder, verify_identity
 
 __all__ = [
-    "DECODER_FILE", "SentenceDecoder", "RetrievalDecoder", "PrefixProjector", "PrefixSettings",
-    "PrefixLMDecoder", "DecoderSection", "build_prefix_decoder", "load_decoder", "resolve_decoder_dir",
-    "check_encoder_identity", "DECODER_KIND", "decoder_manifest",
+    "DECODER_FILE", "SentenceDecoder", "RetrievalDecoder", "load_decoder", "resolve_decoder_dir",
+    "check_encoder_identity", "DECODER_KIND", "decoder_manifest", "decoder_header", "read_decoder_header", "jsonable",
 ]
 
 DECODER_FILE = "decoder.json"
@@ -53,8 +48,6 @@ DECODER_KIND = "lcm.decoder"
 """``kind`` of a decoder's ``artifact.json``."""
 _FORMAT = "conceptlm-lcm-decoder"
 _VERSION = 1
-_GELU_SQ_MEAN = 0.4252
-"""E[gelu(h)^2] for h ~ N(0, 1), used to give a fresh MLP projector the token embeddings' scale."""
 
 
 # ------------------------------------------------------------------------------------------------ interface
@@ -75,7 +68,8 @@ class SentenceDecoder(ABC):
         """The ``identity()`` of the encoder whose embeddings this decoder reads."""
 
 
-def _jsonable(d: dict) -> dict:
+def jsonable(d: dict) -> dict:
+    """``d`` as it reads back from JSON (sorted keys, tuples as lists): how identities are compared."""
     return json.loads(json.dumps(d, sort_keys=True))
 
 
@@ -101,7 +95,8 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"not valid JSON ({e.msg})", path=path, line=e.lineno) from None
 
 
-def _read_header(directory: Path) -> dict:
+def read_decoder_header(directory: Path) -> dict:
+    """The checked ``decoder.json`` of a decoder folder (format and version; one-line errors)."""
     meta = _read_json(directory / DECODER_FILE)
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ConfigError(f"not a conceptlm sentence decoder (field 'format' is not {_FORMAT!r})",
@@ -112,8 +107,9 @@ def _read_header(directory: Path) -> dict:
     return meta
 
 
-def _header(kind: str, encoder_identity: dict, **settings) -> dict:
-    return {"format": _FORMAT, "version": _VERSION, "kind": kind, "encoder": _jsonable(encoder_identity), **settings}
+def decoder_header(kind: str, encoder_identity: dict, **settings) -> dict:
+    """The ``decoder.json`` of a decoder of ``kind`` made for the encoder ``encoder_identity``."""
+    return {"format": _FORMAT, "version": _VERSION, "kind": kind, "encoder": jsonable(encoder_identity), **settings}
 
 
 # ------------------------------------------------------------------------------------------------ retrieval
@@ -139,7 +135,7 @@ class RetrievalDecoder(SentenceDecoder):
         vectors = embeddings.detach().float()
         self.embeddings = vectors if normalized else F.normalize(vectors, dim=-1)
         self.sentences = list(sentences)
-        self._encoder_identity = _jsonable(encoder_identity)
+        self._encoder_identity = jsonable(encoder_identity)
         self.chunk = chunk
 
     @classmethod
@@ -192,7 +188,7 @@ class RetrievalDecoder(SentenceDecoder):
         with atomic_dir(directory) as tmp:
             save_file({"embeddings": self.embeddings.contiguous().cpu()}, str(tmp / "bank.safetensors"))
             (tmp / "sentences.json").write_text(json.dumps(self.sentences, ensure_ascii=False), encoding="utf-8")
-            header = _header(self.kind, self._encoder_identity, bank_size=len(self), dim=self.dim)
+            header = decoder_header(self.kind, self._encoder_identity, bank_size=len(self), dim=self.dim)
             (tmp / DECODER_FILE).write_text(json.dumps(header, indent=2), encoding="utf-8")
             if identity is not None:
                 write_manifest(tmp, identity, extra=extra)
@@ -202,7 +198,7 @@ class RetrievalDecoder(SentenceDecoder):
     def load(cls, directory: str | Path, *, encoder: SentenceEncoder | dict | None = None) -> RetrievalDecoder:
         """Read a bank saved by :meth:`save`; refuse it when ``encoder``'s identity differs from the bank's."""
         directory = Path(directory)
-        meta = _read_header(directory)
+        meta = read_decoder_header(directory)
         if meta["kind"] != cls.kind:
             raise ConfigError(f"holds a {meta['kind']!r} decoder, not a retrieval bank",
                               path=directory / DECODER_FILE, field="kind")
@@ -223,352 +219,7 @@ class RetrievalDecoder(SentenceDecoder):
         return cls(vectors, sentences, meta["encoder"], normalized=True)
 
 
-# ------------------------------------------------------------------------------------------------ sections
-@dataclass(kw_only=True)
-class DecoderSection:
-    """How concepts are turned back into text (the ``decoder`` section)."""
-
-    kind: Literal["retrieval", "prefix_lm"] = "prefix_lm"
-    """``retrieval``: nearest sentence of an embedded bank; ``prefix_lm``: a causal LM conditioned on the vector."""
-    path: str | None = None
-    """A saved decoder folder (``decoder.json``) to load; training writes one (the checkpoint's ``model/``)."""
-    base: str | None = None
-    """prefix_lm: ``null`` = a tiny Llama and a BPE tokenizer trained from scratch; else a pretrained causal LM
-    (``smollm2-135m``, a ``.gguf`` file or a local HF folder)."""
-    n_prefix: int = 4
-    """Prefix embeddings the vector is mapped to."""
-    projector: Literal["linear", "mlp"] = "mlp"
-    projector_hidden: int = 1024
-    """Inner width of the ``mlp`` projector."""
-    lora: int = 0
-    """LoRA rank on the pretrained LM (0 = train all its weights; the projector always trains fully)."""
-    lora_alpha: int = 16
-    noise_std: float = 0.3
-    """Training noise: expected norm of the Gaussian noise added to the unit-norm embedding (per-dimension std
-    ``noise_std / sqrt(dim)``) before renormalizing; 0 disables it. The paper-style ``sqrt(1-a) x + sqrt(a) sd eps``
-    with ``a <= 0.2`` (spec §11.2) corresponds to noise norms up to ``sqrt(a / (1 - a)) = 0.5``."""
-    noise_schedule: Literal["fixed", "uniform"] = "uniform"
-    """``fixed``: every example gets ``noise_std``; ``uniform``: a per-example std drawn from U[0, noise_std]."""
-    max_tokens: int = 64
-    """Sentence tokens kept as training targets (longer sentences are cut and get no EOS target)."""
-    max_new_tokens: int = 64
-    num_beams: int = 1
-    """1 = greedy decoding."""
-    batch_size: int = 64
-    """Vectors decoded per ``generate`` call."""
-    lowercase: bool = False
-    """Train on lower-cased targets (the MiniLM embedding is uncased) and capitalize the first letter on decoding."""
-    vocab_size: int = 4096
-    """Tiny from-scratch LM: BPE vocabulary size."""
-    hidden_size: int = 256
-    num_layers: int = 3
-    num_heads: int = 4
-    max_position_embeddings: int = 256
-
-    def validate(self) -> None:
-        for name in ("n_prefix", "projector_hidden", "max_tokens", "max_new_tokens", "num_beams", "batch_size",
-                     "vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
-            check(getattr(self, name) > 0, f"decoder.{name}", "must be > 0")
-        check(self.lora >= 0, "decoder.lora", "must be >= 0 (0 = no LoRA)")
-        check(self.lora == 0 or self.base is not None, "decoder.lora",
-              "LoRA needs a pretrained decoder.base; a from-scratch LM trains all its weights (set decoder.lora=0)")
-        check(self.noise_std >= 0, "decoder.noise_std", "must be >= 0")
-        check(self.hidden_size % self.num_heads == 0, "decoder.hidden_size",
-              f"{self.hidden_size} is not a multiple of decoder.num_heads={self.num_heads}")
-        need = self.n_prefix + max(self.max_tokens, self.max_new_tokens) + 1
-        check(self.base is not None or need <= self.max_position_embeddings, "decoder.max_position_embeddings",
-              f"{self.max_position_embeddings} is shorter than n_prefix + max(max_tokens, max_new_tokens) + 1 = {need}")
-
-
-# ------------------------------------------------------------------------------------------------ prefix LM
-class PrefixProjector(nn.Module):
-    """Maps a sentence embedding (B, dim) to prefix input embeddings (B, n_prefix, hidden).
-
-    The input is scaled by ``sqrt(dim)`` (a unit-norm vector then has per-dimension variance ~1) and the last layer is
-    initialised so the prefix embeddings start with per-dimension std ``out_std`` (the LM's token embedding std).
-    """
-
-    def __init__(self, dim: int, hidden: int, n_prefix: int, *, kind: str = "mlp", inner: int = 1024,
-                 out_std: float = 0.02):
-        super().__init__()
-        self.dim, self.hidden, self.n_prefix, self.kind = dim, hidden, n_prefix, kind
-        if kind == "linear":
-            self.net = nn.Linear(dim, n_prefix * hidden)
-            last, fan = self.net, 1.0
-        elif kind == "mlp":
-            first = nn.Linear(dim, inner)
-            last = nn.Linear(inner, n_prefix * hidden)
-            self.net = nn.Sequential(first, nn.GELU(), last)
-            nn.init.normal_(first.weight, std=dim ** -0.5)
-            nn.init.zeros_(first.bias)
-            fan = inner * _GELU_SQ_MEAN / last.in_features
-        else:
-            raise ValueError(f"unknown projector kind {kind!r} (linear or mlp)")
-        nn.init.normal_(last.weight, std=out_std / math.sqrt(last.in_features * fan))
-        nn.init.zeros_(last.bias)
-
-    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        out = self.net(vectors * math.sqrt(self.dim))
-        return out.view(vectors.shape[0], self.n_prefix, self.hidden)
-
-
-@dataclass(kw_only=True)
-class PrefixSettings:
-    """The settings a :class:`PrefixLMDecoder` keeps with its weights (in ``decoder.json``)."""
-
-    dim: int
-    n_prefix: int
-    projector: str
-    projector_hidden: int
-    base: str | None
-    lora: int
-    lora_alpha: int
-    max_tokens: int
-    max_new_tokens: int
-    num_beams: int
-    batch_size: int
-    lowercase: bool
-
-    @classmethod
-    def from_section(cls, s: DecoderSection, dim: int) -> PrefixSettings:
-        return cls(dim=dim, n_prefix=s.n_prefix, projector=s.projector, projector_hidden=s.projector_hidden,
-                   base=s.base, lora=s.lora, lora_alpha=s.lora_alpha, max_tokens=s.max_tokens,
-                   max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, batch_size=s.batch_size,
-                   lowercase=s.lowercase)
-
-
-class PrefixLMDecoder(nn.Module, SentenceDecoder):
-    """A causal LM reading a sentence embedding through ``n_prefix`` prefix embeddings.
-
-    Sequence layout: ``[p_1 .. p_k] t_1 .. t_n EOS``; position ``k - 1 + j`` predicts token ``j`` (the first token
-    comes from the last prefix position). Generation is ``lm.generate(inputs_embeds=prefix)``.
-
-    Args:
-        lm: an HF causal LM (or a ``peft.PeftModel`` around one).
-        tokenizer: its tokenizer (must have an EOS token).
-        projector: a :class:`PrefixProjector` whose ``hidden`` is the LM's width.
-        settings: what is saved with the weights.
-        encoder_identity: identity of the encoder whose vectors this decoder reads.
-    """
-
-    kind = "prefix_lm"
-
-    def __init__(self, lm: nn.Module, tokenizer, projector: PrefixProjector, settings: PrefixSettings,
-                 encoder_identity: dict):
-        super().__init__()
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the decoder's tokenizer needs an EOS token")
-        self.lm, self.projector, self.tokenizer, self.settings = lm, projector, tokenizer, settings
-        self._encoder_identity = _jsonable(encoder_identity)
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-
-    # ------------------------------------------------------------------------------------------ pieces
-    @property
-    def encoder_identity(self) -> dict:
-        return self._encoder_identity
-
-    @property
-    def n_prefix(self) -> int:
-        return self.settings.n_prefix
-
-    def _device(self) -> torch.device:
-        return next(self.projector.parameters()).device
-
-    def prefix_embeds(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(B, dim) embeddings -> (B, n_prefix, hidden) LM input embeddings (vectors are unit-normalized first)."""
-        if vectors.dim() != 2 or vectors.shape[1] != self.settings.dim:
-            raise ValueError(f"expected vectors of shape (B, {self.settings.dim}), got {tuple(vectors.shape)}")
-        w = next(self.projector.parameters())
-        return self.projector(F.normalize(vectors.to(device=w.device, dtype=w.dtype), dim=-1))
-
-    def target_ids(self, sentences: Sequence[str]) -> list[list[int]]:
-        """Training targets: each sentence's tokens (at most ``max_tokens``) plus EOS when it was not cut."""
-        texts = [s.lower() for s in sentences] if self.settings.lowercase else list(sentences)
-        enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        m = self.settings.max_tokens
-        return [ids[:m] if len(ids) > m else [*ids, self.eos_id] for ids in enc]
-
-    def token_loss(self, vectors: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy of the sentence tokens given the prefix.
-
-        Args:
-            vectors: (B, dim) sentence embeddings.
-            input_ids: (B, T) target tokens (right-padded).
-            labels: (B, T) the same ids, -100 at padding.
-            attention_mask: (B, T) 1 = token, 0 = padding (default: all ones).
-
-        Returns:
-            ``(loss_sum, n_targets, n_correct)``: fp32 scalar sum over targets, int64 count, int64 greedy hits.
-        """
-        from conceptlm.core.hf import backbone, logits_at
-
-        b, t = input_ids.shape
-        k = self.n_prefix
-        prefix = self.prefix_embeds(vectors)
-        tokens = self.lm.get_input_embeddings()(input_ids)
-        embeds = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
-        mask = torch.ones(b, k + t, dtype=torch.long, device=input_ids.device)
-        if attention_mask is not None:
-            mask[:, k:] = attention_mask
-        hid = backbone(self.lm)(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        keep = labels != -100
-        picked = hid[:, k - 1:k - 1 + t][keep]  # (N, hidden)
-        target = labels[keep]
-        logits = logits_at(self.lm, picked).float()
-        loss = F.cross_entropy(logits, target, reduction="sum")
-        return loss, keep.sum(), (logits.argmax(-1) == target).sum()
-
-    # ------------------------------------------------------------------------------------------ decoding
-    def _generation_config(self):
-        from transformers import GenerationConfig
-
-        s = self.settings
-        return GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=False, num_beams=s.num_beams,
-                                eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-
-    @torch.no_grad()
-    def generate_ids(self, vectors: torch.Tensor) -> list[list[int]]:
-        """Greedy (or beam) token ids for each vector (n, dim), EOS and padding removed."""
-        was_training = self.training
-        self.eval()
-        out: list[list[int]] = []
-        try:
-            gen_cfg = self._generation_config()
-            for start in range(0, vectors.shape[0], self.settings.batch_size):
-                prefix = self.prefix_embeds(vectors[start:start + self.settings.batch_size])
-                prefix = prefix.to(self.lm.get_input_embeddings().weight.dtype)
-                mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-                seqs = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=gen_cfg)
-                for row in seqs.tolist():
-                    out.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
-        finally:
-            self.train(was_training)
-        return out
-
-    def decode(self, vectors: torch.Tensor) -> list[str]:
-        """Decode (n, dim) vectors into n sentences."""
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in self.generate_ids(vectors)]
-        if self.settings.lowercase:
-            texts = [t[:1].upper() + t[1:] for t in texts]
-        return texts
-
-    def identity(self) -> dict:
-        s = self.settings
-        return {"kind": self.kind, "base": s.base, "n_prefix": s.n_prefix, "projector": s.projector,
-                "lora": s.lora, "dim": s.dim, "lm_params": sum(p.numel() for p in self.lm.parameters()),
-                "encoder": self._encoder_identity}
-
-    # ------------------------------------------------------------------------------------------ persistence
-    def save(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write the decoder folder atomically.
-
-        Args:
-            directory: target folder (replaced if it exists).
-            state_dict: this module's full state dict to write instead of the live weights (e.g. gathered from
-                FSDP shards); keys ``lm.*`` and ``projector.*``.
-        """
-        directory = Path(directory)
-        with atomic_dir(directory) as tmp:
-            self.write(tmp, state_dict)
-        return directory
-
-    def write(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the decoder's files into an existing, empty ``directory`` (not atomic: see :meth:`save`)."""
-        from conceptlm.core.checkpoint import tied_parameter_names
-
-        directory.mkdir(parents=True, exist_ok=True)
-        sd = state_dict if state_dict is not None else self.state_dict()
-        proj = {k[len("projector."):]: v.detach().cpu().contiguous() for k, v in sd.items()
-                if k.startswith("projector.")}
-        save_file(proj, str(directory / "projector.safetensors"))
-        tied = tied_parameter_names(self.lm)
-        lm_sd = {k[len("lm."):]: v for k, v in sd.items() if k.startswith("lm.") and k[len("lm."):] not in tied}
-        if self.settings.lora:  # PEFT picks the adapter weights out of the full state dict
-            self.lm.save_pretrained(str(directory / "lm"), state_dict=lm_sd)
-        else:
-            self.lm.save_pretrained(str(directory / "lm"), state_dict=lm_sd, safe_serialization=True)
-        self.tokenizer.save_pretrained(str(directory / "lm"))
-        header = _header(self.kind, self._encoder_identity, **asdict(self.settings),
-                         lm_hidden=self.projector.hidden)
-        (directory / DECODER_FILE).write_text(json.dumps(header, indent=2), encoding="utf-8")
-
-    @classmethod
-    def load(cls, directory: str | Path, *, encoder: SentenceEncoder | dict | None = None,
-             device: str | torch.device | None = None) -> PrefixLMDecoder:
-        """Read a folder written by :meth:`save`; refuse it when ``encoder``'s identity differs from the saved one.
-
-        A LoRA decoder loads its base from ``decoder.json``'s ``base`` and applies the adapter in ``lm/``.
-        """
-        from conceptlm.core.hf import load_causal_lm, load_tokenizer
-
-        directory = Path(directory)
-        meta = _read_header(directory)
-        if meta["kind"] != cls.kind:
-            raise ConfigError(f"holds a {meta['kind']!r} decoder, not a prefix_lm decoder",
-                              path=directory / DECODER_FILE, field="kind")
-        check_encoder_identity(meta["encoder"], encoder, where=directory)
-        names = {f for f in PrefixSettings.__dataclass_fields__}
-        missing = sorted(names - set(meta))
-        if missing:
-            raise ConfigError(f"missing settings {', '.join(missing)}", path=directory / DECODER_FILE)
-        settings = PrefixSettings(**{k: meta[k] for k in names})
-        lm_dir = directory / "lm"
-        tokenizer = load_tokenizer(lm_dir)
-        if settings.lora:
-            import peft
-
-            lm = peft.PeftModel.from_pretrained(load_causal_lm(settings.base), str(lm_dir))
-        else:
-            lm = load_causal_lm(lm_dir)
-        projector = PrefixProjector(settings.dim, meta["lm_hidden"], settings.n_prefix, kind=settings.projector,
-                                    inner=settings.projector_hidden)
-        projector.load_state_dict(load_file(str(directory / "projector.safetensors")), strict=True)
-        dec = cls(lm, tokenizer, projector, settings, meta["encoder"])
-        if device is not None:
-            dec.to(device)
-        return dec.eval()
-
-
-def build_prefix_decoder(section: DecoderSection, *, dim: int, encoder_identity: dict,
-                         sentences: Sequence[str] | None = None, seed: int = 0) -> PrefixLMDecoder:
-    """A fresh (untrained projector) prefix decoder for ``dim``-dimensional embeddings.
-
-    ``base: null`` trains a byte-level BPE tokenizer on ``sentences`` (required then) and builds a tiny Llama
-    (seeded); otherwise the pretrained LM and its tokenizer are loaded (and wrapped with LoRA when ``lora > 0``:
-    only the adapters and the projector train).
-    """
-    from conceptlm.core.hf import apply_lora, build_tiny_model, load_causal_lm, load_tokenizer
-
-    section.validate()
-    if section.base is None:
-        from conceptlm.core.tokenizer import train_bpe_tokenizer
-
-        if not sentences:
-            raise ValueError("a from-scratch prefix decoder needs sentences to train its tokenizer on")
-        texts = [s.lower() for s in sentences] if section.lowercase else list(sentences)
-        tokenizer = train_bpe_tokenizer(texts, vocab_size=section.vocab_size)
-        lm = build_tiny_model("llama", len(tokenizer), hidden_size=section.hidden_size,
-                              num_layers=section.num_layers, num_heads=section.num_heads,
-                              max_position_embeddings=section.max_position_embeddings,
-                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id, seed=seed)
-    else:
-        lm = load_causal_lm(section.base)
-        tokenizer = load_tokenizer(section.base)
-        if section.lora:
-            lm.requires_grad_(False)
-            lm = apply_lora(lm, r=section.lora, alpha=section.lora_alpha)
-    emb = lm.get_input_embeddings().weight
-    hidden = emb.shape[1]
-    with torch.random.fork_rng():  # the projector's init must not move the global RNG
-        torch.manual_seed(seed + 1)
-        projector = PrefixProjector(dim, hidden, section.n_prefix, kind=section.projector,
-                                    inner=section.projector_hidden, out_std=float(emb.detach().float().std()))
-    return PrefixLMDecoder(lm, tokenizer, projector, PrefixSettings.from_section(section, dim), encoder_identity)
-
-
+# ------------------------------------------------------------------------------------------------ loading
 def load_decoder(source: str | Path | DecoderSection, *, encoder: SentenceEncoder | dict | None = None,
                  device: str | torch.device | None = None) -> SentenceDecoder:
     """Load a saved decoder from a folder (or ``section.path``), of whichever kind it is.
@@ -586,7 +237,7 @@ def load_decoder(source: str | Path | DecoderSection, *, encoder: SentenceEncode
                               field="decoder.path")
         want_kind, source = source.kind, source.path
     directory = resolve_decoder_dir(Path(source))
-    meta = _read_header(directory)
+    meta = read_decoder_header(directory)
     manifest = decoder_manifest(directory)
     if manifest is not None:
         problem = damaged_file(directory, manifest)
@@ -597,7 +248,9 @@ def load_decoder(source: str | Path | DecoderSection, *, encoder: SentenceEncode
                           path=directory / DECODER_FILE, field="kind")
     if meta["kind"] == RetrievalDecoder.kind:
         return RetrievalDecoder.load(directory, encoder=encoder)
-    if meta["kind"] == PrefixLMDecoder.kind:
+    if meta["kind"] == "prefix_lm":
+        from conceptlm.lcm.prefix_decoder import PrefixLMDecoder  # transformers is imported only for this kind
+
         return PrefixLMDecoder.load(directory, encoder=encoder, device=device)
     raise ConfigError(f"unknown decoder kind {meta['kind']!r}", path=directory / DECODER_FILE, field="kind")
 

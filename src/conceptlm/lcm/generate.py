@@ -1,4 +1,4 @@
-"""Autoregressive generation over sentence embeddings with the paper's stopping rules (spec §3.3).
+"""Autoregressive generation over sentence embeddings with the paper's stopping rules (LCM paper §2.3.1).
 
 From a batch of prompt documents of different lengths, the model predicts one next sentence embedding per step,
 appends it, and repeats. The prompts are **left-padded** (positions restart at 0 at each document's first
@@ -16,8 +16,8 @@ Cosines are taken in raw embedding space (paper: both thresholds 0.9). The sente
 or repetition stop is dropped from the output (``trim_stop_sentence``; the reference keeps it by default and then
 decodes "End of text."). Finished documents leave the batch (their cache rows are dropped), so the others run on.
 ``temperature > 0`` adds ``temperature * N(0, I)`` noise in normalized space (the reference's
-``sample_latent_variable``, off by default: spec §3.3 recommends it off for an MSE model), drawn per document and
-step so a document's output does not depend on the rest of the batch.
+``sample_latent_variable``, off by default, as in the reference's evaluation: it adds large noise to an MSE model),
+drawn per document and step so a document's output does not depend on the rest of the batch.
 
 Decoding to text is the caller's: pass ``decode(vectors (N, D)) -> list[str]``; it is called once for all
 generated vectors of the batch, and a document's text is its sentences joined with spaces.
@@ -32,55 +32,21 @@ does not depend on the other documents of the batch, nor on whether caches are u
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from conceptlm.core.config import check
-from conceptlm.core.modules import KVCache, positions_from_padding
+from conceptlm.core.modules import positions_from_padding
 from conceptlm.core.rng import derived_generator
-from conceptlm.lcm.diffusion.config import SamplerOptions
-from conceptlm.lcm.model import BaseLCM, NormalizedModel
-from conceptlm.lcm.quant_config import QuantSamplingOptions
+from conceptlm.lcm.config import GenerationOptions
+from conceptlm.lcm.sequence import NormalizedModel
 
-__all__ = ["GenerationOptions", "GeneratedDocument", "generate", "STOP_REASONS", "NextSentencePredictor",
-           "BaseLCMPredictor", "row_generator"]
+__all__ = ["GeneratedDocument", "generate", "STOP_REASONS", "NextSentencePredictor", "SequenceState",
+           "row_generator"]
 
 STOP_REASONS = ("eot", "repetition", "max_new_sentences", "max_sentences")
-
-
-@dataclass(kw_only=True)
-class GenerationOptions:
-    """Stopping rules and sampling of :func:`generate` (defaults: the paper's thresholds)."""
-
-    max_new_sentences: int = 32
-    min_new_sentences: int = 1
-    """The end-of-text and repetition rules apply only from this many generated sentences on."""
-    eos_threshold: float | None = 0.9
-    """Stop when ``cos(x^_n, eot)`` reaches it (``None``: off; also off when no ``eot`` is given)."""
-    repetition_threshold: float | None = 0.9
-    """Stop when ``cos(x^_n, x_{n-1})`` reaches it (``None``: off)."""
-    trim_stop_sentence: bool = True
-    temperature: float = 0.0
-    seed: int = 0
-    use_cache: bool = True
-    """Reuse the model's caches across steps (KV caches, cross-attention memories); off = recompute everything
-    each step (same output, for checking and timing)."""
-    diffusion: SamplerOptions = field(default_factory=SamplerOptions)
-    """The diffusion sampler of One-/Two-Tower models (ignored by the others)."""
-    quant: QuantSamplingOptions = field(default_factory=QuantSamplingOptions)
-    """Unit sampling of Quant-LCMs (ignored by the others)."""
-
-    def validate(self) -> None:
-        """Raises ``ConfigError`` (a ``ValueError``) naming the field as ``generate.<name>``."""
-        self.diffusion.validate()
-        self.quant.validate()
-        check(self.max_new_sentences >= 1, "generate.max_new_sentences", "must be >= 1")
-        check(0 <= self.min_new_sentences <= self.max_new_sentences, "generate.min_new_sentences",
-              f"must be in [0, max_new_sentences={self.max_new_sentences}]")
-        check(self.temperature >= 0, "generate.temperature", "must be >= 0")
 
 
 @dataclass
@@ -138,47 +104,8 @@ class SequenceState:
         self.z, self.keep, self.positions = self.z[index], self.keep[index], self.positions[index]
 
 
-class BaseLCMPredictor:
-    """Base-LCM: the regression output is the next sentence (plus optional ``temperature`` noise, the reference's
-    ``sample_latent_variable``); with the cache each new sentence costs one position per layer."""
-
-    def __init__(self, model: BaseLCM, options: GenerationOptions) -> None:
-        self.model, self.o = model, options
-        self.cache = KVCache() if options.use_cache else None
-        self.seq: SequenceState | None = None
-
-    def _sample(self, y: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
-        if self.o.temperature > 0:
-            noise = torch.stack([torch.randn(y.shape[-1], generator=row_generator("lcm-generate", self.o.seed, r, step))
-                                 for r in rows]).to(y)
-            y = y + self.o.temperature * noise
-        return y
-
-    def start(self, z, keep, positions, rows):
-        self.seq = SequenceState(z, keep, positions)
-        y = self.model.forward_normalized(z, positions=positions, key_padding_mask=keep, cache=self.cache)
-        return self._sample(y[:, -1], rows, 0)
-
-    def step(self, z_new, rows, step):
-        s = self.seq
-        s.append(z_new)
-        if self.cache is None:  # the whole sequence every step
-            y = self.model.forward_normalized(s.z, positions=s.positions, key_padding_mask=s.keep)
-        else:  # one position per document
-            y = self.model.forward_normalized(z_new.unsqueeze(1), positions=s.positions[:, -1:],
-                                              key_padding_mask=s.keep, cache=self.cache)
-        return self._sample(y[:, -1], rows, step)
-
-    def select(self, index):
-        self.seq.select(index)
-        if self.cache is not None:
-            self.cache.reorder(index)
-
-
 def make_predictor(model: NormalizedModel, options: GenerationOptions) -> NextSentencePredictor:
-    """``model.predictor(options)`` (every LCM variant defines one; Base-LCM: :class:`BaseLCMPredictor`)."""
-    if isinstance(model, BaseLCM):
-        return BaseLCMPredictor(model, options)
+    """``model.predictor(options)`` (every LCM variant defines one)."""
     factory = getattr(model, "predictor", None)
     if factory is None:
         raise TypeError(f"{type(model).__name__} has no predictor(options) for generation")

@@ -1,4 +1,4 @@
-"""The interleaved layout of the One-Tower diffusion LCM and the Quantized LCM (paper §2.3.3, Fig. 7; spec §5, §7).
+"""The interleaved layout of the One-Tower diffusion LCM and the Quantized LCM (LCM paper §2.3.3, Fig. 7, and §2.3.5).
 
 A document of ``N`` sentences becomes one sequence of ``2N`` positions: position ``2n`` holds the *query* copy of
 sentence ``n`` (its noisy latent, or for Quant-LCM its partial quantization) and position ``2n + 1`` its clean

@@ -1,4 +1,4 @@
-"""LCM evaluation metrics (paper §2.4.1, §2.5.2, §3.1.1; spec §8).
+"""LCM evaluation metrics (LCM paper §2.4.1, §2.5.2, §3.1.1).
 
 Teacher-forced next-sentence metrics work on vectors; ``pred[i]`` is the model's prediction of ``target[i]`` from
 the ground-truth prefix. Each returns per-item values; a caller reports them as ``(sum, count)`` pairs

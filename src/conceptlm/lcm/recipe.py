@@ -32,10 +32,12 @@ import torch
 
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.errors import CheckpointError, ConceptLMError, ConfigError
+from conceptlm.core.evaluation import evaluate_unit
 from conceptlm.core.io import atomic_write_text
+from conceptlm.core.trainer import to_device
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
-from conceptlm.lcm.unit import DocumentChunks, collate_documents, scored_positions, teacher_forced_metrics
+from conceptlm.lcm.sequence import DocumentChunks, collate_documents, scored_positions
 from conceptlm.lcm.variants import build_unit
 
 __all__ = ["prepare", "train", "train_decoder", "eval_decoder", "generate", "evaluate", "cost", "load_run"]
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------ stages
 def prepare(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
     """``conceptlm lcm prepare``: segment, embed and store ``docs`` in ``prepare.out_dir`` (resumable)."""
-    from conceptlm.lcm.prepare import prepare as run_prepare
+    from conceptlm.lcm.data.prepare import prepare as run_prepare
 
     return run_prepare(prepare_config(cfg), output=output)
 
@@ -58,69 +60,6 @@ def train(cfg: LCMConfig, *, command: str | None = None):
     return train_lcm(lcm_train_config(cfg), command=command)
 
 
-class StoredVectorsEncoder:
-    """An encoder that answers from the vectors a ``prepare`` run already stored (fp16) and encodes only the
-    sentences it has not seen; same identity as the wrapped encoder."""
-
-    def __init__(self, encoder, table: dict[str, torch.Tensor]):
-        self.encoder, self.table = encoder, table
-        self.name = encoder.name
-
-    @property
-    def dim(self) -> int:
-        return self.encoder.dim
-
-    def identity(self) -> dict:
-        return self.encoder.identity()
-
-    def encode(self, sentences, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
-        sentences = list(sentences)
-        missing = list(dict.fromkeys(s for s in sentences if s not in self.table))
-        fresh = dict(zip(missing, self.encoder.encode(missing, batch_size=batch_size, progress=progress))) \
-            if missing else {}
-        if not sentences:
-            return torch.zeros(0, self.dim)
-        return torch.stack([self.table[s] if s in self.table else fresh[s] for s in sentences]).float()
-
-
-def _decoder_sentences(cfg: LCMConfig, encoder) -> tuple[list[str] | None, dict[str, torch.Tensor] | None,
-                                                      dict | None]:
-    """``(sentences, vectors, data)`` of the prepared folder's training documents (all documents with
-    ``decoder_train.split=all``) for the decoder, or ``(None, None, None)`` when there is no prepared folder.
-
-    ``sentences``: every sentence in document order except the appended end-of-text sentence; ``vectors``:
-    sentence -> stored vector (fp16, as the LCM sees it) when the folder was made with this encoder, else None;
-    ``data``: what the decoder's manifest records (the folder's fingerprint, the split and the split rule)."""
-    from conceptlm.lcm.encoders import verify_identity
-    from conceptlm.lcm.store import MANIFEST_FILE, EmbeddedDocuments
-
-    folder = cfg.data_dir
-    if folder is None or not (folder / MANIFEST_FILE).is_file():
-        return None, None, None
-    split = cfg.decoder_train.split
-    docs = EmbeddedDocuments(folder, "train" if split == "train" else "all")
-    try:
-        verify_identity(docs.encoder_identity, encoder, where=str(folder))
-        same = True
-    except ConceptLMError:
-        same = False
-    prep = docs.manifest.get("prepare") or {}
-    eot = prep.get("end_of_text_sentence") if prep.get("end_of_text") else None
-    sentences: list[str] = []
-    table: dict[str, torch.Tensor] = {}
-    for i in range(len(docs)):
-        d = docs[i]
-        sents = d["sentences"]
-        n = len(sents) - 1 if eot is not None and sents and sents[-1] == eot else len(sents)
-        sentences.extend(sents[:n])
-        if same:
-            for sentence, vector in zip(sents[:n], d["vectors"][:n]):
-                table.setdefault(sentence, vector)
-    data = {"source": "prepared", "prepared": docs.fingerprint, "split": split,
-            "val_fraction": prep.get("val_fraction"), "split_seed": prep.get("split_seed"), "documents": len(docs)}
-    return sentences, (table if same else None), data
-
-
 def train_decoder(cfg: LCMConfig, *, command: str | None = None):
     """``conceptlm lcm train-decoder``: the sentence decoder of ``decoder`` in ``{run_dir}/decoder``, learned from
     the training documents only.
@@ -129,11 +68,12 @@ def train_decoder(cfg: LCMConfig, *, command: str | None = None):
     was made with the same encoder, their stored vectors (fp16, as the LCM sees them) instead of encoding them
     again; without one, the documents of ``docs`` in the train split of ``prepare``'s split rule. The decoder's
     ``artifact.json`` records which."""
+    from conceptlm.lcm.data.encoders import get_encoder
+    from conceptlm.lcm.decoder_train import StoredVectorsEncoder, prepared_sentences
     from conceptlm.lcm.decoder_train import train_decoder as run
-    from conceptlm.lcm.encoders import get_encoder
 
     encoder = get_encoder(cfg.encoder)
-    sentences, table, data = _decoder_sentences(cfg, encoder)
+    sentences, table, data = prepared_sentences(cfg.data_dir, cfg.decoder_train.split, encoder)
     if sentences is not None:
         log.info("decoder: %d sentences of the %s documents of %s (%s)", len(sentences), data["split"],
                  cfg.data_dir, "stored vectors" if table else "encoded again: the folder has another encoder")
@@ -145,11 +85,12 @@ def train_decoder(cfg: LCMConfig, *, command: str | None = None):
 def eval_decoder(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
     """``conceptlm lcm eval-decoder``: AutoBLEU and round-trip cosine of the decoder on its held-out sentences
     (from the same training documents as ``train-decoder``)."""
+    from conceptlm.lcm.data.encoders import get_encoder
     from conceptlm.lcm.decoder_train import eval_decoder as run
-    from conceptlm.lcm.encoders import get_encoder
+    from conceptlm.lcm.decoder_train import prepared_sentences
 
     encoder = get_encoder(cfg.encoder)
-    sentences, _, _ = _decoder_sentences(cfg, encoder)
+    sentences, _, _ = prepared_sentences(cfg.data_dir, cfg.decoder_train.split, encoder)
     return run(decoder_config(cfg), checkpoint=checkpoint or str(cfg.decoder_dir), output=output,
                sentences=sentences, encoder=encoder)
 
@@ -183,7 +124,7 @@ def _checkpoint(cfg: LCMConfig, checkpoint: str | None) -> Path:
 def load_run(cfg: LCMConfig, checkpoint: str | None = None, *, need_decoder: bool = True) -> LoadedRun:
     """The run's model (newest checkpoint or ``checkpoint``), encoder and decoder, checked against each other."""
     from conceptlm.lcm.decoders import load_decoder
-    from conceptlm.lcm.encoders import get_encoder, verify_identity
+    from conceptlm.lcm.data.encoders import get_encoder, verify_identity
     from conceptlm.lcm.train import ENCODER_ARTIFACT, PREPARED_ARTIFACT, load_lcm
 
     ckpt = _checkpoint(cfg, checkpoint)
@@ -261,7 +202,7 @@ def _validation_documents(cfg: LCMConfig, limit: int, run: LoadedRun | None = No
     """The first ``limit`` validation documents of the prepared folder; with ``run``, checked to be the folder
     the run trained on (content fingerprint) and, when the run has a decoder, that the decoder did not learn
     from them (:func:`_check_decoder_split`)."""
-    from conceptlm.lcm.store import EmbeddedDocuments
+    from conceptlm.lcm.data.store import EmbeddedDocuments
 
     folder = cfg.data_dir
     if folder is None or not (folder / "manifest.json").is_file():
@@ -312,7 +253,7 @@ def generate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
     """``conceptlm lcm generate``: continue ``generate.prompt`` (or validation documents) sentence by sentence,
     decode the new sentences and print them. Writes ``{run_dir}/generate.json`` (or ``output``)."""
     from conceptlm.lcm.generate import generate as run_generate
-    from conceptlm.lcm.segment import get_segmenter
+    from conceptlm.lcm.data.segment import get_segmenter
 
     g = cfg.generate
     run = load_run(cfg, checkpoint)
@@ -363,39 +304,34 @@ def _mi_scorer(name: str):
 
 
 def _teacher_forced(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> tuple[dict[str, float], list, list]:
-    """Sums of the unit's eval metrics over the documents, plus up to ``evaluate.mi_sentences`` predicted
-    vectors with their ground-truth context sentences (for MI)."""
+    """Means of the unit's eval metrics over the documents (:func:`~conceptlm.core.evaluation.evaluate_unit`, the
+    trainer's evaluation path), plus up to ``evaluate.mi_sentences`` predicted vectors with their ground-truth
+    context sentences (for MI)."""
     e = cfg.evaluate
     chunks = DocumentChunks(docs, max_sentences=run.model.cfg.max_sentences, min_length=2)
     use_rt = e.round_trip and run.decoder is not None
-    unit = build_unit(run.model.cfg, round_trip=run.round_trip if use_rt else None)
-    unit.model = run.model
-    unit.eval()
+    unit = build_unit(run.model.cfg, round_trip=run.round_trip if use_rt else None, model=run.model).eval()
     if hasattr(unit, "eval_sampler"):  # diffusion LCMs sample each prediction with generate.diffusion
         unit.eval_sampler = cfg.generate.diffusion
-    sums: dict[str, list[float]] = {}
+    items = [[chunks[i] for i in range(start, min(start + e.batch_size, len(chunks)))]
+             for start in range(0, len(chunks), e.batch_size)]
+    batches = [collate_documents(b) for b in items]
+    device = next(run.model.parameters()).device
+    tf = evaluate_unit(unit, batches, device=device, parts=[]).means(unit.loss_weights)
     mi_vectors: list[torch.Tensor] = []
     mi_contexts: list[list[str]] = []
-    with torch.no_grad():
-        for start in range(0, len(chunks), e.batch_size):
-            items = [chunks[i] for i in range(start, min(start + e.batch_size, len(chunks)))]
-            batch = collate_documents(items)
-            pred = run.model.denormalize(unit.teacher_forced(batch)).float()
-            tm = scored_positions(batch, run.model.cfg.min_context)
-            metrics = teacher_forced_metrics(pred, batch["vectors"], tm, unit.round_trip)
-            for name, (s, c) in metrics.items():
-                acc = sums.setdefault(name, [0.0, 0.0])
-                acc[0] += float(s)
-                acc[1] += float(c)
-            if not e.mi_model or len(mi_vectors) >= e.mi_sentences:
-                continue
-            for b, it in enumerate(items):
-                sents = docs[it["doc"]]["sentences"][it["start"]:it["start"] + len(it["vectors"])]
-                for t in tm[b].nonzero().flatten().tolist():
-                    if len(mi_vectors) < e.mi_sentences:
-                        mi_vectors.append(pred[b, t])
-                        mi_contexts.append(sents[:t])
-    return {k: s / c for k, (s, c) in sums.items() if c}, mi_vectors, mi_contexts
+    for batch, its in zip(batches, items):  # the predictions again (same noise), for as many batches as MI needs
+        if not e.mi_model or len(mi_vectors) >= e.mi_sentences:
+            break
+        pred = unit.predictions(to_device(batch, device))
+        tm = scored_positions(batch, unit.cfg.min_context)
+        for b, it in enumerate(its):
+            sents = docs[it["doc"]]["sentences"][it["start"]:it["start"] + len(it["vectors"])]
+            for t in tm[b].nonzero().flatten().tolist():
+                if len(mi_vectors) < e.mi_sentences:
+                    mi_vectors.append(pred[b, t])
+                    mi_contexts.append(sents[:t])
+    return tf, mi_vectors, mi_contexts
 
 
 def _text_metrics(cfg: LCMConfig, run: LoadedRun, docs: list[dict]) -> dict[str, Any]:

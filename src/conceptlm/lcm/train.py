@@ -1,15 +1,15 @@
 """The LCM training recipe: ``train_lcm(cfg)`` on the shared loop for every ``lcm.model`` variant (Base-LCM,
 Two-Tower, One-Tower, Quant-LCM-D/C; :mod:`conceptlm.lcm.variants`), and :func:`load_lcm` to reload a checkpoint.
 
-Config sections (besides run/optim/schedule/train/dist): ``lcm`` (:class:`~conceptlm.lcm.model.LCMSection`, the
+Config sections (besides run/optim/schedule/train/dist): ``lcm`` (:class:`~conceptlm.lcm.config.LCMSection`, the
 architecture) and ``lcm_data`` (:class:`LCMDataSection`). Data are any datasets of ``{"id", "vectors" (n, D)}``
 documents passed to :func:`train_lcm`; otherwise ``lcm_data.source`` names a prepared folder (the ``prepare``
-verb's Parquet shards, read as :class:`~conceptlm.lcm.store.EmbeddedDocuments`: ``train`` split for training,
+verb's Parquet shards, read as :class:`~conceptlm.lcm.data.store.EmbeddedDocuments`: ``train`` split for training,
 ``validation`` for evaluation) or ``synthetic`` (:class:`SyntheticVectorDocuments`: vectors that follow a fixed
 noisy rotation, so the next vector is predictable from the previous ones).
 
 Normalizer (``lcm.normalize``): the training data's own normalizer when it has one (a prepared folder's
-``normalizer.json``), else a :class:`~conceptlm.lcm.normalizer.RobustNormalizer` (``gaussian_robust``: median,
+``normalizer.json``), else a :class:`~conceptlm.lcm.data.normalizer.RobustNormalizer` (``gaussian_robust``: median,
 IQR / 1.34898) fitted on at most ``lcm.normalizer_samples`` training vectors taken from evenly spaced documents.
 Its statistics become buffers of the model (``unit.safetensors`` alone can generate) and the normalizer is also
 written with every checkpoint as ``artifacts/normalizer/normalizer.json``
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +31,17 @@ import torch
 import yaml
 
 from conceptlm.core import checkpoint as ckpt_lib
-from conceptlm.core.config import RunConfig, check
 from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
-from conceptlm.lcm.model import LCMSection, NormalizedModel
-from conceptlm.lcm.normalizer import RobustNormalizer, warn_if_few_vectors
-from conceptlm.lcm.unit import DocumentChunks, collate_documents
+from conceptlm.lcm.config import LCMSection, LCMTrainConfig
+from conceptlm.lcm.data.normalizer import RobustNormalizer, warn_if_few_vectors
+from conceptlm.lcm.sequence import DocumentChunks, NormalizedModel, collate_documents
 from conceptlm.lcm.variants import build_unit
 
-__all__ = ["LCMDataSection", "LCMTrainConfig", "SyntheticVectorDocuments", "train_lcm", "load_lcm",
+__all__ = ["SyntheticVectorDocuments", "train_lcm", "load_lcm",
            "sample_vectors", "fit_normalizer", "ENCODER_ARTIFACT", "PREPARED_ARTIFACT"]
 
 ENCODER_ARTIFACT = Path("artifacts") / "encoder" / "encoder.json"
@@ -52,42 +50,6 @@ PREPARED_ARTIFACT = Path("artifacts") / "prepared" / "prepared.json"
 """Where a checkpoint records the fingerprint of the prepared folder it trained on."""
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True)
-class LCMDataSection:
-    """Training data of an LCM run when no datasets are passed to :func:`train_lcm`."""
-
-    source: str = "synthetic"
-    """``synthetic`` (:class:`SyntheticVectorDocuments`) or a folder written by the ``prepare`` verb."""
-    n_train: int = 512
-    """Synthetic: training documents (the synthetic-only fields below are ignored for a prepared folder)."""
-    n_eval: int = 64
-    min_sentences: int = 4
-    max_sentences: int = 24
-    """Synthetic document lengths are uniform in ``[min_sentences, max_sentences]``."""
-    rotation: float = 0.6
-    """Synthetic: rotation angle (radians) per sentence in each of the ``dim/2`` planes of the dynamic."""
-    noise: float = 0.05
-    seed: int = 0
-    min_length: int = 2
-    """Chunks with fewer sentences are dropped (a target needs one sentence of context)."""
-
-    def validate(self) -> None:
-        check(bool(self.source), "lcm_data.source", "must be 'synthetic', 'prepared' or a prepared folder")
-        check(self.n_train > 0 and self.n_eval >= 0, "lcm_data.n_train", "n_train must be > 0, n_eval >= 0")
-        check(2 <= self.min_sentences <= self.max_sentences, "lcm_data.min_sentences",
-              "need 2 <= min_sentences <= max_sentences")
-        check(self.noise >= 0, "lcm_data.noise", "must be >= 0")
-        check(self.min_length >= 2, "lcm_data.min_length", "must be >= 2")
-
-
-@dataclass(kw_only=True)
-class LCMTrainConfig(RunConfig):
-    """An LCM run: the shared run sections plus ``lcm`` (architecture) and ``lcm_data``."""
-
-    lcm: LCMSection = field(default_factory=LCMSection)
-    lcm_data: LCMDataSection = field(default_factory=LCMDataSection)
 
 
 class SyntheticVectorDocuments:
@@ -186,7 +148,7 @@ def _check_dim(documents, dim: int, what: str) -> None:
 def _datasets(cfg: LCMTrainConfig):
     d = cfg.lcm_data
     if d.source != "synthetic":
-        from conceptlm.lcm.store import EmbeddedDocuments
+        from conceptlm.lcm.data.store import EmbeddedDocuments
 
         if not (Path(d.source) / "manifest.json").is_file():
             raise ConfigError(f"{d.source!r} is neither 'synthetic' nor a prepared folder (no manifest.json); "

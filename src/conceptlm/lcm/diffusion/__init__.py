@@ -1,25 +1,11 @@
-"""Diffusion for the LCMs: noise schedules, the DDIM sampler with classifier-free guidance, loss weighting."""
+"""Diffusion for the LCMs (One-Tower, Two-Tower), one module per concern:
 
-from conceptlm.lcm.diffusion.config import DiffusionSection, SamplerOptions
-from conceptlm.lcm.diffusion.cosine import cosine_betas
-from conceptlm.lcm.diffusion.ddim import DDIMSampler, classifier_free_guidance, dynamic_threshold
-from conceptlm.lcm.diffusion.linear import linear_betas
-from conceptlm.lcm.diffusion.quadratic import quadratic_betas
-from conceptlm.lcm.diffusion.schedule import (
-    PREDICTIONS,
-    NoiseSchedule,
-    betas_from_alpha_bar,
-    build_schedule,
-    inference_timesteps,
-    rescale_zero_terminal_snr,
-)
-from conceptlm.lcm.diffusion.sigmoid import sigmoid_betas
-from conceptlm.lcm.diffusion.weighting import loss_weights, sample_timesteps, step_probabilities
+- :mod:`~conceptlm.lcm.diffusion.schedule`: the noise process (beta tables, :class:`NoiseSchedule`, zero terminal
+  SNR, the sampler's timesteps);
+- :mod:`~conceptlm.lcm.diffusion.ddim`: the DDIM sampler with classifier-free guidance, and the fixed noise of a
+  teacher-forced sampler run;
+- :mod:`~conceptlm.lcm.diffusion.weighting`: training timestep sampling and loss weighting.
 
-__all__ = [
-    "DiffusionSection", "SamplerOptions",
-    "PREDICTIONS", "NoiseSchedule", "betas_from_alpha_bar", "build_schedule", "inference_timesteps",
-    "rescale_zero_terminal_snr", "cosine_betas", "linear_betas", "quadratic_betas", "sigmoid_betas",
-    "DDIMSampler", "classifier_free_guidance", "dynamic_threshold",
-    "loss_weights", "sample_timesteps", "step_probabilities",
-]
+The settings are ``lcm.diffusion`` (:class:`~conceptlm.lcm.config.DiffusionSection`) and ``generate.diffusion``
+(:class:`~conceptlm.lcm.config.SamplerOptions`).
+"""

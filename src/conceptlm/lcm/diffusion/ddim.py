@@ -1,4 +1,4 @@
-"""DDIM sampling of one sentence embedding with classifier-free guidance (spec §4.4).
+"""DDIM sampling of one sentence embedding with classifier-free guidance (LCM paper §2.3.2, §2.4.1).
 
 Per inference step ``t → t'`` (``timesteps[i] → timesteps[i+1]``, the clean end ``ᾱ' = 1`` after the last):
 
@@ -22,10 +22,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from conceptlm.lcm.diffusion.config import SamplerOptions
+from conceptlm.core.rng import EVAL_STEP, StepRandomness
+from conceptlm.lcm.config import SamplerOptions
 from conceptlm.lcm.diffusion.schedule import NoiseSchedule, _check_prediction, inference_timesteps
 
-__all__ = ["classifier_free_guidance", "dynamic_threshold", "DDIMSampler", "Denoise"]
+__all__ = ["classifier_free_guidance", "dynamic_threshold", "DDIMSampler", "Denoise", "teacher_forced_noise"]
 
 Denoise = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor | None]"]
 """``denoise(x (..., D), t (...) long) -> (pred_cond (..., D), pred_uncond (..., D) or None)``."""
@@ -157,3 +158,16 @@ class DDIMSampler:
             noise = noise_fn(i) if self.options.eta > 0 and noise_fn is not None else None
             x, x0 = self.step(i, x, pred_cond, pred_uncond, noise)
         return x0
+
+
+def teacher_forced_noise(step_rng: StepRandomness | None, purpose: str, ids: Tensor, *, max_sentences: int, dim: int,
+                         n_sentences: int, n_steps: int, eta: float, device: torch.device) -> Tensor:
+    """The fixed standard-normal noise of a teacher-forced sampler run of a diffusion LCM's unit: ``(B, 1, N, D)``
+    (the initial latent), or ``(B, S + 1, N, D)`` with ``eta > 0`` (plus each of the S steps' noise).
+
+    Drawn per example (``ids``) at ``max_sentences`` rows and sliced to ``n_sentences``, from the eval step of the
+    seed of ``step_rng`` (0 without one), so a document's noise depends neither on the other documents of its batch
+    (eval batch size, ranks) nor on the batch's padded length, and is the same at every evaluation."""
+    rng = StepRandomness(seed=step_rng.seed if step_rng is not None else 0, step=EVAL_STEP)
+    draws = n_steps + 1 if eta > 0 else 1
+    return rng.per_example(purpose, ids, (draws, max_sentences, dim), device=device)[:, :, :n_sentences]

@@ -1,7 +1,8 @@
-"""The variance-preserving noise process of the diffusion LCMs (spec §4.2, §6).
+"""The variance-preserving noise process of the diffusion LCMs (LCM paper §2.3.2).
 
 ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε`` with ``ᾱ_t = Π_{s≤t}(1 − β_s)``, ``t = 0..T−1``. A schedule is a float64
-``betas (T,)`` table; :class:`NoiseSchedule` turns it into the per-step coefficients and the conversions between
+``betas (T,)`` table (:func:`linear_betas`, :func:`quadratic_betas`, :func:`cosine_betas`, :func:`sigmoid_betas`);
+:class:`NoiseSchedule` turns it into the per-step coefficients and the conversions between
 the three prediction targets (``x0``, ``epsilon``, ``v``). :func:`build_schedule` makes one from the config section
 ``lcm.diffusion``; :func:`inference_timesteps` lists the steps a sampler visits.
 """
@@ -15,11 +16,11 @@ import torch
 from torch import Tensor
 
 from conceptlm.core.errors import ConfigError
-from conceptlm.lcm.diffusion.config import DiffusionSection
+from conceptlm.lcm.config import DiffusionSection
 
 __all__ = [
-    "PREDICTIONS", "NoiseSchedule", "betas_from_alpha_bar", "rescale_zero_terminal_snr", "build_schedule",
-    "inference_timesteps", "SPACINGS",
+    "PREDICTIONS", "NoiseSchedule", "betas_from_alpha_bar", "linear_betas", "quadratic_betas", "cosine_betas",
+    "sigmoid_betas", "rescale_zero_terminal_snr", "build_schedule", "inference_timesteps", "SPACINGS",
 ]
 
 PREDICTIONS = ("x0", "epsilon", "v")
@@ -174,6 +175,59 @@ def betas_from_alpha_bar(f: Callable[[Tensor], Tensor], T: int, max_beta: float 
     return torch.clamp(1.0 - fu[1:] / fu[:-1], max=max_beta)
 
 
+# ------------------------------------------------------------------------------------------------ beta tables
+def linear_betas(T: int, beta_start: float, beta_end: float) -> Tensor:
+    """Linear schedule (Ho et al. 2020; reference ``linear``): betas evenly spaced from ``beta_start`` to
+    ``beta_end`` (both included). float64 ``(T,)``."""
+    if T < 2:
+        raise ValueError(f"need T >= 2 steps, got {T}")
+    if not (0 < beta_start < 1 and 0 < beta_end < 1):
+        raise ValueError(f"beta_start and beta_end must be in (0, 1), got {beta_start}, {beta_end}")
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def quadratic_betas(T: int, beta_start: float, beta_end: float) -> Tensor:
+    """Quadratic schedule (reference ``scaled_linear`` with exponent 2; the LCM paper's Quadratic-1/-2, §2.3.2):
+    betas evenly spaced in sqrt space, squared: ``β_i = (sqrt(β_start) + i/(T−1)·(sqrt(β_end) − sqrt(β_start)))²``,
+    ``i = 0..T−1``. float64 ``(T,)``."""
+    if T < 2:
+        raise ValueError(f"need T >= 2 steps, got {T}")
+    if not (0 < beta_start < 1 and 0 < beta_end < 1):
+        raise ValueError(f"beta_start and beta_end must be in (0, 1), got {beta_start}, {beta_end}")
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+
+
+def cosine_betas(T: int, s: float = 0.008) -> Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021; reference ``squaredcos_cap_v2``), the LCM default (LCM paper
+    §2.3.2): betas discretising ``ᾱ(u) = f(u)/f(0)``, ``f(u) = cos²((u + s)/(1 + s)·π/2)``, capped at 0.999 (the
+    cap sets the last step, where f(1) = 0). float64 ``(T,)``."""
+    if s < 0:
+        raise ValueError(f"cosine offset s must be >= 0, got {s}")
+
+    def f(u: Tensor) -> Tensor:
+        return torch.cos((u + s) / (1.0 + s) * (math.pi / 2)) ** 2
+
+    return betas_from_alpha_bar(f, T)
+
+
+_SIGMOID_EPS = 1e-32
+
+
+def sigmoid_betas(T: int, scale: float, shift: float) -> Tensor:
+    """The LCM paper's sigmoid schedule (§2.3.2): log-SNR ≈ ``δ − γ·logit(u)``, centred on δ with scale γ. Betas
+    discretising ``ᾱ(u) = f(u)/f(0)``, ``f(u) = sigmoid(shift − scale·logit(u))`` with ``u`` clamped to
+    ``[1e-32, 1 − 1e-32]`` as in the reference (in float64 the upper bound is 1, so f(1) = 0 and the last beta is
+    the 0.999 cap). ``scale`` = γ (reference ``sigmoid_schedule_alpha``), ``shift`` = δ (``sigmoid_schedule_beta``).
+    float64 ``(T,)``."""
+    if scale <= 0:
+        raise ValueError(f"sigmoid scale must be > 0, got {scale}")
+
+    def f(u: Tensor) -> Tensor:
+        return torch.sigmoid(shift - scale * torch.logit(u.clamp(_SIGMOID_EPS, 1.0 - _SIGMOID_EPS)))
+
+    return betas_from_alpha_bar(f, T)
+
+
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     """Shift and scale ``sqrt(ᾱ)`` so the last step has ᾱ = 0 and the first keeps its value (Lin et al. 2024,
     Alg. 1): ``s ← (s − s_{T−1})·s_0 / (s_0 − s_{T−1})``, ``ᾱ = s²``, betas from the ratios (the last becomes 1).
@@ -199,11 +253,6 @@ def _round_half_even(num: Tensor, den: int) -> Tensor:
 def build_schedule(section: DiffusionSection) -> NoiseSchedule:
     """The schedule of section ``lcm.diffusion``: ``section.schedule`` (cosine | quadratic | linear | sigmoid) over
     ``section.num_train_steps`` steps, rescaled to zero terminal SNR when ``section.zero_terminal_snr``."""
-    from conceptlm.lcm.diffusion.cosine import cosine_betas
-    from conceptlm.lcm.diffusion.linear import linear_betas
-    from conceptlm.lcm.diffusion.quadratic import quadratic_betas
-    from conceptlm.lcm.diffusion.sigmoid import sigmoid_betas
-
     T = section.num_train_steps
     if section.schedule == "cosine":
         betas = cosine_betas(T)

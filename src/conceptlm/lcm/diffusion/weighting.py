@@ -1,4 +1,5 @@
-"""Training timesteps and per-position loss weights of the diffusion LCMs (spec §4.3 item 7, §6).
+"""Training timesteps and per-position loss weights of the diffusion LCMs (LCM paper §2.3.2; the reference's step
+sampler).
 
 - Timesteps: uniform over ``0..T−1`` (the recipes), or ``beta``: step ``k−1`` with probability ∝ the Beta(a, b)
   density at ``k/T``, ``k = 1..T`` (a = 0.8 < 1 favours small, low-noise steps).

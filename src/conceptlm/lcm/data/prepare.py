@@ -1,9 +1,9 @@
 """The ``prepare`` verb: documents -> sentences -> embeddings in Parquet shards, plus the fitted normalizer.
 
-Documents (:mod:`~conceptlm.lcm.documents`) are segmented (:mod:`~conceptlm.lcm.segment`), optionally capped at
-``max_sentences`` and suffixed with the paper's end-of-document concept "End of text." (§2.3.1), and embedded
-(:mod:`~conceptlm.lcm.encoders`); every ``shard_size`` documents form one shard (layout in
-:mod:`~conceptlm.lcm.store`). Each shard is written to a temporary name and renamed, ``prepare_state.json`` records
+Documents (:mod:`~conceptlm.lcm.data.documents`) are segmented (:mod:`~conceptlm.lcm.data.segment`), optionally
+capped at ``max_sentences`` and suffixed with the paper's end-of-document concept "End of text." (§2.3.1), and embedded
+(:mod:`~conceptlm.lcm.data.encoders`); every ``shard_size`` documents form one shard (layout in
+:mod:`~conceptlm.lcm.data.store`). Each shard is written to a temporary name and renamed, ``prepare_state.json`` records
 the settings, and ``manifest.json`` is written last.
 
 Resuming: a second run with the same settings walks the same deterministic document stream, keeps every shard
@@ -14,7 +14,7 @@ any moment resumes without duplicates or holes. A shard made from other document
 a damaged one is refused with one line naming the shard and what changed (``prepare.on_change: refuse``, the
 default), or re-encoded (``prepare.on_change: rebuild``, only those shards). The normalizer is then fitted on the
 vectors of the training documents as stored (fp16), on at most ``normalizer_max_samples`` evenly strided vectors
-(a warning when fewer than :data:`~conceptlm.lcm.normalizer.MIN_FIT_VECTORS`), and ``artifact.json`` (kind
+(a warning when fewer than :data:`~conceptlm.lcm.data.normalizer.MIN_FIT_VECTORS`), and ``artifact.json`` (kind
 ``lcm.prepared``) and ``manifest.json`` are written last.
 
 The folder is locked (:class:`~conceptlm.core.lock.RunLock`) while ``prepare`` writes it. A refused run changes
@@ -34,28 +34,27 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from conceptlm.core.artifact import (ARTIFACT_FILE, Identity, StaleArtifactError, damaged_file, digest,
                                      read_manifest, write_manifest)
-from conceptlm.core.config import RunConfig, check
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.core.lock import RunLock
 from conceptlm.core.progress import progress_bar
-from conceptlm.lcm.documents import DocsSection, iter_documents, split_instruction
-from conceptlm.lcm.encoders import EncoderSection, SentenceEncoder, get_encoder, identity_fingerprint
-from conceptlm.lcm.normalizer import METHODS, NORMALIZER_FILE, RobustNormalizer, warn_if_few_vectors
-from conceptlm.lcm.segment import Segmenter, SegmentSection, get_segmenter
-from conceptlm.lcm.store import (ARTIFACT_KIND, FORMAT, MANIFEST_FILE, STATE_FILE, assign_split, documents_table,
-                                 read_shard, shard_inputs, shard_name)
+from conceptlm.lcm.config import DocsSection, PrepareConfig, PrepareSection
+from conceptlm.lcm.data.documents import iter_documents, split_instruction
+from conceptlm.lcm.data.encoders import SentenceEncoder, get_encoder, identity_fingerprint
+from conceptlm.lcm.data.normalizer import NORMALIZER_FILE, RobustNormalizer, warn_if_few_vectors
+from conceptlm.lcm.data.segment import Segmenter, get_segmenter
+from conceptlm.lcm.data.store import (ARTIFACT_KIND, FORMAT, MANIFEST_FILE, STATE_FILE, assign_split, documents_table,
+                                      read_shard, shard_inputs, shard_name)
 
-__all__ = ["PrepareSection", "PrepareConfig", "prepare", "segment_document"]
+__all__ = ["prepare", "segment_document"]
 
 log = logging.getLogger(__name__)
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -63,63 +62,6 @@ _SHARD_RE = re.compile(r"^shard-(\d{5})\.parquet$")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
-
-@dataclass(kw_only=True)
-class PrepareSection:
-    out_dir: str = "data/lcm/prepared"
-    shard_size: int = 1000
-    """Documents per shard (the unit of resumption)."""
-    max_sentences: int | None = None
-    """Cap on sentences per document, "End of text." included (None = no cap)."""
-    long_documents: Literal["truncate", "wrap"] = "truncate"
-    """Over the cap: keep the first ``max_sentences`` (no end-of-text, the document did not end), or cut into
-    consecutive chunks ``<id>#0``, ``<id>#1``, ... (only the last ends with "End of text."; all chunks of a
-    document share its split)."""
-    end_of_text: bool = True
-    """Append the end-of-document sentence to every document (the paper's ``eot = SONAR("End of text.")``)."""
-    end_of_text_sentence: str = "End of text."
-    skip_bad: bool = False
-    """Skip (and count) bad records, undecodable files and empty documents instead of stopping."""
-    val_fraction: float = 0.05
-    """Fraction of documents (by a hash of the id) in the ``validation`` split."""
-    split_seed: int = 0
-    vector_dtype: Literal["float16", "float32"] = "float16"
-    keep_text: bool = True
-    """Store the original document text in the ``text`` column (null for the chunks of a wrapped document)."""
-    normalizer_method: str = "gaussian_robust"
-    normalizer_clip_proba: float | None = None
-    normalizer_max_samples: int = 1_000_000
-    compression: Literal["zstd", "snappy", "none"] = "zstd"
-    on_change: Literal["refuse", "rebuild"] = "refuse"
-    """A rerun on a folder that holds shards made from other documents or settings (a changed text, other ids,
-    another encoder) or a damaged shard: ``refuse`` with one line naming the shard and what changed, or
-    ``rebuild`` (re-encode exactly those shards; all of them after a settings change). Not part of the folder's
-    identity."""
-
-    def validate(self) -> None:
-        check(bool(self.out_dir), "prepare.out_dir", "must be a folder path")
-        check(self.on_change in ("refuse", "rebuild"), "prepare.on_change", "must be refuse or rebuild")
-        check(self.shard_size > 0, "prepare.shard_size", "must be > 0")
-        check(self.max_sentences is None or self.max_sentences >= 2, "prepare.max_sentences", "must be >= 2 or null")
-        check(0.0 <= self.val_fraction < 1.0, "prepare.val_fraction", "must be in [0, 1)")
-        check(bool(self.end_of_text_sentence.strip()), "prepare.end_of_text_sentence", "must not be empty")
-        check(self.normalizer_method in METHODS, "prepare.normalizer_method", f"one of {', '.join(METHODS)}")
-        check(self.normalizer_clip_proba is None or 0 < self.normalizer_clip_proba < 0.5,
-              "prepare.normalizer_clip_proba", "must be in (0, 0.5) or null")
-        check(self.normalizer_max_samples >= 2, "prepare.normalizer_max_samples", "must be >= 2")
-
-
-@dataclass(kw_only=True)
-class PrepareConfig(RunConfig):
-    """Config of the ``prepare`` verb: documents, segmenter, encoder and output settings."""
-
-    docs: DocsSection = field(default_factory=DocsSection)
-    segment: SegmentSection = field(default_factory=SegmentSection)
-    encoder: EncoderSection = field(default_factory=EncoderSection)
-    prepare: PrepareSection = field(default_factory=PrepareSection)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 def segment_document(doc_id: str, text: str, segmenter: Segmenter, section: PrepareSection,
                      marker: str | None = None) -> list[tuple[str, list[str]]]:
@@ -164,7 +106,7 @@ def _state(cfg: PrepareConfig, identity: dict) -> dict:
 
 def _identity_settings(state: dict) -> dict:
     """The settings part of the folder's identity: the state without paths (the documents' source is identified
-    by their content; the encoder by :func:`~conceptlm.lcm.encoders.identity_fingerprint`)."""
+    by their content; the encoder by :func:`~conceptlm.lcm.data.encoders.identity_fingerprint`)."""
     return {"format": state["format"], "docs": {k: v for k, v in state["docs"].items() if k != "source"},
             "segment": state["segment"], "prepare": state["prepare"]}
 

@@ -32,14 +32,14 @@ from torch import nn
 
 from conceptlm.core.errors import ConceptLMError
 from conceptlm.core.io import atomic_write_text
+from conceptlm.lcm.config import NORMALIZER_METHODS
 
-__all__ = ["RobustNormalizer", "column_quantiles", "NORMALIZER_FILE", "METHODS", "MIN_FIT_VECTORS",
+__all__ = ["RobustNormalizer", "column_quantiles", "NORMALIZER_FILE", "MIN_FIT_VECTORS",
            "warn_if_few_vectors"]
 
 log = logging.getLogger(__name__)
 
 NORMALIZER_FILE = "normalizer.json"
-METHODS = ("gaussian_robust", "robust", "standard", "reference_percent")
 Method = Literal["gaussian_robust", "robust", "standard", "reference_percent"]
 _FORMAT = "conceptlm-lcm-normalizer/1"
 _SORT_BLOCK = 1 << 24  # elements per sorted block of columns
@@ -91,8 +91,8 @@ class RobustNormalizer(nn.Module):
 
     def __init__(self, dim: int, *, method: Method = "gaussian_robust", clip_proba: float | None = None):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown normalizer method {method!r} (one of {', '.join(METHODS)})")
+        if method not in NORMALIZER_METHODS:
+            raise ValueError(f"unknown normalizer method {method!r} (one of {', '.join(NORMALIZER_METHODS)})")
         if clip_proba is not None and not 0.0 < clip_proba < 0.5:
             raise ValueError("clip_proba must be in (0, 0.5) or None")
         self.dim, self.method, self.clip_proba = dim, method, clip_proba

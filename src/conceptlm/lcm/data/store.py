@@ -1,6 +1,6 @@
 """Prepared (segmented and embedded) documents in Parquet shards, and a Dataset over them.
 
-Layout of a prepared folder (written by :func:`conceptlm.lcm.prepare.prepare`)::
+Layout of a prepared folder (written by :func:`conceptlm.lcm.data.prepare.prepare`)::
 
     shard-00000.parquet    one row per document (see SCHEMA below), written atomically
     shard-00001.parquet    ...
@@ -217,8 +217,8 @@ class EmbeddedDocuments(Dataset):
         return self.manifest["encoder"]
 
     def normalizer(self):
-        """The :class:`~conceptlm.lcm.normalizer.RobustNormalizer` fitted on the training documents."""
-        from conceptlm.lcm.normalizer import RobustNormalizer
+        """The :class:`~conceptlm.lcm.data.normalizer.RobustNormalizer` fitted on the training documents."""
+        from conceptlm.lcm.data.normalizer import RobustNormalizer
 
         return RobustNormalizer.from_pretrained(self.root / self.manifest["normalizer"])
 

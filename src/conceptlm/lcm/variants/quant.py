@@ -1,4 +1,4 @@
-"""The Quantized LCM (paper §2.3.5, spec §7): coarse-to-fine generation over residual-quantization codes.
+"""The Quantized LCM (LCM paper §2.3.5): coarse-to-fine generation over residual-quantization codes.
 
 Shapes: ``B`` documents, ``N`` (or ``T``) sentences, ``D`` = ``dim``, ``d`` = ``d_model``, ``K`` codebooks of ``C``
 units (``lcm.quant``). Everything happens in the model's normalized space ``z = normalize(x)``; the
@@ -49,12 +49,11 @@ from conceptlm.core.modules import Decoder, KVCache
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm import metrics as M
-from conceptlm.lcm.generate import GenerationOptions, SequenceState, row_generator
+from conceptlm.lcm.config import GenerationOptions, LCMSection, QuantSamplingOptions
+from conceptlm.lcm.generate import SequenceState, row_generator
 from conceptlm.lcm.interleave import interleave, interleaved_attention_mask, interleaved_positions
-from conceptlm.lcm.model import LEARNED_POSITION_STD, LCMSection, NormalizedModel
-from conceptlm.lcm.quant_config import QuantSamplingOptions
 from conceptlm.lcm.rvq import ResidualQuantizer
-from conceptlm.lcm.unit import TEACHER_FORCED_METRICS, TeacherForcedEval
+from conceptlm.lcm.sequence import LEARNED_POSITION_STD, TEACHER_FORCED_METRICS, NormalizedModel, TeacherForcedEval
 
 __all__ = ["QuantLCM", "QuantLCMUnit", "QuantLCMPredictor", "sample_units", "INDEX_EMBED_STD"]
 
@@ -341,12 +340,13 @@ class QuantLCMUnit(TeacherForcedEval, TrainUnit):
     Args:
         cfg: the architecture (``cfg.quant``: codebooks, CFG dropout).
         round_trip: optional ``encode(decode(v))`` ``(N, D) -> (N, D)`` for ``l2_r``.
+        model: an existing model to wrap (e.g. loaded from a checkpoint); default a fresh one.
     """
 
-    def __init__(self, cfg: LCMSection, *, round_trip: M.Vectors | None = None):
+    def __init__(self, cfg: LCMSection, *, round_trip: M.Vectors | None = None, model: QuantLCM | None = None):
         super().__init__()
         self.cfg = cfg
-        self.model = QuantLCM(cfg)
+        self.model = model if model is not None else QuantLCM(cfg)
         self.part = "ce" if self.model.discrete else "mse"
         self.loss_weights = {self.part: 1.0}
         self.metric_names = TEACHER_FORCED_METRICS + (("unit_acc",) if self.model.discrete else ())

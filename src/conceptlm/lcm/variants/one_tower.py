@@ -53,14 +53,13 @@ from conceptlm.core.modules import Decoder, KVCache, TimestepEmbedder
 from conceptlm.core.rng import StepRandomness
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 from conceptlm.lcm import metrics as M
-from conceptlm.lcm.diffusion.config import SamplerOptions
-from conceptlm.lcm.diffusion.ddim import DDIMSampler
+from conceptlm.lcm.config import GenerationOptions, LCMSection, SamplerOptions
+from conceptlm.lcm.diffusion.ddim import DDIMSampler, teacher_forced_noise
 from conceptlm.lcm.diffusion.schedule import NoiseSchedule, build_schedule
 from conceptlm.lcm.diffusion.weighting import loss_weights, sample_timesteps
-from conceptlm.lcm.generate import GenerationOptions, SequenceState, row_generator
+from conceptlm.lcm.generate import SequenceState, row_generator
 from conceptlm.lcm.interleave import interleave, interleaved_attention_mask, interleaved_positions
-from conceptlm.lcm.model import LEARNED_POSITION_STD, LCMSection, NormalizedModel
-from conceptlm.lcm.unit import TeacherForcedEval
+from conceptlm.lcm.sequence import LEARNED_POSITION_STD, NormalizedModel, TeacherForcedEval
 
 __all__ = ["OneTowerLCM", "OneTowerUnit", "OneTowerPredictor", "additive_mask", "TIMESTEP_FREQ_DIM"]
 
@@ -88,7 +87,7 @@ def _causal_prefix_mask(keep: torch.Tensor) -> torch.Tensor:
 
 class OneTowerLCM(NormalizedModel):
     """The One-Tower diffusion LCM (module docstring); the normalizer lives in the buffers of
-    :class:`~conceptlm.lcm.model.NormalizedModel`.
+    :class:`~conceptlm.lcm.sequence.NormalizedModel`.
 
     Args:
         cfg: the architecture (``cfg.diffusion``: the noise process).
@@ -308,20 +307,21 @@ def _timestep_sampler(num_steps: int, kind: str):
 class OneTowerUnit(TeacherForcedEval, TrainUnit):
     """The One-Tower diffusion LCM as a :class:`~conceptlm.core.unit.TrainUnit` (objective in the module docstring).
 
-    Eval metrics: the shared teacher-forced ones (:func:`~conceptlm.lcm.unit.teacher_forced_metrics`) of a DDIM run
+    Eval metrics: the shared teacher-forced ones (:func:`~conceptlm.lcm.sequence.teacher_forced_metrics`) of a DDIM run
     with ``self.eval_sampler`` (default: :class:`SamplerOptions`, at most the schedule's steps) for every position
     given the true clean context.
 
     Args:
         cfg: the architecture (``cfg.model`` should be ``one_tower``).
         round_trip: optional ``encode(decode(v))`` for ``l2_r``.
+        model: an existing model to wrap (e.g. loaded from a checkpoint); default a fresh one.
     """
 
-    def __init__(self, cfg: LCMSection, *, round_trip: M.Vectors | None = None):
+    def __init__(self, cfg: LCMSection, *, round_trip: M.Vectors | None = None, model: OneTowerLCM | None = None):
         super().__init__()
         self.cfg = cfg
         self.loss_weights = {"mse": 1.0}
-        self.model = OneTowerLCM(cfg)
+        self.model = model if model is not None else OneTowerLCM(cfg)
         self.round_trip = round_trip
         self.eval_sampler = SamplerOptions(inference_steps=min(40, cfg.diffusion.num_train_steps))
 
@@ -390,7 +390,9 @@ class OneTowerUnit(TeacherForcedEval, TrainUnit):
         keep = batch["mask"]
         b, n, dim = z.shape
         sampler = DDIMSampler(m.schedule, options, prediction=self.cfg.diffusion.prediction)
-        noise = self.sampler_noise(EVAL_PURPOSE, batch["ids"], n, len(sampler.timesteps), options.eta, z.device)
+        noise = teacher_forced_noise(self.step_rng, EVAL_PURPOSE, batch["ids"], max_sentences=self.cfg.max_sentences,
+                                     dim=self.cfg.dim, n_sentences=n, n_steps=len(sampler.timesteps), eta=options.eta,
+                                     device=z.device)
         denoise = self._cached_denoiser(z, keep, sampler.guided) if use_cache else None
         x = sampler.initial_latent(noise[:, 0])
         x0 = x

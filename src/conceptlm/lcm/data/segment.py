@@ -24,39 +24,15 @@ lay between them gives the input back (except with ``remove_emojis``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
-from conceptlm.core.config import check
 from conceptlm.core.errors import ConfigError
+from conceptlm.lcm.config import SegmentSection
 
-__all__ = ["SegmentSection", "Segmenter", "RuleSegmenter", "SpacySegmenter", "SatSegmenter", "get_segmenter",
+__all__ = ["Segmenter", "RuleSegmenter", "SpacySegmenter", "SatSegmenter", "get_segmenter",
            "resplit_spans", "cap_spans", "FALLBACK_SEPARATORS"]
 
 Span = tuple[int, int]
-
-
-@dataclass(kw_only=True)
-class SegmentSection:
-    backend: Literal["rule", "spacy", "sat"] = "rule"
-    max_chars: int = 256
-    """Length cap in characters (the paper: 200 for SpaCy Capped, 256 for SaT Capped); 0 disables it."""
-    newlines: Literal["split", "paragraph", "ignore"] = "split"
-    """``split``: every newline ends a sentence; ``paragraph``: only blank lines do (hard-wrapped text);
-    ``ignore``: newlines are ordinary whitespace (the cap may still cut there)."""
-    merge_fragments: bool = True
-    """Join pieces without any letter or digit to the previous sentence (when that fits the cap)."""
-    remove_emojis: bool = False
-    """Delete emoji/pictograph characters first, as the reference pipeline does."""
-    spacy_model: str = "en_core_web_sm"
-    """spaCy pipeline for ``backend=spacy``; ``blank`` = blank English + the rule-based sentencizer."""
-    sat_model: str = "sat-3l"
-    sat_threshold: float = 0.2
-    """Boundary probability threshold for ``backend=sat`` (reference Wikipedia example: sat-3l, 0.2)."""
-
-    def validate(self) -> None:
-        check(self.max_chars == 0 or self.max_chars >= 16, "segment.max_chars", "must be 0 (no cap) or >= 16")
-        check(0.0 < self.sat_threshold < 1.0, "segment.sat_threshold", "must be in (0, 1)")
 
 
 class Segmenter(Protocol):

@@ -22,48 +22,21 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from conceptlm.core.config import check
 from conceptlm.core.errors import ConceptLMError, ConfigError
 from conceptlm.core.progress import progress_bar, progress_enabled
+from conceptlm.lcm.config import EncoderSection
 
-__all__ = ["EncoderSection", "SentenceEncoder", "TransformerSentenceEncoder", "SentenceTransformersEncoder",
+__all__ = ["SentenceEncoder", "TransformerSentenceEncoder", "SentenceTransformersEncoder",
            "SonarEncoder", "get_encoder", "resolve_model_dir", "verify_identity", "weights_fingerprint",
            "identity_fingerprint", "custom_code_reason"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(kw_only=True)
-class EncoderSection:
-    name: str = "minilm"
-    """``minilm`` (offline default), a sentence-transformers / Hugging Face model directory, or ``sonar``."""
-    batch_size: int = 64
-    device: str = "auto"
-    """``auto`` = CUDA when available, else CPU; or any torch device string."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Compute dtype of the encoder (the vectors are returned as float32)."""
-    max_seq_length: int | None = None
-    """Truncate sentences to this many tokens (default: the model's own setting, 256 for MiniLM)."""
-    normalize: bool | None = None
-    """L2-normalise the vectors (default: as the model directory says; SONAR: false)."""
-    sonar_encoder: str = "text_sonar_basic_encoder"
-    sonar_lang: str = "eng_Latn"
-
-    def validate(self) -> None:
-        check(bool(self.name), "encoder.name", "must be 'minilm', 'sonar' or a model directory")
-        check(self.batch_size > 0, "encoder.batch_size", "must be > 0")
-        check(self.max_seq_length is None or self.max_seq_length > 1, "encoder.max_seq_length", "must be > 1")
-        if self.name not in ("minilm", "sonar"):
-            check(Path(self.name).is_dir(), "encoder.name",
-                  f"{self.name}: not 'minilm', 'sonar' or an existing model directory")
 
 
 def _device(name: str) -> torch.device:

@@ -1,4 +1,5 @@
-"""The Base-LCM training unit on the shared loop, and its data: documents cut into chunks, padded batches.
+"""What the LCM variants share: concept sequences as training data, the normalized model base, scored positions
+and the teacher-forced metrics.
 
 Data. Any dataset whose items are documents ``{"id": ..., "vectors": FloatTensor (n, D), ...}`` works.
 :class:`DocumentChunks` cuts every document into consecutive chunks of at most ``max_sentences`` sentences (the
@@ -16,28 +17,32 @@ Instruction data: a document item with ``loss_from`` (the index of its answer's 
 ``loss_mask (B, T)`` = real positions ``>= loss_from`` (documents without one: every position). Every variant
 restricts its loss and its scored positions to it (:func:`scored_positions`).
 
-Objective (spec §3.2, recipes' ``compute_rmse: false``, ``reduction: sum``): the part ``mse`` is
-``sum over targets of ||y_{t-1} - z_t||^2`` in normalized space, a target being every real position
-``t >= max(1, min_context)``; its count is the number of targets, so the trainer optimises the mean squared error
-per predicted sentence over the global batch (the reference's gradient normalisation).
+Models. :class:`NormalizedModel` holds the normalizer as frozen buffers (every variant is one);
+:class:`CausalSentenceModel` adds the reference's causal sentence tower (the Base-LCM's decoder, the Two-Tower's
+contextualizer).
+
+Evaluation. Every variant reports :data:`TEACHER_FORCED_METRICS` (:func:`teacher_forced_metrics`, the paper's
+Table 3 metrics of teacher-forced predictions); :class:`TeacherForcedEval` is the ``eval_metrics`` of a unit that
+predicts every position from its true context with ``teacher_forced(batch)``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
-from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
+from conceptlm.core.modules import Decoder, KVCache
 from conceptlm.lcm import metrics as M
-from conceptlm.lcm.model import BaseLCM, LCMSection
+from conceptlm.lcm.config import LCMSection
 
-__all__ = ["DocumentChunks", "collate_documents", "BaseLCMUnit", "TeacherForcedEval", "target_mask",
-           "scored_positions",
-           "teacher_forced_metrics",
-           "TEACHER_FORCED_METRICS"]
+__all__ = ["DocumentChunks", "collate_documents", "target_mask", "scored_positions", "teacher_forced_metrics",
+           "TEACHER_FORCED_METRICS", "TeacherForcedEval", "NormalizedModel", "CausalSentenceModel",
+           "LEARNED_POSITION_STD"]
 
 TEACHER_FORCED_METRICS = ("l2", "l2_prev", "l2_r", "cos", "ca", "par")
 """The eval metrics every LCM variant reports (:func:`teacher_forced_metrics`)."""
@@ -161,99 +166,103 @@ def teacher_forced_metrics(pred: torch.Tensor, x: torch.Tensor, tm: torch.Tensor
 class TeacherForcedEval:
     """``eval_metrics`` of a unit that has ``teacher_forced(batch)`` (normalized predictions aligned with their
     targets), ``model.denormalize``, ``cfg.min_context`` and ``round_trip``: :func:`teacher_forced_metrics` at
-    :func:`scored_positions`. Mixed into the diffusion and Quant-LCM units (before :class:`TrainUnit`)."""
+    :func:`scored_positions`, of predictions the unit computes from the batch itself. Mixed into every LCM unit
+    (before :class:`~conceptlm.core.unit.TrainUnit`)."""
 
     metric_names = TEACHER_FORCED_METRICS
     throughput_unit = "sentences"
 
     @torch.no_grad()
+    def predictions(self, batch: dict) -> torch.Tensor:
+        """Raw teacher-forced predictions ``(B, T, D)`` (float32), ``[:, t]`` predicting sentence ``t``."""
+        return self.model.denormalize(self.teacher_forced(batch)).float()
+
+    @torch.no_grad()
     def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
-        pred = self.model.denormalize(self.teacher_forced(batch)).float()
-        return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
-                                      self.round_trip)
-
-    def sampler_noise(self, purpose: str, ids: torch.Tensor, n_sentences: int, n_steps: int, eta: float,
-                      device: torch.device) -> torch.Tensor:
-        """The fixed standard-normal noise of a teacher-forced diffusion sampler run: ``(B, 1, N, D)`` (the initial
-        latent), or ``(B, S + 1, N, D)`` with ``eta > 0`` (plus each of the S steps' noise). Drawn per example at
-        ``cfg.max_sentences`` rows and sliced to ``n_sentences``, from the eval step of the run's seed, so a
-        document's noise depends neither on the other documents of its batch (eval batch size, ranks) nor on the
-        batch's padded length, and is the same at every evaluation."""
-        from conceptlm.core.rng import EVAL_STEP, StepRandomness
-
-        rng = StepRandomness(seed=self.step_rng.seed if self.step_rng is not None else 0, step=EVAL_STEP)
-        draws = n_steps + 1 if eta > 0 else 1
-        return rng.per_example(purpose, ids, (draws, self.cfg.max_sentences, self.cfg.dim),
-                               device=device)[:, :, :n_sentences]
+        return teacher_forced_metrics(self.predictions(batch), batch["vectors"],
+                                      scored_positions(batch, self.cfg.min_context), self.round_trip)
 
 
-class BaseLCMUnit(TrainUnit):
-    """Base-LCM (MSE next-sentence regression) as a :class:`~conceptlm.core.unit.TrainUnit`.
+LEARNED_POSITION_STD = 0.006
+"""Init std of learned positions in the reference frontend (the SONAR per-dimension std)."""
 
-    Loss part ``mse`` (module docstring). Evaluation metrics, teacher-forced, in raw embedding space:
-    ``l2`` (ℓ2 of the prediction), ``l2_prev`` (ℓ2 of the "repeat the previous sentence" baseline), ``cos``
-    (cosine to the target), ``ca`` (contrastive accuracy against the other documents of the eval batch, as the
-    reference code), ``par`` (paraphrasing score) and, given a ``round_trip``, ``l2_r`` (round-trip ℓ2).
 
-    Args:
-        cfg: the architecture.
-        round_trip: optional ``(N, D) -> (N, D)`` = ``encode(decode(v))`` (a frozen decoder and encoder, not part
-            of the unit's weights), for ``l2_r``.
-    """
+class NormalizedModel(nn.Module):
+    """Base of every LCM variant: the normalizer as frozen buffers ``center``/``scale``/``clip_min``/``clip_max``
+    ``(D,)`` (checkpointed with the weights) and ``cfg`` (:class:`LCMSection`)."""
 
-    metric_names = TEACHER_FORCED_METRICS
-    throughput_unit = "sentences"
-
-    def __init__(self, cfg: LCMSection, *, round_trip: M.Vectors | None = None):
+    def __init__(self, cfg: LCMSection) -> None:
         super().__init__()
         self.cfg = cfg
-        self.loss_weights = {"mse": 1.0}
-        self.model = BaseLCM(cfg)
-        self.round_trip = round_trip
+        dim = cfg.dim
+        self.register_buffer("center", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("clip_min", torch.full((dim,), -math.inf))
+        self.register_buffer("clip_max", torch.full((dim,), math.inf))
 
-    def counts(self, batch: dict) -> dict:
-        return {"mse": scored_positions(batch, self.cfg.min_context).sum(), THROUGHPUT_KEY: batch["mask"].sum()}
-
-    def _predict(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized inputs ``z`` and predictions ``y`` aligned with their targets: ``y[:, t]`` predicts
-        ``z[:, t]`` (``y[:, 0]`` is a zero placeholder)."""
-        z = self.model.normalize(batch["vectors"])
-        y = self.model.forward_normalized(z)  # right padding: no key-padding mask needed
-        return z, torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)
-
-    def forward(self, batch: dict) -> dict:
-        z, y = self._predict(batch)
-        tm = scored_positions(batch, self.cfg.min_context)
-        se = ((y.float() - z.float()) ** 2).sum(-1)
-        if not self.training:
-            batch["_pred_normalized"] = y.detach()  # reused by eval_metrics (no second forward pass)
-        return {"mse": se[tm].sum()}
-
+    # ----------------------------------------------------------------------------------------- normalizer
     @torch.no_grad()
-    def teacher_forced(self, batch: dict) -> torch.Tensor:
-        """Normalized predictions ``(B, T, D)``, ``[:, t]`` predicting sentence ``t`` from the true sentences before
-        it (``[:, 0]`` is a placeholder; it is never scored)."""
-        return self._predict(batch)[1]
+    def set_normalizer(self, center: torch.Tensor, scale: torch.Tensor, clip_min: torch.Tensor | None = None,
+                       clip_max: torch.Tensor | None = None) -> None:
+        """Copy normalizer statistics ``(D,)`` into the buffers (clip bounds: none = unbounded)."""
+        dim = self.cfg.dim
+        for name, v in (("center", center), ("scale", scale), ("clip_min", clip_min), ("clip_max", clip_max)):
+            if v is None:
+                continue
+            v = torch.as_tensor(v, dtype=torch.float32).reshape(-1)
+            if v.numel() != dim:
+                raise ValueError(f"normalizer {name} has {v.numel()} values, the model's dim is {dim}")
+            getattr(self, name).copy_(v)
+        if not bool((self.scale > 0).all()):
+            raise ValueError("normalizer scale must be > 0 in every dimension")
 
-    @torch.no_grad()
-    def eval_metrics(self, batch: dict) -> dict[str, tuple[Any, Any]]:
-        y = batch.pop("_pred_normalized", None)
-        if y is None:
-            y = self._predict(batch)[1]
-        pred = self.model.denormalize(y).float()
-        return teacher_forced_metrics(pred, batch["vectors"], scored_positions(batch, self.cfg.min_context),
-                                      self.round_trip)
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw ``(..., D)`` -> normalized ``(..., D)``."""
+        z = (x - self.center) / self.scale
+        return torch.maximum(torch.minimum(z, self.clip_max), self.clip_min)
 
-    def sampler_noise(self, purpose: str, ids: torch.Tensor, n_sentences: int, n_steps: int, eta: float,
-                      device: torch.device) -> torch.Tensor:
-        """The fixed standard-normal noise of a teacher-forced diffusion sampler run: ``(B, 1, N, D)`` (the initial
-        latent), or ``(B, S + 1, N, D)`` with ``eta > 0`` (plus each of the S steps' noise). Drawn per example at
-        ``cfg.max_sentences`` rows and sliced to ``n_sentences``, from the eval step of the run's seed, so a
-        document's noise depends neither on the other documents of its batch (eval batch size, ranks) nor on the
-        batch's padded length, and is the same at every evaluation."""
-        from conceptlm.core.rng import EVAL_STEP, StepRandomness
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalized ``(..., D)`` -> raw ``(..., D)`` (clamped to the clip bounds first)."""
+        z = torch.maximum(torch.minimum(z, self.clip_max), self.clip_min)
+        return z * self.scale + self.center
 
-        rng = StepRandomness(seed=self.step_rng.seed if self.step_rng is not None else 0, step=EVAL_STEP)
-        draws = n_steps + 1 if eta > 0 else 1
-        return rng.per_example(purpose, ids, (draws, self.cfg.max_sentences, self.cfg.dim),
-                               device=device)[:, :, :n_sentences]
+
+class CausalSentenceModel(NormalizedModel):
+    """A normalized model with the reference's causal sentence tower: PreNet (``D -> d``, optionally scaled by
+    ``sqrt(d)``, plus learned positions) and a causal :class:`~conceptlm.core.modules.Decoder` with a final norm.
+    The Base-LCM's decoder and the Two-Tower's contextualizer."""
+
+    def _build_causal_tower(self, name: str) -> None:
+        """Create ``prenet``, ``position`` and the decoder as attribute ``name``. Reference init: attention output
+        projections xavier-uniform with zero bias (the PreNet keeps the ``nn.Linear`` init; the other decoder
+        weights keep the shared blocks' init)."""
+        cfg = self.cfg
+        self.prenet = nn.Linear(cfg.dim, cfg.d_model)
+        self.position = None
+        if cfg.positions == "learned":
+            self.position = nn.Embedding(cfg.max_sentences, cfg.d_model)
+            nn.init.normal_(self.position.weight, std=LEARNED_POSITION_STD)
+        tower = Decoder(cfg.decoder_config())
+        for layer in tower.layers:
+            nn.init.xavier_uniform_(layer.attn.o_proj.weight)
+            nn.init.zeros_(layer.attn.o_proj.bias)
+        setattr(self, name, tower)
+        self._tower = name
+
+    def _run_causal_tower(self, z: torch.Tensor, *, positions: torch.Tensor | None = None,
+                          key_padding_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Normalized ``z`` ``(B, T, D)`` -> tower outputs ``(B, T, d)`` (positions default to ``past + arange(T)``,
+        ``past`` = the cache length)."""
+        b, t, _ = z.shape
+        if positions is None:
+            past = cache.length() if cache is not None else 0
+            positions = torch.arange(past, past + t, device=z.device).unsqueeze(0).expand(b, t)
+        if self.position is not None and int(positions.max()) >= self.cfg.max_sentences:
+            raise ValueError(f"sentence position {int(positions.max())} >= lcm.max_sentences="
+                             f"{self.cfg.max_sentences} (the learned position table)")
+        h = self.prenet(z)
+        if self.cfg.scale_embeddings:
+            h = h * math.sqrt(self.cfg.d_model)
+        if self.position is not None:
+            h = h + self.position(positions)
+        return getattr(self, self._tower)(h, positions=positions, key_padding_mask=key_padding_mask, cache=cache)

@@ -1,5 +1,5 @@
 """Two-Tower diffusion LCM: a causal contextualizer and an AdaLN-zero denoiser that cross-attends to it
-(paper §2.3.4, Fig. 6 and 8; spec §4).
+(LCM paper §2.3.4, Fig. 6 and 8).
 
 Shapes: ``B`` documents, ``T`` sentences, ``D`` = ``lcm.dim``, ``d`` = ``lcm.d_model``, all embeddings in the
 model's normalized space.
@@ -32,11 +32,11 @@ restricted to the zero key with probability ``lcm.diffusion.cfg_dropout``, indep
 most 7 sentences). All draws are per example (:meth:`conceptlm.core.rng.StepRandomness.per_example`), so an
 example's noise does not depend on its rank, micro-batch or padding: 2 processes equal 1.
 
-**Generation** (:class:`TwoTowerPredictor`, spec §11.4): the contextualizer runs one new position per sentence
-(KV cache); the cross-attention keys/values of the context are projected once per sentence and appended (the
-reference recomputes them at every diffusion step); the AdaLN modulations of the sampler's timesteps are computed
-once per generation call (they depend on ``t`` only); the unconditional CFG branch is batched with the conditional
-one and skips its cross-attention, whose output with only the zero key is a per-layer constant
+**Generation** (:class:`TwoTowerPredictor`; caching choices of ours, not in the paper): the contextualizer runs one
+new position per sentence (KV cache); the cross-attention keys/values of the context are projected once per sentence
+and appended (the reference recomputes them at every diffusion step); the AdaLN modulations of the sampler's
+timesteps are computed once per generation call (they depend on ``t`` only); the unconditional CFG branch is batched
+with the conditional one and skips its cross-attention, whose output with only the zero key is a per-layer constant
 ``o_proj(v_proj(0))``. ``use_cache=False`` recomputes everything at every step (same output).
 """
 
@@ -52,9 +52,9 @@ from conceptlm.core.modules import (AdaLNModulation, CrossAttention, Modulation,
 from conceptlm.core.modules.cache import KVCache
 from conceptlm.core.rng import derived_generator
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
-from conceptlm.lcm.diffusion.config import SamplerOptions
-from conceptlm.lcm.model import CausalSentenceModel, LCMSection
-from conceptlm.lcm.unit import TeacherForcedEval
+from conceptlm.lcm.config import LCMSection, SamplerOptions
+from conceptlm.lcm.diffusion.ddim import teacher_forced_noise
+from conceptlm.lcm.sequence import CausalSentenceModel, TeacherForcedEval
 
 __all__ = ["TwoTowerLCM", "DenoiserBlock", "TwoTowerUnit", "TwoTowerPredictor", "cross_attention_keep",
            "draw_training_noise"]
@@ -352,11 +352,11 @@ class TwoTowerUnit(TeacherForcedEval, TrainUnit):
     evaluations are comparable).
     """
 
-    def __init__(self, cfg: LCMSection, *, round_trip=None):
+    def __init__(self, cfg: LCMSection, *, round_trip=None, model: TwoTowerLCM | None = None):
         super().__init__()
         self.cfg = cfg
         self.loss_weights = {"mse": 1.0}
-        self.model = TwoTowerLCM(cfg)
+        self.model = model if model is not None else TwoTowerLCM(cfg)
         self.round_trip = round_trip
         self.eval_sampler = SamplerOptions(inference_steps=min(40, cfg.diffusion.num_train_steps))
 
@@ -393,8 +393,9 @@ class TwoTowerUnit(TeacherForcedEval, TrainUnit):
         keep = cross_attention_keep(t, None, device=z.device)
         cond_mask = _additive(keep, z.dtype)
         only_zero = _additive(cross_attention_keep(t, torch.ones(1, t, dtype=torch.bool, device=z.device)), z.dtype)
-        noise = self.sampler_noise(EVAL_PURPOSE, batch["ids"], t, len(sampler.timesteps), options.eta,
-                                   z.device).to(z)
+        noise = teacher_forced_noise(self.step_rng, EVAL_PURPOSE, batch["ids"], max_sentences=self.cfg.max_sentences,
+                                     dim=self.cfg.dim, n_sentences=t, n_steps=len(sampler.timesteps), eta=options.eta,
+                                     device=z.device).to(z)
         x = sampler.initial_latent(noise[:, 0])
         x0 = x
         for i, ts in enumerate(sampler.timesteps.tolist()):

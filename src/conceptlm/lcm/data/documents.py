@@ -25,60 +25,13 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from conceptlm.core.config import check
 from conceptlm.core.errors import DataError
 from conceptlm.data.chat import DuplicateKeyError, refuse_duplicate_keys
+from conceptlm.lcm.config import DocsSection
 
-__all__ = ["DocsSection", "iter_documents", "generate_document", "SCRIPTS", "instruction_text", "split_instruction"]
-
-
-@dataclass(kw_only=True)
-class DocsSection:
-    source: str = "generated"
-    """``generated`` (built-in structured documents) or a path to a ``.txt`` / ``.jsonl`` file or a directory."""
-    n_documents: int = 2000
-    """How many documents ``generated`` produces."""
-    seed: int = 0
-    """Seed of the generator (document i depends only on (seed, i))."""
-    limit: int | None = None
-    """Read at most this many documents from files (None = all)."""
-    text_field: str = "text"
-    """JSONL: dotted path of the document text (integers index lists: ``messages.1.content``)."""
-    id_field: str | None = None
-    """JSONL: dotted path of a document id (default: ``<file>:<line>``)."""
-    txt_split: Literal["file", "paragraphs", "lines"] = "paragraphs"
-    """Plain text: one document per file, per blank-line separated block, or per non-empty line."""
-    target_field: str | None = None
-    """Instruction data (JSONL): dotted path of the answer, e.g. a summary. Each record becomes the document
-    ``text``, the ``instruction_marker`` sentence, then the answer's sentences; training predicts only the answer
-    (the reference's fine-tuning: source suffix "[MODEL]:")."""
-    generated_task: Literal["document", "summary"] = "document"
-    """``generated`` source: plain documents, or instruction pairs -- each document, the marker, then its summary
-    (the document's first and last sentences: an extractive lead-and-outcome summary a model can learn)."""
-    instruction_marker: str = "[MODEL]:"
-    """The sentence between an instruction's source and its answer (kept as a sentence of its own)."""
-    unescape: bool = False
-    """Turn the escape sequences ``\\n``, ``\\t`` and ``\\"`` left in some exported datasets into the characters
-    they stand for."""
-
-    def validate(self) -> None:
-        check(bool(self.source), "docs.source", "must be 'generated' or a path")
-        check(self.n_documents > 0, "docs.n_documents", "must be > 0")
-        check(self.limit is None or self.limit > 0, "docs.limit", "must be > 0 or null")
-        check(bool(self.text_field) and all(self.text_field.split(".")), "docs.text_field",
-              "must be a dotted path such as 'text' or 'messages.1.content'")
-        check(self.target_field is None or (bool(self.target_field) and all(self.target_field.split("."))),
-              "docs.target_field", "must be a dotted path or null")
-        check(bool(self.instruction_marker.strip()), "docs.instruction_marker", "must not be empty")
-        if self.source != "generated":
-            path = Path(self.source)
-            check(path.exists(), "docs.source", f"not found: {self.source}")
-            check(path.is_dir() or path.suffix in (".txt", ".jsonl"), "docs.source",
-                  f"{self.source}: expected a .txt or .jsonl file or a directory")
+__all__ = ["iter_documents", "generate_document", "SCRIPTS", "instruction_text", "split_instruction"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
