@@ -1,10 +1,8 @@
-"""The LCM config schema (``conceptlm.lcm.config``): light to import, errors that name the nested field."""
+"""The LCM config schema (``conceptlm.lcm.config``): errors that name the nested field (that importing it is light:
+``tests/core/test_config_imports.py``)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,22 +12,6 @@ from conceptlm.core.errors import ConfigError
 from conceptlm.lcm.config import LCMConfig
 
 REPO = Path(__file__).resolve().parents[2]
-
-LIGHT = {"conceptlm", "conceptlm.core", "conceptlm.core.config", "conceptlm.core.errors", "conceptlm.lcm",
-         "conceptlm.lcm.config", "conceptlm.lcm.variants"}
-"""The conceptlm modules that reading the LCM schema may load: config modules and errors, nothing else."""
-
-
-@pytest.mark.parametrize("module", ["conceptlm.lcm.config", "conceptlm.lcm.variants"])
-def test_importing_the_config_loads_only_config_modules(module):
-    """Reading the schema (and the ``lcm.model`` registry) loads no model code."""
-    code = (f"import json, sys\nimport {module}\n"
-            "print(json.dumps({'conceptlm': sorted(m for m in sys.modules if m.split('.')[0] == 'conceptlm'),"
-            " 'heavy': sorted(m for m in ('torch', 'transformers', 'numpy', 'safetensors') if m in sys.modules)}))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(loaded["conceptlm"]) <= LIGHT, set(loaded["conceptlm"]) - LIGHT
-    assert loaded["heavy"] == []
 
 
 def test_the_tiny_config_loads():

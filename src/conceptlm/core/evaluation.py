@@ -25,7 +25,7 @@ import torch
 
 from conceptlm.core.distributed import all_reduce_sum
 from conceptlm.core.rng import StepRandomness
-from conceptlm.core.trainer import _Accumulator, _count_vector, autocast_context, to_device
+from conceptlm.core.step_sums import SumAccumulator, autocast_context, count_vector, to_device
 from conceptlm.core.unit import TrainUnit
 
 __all__ = ["EvalSums", "evaluate_unit"]
@@ -71,7 +71,7 @@ def evaluate_unit(unit: TrainUnit, batches: Iterable[Any], *, device: torch.devi
     metric_names = sorted(getattr(unit, "metric_names", ())) if metric_names is None else list(metric_names)
     module = unit if module is None else module
     owner = type(unit).__name__
-    acc = _Accumulator(parts, metric_names, device)
+    acc = SumAccumulator(parts, metric_names, device)
     counts = torch.zeros(len(parts), dtype=torch.float64, device=device)
     was_training = module.training
     module.eval()
@@ -82,7 +82,7 @@ def evaluate_unit(unit: TrainUnit, batches: Iterable[Any], *, device: torch.devi
             with autocast_context(precision, device):
                 b = unit.prepare(b)
                 if parts:
-                    c = _count_vector(unit.counts(b), parts, device)
+                    c = count_vector(unit.counts(b), parts, device)
                     out = module(b)
                 extra = unit.eval_metrics(b)
             if parts:

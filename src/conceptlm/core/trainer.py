@@ -30,44 +30,25 @@ from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.config import RunConfig, config_to_dict
 from conceptlm.core.distributed import DistInfo, all_reduce_sum, barrier, wrap_model
 from conceptlm.core.errors import CheckpointError, ConfigError, NonFiniteLossError
+from conceptlm.core.evaluation import evaluate_unit
 from conceptlm.core.metrics import MetricLogger
 from conceptlm.core.progress import progress_bar
 from conceptlm.core.resume import check_config_changes
 from conceptlm.core.run import resume_checkpoint, take_resume_plan
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.core.schedule import build_scheduler
+from conceptlm.core.step_sums import SumAccumulator, autocast_context, count_vector, to_device
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
-__all__ = ["Trainer", "TrainResult", "to_device", "resolve_strategy", "autocast_context"]
+__all__ = ["Trainer", "TrainResult", "resolve_strategy"]
 
 log = logging.getLogger(__name__)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move tensors in a (nested) dict/list batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    if hasattr(batch, "to"):  # batch objects (e.g. JEPA's SeparateBatch / PackedBatch) move themselves
-        return batch.to(device)
-    return batch
 
 
 def resolve_strategy(strategy: str, world_size: int) -> str:
     if strategy == "auto":
         return "ddp" if world_size > 1 else "none"
     return strategy
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast on CUDA for ``auto``; explicit ``bf16`` anywhere; fp32 otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -252,14 +233,14 @@ class Trainer:
             b = to_device(b, info.device)
             with torch.no_grad(), autocast_context(cfg.train.precision, info.device):
                 b = unit.prepare(b)
-            per_batch.append(_count_vector(unit.counts(b), [*parts, THROUGHPUT_KEY], info.device))
+            per_batch.append(count_vector(unit.counts(b), [*parts, THROUGHPUT_KEY], info.device))
             micro.append(b)
         # counts may be device tensors: one transfer for all micro-batches, not one sync each
         counts = torch.stack(per_batch).sum(0).cpu() if per_batch else torch.zeros(len(parts) + 1,
                                                                                    dtype=torch.float64)
         all_reduce_sum(counts)
         n = {k: counts[i].item() for i, k in enumerate(parts)}
-        acc = _Accumulator(parts, self.metric_names, info.device)
+        acc = SumAccumulator(parts, self.metric_names, info.device)
         world = info.world_size
         for j, b in enumerate(micro):
             unit.step_rng = self._rng(self.step, j)
@@ -317,7 +298,6 @@ class Trainer:
         The unit's randomness during evaluation is keyed by the eval batch index only (``step = EVAL_STEP``), so
         every evaluation draws the same numbers.
         """
-        from conceptlm.core.evaluation import evaluate_unit  # imported here: it builds on this module
 
         if self.eval_batches is None:
             return {}
@@ -374,48 +354,6 @@ class Trainer:
         ckpt_lib.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.items_seen = state.get("items_seen")
-
-
-def _count_vector(counts: dict[str, Any], keys: list[str], device: torch.device) -> torch.Tensor:
-    """``counts[k]`` for each key (0 when absent) as one float64 vector on ``device`` (ints or tensors)."""
-    return torch.stack([torch.as_tensor(counts.get(k, 0), dtype=torch.float64).to(device).reshape(())
-                        for k in keys])
-
-
-class _Accumulator:
-    """Device-side sums of loss parts and ``(sum, count)`` metrics over micro-batches; one host sync to reduce."""
-
-    def __init__(self, parts: list[str], metrics: list[str], device: torch.device):
-        self.parts, self.metrics = parts, metrics
-        n = len(parts) + 2 * len(metrics)
-        self.values = torch.zeros(n, dtype=torch.float64, device=device)
-        self.index = {k: i for i, k in enumerate(parts)}
-        for j, m in enumerate(metrics):
-            self.index[m] = len(parts) + 2 * j
-
-    def add(self, out: dict[str, Any], owner: str) -> None:
-        for k, v in out.items():
-            if k not in self.index:
-                raise ValueError(f"{owner} returned {k!r}, which is neither a loss part {self.parts} nor a declared "
-                                 f"metric (add it to {owner}.metric_names)")
-            i = self.index[k]
-            if k in self.parts:
-                self.values[i] += v.detach().double()
-            else:
-                s, c = v
-                self.values[i] += (s.detach().double() if isinstance(s, torch.Tensor) else float(s))
-                self.values[i + 1] += (c.detach().double() if isinstance(c, torch.Tensor) else float(c))
-
-    def reduce(self) -> dict[str, float]:
-        v = all_reduce_sum(self.values.cpu()).tolist()
-        out = {k: v[i] for k, i in self.index.items() if k in self.parts}
-        for m in self.metrics:
-            i = self.index[m]
-            out[m] = (v[i], v[i + 1])
-        return out
-
-    def metric_means(self, sums: dict[str, Any]) -> dict[str, float]:
-        return {m: sums[m][0] / sums[m][1] for m in self.metrics if sums[m][1] > 0}
 
 
 class _FsdpNoSync:

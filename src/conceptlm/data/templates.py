@@ -22,8 +22,10 @@ import datetime as _dt
 import functools
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # annotations only: validating a config (lm.config) parses dates without loading transformers
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "DEFAULT_TEMPLATE_DATE",

@@ -34,7 +34,7 @@ from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.errors import CheckpointError, ConceptLMError, ConfigError
 from conceptlm.core.evaluation import evaluate_unit
 from conceptlm.core.io import atomic_write_text
-from conceptlm.core.trainer import to_device
+from conceptlm.core.step_sums import to_device
 from conceptlm.lcm import metrics as M
 from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, prepare_config
 from conceptlm.lcm.sequence import DocumentChunks, collate_documents, scored_positions
