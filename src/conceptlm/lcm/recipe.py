@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def prepare(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+def prepare(cfg: LCMConfig, *, output: str | None = None) -> dict:
     """``conceptlm lcm prepare``: segment, embed and store ``docs`` in ``prepare.out_dir`` (resumable)."""
     from conceptlm.lcm.data.prepare import prepare as run_prepare
 
@@ -421,7 +421,7 @@ def evaluate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | Non
 
 
 # ------------------------------------------------------------------------------------------------ cost
-def cost(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
+def cost(cfg: LCMConfig, *, output: str | None = None) -> dict:
     """``conceptlm lcm cost``: the inference-FLOPs table of ``cost`` (``cost.lcm: run`` = this config's ``lcm``
     sizes), printed and written as ``cost.md`` / ``cost.png`` to ``{run_dir}/cost`` (or the folder ``output``)."""
     from conceptlm.lcm.cost import run_cost
