@@ -14,7 +14,8 @@ students share its 49,152-token vocabulary) on the first FRACTION of each file's
 ~200 tokens/s on one CPU thread):
 
     python benchmarks/cocomix_real_text.py --smollm2 0.25 "pipeline.arms=[ntp,cocomix,add]" "pipeline.seeds=[0]"
-    python benchmarks/cocomix_real_text.py "pipeline.arms=[ntp,cocomix,mix_only,concept_only,add,pause,ntp_flops]" "pipeline.seeds=[0]"
+    python benchmarks/cocomix_real_text.py "pipeline.arms=[ntp,cocomix,mix_only,concept_only,add,pause,ntp_flops]" \
+        "pipeline.seeds=[0]"
 """
 
 from __future__ import annotations

@@ -149,8 +149,8 @@ def main(argv=None) -> None:
 
     from conceptlm.core.errors import DataError
     from conceptlm.core.hf import build_tiny_model
-    from conceptlm.core.tokenizer import train_bpe_tokenizer
     from conceptlm.core.sampling import BatchPlan
+    from conceptlm.core.tokenizer import train_bpe_tokenizer
     from conceptlm.jepa.config import JepaSection, ViewConfig
     from conceptlm.jepa.data import JepaDataset
     from conceptlm.jepa.packing import collate_packed, collate_separate, pad_sequences

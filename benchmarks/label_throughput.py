@@ -34,7 +34,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from conceptlm.cocomix.attribution import (  # noqa: E402
-    ConceptLabeler, LabelSection, concept_labels, freeze,
+    ConceptLabeler,
+    LabelSection,
+    concept_labels,
+    freeze,
 )
 from conceptlm.cocomix.label_cache import CacheSpec, write_label_cache  # noqa: E402
 from conceptlm.cocomix.sae import TopKSAE  # noqa: E402

@@ -4,7 +4,8 @@ Data: ``../shared/data/llm_jepa/yelp_test.jsonl`` (2,000 reviews), prepared once
 with a retrieval decoder over the sentences of the training reviews only (the prepared train split) -- the folders
 of ``benchmarks/lcm_yelp.py`` are reused when they are up to date (``prepare`` reuses shards whose content
 fingerprint matches; a decoder is reused only when its ``artifact.json`` says it learned from this folder's train
-split, else it is rebuilt: decoders made before that learned from the validation reviews too). Each arm (``lcm.model``) trains for the same number of steps on the same batches (``--steps`` x 16
+split, else it is rebuilt: decoders made before that learned from the validation reviews too). Each arm
+(``lcm.model``) trains for the same number of steps on the same batches (``--steps`` x 16
 documents), then ``conceptlm lcm evaluate`` measures, on all validation documents: teacher-forced ℓ2 (raw MiniLM
 space), round-trip ℓ2 (retrieval decode, re-encode), contrastive accuracy, paraphrasing, and mutual information
 with SmolLM2-135M as the scoring LM. Diffusion arms sample with the paper's settings (40 DDIM steps, guidance 3,
@@ -60,7 +61,8 @@ def _shared(args, run_root: Path) -> list[str]:
             "lcm.d_model=256", "lcm.d_ff=768", "lcm.dropout=0.1", "lcm.max_sentences=32",
             f"lcm.quant.n_codebooks={args.codebooks}", f"lcm.quant.codebook_size={args.codebook_size}",
             f"train.max_steps={args.steps}", "train.eval_every=0", "train.micro_batch_size=16",
-            f"schedule.warmup_steps={min(50, args.steps // 4)}", "optim.lr=5e-4", "train.progress=false", "run.resume=auto",
+            f"schedule.warmup_steps={min(50, args.steps // 4)}", "optim.lr=5e-4", "train.progress=false",
+            "run.resume=auto",
             "evaluate.documents=1000", f"evaluate.mi_sentences={args.mi_sentences}", "evaluate.generate_documents=0",
             "evaluate.fragility_sentences=0", f"evaluate.mi_model={args.mi_model or 'null'}"]
 

@@ -56,7 +56,8 @@ def _decode_ours(model, prompt, steps):
 
 
 # transformers 5.x renamed `past_key_values` to `cache` in LlamaModel.forward
-_HF_CACHE_KW = "cache" if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters else "past_key_values"
+_HF_CACHE_KW = ("cache" if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters
+                else "past_key_values")
 
 
 @torch.no_grad()

@@ -81,8 +81,8 @@ def main(argv=None) -> None:
 
     from conceptlm.core.hf import build_tiny_model
     from conceptlm.core.rng import StepRandomness
-    from conceptlm.core.tokenizer import train_bpe_tokenizer
     from conceptlm.core.sampling import BatchPlan
+    from conceptlm.core.tokenizer import train_bpe_tokenizer
     from conceptlm.data.text import TextDataset
     from conceptlm.jepa.config import JepaSection, StpSection
     from conceptlm.jepa.stp_batch import collate_stp

@@ -1,7 +1,8 @@
 """Throughput of the conceptlm training loop vs a bare PyTorch loop, side by side in one process.
 
 Two pairs: (1) an HF tiny Llama through the SFT unit, (2) the same-size LM on ``core.modules`` (embedding ->
-``Decoder`` -> head) through a plain ``TrainUnit`` with no HF model. In each pair both loops train the same model on the same micro-batches (the same BatchPlan, label_mode=all so both compute
+``Decoder`` -> head) through a plain ``TrainUnit`` with no HF model. In each pair both loops train the same model on
+the same micro-batches (the same BatchPlan, label_mode=all so both compute
 the LM head on every position) with AdamW and grad clipping. Rounds alternate bare / trainer so machine noise hits
 both alike; the ratio of median tokens/s is the loop's overhead.
 
@@ -37,9 +38,9 @@ def main() -> None:
     from conceptlm.core.config import load_config
     from conceptlm.core.distributed import init_distributed
     from conceptlm.core.hf import build_tiny_model
+    from conceptlm.core.sampling import BatchPlan, step_batches
     from conceptlm.core.tokenizer import train_bpe_tokenizer
     from conceptlm.core.trainer import Trainer
-    from conceptlm.core.sampling import BatchPlan, step_batches
     from conceptlm.data.batching import collate
     from conceptlm.data.chat import ChatDataset
     from conceptlm.data.generators.nlrx import generate_records
@@ -75,7 +76,8 @@ def main() -> None:
                                                        labels=b["labels"]).loss, offset)
 
     def ours(offset: int, tmp: str) -> float:
-        cfg = load_config(SFTConfig, None, [f"run.out_dir={tmp}", f"run.name=r{offset}", f"train.max_steps={args.steps}",
+        cfg = load_config(SFTConfig, None, [f"run.out_dir={tmp}", f"run.name=r{offset}",
+                                            f"train.max_steps={args.steps}",
                                             f"train.log_every={args.steps}", "train.eval_every=0",
                                             "train.progress=false", "optim.lr=1e-3"])
         trainer = Trainer(SFTUnit(fresh_model()), cfg, info, train_batches=lambda s: get(s + offset),
@@ -120,7 +122,8 @@ def main() -> None:
     def ours_modules(offset: int, tmp: str) -> float:
         from conceptlm.core.config import RunConfig
 
-        cfg = load_config(RunConfig, None, [f"run.out_dir={tmp}", f"run.name=m{offset}", f"train.max_steps={args.steps}",
+        cfg = load_config(RunConfig, None, [f"run.out_dir={tmp}", f"run.name=m{offset}",
+                                            f"train.max_steps={args.steps}",
                                             f"train.log_every={args.steps}", "train.eval_every=0",
                                             "train.progress=false", "optim.lr=1e-3"])
         trainer = Trainer(ModulesUnit(), cfg, info, train_batches=lambda s: get(s + offset), data_state={})
@@ -137,7 +140,8 @@ def main() -> None:
     out = {
         "model": f"llama d{args.hidden} L{args.layers} V{len(tok)}", "batch": f"{args.batch} x <=128 (NL-RX chat)",
         "threads": torch.get_num_threads(), "rounds": args.rounds, "steps_per_round": args.steps,
-        "bare_tokens_per_s_median": statistics.median(bare_tps), "trainer_tokens_per_s_median": statistics.median(our_tps),
+        "bare_tokens_per_s_median": statistics.median(bare_tps),
+        "trainer_tokens_per_s_median": statistics.median(our_tps),
         "trainer_over_bare": statistics.median(our_tps) / statistics.median(bare_tps),
         "per_round_ratio": [o / b for o, b in zip(our_tps, bare_tps)],
         "modules_bare_tokens_per_s_median": statistics.median(mbare_tps),

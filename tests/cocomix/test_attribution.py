@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conceptlm.cocomix.attribution import (ConceptLabeler, concept_labels, decoder_scale, dense_attribution, freeze,
-                                           post_attribution, teacher_pass)
+from conceptlm.cocomix.attribution import (
+    ConceptLabeler,
+    concept_labels,
+    decoder_scale,
+    dense_attribution,
+    freeze,
+    post_attribution,
+    teacher_pass,
+)
 from conceptlm.cocomix.config import LabelSection
 from conceptlm.cocomix.sae import TopKSAE
 from conceptlm.cocomix.teacher import teacher_blocks

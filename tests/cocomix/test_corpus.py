@@ -9,9 +9,18 @@ import pytest
 import torch
 
 from conceptlm.cocomix.config import CorpusSection
-from conceptlm.cocomix.corpus import (TOPICS, WindowDataset, build_corpus, collate_windows, corpus_identity,
-                                      generate_documents, load_documents, read_documents, split_documents,
-                                      tokenize_windows)
+from conceptlm.cocomix.corpus import (
+    TOPICS,
+    WindowDataset,
+    build_corpus,
+    collate_windows,
+    corpus_identity,
+    generate_documents,
+    load_documents,
+    read_documents,
+    split_documents,
+    tokenize_windows,
+)
 from conceptlm.core.errors import ConfigError, DataError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 

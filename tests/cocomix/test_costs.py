@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 
 from conceptlm.cocomix.config import CocomixSection, LabelSection, StudentSection
-from conceptlm.cocomix.costs import (arm_costs, count_parameters, flops_per_token, label_flops_per_token,
-                                     owed_flops_per_token, sae_train_flops, teacher_flops_to_layer,
-                                     teacher_forward_flops, train_flops)
+from conceptlm.cocomix.costs import (
+    arm_costs,
+    count_parameters,
+    flops_per_token,
+    label_flops_per_token,
+    owed_flops_per_token,
+    sae_train_flops,
+    teacher_flops_to_layer,
+    teacher_forward_flops,
+    train_flops,
+)
 from conceptlm.cocomix.model import StudentLM
 from conceptlm.core.hf import build_tiny_model
 

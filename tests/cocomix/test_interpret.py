@@ -13,8 +13,13 @@ import torch
 
 from conceptlm.cocomix.config import CocomixConfig, StudentSection
 from conceptlm.cocomix.corpus import build_corpus
-from conceptlm.cocomix.descriptions import (CONCEPTS_FILE, StreamingTopN, concept_activation, sae_activations,
-                                            token_frequency)
+from conceptlm.cocomix.descriptions import (
+    CONCEPTS_FILE,
+    StreamingTopN,
+    concept_activation,
+    sae_activations,
+    token_frequency,
+)
 from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.interpret import concept_logits, concepts, explain, steer
 from conceptlm.cocomix.labels import resolve_teacher

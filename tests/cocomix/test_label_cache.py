@@ -23,8 +23,17 @@ from conceptlm.cocomix.attribution import ConceptLabeler
 from conceptlm.cocomix.config import CorpusSection, LabelSection, TeacherSection
 from conceptlm.cocomix.corpus import build_corpus, load_documents
 from conceptlm.cocomix.label_cache import (
-    HEADER, LABELS, MASK, PROGRESS, CacheSpec, LabelCache, LabelCacheError, LabeledWindows, label_dtype,
-    state_fingerprint, write_label_cache,
+    HEADER,
+    LABELS,
+    MASK,
+    PROGRESS,
+    CacheSpec,
+    LabelCache,
+    LabelCacheError,
+    LabeledWindows,
+    label_dtype,
+    state_fingerprint,
+    write_label_cache,
 )
 from conceptlm.cocomix.labels import LABELS_DIR, label, open_labeled_windows
 from conceptlm.cocomix.sae import load_sae, save_sae

@@ -8,10 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conceptlm.cocomix.sae import (SAE_CONFIG, SAE_WEIGHTS, TopKSAE, auxk_sum, batch_fvu, fvu_terms, l0_terms,
-                                   load_sae, mse_sum, save_sae)
+from conceptlm.cocomix.sae import (
+    SAE_CONFIG,
+    SAE_WEIGHTS,
+    TopKSAE,
+    auxk_sum,
+    batch_fvu,
+    fvu_terms,
+    l0_terms,
+    load_sae,
+    mse_sum,
+    save_sae,
+)
 from conceptlm.core.errors import CheckpointError
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from conceptlm.cocomix.arms import make_arm, match_ntp
 from conceptlm.cocomix.config import ARMS, CocomixSection, StudentSection, StudentTrainConfig
+from conceptlm.cocomix.corpus import collate_windows
 from conceptlm.cocomix.costs import count_parameters, flops_per_token
 from conceptlm.cocomix.model import sae_layer_norm
-from conceptlm.cocomix.corpus import collate_windows
 from conceptlm.cocomix.student import StudentUnit, load_student, train_student
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core.config import load_config

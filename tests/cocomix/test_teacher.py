@@ -7,13 +7,17 @@ import torch
 import transformers
 
 from conceptlm.cocomix.config import CorpusSection, TeacherSection
-from conceptlm.cocomix.teacher import (hidden_at_layer, load_teacher, teacher_blocks, teacher_identity,
-                                       train_tiny_teacher)
+from conceptlm.cocomix.teacher import (
+    hidden_at_layer,
+    load_teacher,
+    teacher_blocks,
+    teacher_identity,
+    train_tiny_teacher,
+)
 from conceptlm.core.distributed import DistInfo
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.hf import build_tiny_model, save_model
 from conceptlm.core.tokenizer import train_bpe_tokenizer
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

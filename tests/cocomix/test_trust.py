@@ -333,8 +333,7 @@ def test_label_takes_the_run_folder_lock(run):
 
 
 def test_an_unfinished_artifact_is_recorded_but_never_consumed(tmp_path):
-    from conceptlm.core.artifact import (Identity, begin, decide, fingerprint_of, is_complete, require,
-                                         write_manifest)
+    from conceptlm.core.artifact import Identity, begin, decide, fingerprint_of, is_complete, require, write_manifest
 
     identity = Identity("cocomix.labels", settings={"k_attr": 4})
     begin(tmp_path, identity)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from conceptlm.core.config import config_to_dict, load_config, parse_override, save_config
-from conceptlm.lm.config import LMRunConfig
 from conceptlm.core.errors import ConfigError
+from conceptlm.lm.config import LMRunConfig
 from conceptlm.sft.config import SFTConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conceptlm.core import hf
-from conceptlm.core.errors import ConceptLMError
 from conceptlm.core.config import ARCHS
+from conceptlm.core.errors import ConceptLMError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 
 V = 300

@@ -267,8 +267,8 @@ def test_two_processes_with_per_example_noise_equal_one_process(tmp_path, strate
         return
     # and the noise matters: without it the weights differ
     subprocess.run(_cmd(tmp_path, "clean", **{"train.max_steps": steps, "train.micro_batch_size": 8,
-                                              "toy.noise": 0.0, "toy.teacher": teacher}), check=True, env=_env(), cwd=REPO, timeout=300,
-                   capture_output=True)
+                                              "toy.noise": 0.0, "toy.teacher": teacher}),
+                   check=True, env=_env(), cwd=REPO, timeout=300, capture_output=True)
     assert max_diff(a, unit_weights(tmp_path / "runs" / "clean", steps)) > 1e-4
 
 

@@ -15,7 +15,6 @@ import torch
 
 from conceptlm.core.errors import ConceptLMError, DataError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
-from conceptlm.data.templates import render_chat
 from conceptlm.data.chat import (
     IGNORE_INDEX,
     ChatDataset,
@@ -23,6 +22,7 @@ from conceptlm.data.chat import (
     read_chat_jsonl,
     tokenize_chat,
 )
+from conceptlm.data.templates import render_chat
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -243,7 +243,7 @@ def test_bad_record_names_path_line_field(tmp_path, tok, name, bad, field, reaso
         assert f"field '{field}'" in msg
     assert reason in msg
     # nothing partial: the dataset refuses the whole file too
-    with pytest.raises(DataError, match=f":3: "):
+    with pytest.raises(DataError, match=":3: "):
         ChatDataset(p, tok, max_length=64)
 
 

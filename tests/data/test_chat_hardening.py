@@ -13,8 +13,8 @@ from conceptlm.core.errors import DataError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 from conceptlm.data.chat import IGNORE_INDEX, ChatDataset, read_chat_jsonl, tokenize_chat
 from conceptlm.data.text import TextDataset
-from conceptlm.jepa.data import JepaDataset
 from conceptlm.jepa.config import ViewConfig
+from conceptlm.jepa.data import JepaDataset
 from conceptlm.jepa.views import add_predictor_tokens, build_views
 
 WORDS = "lines with words containing a vowel dog truck letter before after zero or more times".split()

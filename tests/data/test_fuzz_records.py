@@ -17,8 +17,8 @@ import pytest
 from conceptlm.core.errors import ConceptLMError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 from conceptlm.data.chat import ChatDataset
-from conceptlm.jepa.data import JepaDataset
 from conceptlm.jepa.config import ViewConfig
+from conceptlm.jepa.data import JepaDataset
 from conceptlm.jepa.views import add_predictor_tokens
 from tests.conftest import WORDS, make_chat_records, tiny_overrides, write_jsonl
 

@@ -253,7 +253,7 @@ def reference_matches(tree, s: str) -> bool:
     def word(k: int) -> bool:
         return 0 <= k < n and s[k] in WORDCH
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def m(t, i: int, j: int) -> bool:
         op = t[0]
         if op == "chr":
@@ -281,7 +281,7 @@ def reference_matches(tree, s: str) -> bool:
             return any(exactly(x, cnt, i, j) for cnt in range(lo, hi + 1))
         raise AssertionError(op)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def exactly(x, cnt: int, i: int, j: int) -> bool:
         if cnt == 0:
             return i == j

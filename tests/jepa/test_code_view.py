@@ -22,9 +22,9 @@ from conceptlm.core.hf import build_tiny_model  # noqa: E402
 from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
 from conceptlm.data.chat import tokenize_chat  # noqa: E402
 from conceptlm.data.templates import default_system_prompt  # noqa: E402
+from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.forward import jepa_objective, run_jepa_batch  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate  # noqa: E402
-from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.views import add_predictor_tokens, build_views  # noqa: E402
 
 # SmolLM2-135M-Instruct's template (its whole text): a default system turn when messages[0] is not a system one
@@ -91,7 +91,8 @@ def test_code_view_uses_the_records_system_prompt(smol):
 def test_code_view_without_a_system_message_keeps_the_default_the_lm_sequence_has(smol):
     ex = build_views(NO_SYS, smol, ViewConfig())[0]
     assert _dec(smol, ex.lm_ids).startswith(f"<|im_start|>system\n{DEFAULT}<|im_end|>\n")
-    assert _dec(smol, ex.code_ids) == f"<|im_start|>system\n{DEFAULT}<|im_end|>\n<|im_start|>assistant\ndog.*<|im_end|>\n"
+    assert _dec(smol, ex.code_ids) == (f"<|im_start|>system\n{DEFAULT}<|im_end|>\n"
+                                       "<|im_start|>assistant\ndog.*<|im_end|>\n")
     assert _dec(smol, ex.code_ids[: ex.code_prefix_len]).startswith(f"<|im_start|>system\n{DEFAULT}<|im_end|>\n")
 
 

@@ -23,9 +23,9 @@ import transformers  # noqa: E402
 
 from conceptlm.core.hf import build_tiny_model  # noqa: E402
 from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
+from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.forward import run_jepa_batch, uses_flex_attention  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate, tree_attention_mask, tree_block_mask  # noqa: E402
-from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.views import add_predictor_tokens, build_views  # noqa: E402
 from tests.jepa.view_records import CORPUS, RECORDS  # noqa: E402
 

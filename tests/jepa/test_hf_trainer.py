@@ -24,13 +24,13 @@ import transformers  # noqa: E402
 from torch.utils.data import SequentialSampler  # noqa: E402
 
 from conceptlm.core.hf import build_tiny_model, causal_lm_loss_sum  # noqa: E402
+from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.forward import run_jepa_batch  # noqa: E402
 from conceptlm.jepa.hf_collate import BATCH_KEY, JepaDataCollator  # noqa: E402
 from conceptlm.jepa.hf_trainer import JepaTrainer, jepa_loss  # noqa: E402
 from conceptlm.jepa.losses import jepa_distance  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate  # noqa: E402
 from conceptlm.jepa.unit import jepa_step_active  # noqa: E402
-from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.views import JepaExample, add_predictor_tokens, build_views  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

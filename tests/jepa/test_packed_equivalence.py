@@ -19,10 +19,10 @@ from conceptlm.core.hf import build_tiny_model, causal_lm_loss_sum, hidden_state
 from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
 from conceptlm.data.batching import collate  # noqa: E402
 from conceptlm.data.chat import tokenize_chat  # noqa: E402
+from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.forward import jepa_objective, run_jepa_batch  # noqa: E402
 from conceptlm.jepa.losses import METRICS, jepa_distance  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate, tree_attention_mask  # noqa: E402
-from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.views import add_predictor_tokens, build_views  # noqa: E402
 
 SYS = {"role": "system", "content": "Convert natural language to regular expression."}

@@ -21,9 +21,9 @@ import transformers  # noqa: E402
 from conceptlm.core.config import ARCHS  # noqa: E402
 from conceptlm.core.hf import build_tiny_model, load_causal_lm  # noqa: E402
 from conceptlm.core.tokenizer import train_bpe_tokenizer  # noqa: E402
+from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.forward import attention_windows, jepa_objective, run_jepa_batch  # noqa: E402
 from conceptlm.jepa.packing import collate_packed, collate_separate, tree_attention_mask  # noqa: E402
-from conceptlm.jepa.config import ViewConfig  # noqa: E402
 from conceptlm.jepa.views import add_predictor_tokens, build_views  # noqa: E402
 from tests.jepa.view_records import CORPUS, RECORDS  # noqa: E402
 

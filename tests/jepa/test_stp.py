@@ -29,8 +29,16 @@ from conceptlm.core.rng import StepRandomness
 from conceptlm.jepa.config import JepaConfig, JepaSection, StpSection
 from conceptlm.jepa.hf_trainer import JepaTrainer
 from conceptlm.jepa.recipe import train as jepa_train
-from conceptlm.jepa.stp import (curvature_pairs, displacements, draw_span, length_weight, piece_coefficients,
-                                span_coefficients, stp_distance, trajectory_curvature)
+from conceptlm.jepa.stp import (
+    curvature_pairs,
+    displacements,
+    draw_span,
+    length_weight,
+    piece_coefficients,
+    span_coefficients,
+    stp_distance,
+    trajectory_curvature,
+)
 from conceptlm.jepa.stp_batch import collate_stp, with_stp_targets
 from conceptlm.jepa.stp_data import StpChatDataset, StpExample
 from conceptlm.jepa.stp_hf import StpDataCollator, stp_loss

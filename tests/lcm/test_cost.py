@@ -13,10 +13,27 @@ from conceptlm.core.errors import ConfigError
 from conceptlm.core.modules import DecoderConfig
 from conceptlm.core.modules.block import DecoderBlock
 from conceptlm.lcm.config import CostSection, LCMSection, TransformerSize
-from conceptlm.lcm.cost import (LLAMA2_7B, SONAR_DECODER, SONAR_ENCODER, TWO_TOWER_1_6B, TWO_TOWER_7B, LCMSize,
-                                base_lcm_params, break_even_sentence_length, contextualizer_layer_params, cost_table,
-                                crossover_total_tokens, denoiser_layer_params, lcm_from_section, lcm_generation_flops,
-                                llm_generation_flops, one_tower_params, resolve_sizes, run_cost, two_tower_params)
+from conceptlm.lcm.cost import (
+    LLAMA2_7B,
+    SONAR_DECODER,
+    SONAR_ENCODER,
+    TWO_TOWER_1_6B,
+    TWO_TOWER_7B,
+    LCMSize,
+    base_lcm_params,
+    break_even_sentence_length,
+    contextualizer_layer_params,
+    cost_table,
+    crossover_total_tokens,
+    denoiser_layer_params,
+    lcm_from_section,
+    lcm_generation_flops,
+    llm_generation_flops,
+    one_tower_params,
+    resolve_sizes,
+    run_cost,
+    two_tower_params,
+)
 from conceptlm.lcm.variants.base import BaseLCM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,9 +15,18 @@ from conceptlm.core.config import load_config
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.rng import StepRandomness
 from conceptlm.lcm.config import DecoderTrainConfig
-from conceptlm.lcm.decoder_train import (PrefixDecoderUnit, SentenceTargets, TargetCollator, autobleu, eval_decoder,
-                                         evaluate_decoder, noise_embeddings, round_trip_cosine, split_sentences,
-                                         train_decoder)
+from conceptlm.lcm.decoder_train import (
+    PrefixDecoderUnit,
+    SentenceTargets,
+    TargetCollator,
+    autobleu,
+    eval_decoder,
+    evaluate_decoder,
+    noise_embeddings,
+    round_trip_cosine,
+    split_sentences,
+    train_decoder,
+)
 from conceptlm.lcm.decoders import RetrievalDecoder, load_decoder
 from conceptlm.lcm.prefix_decoder import PrefixLMDecoder
 from tests.lcm.test_decoders import SENTENCES, BagEncoder, tiny_decoder

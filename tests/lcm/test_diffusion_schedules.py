@@ -12,9 +12,17 @@ import torch
 
 from conceptlm.core.errors import ConfigError
 from conceptlm.lcm.config import DiffusionSection
-from conceptlm.lcm.diffusion.schedule import (NoiseSchedule, betas_from_alpha_bar, build_schedule, cosine_betas,
-                                              inference_timesteps, linear_betas, quadratic_betas,
-                                              rescale_zero_terminal_snr, sigmoid_betas)
+from conceptlm.lcm.diffusion.schedule import (
+    NoiseSchedule,
+    betas_from_alpha_bar,
+    build_schedule,
+    cosine_betas,
+    inference_timesteps,
+    linear_betas,
+    quadratic_betas,
+    rescale_zero_terminal_snr,
+    sigmoid_betas,
+)
 from conceptlm.lcm.diffusion.weighting import loss_weights, sample_timesteps, step_probabilities
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

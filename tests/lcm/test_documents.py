@@ -133,8 +133,8 @@ def test_yelp_reviews_read():
 
 # ------------------------------------------------------------------------------------------------ instructions
 def test_instruction_records_become_source_marker_answer(tmp_path):
-    from conceptlm.lcm.data.documents import split_instruction
     from conceptlm.lcm.config import PrepareSection
+    from conceptlm.lcm.data.documents import split_instruction
     from conceptlm.lcm.data.prepare import segment_document
 
     path = tmp_path / "pairs.jsonl"

@@ -13,8 +13,13 @@ import torch
 
 from conceptlm.core.errors import ConceptLMError, ConfigError
 from conceptlm.lcm.config import EncoderSection
-from conceptlm.lcm.data.encoders import (SentenceTransformersEncoder, TransformerSentenceEncoder, get_encoder,
-                                         verify_identity, weights_fingerprint)
+from conceptlm.lcm.data.encoders import (
+    SentenceTransformersEncoder,
+    TransformerSentenceEncoder,
+    get_encoder,
+    verify_identity,
+    weights_fingerprint,
+)
 
 SHARED_YELP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"
 

@@ -67,9 +67,10 @@ def test_mutual_information_weights_by_tokens():
 
 
 def test_causal_lm_scorer_against_a_manual_computation():
-    from conceptlm.core.hf import build_tiny_model
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conceptlm.core.hf import build_tiny_model
 
     vocab = {c: i for i, c in enumerate(["<s>", "\n", " ", "a", "b", "c", "d"])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<s>"))

@@ -16,8 +16,14 @@ from conceptlm.lcm.diffusion.ddim import DDIMSampler
 from conceptlm.lcm.generate import generate
 from conceptlm.lcm.sequence import TEACHER_FORCED_METRICS, collate_documents
 from conceptlm.lcm.train import SyntheticVectorDocuments
-from conceptlm.lcm.variants.one_tower import (DROP_PURPOSE, NOISE_PURPOSE, TIMESTEP_PURPOSE, OneTowerLCM, OneTowerUnit,
-                                              additive_mask)
+from conceptlm.lcm.variants.one_tower import (
+    DROP_PURPOSE,
+    NOISE_PURPOSE,
+    TIMESTEP_PURPOSE,
+    OneTowerLCM,
+    OneTowerUnit,
+    additive_mask,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

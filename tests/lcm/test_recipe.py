@@ -143,8 +143,8 @@ def test_stored_vectors_are_reused_and_only_new_sentences_encoded():
 
 
 def test_retrieval_bank_takes_the_prepared_vectors(trained):
-    from conceptlm.lcm.decoders import load_decoder
     from conceptlm.lcm.data.store import EmbeddedDocuments
+    from conceptlm.lcm.decoders import load_decoder
 
     cfg, *_ = trained
     bank = load_decoder(cfg.decoder_dir)

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from conceptlm.core.errors import ConfigError
 from conceptlm.lcm.config import SegmentSection
 from conceptlm.lcm.data.segment import FALLBACK_SEPARATORS, RuleSegmenter, cap_spans, get_segmenter, resplit_spans

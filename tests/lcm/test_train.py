@@ -266,12 +266,11 @@ def test_real_minilm_documents_train_and_generate(tmp_path):
     end-of-text rule, decoded by nearest neighbour over the training sentences."""
     import torch.nn.functional as F
 
+    from conceptlm.lcm.config import GenerationOptions, PrepareConfig
     from conceptlm.lcm.data.encoders import get_encoder
-    from conceptlm.lcm.config import GenerationOptions
-    from conceptlm.lcm.generate import generate
-    from conceptlm.lcm.config import PrepareConfig
     from conceptlm.lcm.data.prepare import prepare
     from conceptlm.lcm.data.store import EmbeddedDocuments
+    from conceptlm.lcm.generate import generate
 
     folder = tmp_path / "prepared"
     prepare(load_config(PrepareConfig, None, ["docs.n_documents=160", f"prepare.out_dir={folder}",

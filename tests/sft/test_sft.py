@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conceptlm.core.config import load_config
 from conceptlm.sft.config import SFTConfig

@@ -316,7 +316,7 @@ def concept_labels(teacher: nn.Module, sae: nn.Module, input_ids: torch.Tensor, 
 def _check_k_attr(sae: nn.Module, section: LabelSection) -> None:
     """A one-line :class:`ConfigError` (a ``ValueError``) naming ``labels.k_attr`` when a token cannot get
     ``k_attr`` labels from ``sae`` (its ``k`` active latents; all latents for dense pre-activation attribution)."""
-    k = int(getattr(sae, "k"))
+    k = int(sae.k)
     n_latents = sae.W_dec.shape[0]
     limit = n_latents if (section.mode == "pre" and section.selection == "attribution") else k
     if section.k_attr > limit:

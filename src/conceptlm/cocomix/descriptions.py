@@ -187,7 +187,6 @@ class ConceptDescriptions:
 
 def _description_key(cfg: Any, section: InterpretSection, sae_dir: Path, n_windows: int) -> dict[str, Any]:
     from conceptlm.cocomix.corpus import corpus_identity
-
     from conceptlm.cocomix.sae_formats import sae_weights_file
 
     return {"sae_sha256": file_sha256(sae_weights_file(sae_dir)), "layer": cfg.teacher.layer,

@@ -38,8 +38,15 @@ from typing import Any
 
 from torch import nn
 
-from conceptlm.core.artifact import (Identity, StaleArtifactError, damaged_file, decide, is_complete, read_manifest,
-                                     tensors_digest)
+from conceptlm.core.artifact import (
+    Identity,
+    StaleArtifactError,
+    damaged_file,
+    decide,
+    is_complete,
+    read_manifest,
+    tensors_digest,
+)
 
 __all__ = ["ON_CHANGE_OPTION", "ON_CHANGE_CHOICES", "TOKENIZER_KIND", "TEACHER_KIND", "SAE_KIND", "LABELS_KIND",
            "STUDENT_KIND", "REPORT_KIND", "on_change_of", "world_size", "documents_fingerprint",

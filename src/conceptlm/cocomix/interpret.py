@@ -32,8 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from conceptlm.cocomix.config import InterpretSection
-from conceptlm.cocomix.descriptions import (SHOWN_TOKENS, ConceptDescriptions, clean_text, concept_activation,
-                                            describe_concepts, describe_tokens, interpret_section, token_frequency)
+from conceptlm.cocomix.descriptions import (
+    SHOWN_TOKENS,
+    ConceptDescriptions,
+    clean_text,
+    concept_activation,
+    describe_concepts,
+    describe_tokens,
+    interpret_section,
+    token_frequency,
+)
 from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.model import Steering, StudentLM, sae_layer_norm
 from conceptlm.core.config import check

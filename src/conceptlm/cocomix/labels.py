@@ -28,21 +28,53 @@ from torch import nn
 
 from conceptlm.cocomix.attribution import ConceptLabeler
 from conceptlm.cocomix.corpus import build_corpus, corpus_identity
-from conceptlm.cocomix.identity import (ON_CHANGE_OPTION, LABELS_KIND, labels_identity, log_to_stderr, on_change_of,
-                                       remove_output, windows_digest)
-from conceptlm.cocomix.label_cache import (HEADER, LABELS, MASK, PROGRESS, CacheSpec, LabelCache, LabelCacheError,
-                                           LabeledWindows, missing_folders, state_fingerprint, write_label_cache)
+from conceptlm.cocomix.identity import (
+    LABELS_KIND,
+    ON_CHANGE_OPTION,
+    labels_identity,
+    log_to_stderr,
+    on_change_of,
+    remove_output,
+    windows_digest,
+)
+from conceptlm.cocomix.label_cache import (
+    HEADER,
+    LABELS,
+    MASK,
+    PROGRESS,
+    CacheSpec,
+    LabelCache,
+    LabelCacheError,
+    LabeledWindows,
+    missing_folders,
+    state_fingerprint,
+    write_label_cache,
+)
 from conceptlm.cocomix.sae import SAE_CONFIG, TopKSAE, load_sae
 from conceptlm.cocomix.sae_formats import detect_sae_format
 from conceptlm.cocomix.sae_train import SAE_DIR
-from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, load_teacher, resolve_teacher_path, teacher_identity,
-                                       teacher_width)
-from conceptlm.core.artifact import (StaleArtifactError, begin, damaged_file, decide, is_complete, read_manifest,
-                                     require, write_manifest)
+from conceptlm.cocomix.teacher import (
+    TINY_TEACHER_DIR,
+    load_teacher,
+    resolve_teacher_path,
+    teacher_identity,
+    teacher_width,
+)
+from conceptlm.core.artifact import (
+    StaleArtifactError,
+    begin,
+    damaged_file,
+    decide,
+    is_complete,
+    read_manifest,
+    require,
+    write_manifest,
+)
 from conceptlm.core.errors import CheckpointError, ConfigError, DataError
 from conceptlm.core.lock import RunLock
 
-__all__ = ["LABELS_DIR", "SPLITS", "label", "resolve_sae_dir", "check_sae_settings", "resolve_teacher", "compute_device",
+__all__ = ["LABELS_DIR", "SPLITS", "label", "resolve_sae_dir", "check_sae_settings", "resolve_teacher",
+           "compute_device",
            "label_cache_dir", "open_labeled_windows", "StaleLabelCacheError"]
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from conceptlm.cocomix.config import CocomixConfig
-from conceptlm.cocomix.identity import (LABELS_KIND, log_to_stderr, on_change_of, run_stage, student_identity,
-                                        tiny_teacher_identity, windows_digest, world_size)
+from conceptlm.cocomix.identity import (
+    LABELS_KIND,
+    log_to_stderr,
+    on_change_of,
+    run_stage,
+    student_identity,
+    tiny_teacher_identity,
+    windows_digest,
+    world_size,
+)
 from conceptlm.cocomix.report import STUDENTS_DIR, build_report, student_runs
 from conceptlm.core.artifact import Identity, begin, fingerprint_of, write_manifest
 from conceptlm.core.config import config_text
@@ -204,7 +212,6 @@ class _Stages:
 
     def labeler(self):
         from conceptlm.cocomix.attribution import ConceptLabeler
-
         from conceptlm.cocomix.labels import check_sae_settings, resolve_sae_dir
 
         teacher, _ = self.teacher()

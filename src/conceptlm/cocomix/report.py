@@ -25,8 +25,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from conceptlm.core.artifact import (Identity, StaleArtifactError, damaged_file, diff_identity, is_complete,
-                                     read_manifest, write_manifest)
+from conceptlm.core.artifact import (
+    Identity,
+    StaleArtifactError,
+    damaged_file,
+    diff_identity,
+    is_complete,
+    read_manifest,
+    write_manifest,
+)
 from conceptlm.core.errors import DataError
 from conceptlm.core.io import atomic_write_text
 

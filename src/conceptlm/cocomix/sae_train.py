@@ -17,7 +17,6 @@ token).
 
 from __future__ import annotations
 
-
 import dataclasses
 import json
 import logging
@@ -29,10 +28,25 @@ from torch import nn
 
 from conceptlm.cocomix.config import SAESection, SAETrainConfig
 from conceptlm.cocomix.corpus import build_corpus, collate_windows, corpus_identity
-from conceptlm.cocomix.sae import (SAE_CONFIG, SAE_WEIGHTS, TopKSAE, auxk_sum, fvu_terms, l0_terms, load_params,
-                                   mse_sum, save_sae)
-from conceptlm.cocomix.teacher import (TINY_TEACHER_DIR, hidden_at_layer, load_teacher, teacher_identity,
-                                       teacher_width, train_tiny_teacher)
+from conceptlm.cocomix.sae import (
+    SAE_CONFIG,
+    SAE_WEIGHTS,
+    TopKSAE,
+    auxk_sum,
+    fvu_terms,
+    l0_terms,
+    load_params,
+    mse_sum,
+    save_sae,
+)
+from conceptlm.cocomix.teacher import (
+    TINY_TEACHER_DIR,
+    hidden_at_layer,
+    load_teacher,
+    teacher_identity,
+    teacher_width,
+    train_tiny_teacher,
+)
 from conceptlm.core.config import RunConfig, with_own_length
 from conceptlm.core.distributed import all_reduce_sum, barrier
 from conceptlm.core.recipe import fit, make_plan

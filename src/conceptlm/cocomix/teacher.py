@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from conceptlm.cocomix.config import CorpusSection, TeacherSection, TinyTeacherConfig
-from conceptlm.cocomix.corpus import (build_corpus, collate_windows, corpus_identity,
-                                      load_documents, split_documents)
+from conceptlm.cocomix.corpus import build_corpus, collate_windows, corpus_identity, load_documents, split_documents
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core import hf
 from conceptlm.core.config import OptimSection, RunSection, ScheduleSection, TrainSection

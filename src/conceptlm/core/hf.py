@@ -208,7 +208,7 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype | None = None,
 
     try:
         return transformers.AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
-    except pickle.UnpicklingError as err:  # transformers reads .bin files with torch.load(weights_only=True)
+    except pickle.UnpicklingError:  # transformers reads .bin files with torch.load(weights_only=True)
         files = ", ".join(f.name for f in sorted(p.glob("*.bin"))) or "its weights"
         raise ModelPathError(f"{p}: {files} cannot be loaded safely (it holds Python objects that weights-only "
                              "unpickling refuses); conceptlm loads weights only through safetensors or weights-only "

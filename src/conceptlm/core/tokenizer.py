@@ -30,8 +30,8 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 # ChatML with a single BOS emitted by the template (the tokenizer itself adds no special tokens, so rendering
 # then tokenizing never doubles the BOS). ``{% generation %}`` marks assistant tokens for
-# ``return_assistant_tokens_mask``. The newline after an assistant turn is emitted explicitly: chat templates render with
-# ``trim_blocks``, which would drop a literal newline right after ``{% endgeneration %}``.
+# ``return_assistant_tokens_mask``. The newline after an assistant turn is emitted explicitly: chat templates
+# render with ``trim_blocks``, which would drop a literal newline right after ``{% endgeneration %}``.
 CHATML_TEMPLATE = (
     "{{ bos_token }}"
     "{% for m in messages %}"
@@ -51,7 +51,7 @@ MAX_TRAINING_RUN = 256
 minified file, base64, text in a script written without spaces, a wall of blanks) are fed as consecutive chunks of at
 most this many characters. The trainer's time grows with the square of its longest pre-token (200k characters
 without whitespace: ~100 s), so this keeps training linear in the corpus size; no useful merge is that long."""
-_LONG_RUN = re.compile(r"\S{%d,}|\s{%d,}" % (MAX_TRAINING_RUN + 1, MAX_TRAINING_RUN + 1))
+_LONG_RUN = re.compile(rf"\S{{{MAX_TRAINING_RUN + 1},}}|\s{{{MAX_TRAINING_RUN + 1},}}")
 
 
 def train_bpe_tokenizer(

@@ -34,8 +34,8 @@ from conceptlm.core.evaluation import evaluate_unit
 from conceptlm.core.metrics import MetricLogger
 from conceptlm.core.progress import progress_bar
 from conceptlm.core.resume import check_config_changes
-from conceptlm.core.run import resume_checkpoint, take_resume_plan
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
+from conceptlm.core.run import resume_checkpoint, take_resume_plan
 from conceptlm.core.schedule import build_scheduler
 from conceptlm.core.step_sums import SumAccumulator, autocast_context, count_vector, to_device
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
@@ -310,8 +310,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ state
     def save(self, model, optimizer, scheduler) -> Path | None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(model, options=opts)

@@ -94,8 +94,7 @@ def corpus_texts(source: Source) -> Iterator[str]:
             for m in msgs:
                 yield m["content"]
         for obj in source.objects or []:
-            for value in _strings(obj):
-                yield value
+            yield from _strings(obj)
     elif source.texts is not None:
         yield from source.texts
     else:

@@ -101,7 +101,7 @@ class TextDataset(Dataset):
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], tokenizer, *, block_size: int,
-                   limit_tokens: int | None = None, name: str = "<texts>") -> "TextDataset":
+                   limit_tokens: int | None = None, name: str = "<texts>") -> TextDataset:
         """Build from in-memory documents (e.g. the ``text`` column of a Hugging Face dataset), one per string."""
         self = cls.__new__(cls)
         self.sources = [name]

@@ -28,8 +28,6 @@ from conceptlm.eval.regex_parse import (
     Concat,
     Empty,
     Inter,
-    Node,
-    RegexParseError,
     Repeat,
     Union,
     parse_regex,

@@ -4,7 +4,8 @@ A regex denotes the set of *whole* strings it matches (full-match semantics). Th
 ``dk.brics.automaton`` library that NL-RX was checked with, plus ``\\b``:
 
 - atoms: literal characters, ``.`` (any character, newline included), classes ``[a-z]``, ``[AEIOUaeiou]``,
-  ``[^...]``, escapes ``\\d \\w \\s \\D \\W \\S \\n \\t``; ``\\`` + punctuation is that literal character; groups ``( )``;
+  ``[^...]``, escapes ``\\d \\w \\s \\D \\W \\S \\n \\t``; ``\\`` + punctuation is that literal character; groups ``(
+  )``;
 - postfix repetition ``*``, ``+``, ``?``, ``{n}``, ``{n,}``, ``{n,m}`` (stackable, as in brics);
 - prefix complement ``~`` applies to the following atom/group (``~a*`` is ``(~a)*``, as in brics);
 - precedence from tight to loose: repetition, concatenation, intersection ``&``, union ``|`` (the brics grammar).

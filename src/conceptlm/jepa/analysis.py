@@ -85,8 +85,13 @@ def collapse_report(enc_text: torch.Tensor, enc_code: torch.Tensor, *, metric: s
         ``enc_{text,code}_var`` (mean per-dimension variance), ``enc_{text,code}_erank`` (effective rank, at most
         min(N, D)), ``retrieval_top1`` / ``retrieval_top5`` (Enc(Text) → Enc(Code) among the N codes, cosine).
     """
-    from conceptlm.jepa.collapse import (cosine_matched_mismatched, effective_rank, mean_dim_variance, mismatched,
-                                         retrieval_accuracy)
+    from conceptlm.jepa.collapse import (
+        cosine_matched_mismatched,
+        effective_rank,
+        mean_dim_variance,
+        mismatched,
+        retrieval_accuracy,
+    )
     from conceptlm.jepa.losses import jepa_distance
 
     pred, target = (enc_text, enc_code) if pred_is_text else (enc_code, enc_text)

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from conceptlm.lm.config import LMRunConfig
 from conceptlm.core.errors import ConfigError
+from conceptlm.lm.config import LMRunConfig
 
 __all__ = ["JepaSection", "StpSection", "JepaConfig", "ViewConfig", "OBJECTIVES", "DEFAULT_LAM", "PREDICTOR_POSITIONS",
            "TEXT_VIEWS", "CODE_VIEWS", "DIRECTIONS"]

@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from conceptlm.core.hf import causal_lm_loss_sum, hidden_states, logits_at
 from conceptlm.data.chat import IGNORE_INDEX
 from conceptlm.jepa.losses import jepa_distance
-from conceptlm.jepa.packing import (PackedBatch, PaddedSequences, SeparateBatch, tree_attention_mask,
-                                   tree_block_mask)
+from conceptlm.jepa.packing import PackedBatch, PaddedSequences, SeparateBatch, tree_attention_mask, tree_block_mask
 
 __all__ = ["JepaForwardOutput", "attention_windows", "uses_flex_attention", "run_jepa_batch", "jepa_objective"]
 

@@ -15,7 +15,8 @@ default). Every micro-batch m then back-propagates
 
 and the returned loss is flagged as already scaled (``loss_is_scaled_for_ga = True``) so that ``training_step`` does
 not divide it by the accumulation steps again (``model_accepts_loss_kwargs``, which transformers otherwise uses for
-that decision and for whether to count at all, plays no role for JEPA batches). DDP averages gradients over ranks (hence s), so the step gradient is
+that decision and for whether to count at all, plays no role for JEPA batches). DDP averages gradients over ranks
+(hence s), so the step gradient is
 exactly ∇(γ · token-mean CE + λ · example-mean d) over the global batch: batch 8 × GA 1 == batch 2 × GA 4 ==
 2 ranks × batch 2 × GA 2 (to rounding). The InfoNCE metric is the exception: its negatives are the other examples of
 the same micro-batch (of all ranks' micro-batches with ``gather_negatives``), so its value depends on the split.
@@ -52,8 +53,14 @@ from torch import nn
 from conceptlm.core.rng import EVAL_STEP, StepRandomness
 from conceptlm.jepa.config import JepaSection
 from conceptlm.jepa.forward import run_jepa_batch
-from conceptlm.jepa.hf_collate import (BATCH_KEY, JepaDataCollator, check_view_settings, given_view_fields,
-                                       jepa_section, predictor_ids)
+from conceptlm.jepa.hf_collate import (
+    BATCH_KEY,
+    JepaDataCollator,
+    check_view_settings,
+    given_view_fields,
+    jepa_section,
+    predictor_ids,
+)
 from conceptlm.jepa.losses import jepa_distance, vicreg_covariance, vicreg_variance
 from conceptlm.jepa.packing import PackedBatch, SeparateBatch
 from conceptlm.jepa.stp_batch import StpBatch, with_stp_targets

@@ -11,8 +11,6 @@ from conceptlm.core.errors import ConfigError
 from conceptlm.core.recipe import fit, make_plan
 from conceptlm.core.run import run_session
 from conceptlm.core.trainer import TrainResult
-from conceptlm.lm.build import apply_run_lora, build_base_model, build_tokenizer
-from conceptlm.lm.recipe import generation_eval, load_exported_model, load_sources, resolve_checkpoint
 from conceptlm.data.sources import Source, corpus_texts
 from conceptlm.data.sources import build_dataset as build_lm_dataset
 from conceptlm.data.templates import pin_template_date
@@ -24,6 +22,8 @@ from conceptlm.jepa.stp_data import StpChatDataset, StpTextDataset
 from conceptlm.jepa.stp_unit import StpUnit
 from conceptlm.jepa.unit import JepaUnit
 from conceptlm.jepa.views import add_predictor_tokens, predictor_token
+from conceptlm.lm.build import apply_run_lora, build_base_model, build_tokenizer
+from conceptlm.lm.recipe import generation_eval, load_exported_model, load_sources, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 

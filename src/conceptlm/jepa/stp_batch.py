@@ -24,8 +24,15 @@ import torch
 from conceptlm.core.rng import StepRandomness
 from conceptlm.jepa.config import StpSection
 from conceptlm.jepa.packing import PaddedSequences, pad_sequences
-from conceptlm.jepa.stp import (check_pieces, curvature_pairs, draw_span, length_weight, piece_coefficients,
-                                span_entries, trajectory_length)
+from conceptlm.jepa.stp import (
+    check_pieces,
+    curvature_pairs,
+    draw_span,
+    length_weight,
+    piece_coefficients,
+    span_entries,
+    trajectory_length,
+)
 from conceptlm.jepa.stp_data import StpExample
 
 __all__ = ["SPAN_PURPOSE", "StpBatch", "collate_stp", "with_stp_targets"]
@@ -56,7 +63,7 @@ class StpBatch:
     pairs: torch.Tensor | None = None
     variant: str | None = None
 
-    def to(self, device: torch.device | str) -> "StpBatch":
+    def to(self, device: torch.device | str) -> StpBatch:
         values = {}
         for f in fields(self):
             v = getattr(self, f.name)

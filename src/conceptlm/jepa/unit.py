@@ -22,11 +22,11 @@ import torch
 
 from conceptlm.core.rng import derived_generator
 from conceptlm.core.unit import TOKENS_KEY
-from conceptlm.lm.unit import HFModelUnit
+from conceptlm.jepa.collapse import BATCH_STAT_NAMES, batch_stats
 from conceptlm.jepa.config import JepaSection
 from conceptlm.jepa.forward import run_jepa_batch
-from conceptlm.jepa.collapse import BATCH_STAT_NAMES, batch_stats
 from conceptlm.jepa.losses import jepa_distance, vicreg_covariance, vicreg_variance
+from conceptlm.lm.unit import HFModelUnit
 
 __all__ = ["JepaUnit", "jepa_step_active"]
 

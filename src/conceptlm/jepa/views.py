@@ -40,8 +40,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from conceptlm.core.errors import DataError
-from conceptlm.jepa.config import ViewConfig
-from conceptlm.data.templates import default_system_prompt, render_chat, token_id
 from conceptlm.data.chat import (
     IGNORE_INDEX,
     check_encodable,
@@ -49,6 +47,8 @@ from conceptlm.data.chat import (
     tokenize_chat,
     validate_messages,
 )
+from conceptlm.data.templates import default_system_prompt, render_chat, token_id
+from conceptlm.jepa.config import ViewConfig
 
 __all__ = [
     "JepaExample",
@@ -237,7 +237,7 @@ def _tokenize_view(tokenizer, text: str, start: int, end: int, override: int | N
                             f"({len(ids)} tokens)", field=what)
         return ids, idx
     idx = -1
-    for k, (a, b) in enumerate(enc["offset_mapping"]):
+    for k, (_, b) in enumerate(enc["offset_mapping"]):
         if b <= end and b > start:
             idx = k
     if idx < 0:

@@ -25,8 +25,14 @@ from conceptlm.core.errors import ConfigError
 from conceptlm.core.io import atomic_dir
 from conceptlm.lcm.config import DecoderSection
 from conceptlm.lcm.data.encoders import SentenceEncoder
-from conceptlm.lcm.decoders import (DECODER_FILE, SentenceDecoder, check_encoder_identity, decoder_header, jsonable,
-                                    read_decoder_header)
+from conceptlm.lcm.decoders import (
+    DECODER_FILE,
+    SentenceDecoder,
+    check_encoder_identity,
+    decoder_header,
+    jsonable,
+    read_decoder_header,
+)
 
 __all__ = ["PrefixProjector", "PrefixSettings", "PrefixLMDecoder", "build_prefix_decoder"]
 

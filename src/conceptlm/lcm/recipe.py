@@ -123,8 +123,8 @@ def _checkpoint(cfg: LCMConfig, checkpoint: str | None) -> Path:
 
 def load_run(cfg: LCMConfig, checkpoint: str | None = None, *, need_decoder: bool = True) -> LoadedRun:
     """The run's model (newest checkpoint or ``checkpoint``), encoder and decoder, checked against each other."""
-    from conceptlm.lcm.decoders import load_decoder
     from conceptlm.lcm.data.encoders import get_encoder, verify_identity
+    from conceptlm.lcm.decoders import load_decoder
     from conceptlm.lcm.train import ENCODER_ARTIFACT, PREPARED_ARTIFACT, load_lcm
 
     ckpt = _checkpoint(cfg, checkpoint)
@@ -252,8 +252,8 @@ def _eot(cfg: LCMConfig, encoder) -> torch.Tensor | None:
 def generate(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
     """``conceptlm lcm generate``: continue ``generate.prompt`` (or validation documents) sentence by sentence,
     decode the new sentences and print them. Writes ``{run_dir}/generate.json`` (or ``output``)."""
-    from conceptlm.lcm.generate import generate as run_generate
     from conceptlm.lcm.data.segment import get_segmenter
+    from conceptlm.lcm.generate import generate as run_generate
 
     g = cfg.generate
     run = load_run(cfg, checkpoint)

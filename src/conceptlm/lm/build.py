@@ -6,10 +6,10 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from conceptlm.core import hf
-from conceptlm.lm.config import LMRunConfig
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.tokenizer import train_bpe_tokenizer
 from conceptlm.data.templates import pin_template_date
+from conceptlm.lm.config import LMRunConfig
 
 __all__ = ["build_tokenizer", "build_model", "build_base_model", "apply_run_lora"]
 

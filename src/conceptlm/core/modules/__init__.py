@@ -44,5 +44,6 @@ __all__ = [
     "modulate",
     "positions_from_padding",
     "rotate_half",
+    "timestep_embedding",
     "sdpa",
 ]

@@ -88,7 +88,8 @@ def build_attention_mask(
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """``(B, Hkv, S, d)`` -> ``(B, Hkv * n_rep, S, d)``; kv head ``g`` serves query heads ``g*n_rep ... (g+1)*n_rep-1``."""
+    """``(B, Hkv, S, d)`` -> ``(B, Hkv * n_rep, S, d)``; kv head ``g`` serves query heads
+    ``g*n_rep ... (g+1)*n_rep-1``."""
     b, h, s, d = x.shape
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 

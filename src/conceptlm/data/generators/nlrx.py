@@ -392,7 +392,8 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> None:
 
 def _distinct_pairs(rng: random.Random, n: int, max_depth: int, banned_desc: set[str],
                     banned_regex: set[str], exact_nlrx: bool) -> list[tuple[str, str]]:
-    """Draw pairs until ``n`` have distinct descriptions outside ``banned_desc`` and regexes outside ``banned_regex``."""
+    """Draw pairs until ``n`` have distinct descriptions outside ``banned_desc`` and regexes outside
+    ``banned_regex``."""
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
     tries, max_tries = 0, 50 * n + 1000

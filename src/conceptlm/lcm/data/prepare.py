@@ -40,8 +40,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conceptlm.core.artifact import (ARTIFACT_FILE, Identity, StaleArtifactError, damaged_file, digest,
-                                     read_manifest, write_manifest)
+from conceptlm.core.artifact import (
+    ARTIFACT_FILE,
+    Identity,
+    StaleArtifactError,
+    damaged_file,
+    digest,
+    read_manifest,
+    write_manifest,
+)
 from conceptlm.core.errors import ConceptLMError, ConfigError, DataError
 from conceptlm.core.io import atomic_write_text
 from conceptlm.core.lock import RunLock
@@ -51,8 +58,17 @@ from conceptlm.lcm.data.documents import iter_documents, split_instruction
 from conceptlm.lcm.data.encoders import SentenceEncoder, get_encoder, identity_fingerprint
 from conceptlm.lcm.data.normalizer import NORMALIZER_FILE, RobustNormalizer, warn_if_few_vectors
 from conceptlm.lcm.data.segment import Segmenter, get_segmenter
-from conceptlm.lcm.data.store import (ARTIFACT_KIND, FORMAT, MANIFEST_FILE, STATE_FILE, assign_split, documents_table,
-                                      read_shard, shard_inputs, shard_name)
+from conceptlm.lcm.data.store import (
+    ARTIFACT_KIND,
+    FORMAT,
+    MANIFEST_FILE,
+    STATE_FILE,
+    assign_split,
+    documents_table,
+    read_shard,
+    shard_inputs,
+    shard_name,
+)
 
 __all__ = ["prepare", "segment_document"]
 

@@ -17,7 +17,7 @@ The sampled vector is the last step's x0 (as in the reference), not the final la
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

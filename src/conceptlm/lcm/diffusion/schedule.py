@@ -10,7 +10,7 @@ the three prediction targets (``x0``, ``epsilon``, ``v``). :func:`build_schedule
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

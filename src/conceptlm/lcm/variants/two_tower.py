@@ -42,13 +42,19 @@ with the conditional one and skips its cross-attention, whose output with only t
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conceptlm.core.modules import (AdaLNModulation, CrossAttention, Modulation, RMSNorm, SwiGLU, TimestepEmbedder,
-                                    modulate)
+from conceptlm.core.modules import (
+    AdaLNModulation,
+    CrossAttention,
+    Modulation,
+    RMSNorm,
+    SwiGLU,
+    TimestepEmbedder,
+    modulate,
+)
 from conceptlm.core.modules.cache import KVCache
 from conceptlm.core.rng import derived_generator
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
