@@ -86,7 +86,7 @@ def main() -> None:
         return res.last_train["tokens_per_s"]
 
     from conceptlm.core.modules import Decoder, DecoderConfig
-    from conceptlm.core.unit import TOKENS_KEY, TrainUnit
+    from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
     class ModulesLM(torch.nn.Module):
         def __init__(self):
@@ -111,7 +111,7 @@ def main() -> None:
             self.loss_weights = {"lm": 1.0}
 
         def counts(self, b):
-            return {"lm": int((b["labels"][:, 1:] != -100).sum()), TOKENS_KEY: int(b["attention_mask"].sum())}
+            return {"lm": int((b["labels"][:, 1:] != -100).sum()), THROUGHPUT_KEY: int(b["attention_mask"].sum())}
 
         def forward(self, b):
             return {"lm": self.lm.loss_sum(b)}

@@ -32,12 +32,11 @@ from torch import nn
 
 from conceptlm.core.rng import StepRandomness
 
-__all__ = ["TrainUnit", "THROUGHPUT_KEY", "TOKENS_KEY", "homogeneous_stacks"]
+__all__ = ["TrainUnit", "THROUGHPUT_KEY", "homogeneous_stacks"]
 
 THROUGHPUT_KEY = "tokens"
 """Optional key of ``counts``: items processed (for throughput, logged as ``{throughput_unit}_per_s``); never a
 loss part or metric name."""
-TOKENS_KEY = THROUGHPUT_KEY  # the name LM units use
 
 
 class TrainUnit(nn.Module):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from conceptlm.core.hf import backbone, causal_lm_loss_sum, hidden_states, logits_at
 from conceptlm.core.rng import EVAL_STEP, StepRandomness, derived_generator
-from conceptlm.core.unit import TOKENS_KEY
+from conceptlm.core.unit import THROUGHPUT_KEY
 from conceptlm.data.chat import IGNORE_INDEX
 from conceptlm.jepa.collapse import batch_stats
 from conceptlm.jepa.config import JepaSection
@@ -195,7 +195,7 @@ class StpUnit(HFModelUnit):
 
     def counts(self, batch: StpBatch) -> dict:
         n_stp = batch.stp_count() if (self.stp_active and batch.variant is not None) else 0
-        return {"lm": batch.num_lm_targets, "stp": n_stp, TOKENS_KEY: batch.real_tokens}
+        return {"lm": batch.num_lm_targets, "stp": n_stp, THROUGHPUT_KEY: batch.real_tokens}
 
     def forward(self, batch: StpBatch) -> dict:
         active = self.stp_active

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from conceptlm.core.rng import derived_generator
-from conceptlm.core.unit import TOKENS_KEY
+from conceptlm.core.unit import THROUGHPUT_KEY
 from conceptlm.jepa.collapse import BATCH_STAT_NAMES, batch_stats
 from conceptlm.jepa.config import JepaSection
 from conceptlm.jepa.forward import run_jepa_batch
@@ -79,7 +79,7 @@ class JepaUnit(HFModelUnit):
 
     def counts(self, batch) -> dict[str, int]:
         n_jepa = batch.num_examples if self.jepa_active else 0
-        c = {"lm": batch.num_lm_targets, "jepa": n_jepa, TOKENS_KEY: batch.lm.real_tokens}
+        c = {"lm": batch.num_lm_targets, "jepa": n_jepa, THROUGHPUT_KEY: batch.lm.real_tokens}
         if self.vicreg:
             n_reg = n_jepa if n_jepa >= 2 else 0  # batch statistics need two examples
             c.update(vicreg_var=n_reg, vicreg_cov=n_reg)

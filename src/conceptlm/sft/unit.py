@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conceptlm.core.hf import causal_lm_loss_sum
-from conceptlm.core.unit import TOKENS_KEY
+from conceptlm.core.unit import THROUGHPUT_KEY
 from conceptlm.lm.unit import HFModelUnit
 
 __all__ = ["SFTUnit"]
@@ -24,7 +24,7 @@ class SFTUnit(HFModelUnit):
         self.loss_weights = {"lm": 1.0}
 
     def counts(self, batch: dict) -> dict[str, int]:
-        return {"lm": int((batch["labels"][:, 1:] != -100).sum()), TOKENS_KEY: int(batch["attention_mask"].sum())}
+        return {"lm": int((batch["labels"][:, 1:] != -100).sum()), THROUGHPUT_KEY: int(batch["attention_mask"].sum())}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         loss_sum, _ = causal_lm_loss_sum(self.model, batch["input_ids"], batch["labels"],
