@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (the harness's own models, before ours: a non-empty registry skips them)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

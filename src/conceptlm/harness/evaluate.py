@@ -27,6 +27,7 @@ __all__ = ["evaluate", "summarize", "write_results", "hf_model_args", "merge_lor
 def _lm_eval():
     try:
         import lm_eval
+        import lm_eval.models  # noqa: F401  (registers the harness's models even when ours registered first)
     except ImportError:
         raise ConfigError("lm-evaluation-harness is not installed: pip install 'conceptlm[harness]'",
                           field="harness") from None
@@ -97,14 +98,15 @@ def write_results(path: str | Path, results: dict[str, Any], *, extra: dict[str,
     return path
 
 
-def hf_model_args(folder: str | Path, *, base: str | Path | None = None, dtype: str = "float32",
-                  device: str | None = None) -> str:
+def hf_model_args(folder: str | Path, *, base: str | Path | None = None, dtype: str = "float32") -> str:
     """The ``hf`` model's ``model_args`` for a conceptlm export folder.
 
     * an HF model (SFT / JEPA ``model/``): ``pretrained=FOLDER``;
     * a LoRA adapter (``adapter_config.json``): ``pretrained=BASE,peft=FOLDER`` with ``BASE`` the adapter's
       ``base_model_name_or_path`` (or ``base``), and the tokenizer from ``FOLDER`` when it holds one;
     * a CoCoMix Hub-format folder: ``pretrained=FOLDER,trust_remote_code=True``.
+
+    The device is the harness's own argument (``device=`` of :func:`evaluate`, ``--device``), not part of these.
     """
     folder = Path(folder)
     parts: list[str]
@@ -124,8 +126,6 @@ def hf_model_args(folder: str | Path, *, base: str | Path | None = None, dtype: 
         raise ConfigError(f"{folder} holds no Hugging Face model (config.json) or adapter (adapter_config.json)",
                           path=folder)
     parts.append(f"dtype={dtype}")
-    if device:
-        parts.append(f"device={device}")
     return ",".join(parts)
 
 

@@ -4,8 +4,8 @@ harness reads nothing from the network. Point ``include_path`` (``--include_path
 Three kinds (the harness's output types):
 
 * ``multiple_choice``: rows ``{"question", "choices": [...], "answer": index}``; the prompt is ``question`` and each
-  choice is scored as its continuation (write choices with their leading space, e.g. ``" yes"``); metrics ``acc``
-  and ``acc_norm``;
+  choice is scored as its continuation after the harness's ``target_delimiter``, a space (so write ``"yes"``, not
+  ``" yes"``); metrics ``acc`` and ``acc_norm``;
 * ``perplexity``: rows ``{"text"}`` scored with ``loglikelihood_rolling``; metrics ``word_perplexity``,
   ``byte_perplexity`` and ``bits_per_byte``;
 * ``generate``: rows ``{"prompt", "target"}``; greedy generation until a newline (at most ``max_gen_toks``
@@ -26,8 +26,8 @@ TASK_KINDS = ("multiple_choice", "perplexity", "generate")
 
 
 def _yaml(name: str, data: Path, kind: str, max_gen_toks: int) -> str:
-    head = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {json.dumps(str(data))}",
-            "test_split: test"]
+    head = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+            f"    test: {json.dumps(str(data))}", "test_split: test"]
     if kind == "multiple_choice":
         body = ["output_type: multiple_choice", 'doc_to_text: "{{question}}"', 'doc_to_choice: "{{choices}}"',
                 'doc_to_target: "{{answer}}"', "metric_list:", "  - metric: acc", "    aggregation: mean",
