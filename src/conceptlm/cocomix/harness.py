@@ -44,7 +44,7 @@ from conceptlm.cocomix.model import StudentLM
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.io import atomic_write_text
 
-__all__ = ["CocomixLM", "eval_harness", "student_harness", "HARNESS_DIR", "HARNESS_FILE", "MODEL_NAME"]
+__all__ = ["CocomixLM", "eval_harness", "evaluate_students", "evaluate_student", "student_harness", "HARNESS_DIR", "HARNESS_FILE", "MODEL_NAME"]
 
 MODEL_NAME = "conceptlm-cocomix"
 HARNESS_DIR = "harness"
@@ -244,30 +244,45 @@ def evaluate_student(model: StudentLM, tokenizer: Any, section: Any, *, run_dir:
     return {**extra, "summary": summarize(res), "reused": False}
 
 
+def evaluate_students(cfg: Any, checkpoint: str | None = None) -> dict[str, dict[str, Any]]:
+    """The tasks of ``harness.tasks`` on every trained student (or the one of ``checkpoint``): student run name ->
+    ``{"summary": task -> metric -> value, "checkpoint", "seconds", "reused"}``; stored results of the same
+    checkpoint, settings and task files are reused."""
+    from conceptlm.cocomix.hub import student_checkpoints
+    from conceptlm.cocomix.labels import compute_device
+    from conceptlm.cocomix.student import load_student
+
+    section = cfg.harness
+    students, tokenizer = student_checkpoints(cfg, checkpoint)
+    device = compute_device()
+    results: dict[str, Any] = {}
+    for name, sub, ckpt in students:
+        stored = student_harness(Path(sub.run_dir), ckpt, section)
+        if stored is None:
+            model = load_student(sub, ckpt).to(device)
+            stored = evaluate_student(model, tokenizer, section, run_dir=Path(sub.run_dir), checkpoint=ckpt,
+                                      reuse=False)
+        else:
+            stored = {**stored, "reused": True}
+        results[name] = {k: stored.get(k) for k in ("summary", "checkpoint", "seconds", "reused")}
+    return results
+
+
 def eval_harness(cfg: Any, *, checkpoint: str | None = None, output: str | None = None) -> dict[str, Any]:
     """``conceptlm cocomix eval-harness``: the tasks of ``harness.tasks`` on every trained student (or the one of
     ``--checkpoint``); the per-student results go to ``{student run}/harness/results.json``, the summary (task ->
     metric -> value per student) to ``--output`` or ``{run_dir}/harness.json``."""
-    from conceptlm.cocomix.hub import student_checkpoints
     from conceptlm.cocomix.identity import log_to_stderr
-    from conceptlm.cocomix.labels import compute_device
-    from conceptlm.cocomix.student import load_student
 
     section = cfg.harness
     if not section.tasks:
         raise ConfigError("name the tasks: harness.tasks=[task,...] (and harness.include_path=DIR for local ones)",
                           field="harness.tasks")
     log_to_stderr()
-    students, tokenizer = student_checkpoints(cfg, checkpoint)
-    if not students:
+    results = evaluate_students(cfg, checkpoint)
+    if not results:
         raise ConfigError(f"no student of {Path(cfg.run_dir) / 'students'} has a checkpoint; run the pipeline first",
                           field="pipeline.arms")
-    device = compute_device()
-    results: dict[str, Any] = {}
-    for name, sub, ckpt in students:
-        model = load_student(sub, ckpt).to(device)
-        res = evaluate_student(model, tokenizer, section, run_dir=Path(sub.run_dir), checkpoint=ckpt)
-        results[name] = {k: res[k] for k in ("summary", "checkpoint", "seconds", "reused")}
     summary = {"tasks": list(section.tasks), "settings": _settings(section), "students": results}
     path = Path(output) if output is not None else Path(cfg.run_dir) / HARNESS_FILE
     atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
