@@ -25,9 +25,11 @@ __all__ = ["write_task", "TASK_KINDS"]
 TASK_KINDS = ("multiple_choice", "perplexity", "generate")
 
 
-def _yaml(name: str, data: Path, kind: str, max_gen_toks: int) -> str:
+def _yaml(name: str, data: Path, kind: str, max_gen_toks: int, target_delimiter: str) -> str:
     head = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
             f"    test: {json.dumps(str(data))}", "test_split: test"]
+    if target_delimiter != " ":
+        head.append(f"target_delimiter: {json.dumps(target_delimiter)}")
     if kind == "multiple_choice":
         body = ["output_type: multiple_choice", 'doc_to_text: "{{question}}"', 'doc_to_choice: "{{choices}}"',
                 'doc_to_target: "{{answer}}"', "metric_list:", "  - metric: acc", "    aggregation: mean",
@@ -46,14 +48,15 @@ def _yaml(name: str, data: Path, kind: str, max_gen_toks: int) -> str:
 
 
 def write_task(directory: str | Path, name: str, rows: Iterable[dict[str, Any]], *, kind: str = "multiple_choice",
-               max_gen_toks: int = 16) -> Path:
+               max_gen_toks: int = 16, target_delimiter: str = " ") -> Path:
     """Write ``{directory}/{name}.yaml`` and ``{name}.jsonl`` (rows as described in the module docstring); returns
-    the YAML's path. ``directory`` is what ``include_path`` names."""
+    the YAML's path. ``directory`` is what ``include_path`` names. ``target_delimiter`` joins the prompt and a
+    choice (``""`` when the prompt already ends where the answer starts, e.g. a rendered chat prompt)."""
     if kind not in TASK_KINDS:
         raise ValueError(f"unknown task kind {kind!r}; one of {', '.join(TASK_KINDS)}")
     directory = Path(directory)
     data = (directory / f"{name}.jsonl").resolve()
     atomic_write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     path = directory / f"{name}.yaml"
-    atomic_write_text(path, _yaml(name, data, kind, max_gen_toks))
+    atomic_write_text(path, _yaml(name, data, kind, max_gen_toks, target_delimiter))
     return path
