@@ -33,16 +33,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lm_eval.models  # noqa: F401  (the harness's own models, before ours: a non-empty registry skips them)
 import torch
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.model import StudentLM
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.io import atomic_write_text
+
+try:
+    import lm_eval.models  # noqa: F401  (the harness's own models, before ours: a non-empty registry skips them)
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError:  # one line from the CLI instead of a traceback
+    raise ConfigError("lm-evaluation-harness is not installed: pip install 'conceptlm[harness]'",
+                      field="harness") from None
 
 __all__ = ["CocomixLM", "eval_harness", "evaluate_students", "evaluate_student", "student_harness", "HARNESS_DIR", "HARNESS_FILE", "MODEL_NAME"]
 
