@@ -31,8 +31,8 @@ from typing import Any, Literal
 from conceptlm.core.config import RunConfig, check
 
 __all__ = ["CorpusSection", "TeacherSection", "SAESection", "LabelSection", "StudentSection", "CocomixSection",
-           "PipelineSection", "InterpretSection", "HarnessSection", "TinyTeacherConfig", "SAETrainConfig", "StudentTrainConfig",
-           "CocomixConfig", "ARMS", "DEFAULT_DEAD_AFTER_TOKENS"]
+           "PipelineSection", "InterpretSection", "HarnessSection", "TinyTeacherConfig", "SAETrainConfig",
+           "StudentTrainConfig", "CocomixConfig", "ARMS", "DEFAULT_DEAD_AFTER_TOKENS"]
 
 ARMS = ("cocomix", "ntp", "ntp_flops", "kd", "pause", "kd_pause", "mix_only", "concept_only", "add", "cocomix_pos",
         "pause_pos")

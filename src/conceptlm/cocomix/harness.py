@@ -49,7 +49,8 @@ except ImportError:  # one line from the CLI instead of a traceback
     raise ConfigError("lm-evaluation-harness is not installed: pip install 'conceptlm[harness]'",
                       field="harness") from None
 
-__all__ = ["CocomixLM", "eval_harness", "evaluate_students", "evaluate_student", "student_harness", "HARNESS_DIR", "HARNESS_FILE", "MODEL_NAME"]
+__all__ = ["CocomixLM", "eval_harness", "evaluate_students", "evaluate_student", "student_harness", "HARNESS_DIR",
+           "HARNESS_FILE", "MODEL_NAME"]
 
 MODEL_NAME = "conceptlm-cocomix"
 HARNESS_DIR = "harness"
