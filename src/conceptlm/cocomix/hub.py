@@ -104,12 +104,26 @@ def load_hub_student(path: str | Path, *, device: str | torch.device = "cpu") ->
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path / 'model.safetensors'}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    tokenizer = None
-    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-        from conceptlm.core.hf import load_tokenizer
+    return model.eval().to(device), _load_tokenizer(path)
 
-        tokenizer = load_tokenizer(path)
-    return model.eval().to(device), tokenizer
+
+def _load_tokenizer(path: Path) -> Any:
+    """The folder's tokenizer by the class its ``tokenizer_config.json`` names: ``AutoTokenizer`` would read
+    ``config.json`` and, finding an ``auto_map``, ask whether to run the folder's code."""
+    import transformers
+
+    from conceptlm.core.hf import load_tokenizer
+
+    cfg = path / "tokenizer_config.json"
+    if not cfg.is_file():
+        return load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    cls = getattr(transformers, str(json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class")), None)
+    if cls is None:
+        return load_tokenizer(path)
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot load the tokenizer of {path}: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------------ the verb
