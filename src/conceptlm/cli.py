@@ -109,7 +109,11 @@ METHODS: dict[str, Method] = {
                "explain": Verb("the student's top predicted concepts for every token of interpret.prompt, with "
                                "descriptions", "conceptlm.cocomix.interpret:explain", prints=True),
                "steer": Verb("continue interpret.prompt plainly and with one concept amplified; measured effect",
-                             "conceptlm.cocomix.interpret:steer", prints=True)}),
+                             "conceptlm.cocomix.interpret:steer", prints=True),
+               "eval-harness": Verb("lm-evaluation-harness tasks (harness.tasks) on every trained student; results "
+                                    "JSON in the run folder", "conceptlm.cocomix.harness:eval_harness"),
+               "export": Verb("every trained student as a Hub-format folder (config.json + model.safetensors + "
+                              "tokenizer)", "conceptlm.cocomix.hub:export")}),
     "lcm": Method(
         help="Large Concept Model: next-sentence-embedding modelling over segmented, embedded documents "
              "(arXiv 2412.08821)",

@@ -13,6 +13,8 @@ Sections of :class:`CocomixConfig`:
 * ``pipeline`` (:class:`PipelineSection`): which arms and seeds the ``pipeline`` verb trains, and what a stage
   does with an output made from other settings (``on_change: refuse | rebuild``);
 * ``interpret`` (:class:`InterpretSection`): the ``concepts`` / ``explain`` / ``steer`` verbs;
+* ``harness`` (:class:`HarnessSection`): lm-evaluation-harness tasks for the ``eval-harness`` verb and, when
+  given, the report's downstream columns (off by default);
 * ``run`` / ``optim`` / ``schedule`` / ``train`` / ``dist``: the shared loop's sections, used by the students
   (the teacher and the SAE carry their own length and step size).
 
@@ -29,8 +31,8 @@ from typing import Any, Literal
 from conceptlm.core.config import ARCHS, RunConfig, check
 
 __all__ = ["CorpusSection", "TeacherSection", "SAESection", "LabelSection", "StudentSection", "CocomixSection",
-           "PipelineSection", "InterpretSection", "TinyTeacherConfig", "SAETrainConfig", "StudentTrainConfig",
-           "CocomixConfig", "ARMS", "DEFAULT_DEAD_AFTER_TOKENS"]
+           "PipelineSection", "InterpretSection", "HarnessSection", "TinyTeacherConfig", "SAETrainConfig",
+           "StudentTrainConfig", "CocomixConfig", "ARMS", "DEFAULT_DEAD_AFTER_TOKENS"]
 
 ARMS = ("cocomix", "ntp", "ntp_flops", "kd", "pause", "kd_pause", "mix_only", "concept_only", "add", "cocomix_pos",
         "pause_pos")
@@ -377,6 +379,35 @@ class InterpretSection:
         check(0 < self.top_p <= 1, "interpret.top_p", "must be in (0, 1]")
 
 
+@dataclass(kw_only=True)
+class HarnessSection:
+    """``harness:`` in a CoCoMix config: lm-evaluation-harness tasks on the students (``eval-harness`` verb,
+    :mod:`conceptlm.cocomix.harness`). With ``tasks`` given, the pipeline also evaluates every student and the
+    report gains one column per task (its ``metric``); empty (the default) changes nothing."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names (local tasks under ``include_path``, or the harness's own when online)."""
+    include_path: str = ""
+    """Folder of task YAML files (``--include_path``); see :mod:`conceptlm.harness.tasks` for local tasks."""
+    metric: str = "acc"
+    """The metric shown in the report's columns (a task without it shows its first metric)."""
+    limit: int | None = None
+    """Examples per task (None = all)."""
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    """Sequences per forward pass when scoring."""
+    seed: int = 0
+    """The harness's seeds (few-shot sampling, and the sampler of tasks that sample)."""
+
+    def validate(self) -> None:
+        check(all(isinstance(t, str) and t for t in self.tasks), "harness.tasks", "must be a list of task names")
+        check(len(set(self.tasks)) == len(self.tasks), "harness.tasks", "a task is listed twice")
+        check(self.limit is None or self.limit > 0, "harness.limit", "must be > 0 (or null: every example)")
+        check(self.num_fewshot is None or self.num_fewshot >= 0, "harness.num_fewshot", "must be >= 0")
+        check(self.batch_size > 0, "harness.batch_size", "must be > 0")
+        check(not self.include_path or Path(self.include_path).exists(), "harness.include_path",
+              f"{self.include_path!r} does not exist")
+
 
 # ------------------------------------------------------------------------------------------------ run configs
 @dataclass(kw_only=True)
@@ -418,6 +449,7 @@ class CocomixConfig(RunConfig):
     cocomix: CocomixSection = field(default_factory=CocomixSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     interpret: InterpretSection = field(default_factory=InterpretSection)
+    harness: HarnessSection = field(default_factory=HarnessSection)
 
     def validate(self) -> None:
         super().validate()

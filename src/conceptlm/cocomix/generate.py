@@ -8,6 +8,8 @@ recomputing the whole sequence (the reference code's SDPA path does not: it alig
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from conceptlm.cocomix.model import Steering, StudentLM
@@ -56,6 +58,7 @@ def generate(
     use_cache: bool = True,
     steer: Steering | None = None,
     eos_token_id: int | None = None,
+    stop: Callable[[torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
     """Continue ``input_ids`` ``(B, T)`` (no padding: every row is a full prompt) by ``max_new_tokens`` tokens.
 
@@ -65,9 +68,11 @@ def generate(
             the same tokens).
         steer: concept steering applied at every position.
         eos_token_id: rows that produced it keep producing it.
+        stop: called with the sequence so far ``(B, T + n)`` after each new token; True ends the generation early.
 
     Returns:
-        ``(B, T + max_new_tokens)`` long: the prompt followed by the new tokens.
+        ``(B, T + n)`` long: the prompt followed by the ``n`` new tokens (``n = max_new_tokens`` unless ``stop``
+        ended it earlier).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (B, T) with T >= 1, got {tuple(input_ids.shape)}")
@@ -86,6 +91,8 @@ def generate(
                 done |= nxt == eos_token_id
             seq = torch.cat((seq, nxt[:, None]), dim=1)
             step_input = nxt[:, None]
+            if stop is not None and stop(seq):
+                break
         return seq
     finally:
         model.train(was_training)

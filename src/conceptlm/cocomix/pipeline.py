@@ -331,8 +331,18 @@ def pipeline(cfg: CocomixConfig, *, output: str | None = None,
                                                "fraction": stages.verify_seconds / sum(timed)}
     if _is_main():
         atomic_write_text(Path(cfg.run_dir) / "config.yaml", config_text(cfg, header=command))
-    summary["report"] = build_report(cfg, output=output, expected={k: v["identity"] for k, v in students.items()})
+    summary["report"] = build_report(cfg, output=output, expected={k: v["identity"] for k, v in students.items()},
+                                     downstream=_downstream(cfg))
     return summary
+
+
+def _downstream(cfg: CocomixConfig) -> dict[str, Any] | None:
+    """lm-eval summaries of every trained student when ``harness.tasks`` names tasks (reusing stored ones)."""
+    if not cfg.harness.tasks or not _is_main():
+        return None
+    from conceptlm.cocomix.harness import evaluate_students
+
+    return {name: r["summary"] for name, r in evaluate_students(cfg).items()}
 
 
 def train(cfg: CocomixConfig, *, command: str | None = None):
@@ -360,7 +370,7 @@ def report(cfg: CocomixConfig, *, output: str | None = None) -> dict[str, Any]:
     expected = None
     if any(read_manifest(d) is not None for dirs in student_runs(cfg).values() for d in dirs if d.is_dir()):
         expected = _Stages(cfg, None).expected_students()
-    summary = build_report(cfg, output=output, expected=expected)
+    summary = build_report(cfg, output=output, expected=expected, downstream=_downstream(cfg))
     if not summary["arms"]:
         raise ConfigError(f"no student of {cfg.run_dir / STUDENTS_DIR} has evaluation metrics yet; run the "
                           "pipeline first", field="pipeline.arms")

@@ -165,14 +165,17 @@ def _one_off(cfg: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ the report
-def build_report(cfg: Any, *, output: str | Path | None = None, expected: dict[str, Identity] | None = None
-                 ) -> dict[str, Any]:
+def build_report(cfg: Any, *, output: str | Path | None = None, expected: dict[str, Identity] | None = None,
+                 downstream: dict[str, dict[str, dict[str, float]]] | None = None) -> dict[str, Any]:
     """Curves and tables over the students that have metrics; returns the summary written to ``report.json``
     less each arm's mean ``curve`` (kept in the file only: the returned summary is what the CLI prints).
 
     Args:
         expected: run name (``ntp-s0``) -> the identity the current config would give that student; each run's
             ``artifact.json`` must match it (see the module docstring).
+        downstream: run name -> lm-eval task -> metric -> value (``harness.tasks``,
+            :func:`conceptlm.cocomix.harness.evaluate_students`): each arm gains ``downstream`` (task -> the mean over
+            its seeds of ``harness.metric``) and the table one column per task.
     """
     from conceptlm.cocomix.identity import on_change_of, report_identity
 
@@ -208,6 +211,8 @@ def build_report(cfg: Any, *, output: str | Path | None = None, expected: dict[s
             **{k: v for k, v in arm_costs.items() if k != "window"},
             "curve": _mean_curve(curves), "runs": [str(d) for d in dirs],
         }
+        if downstream:
+            arms[arm]["downstream"] = _downstream([downstream.get(d.name) for d in dirs], cfg.harness)
     base = arms.get(BASELINE_ARM)
     for a in arms.values():
         a["tokens_to_baseline"] = a["tokens_fraction_of_baseline"] = a["flops_fraction_of_baseline"] = None
@@ -223,6 +228,8 @@ def build_report(cfg: Any, *, output: str | Path | None = None, expected: dict[s
         log.warning("report: %s", note)
     summary = {"baseline": BASELINE_ARM if base else None, "metric": f"eval {VAL_KEY} (nats per token)",
                "arms": arms, "one_off": _one_off(cfg), "notes": notes}
+    if downstream:
+        summary["downstream"] = {"tasks": list(cfg.harness.tasks), "metric": cfg.harness.metric}
     if arms:
         _write(out, summary, first_dirs)
         write_manifest(out, report_identity(list(cfg.pipeline.arms), list(cfg.pipeline.seeds), fingerprints))
@@ -230,6 +237,18 @@ def build_report(cfg: Any, *, output: str | Path | None = None, expected: dict[s
     for a in arms.values():  # the curves stay in report.json; the returned summary is what the CLI prints
         del a["curve"]
     return summary
+
+
+def _downstream(per_seed: list[dict[str, dict[str, float]] | None], section: Any) -> dict[str, Any]:
+    """task -> ``{"metric", "value"}``: the mean over the seeds that were evaluated of ``section.metric`` (a task
+    without it: its first metric); ``value`` None when no seed has the task."""
+    out: dict[str, Any] = {}
+    for task in section.tasks:
+        rows = [s[task] for s in per_seed if s and s.get(task)]
+        metric = section.metric if rows and section.metric in rows[0] else (next(iter(rows[0])) if rows else None)
+        values = [r[metric] for r in rows if metric in r]
+        out[task] = {"metric": metric, "value": statistics.fmean(values) if values else None, "seeds": len(values)}
+    return out
 
 
 def _write(out: Path, summary: dict[str, Any], first_dirs: dict[str, Path]) -> None:
@@ -260,6 +279,13 @@ def _mflop(x: float | None) -> str:
     return "?" if x is None else f"{x / 1e6:.4g}"
 
 
+def _task_cell(arm: dict[str, Any], task: str, metric: str) -> str:
+    d = (arm.get("downstream") or {}).get(task) or {}
+    if d.get("value") is None:
+        return "–"
+    return f"{d['value']:.4g}" + ("" if d["metric"] == metric else f" ({d['metric']})")
+
+
 def _markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# CoCoMix students", "",
@@ -273,6 +299,13 @@ def _markdown(summary: dict[str, Any]) -> str:
         "| tokens to reach NTP | FLOPs to reach NTP | final val loss per seed |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    tasks = (summary.get("downstream") or {}).get("tasks") or []
+    if tasks:  # lm-eval columns (harness.tasks), after the existing ones
+        lines[-2] += "".join(f" {t} |" for t in tasks)
+        lines[-1] += "---|" * len(tasks)
+        lines.insert(-2, f"Downstream columns: lm-evaluation-harness, {summary['downstream']['metric']} (else the "
+                     "task's first metric, named in brackets), mean over the evaluated seeds.")
+        lines.insert(-2, "")
     for name, a in summary["arms"].items():
         sd = "" if a["final_val_loss_sd"] is None else f" ± {a['final_val_loss_sd']:.4f}"
         side = None if a["teacher_flops_per_token"] is None else a["teacher_flops_per_token"] + a[
@@ -281,7 +314,8 @@ def _markdown(summary: dict[str, Any]) -> str:
                      f"| {_mflop(side)} | {a['final_val_loss']:.4f}{sd} "
                      f"| {_fmt(a['tokens_fraction_of_baseline'], True)} "
                      f"| {_fmt(a['flops_fraction_of_baseline'], True)} "
-                     f"| {', '.join(f'{x:.4f}' for x in a['final_val_loss_per_seed'])} |")
+                     f"| {', '.join(f'{x:.4f}' for x in a['final_val_loss_per_seed'])} |"
+                     + "".join(f" {_task_cell(a, t, summary['downstream']['metric'])} |" for t in tasks))
     one = summary.get("one_off") or {}
     rows = [("tiny teacher training", one.get("teacher_training")), ("SAE training", one.get("sae_training")),
             ("label pass (cached train + val windows)", one.get("label_pass"))]
