@@ -7,7 +7,7 @@ and, when the student has one, its tokenizer's files. Outside conceptlm::
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # (else transformers asks y/N)
 
 gives the student's logits bit for bit (concept path included), and ``lm_eval --model hf --model_args
 pretrained=FOLDER,trust_remote_code=True`` scores it. Inside conceptlm, :func:`load_hub_student` rebuilds the
