@@ -96,6 +96,23 @@ def test_train_then_eval_through_cli(tmp_path, capsys):
     assert len(rows) == 10 and {"prompt", "reference", "prediction", "correct"} <= rows[0].keys()
 
 
+def test_eval_with_exact_on_a_set_whose_scorer_is_known_warns(tmp_path, capsys, caplog):
+    """A forgotten generate.scorer does not score silently the wrong way: exact match on Spider data warns (log and
+    result JSON) and still scores as asked."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_chat_records(64, seed=3))
+    evalf = write_jsonl(tmp_path / "spider_dev.jsonl", make_chat_records(4, seed=4))
+    ov = tiny_overrides(tmp_path, train, evalf, **{"train.max_steps": 2, "generate.max_new_tokens": 4})
+    assert main(["sft", "train", *ov]) == 0
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        assert main(["sft", "eval", *ov]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 4
+    assert res["scorer_warning"].startswith(f"{evalf} looks like Spider: generate.scorer=exact")
+    assert res["scorer_warning"].endswith("generate.scorer=sql")
+    assert any("looks like Spider" in r.getMessage() for r in caplog.records)
+
+
 def test_demo_runs_end_to_end(tmp_path, capsys):
     """The README's main job, shortened to 2 steps per arm."""
     assert main(["demo", "--out-dir", str(tmp_path), "--steps", "2"]) == 0

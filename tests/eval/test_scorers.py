@@ -19,7 +19,9 @@ from conceptlm.eval.scorers import (
     nq_normalize,
     regex_match,
     score,
+    scorer_warning,
     sql_match,
+    suggested_scorer,
 )
 
 
@@ -242,3 +244,29 @@ def test_label_match():
     assert not label_match("Bad movie overall", "Bad")
     with pytest.raises(ValueError, match="reference label is empty"):
         label_match("Good", "  ")
+
+
+# ------------------------------------------------------------------------------------------------------ safety
+@pytest.mark.parametrize("data, known", [
+    ("../shared/data/llm_jepa/synth_test.jsonl", ("NL-RX-SYNTH", "regex")),
+    ("generate:nlrx", ("NL-RX", "regex")),
+    ("hf:openai/gsm8k", ("GSM8K", "gsm8k")),
+    ("hf:gsm8k", ("GSM8K", "gsm8k")),
+    ("data/Spider_dev.jsonl", ("Spider", "sql")),
+    ("C:\\data\\nq_open_train.jsonl", ("Natural Questions", "nq")),
+    ("hf:rotten_tomatoes", ("Rotten Tomatoes", "label")),
+    ("my_answers.jsonl", None),
+    ("spider/notes.jsonl", None),  # only the last path component names the data
+])
+def test_suggested_scorer_by_data_name(data, known):
+    assert suggested_scorer(data) == known
+
+
+def test_exact_on_data_with_a_known_scorer_warns_in_one_line():
+    msg = scorer_warning("generate:nlrx", "exact")
+    assert msg == ("generate:nlrx looks like NL-RX: generate.scorer=exact counts only character-identical answers; "
+                   "its answers are scored with generate.scorer=regex")
+    assert scorer_warning("generate:nlrx", "regex") is None  # the right scorer: nothing to say
+    assert scorer_warning("hf:gsm8k", "sql") is None  # a deliberate other scorer is the user's choice
+    assert scorer_warning("mine.jsonl", "exact") is None
+    assert scorer_warning(None, "exact") is None

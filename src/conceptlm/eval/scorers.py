@@ -31,6 +31,9 @@ from conceptlm.eval.regex_parse import RegexParseError, parse_regex
 
 __all__ = [
     "SCORERS",
+    "KNOWN_DATA_SCORERS",
+    "suggested_scorer",
+    "scorer_warning",
     "exact_match",
     "regex_match",
     "gsm8k_extract",
@@ -265,6 +268,45 @@ SCORERS: dict[str, Callable[..., bool]] = {
     "nq": nq_match,
     "label": label_match,
 }
+
+
+KNOWN_DATA_SCORERS: dict[str, tuple[str, str]] = {
+    "gsm8k": ("GSM8K", "gsm8k"),
+    "spider": ("Spider", "sql"),
+    "nq_open": ("Natural Questions", "nq"),
+    "natural_questions": ("Natural Questions", "nq"),
+    "nlrx": ("NL-RX", "regex"),
+    "nl-rx": ("NL-RX", "regex"),
+    "nl_rx": ("NL-RX", "regex"),
+    "synth_train": ("NL-RX-SYNTH", "regex"),
+    "synth_test": ("NL-RX-SYNTH", "regex"),
+    "kb13": ("KB13", "regex"),
+    "rotten_tomatoes": ("Rotten Tomatoes", "label"),
+}
+"""Data sets whose answers have a known scorer: a name fragment of the data's path or ``hf:`` id -> (the set, the
+scorer). Exact match on them counts only character-identical answers (a regex equal in meaning, a SQL query with
+other spacing, a GSM8K answer with its working, an NQ alias all count as wrong)."""
+
+
+def suggested_scorer(data: str) -> tuple[str, str] | None:
+    """``(set name, scorer)`` when ``data`` (a path, ``hf:<id>`` or ``generate:<name>``) names a set of
+    :data:`KNOWN_DATA_SCORERS` (case-insensitive, on its last path component or id), else None."""
+    name = data.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+    if ":" in name:
+        name = name.split(":", 1)[1]
+    for fragment, known in KNOWN_DATA_SCORERS.items():
+        if fragment in name:
+            return known
+    return None
+
+
+def scorer_warning(data: str | None, scorer: str) -> str | None:
+    """One line when ``scorer`` is ``exact`` on data whose scorer is known to be another one, else None."""
+    known = suggested_scorer(data) if data else None
+    if scorer != "exact" or known is None or known[1] == "exact":
+        return None
+    return (f"{data} looks like {known[0]}: generate.scorer=exact counts only character-identical answers; "
+            f"its answers are scored with generate.scorer={known[1]}")
 
 
 def score(task: str, pred: str, ref: str, **kw) -> bool:

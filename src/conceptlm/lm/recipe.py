@@ -77,6 +77,7 @@ def generation_eval(cfg: LMRunConfig, *, checkpoint: str | None = None, output: 
     """Greedy generation on the eval data with ``generate.scorer``; predictions JSONL in the run folder."""
     from conceptlm.core.run import prepare_run
     from conceptlm.eval.generation import evaluate_generation
+    from conceptlm.eval.scorers import scorer_warning
 
     info = prepare_run(cfg)
     model_dir = resolve_checkpoint(cfg, checkpoint)
@@ -89,7 +90,13 @@ def generation_eval(cfg: LMRunConfig, *, checkpoint: str | None = None, output: 
     records = chat_records(eval_src)
     records = records[: g.limit] if g.limit else records
     out = Path(output) if output else cfg.run_dir / f"predictions_{split}.jsonl"
+    d = cfg.data
+    warning = scorer_warning(d.eval if d.eval is not None else d.train, g.scorer)
+    if warning:  # a forgotten generate.scorer must not score silently the wrong way
+        log.warning("%s", warning)
     result = evaluate_generation(model, tokenizer, records, scorer=g.scorer, batch_size=g.batch_size,
                                  max_new_tokens=g.max_new_tokens, output=out)
     result["checkpoint"] = str(model_dir)
+    if warning:
+        result["scorer_warning"] = warning
     return result
