@@ -141,3 +141,42 @@ def _overrides(cfg) -> list[str]:
 
     return [f"run.out_dir={cfg.run.out_dir}", *TINY, "pipeline.arms=[ntp,cocomix]",
             f"harness.tasks=[{','.join(cfg.harness.tasks)}]", f"harness.include_path={cfg.harness.include_path}"]
+
+
+def test_stored_harness_results_are_reused_by_weights_content_not_by_path(tmp_path):
+    """A student retrained into the same folder and step is evaluated again; the same weights with the task
+    folder moved elsewhere (same files) reuse the stored results."""
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    import conceptlm.cocomix.harness as h
+    from conceptlm.cocomix.harness import HARNESS_DIR, student_harness
+    from conceptlm.core.io import atomic_write_text
+    from conceptlm.harness.tasks import write_task
+
+    def checkpoint(weights_sha: str):
+        ckpt = tmp_path / "students" / "ntp-s0" / "checkpoints" / "step_00000200"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        files = {"unit.safetensors": {"size": 1, "sha256": weights_sha}, "config.yaml": {"size": 1, "sha256": "c"}}
+        (ckpt / "manifest.json").write_text(json.dumps({"format": "conceptlm-checkpoint/2", "files": files}))
+        return ckpt
+
+    tasks = tmp_path / "tasks"
+    write_task(tasks, "topic_mc", [{"question": "the", "choices": ["a", "b"], "answer": 0}])
+    section = SimpleNamespace(tasks=["topic_mc"], include_path=str(tasks), limit=None, num_fewshot=0, seed=0)
+    run_dir = tmp_path / "students" / "ntp-s0"
+
+    ckpt = checkpoint("a" * 64)
+    stored = {"checkpoint": str(ckpt), "weights": h._weights_digest(ckpt), "settings": h._settings(section),
+              "tasks_digest": h._tasks_digest(section), "summary": {"topic_mc": {"acc": 1.0}}}
+    atomic_write_text(run_dir / HARNESS_DIR / "results.json", json.dumps(stored))
+    assert student_harness(run_dir, ckpt, section)["summary"] == {"topic_mc": {"acc": 1.0}}
+
+    moved = tmp_path / "elsewhere"
+    tasks.rename(moved)
+    assert student_harness(run_dir, ckpt, SimpleNamespace(**{**vars(section), "include_path": str(moved)}))
+
+    retrained = checkpoint("b" * 64)  # same path and step, other weights
+    assert retrained == ckpt
+    section.include_path = str(moved)
+    assert student_harness(run_dir, retrained, section) is None

@@ -37,6 +37,7 @@ import torch
 
 from conceptlm.cocomix.generate import generate
 from conceptlm.cocomix.model import StudentLM
+from conceptlm.core.checkpoint import MANIFEST
 from conceptlm.core.errors import ConfigError
 from conceptlm.core.io import atomic_write_text
 
@@ -198,21 +199,37 @@ class CocomixLM(TemplateLM):
 
 # ------------------------------------------------------------------------------------------------ the verb
 def _settings(section: Any) -> dict[str, Any]:
-    return {"tasks": list(section.tasks), "include_path": section.include_path or None, "limit": section.limit,
-            "num_fewshot": section.num_fewshot, "seed": section.seed}
+    """What shapes the results besides the weights and the task files (the task folder's path is not identity: its
+    files are, through :func:`_tasks_digest`)."""
+    import lm_eval
+
+    return {"tasks": list(section.tasks), "limit": section.limit, "num_fewshot": section.num_fewshot,
+            "seed": section.seed, "lm_eval": getattr(lm_eval, "__version__", None)}
+
+
+def _weights_digest(checkpoint: Path) -> str | None:
+    """The student's identity by content: sha256 over the checkpoint manifest's entries for its weights and config
+    (a student retrained into the same folder and step has another digest); None without a manifest."""
+    try:
+        files = json.loads((Path(checkpoint) / MANIFEST).read_text(encoding="utf-8"))["files"]
+        entries = {k: files[k]["sha256"] for k in ("unit.safetensors", "config.yaml")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 def student_harness(run_dir: Path, checkpoint: Path, section: Any) -> dict[str, Any] | None:
-    """The stored results of one student (``{run_dir}/harness/results.json``) when they were made from
-    ``checkpoint`` with the settings of ``section``, else ``None``."""
+    """The stored results of one student (``{run_dir}/harness/results.json``) when they were made from the same
+    weights (by content), settings and task files as ``checkpoint`` and ``section`` would give now, else ``None``."""
     path = run_dir / HARNESS_DIR / "results.json"
-    if not path.is_file():
+    weights = _weights_digest(checkpoint)
+    if weights is None or not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    same = data.get("checkpoint") == str(checkpoint) and data.get("settings") == _settings(section)
+    same = data.get("weights") == weights and data.get("settings") == _settings(section)
     return data if same and data.get("tasks_digest") == _tasks_digest(section) else None
 
 
@@ -232,7 +249,7 @@ def _tasks_digest(section: Any) -> str | None:
 def evaluate_student(model: StudentLM, tokenizer: Any, section: Any, *, run_dir: Path, checkpoint: Path,
                      reuse: bool = True) -> dict[str, Any]:
     """The harness on one student; results written to ``{run_dir}/harness/results.json`` (atomically) and returned
-    (``summary``: task -> metric -> value). Stored results of the same checkpoint and settings are reused."""
+    (``summary``: task -> metric -> value). Stored results of the same weights, settings and task files are reused."""
     from conceptlm.harness.evaluate import evaluate, summarize, write_results
 
     if reuse:
@@ -244,8 +261,8 @@ def evaluate_student(model: StudentLM, tokenizer: Any, section: Any, *, run_dir:
     res = evaluate(lm, tasks=list(section.tasks), include_path=section.include_path or None, limit=section.limit,
                    num_fewshot=section.num_fewshot, seed=section.seed)
     seconds = time.perf_counter() - start
-    extra = {"checkpoint": str(checkpoint), "settings": _settings(section), "tasks_digest": _tasks_digest(section),
-             "seconds": seconds, "model": MODEL_NAME}
+    extra = {"checkpoint": str(checkpoint), "weights": _weights_digest(checkpoint), "settings": _settings(section),
+             "tasks_digest": _tasks_digest(section), "seconds": seconds, "model": MODEL_NAME}
     write_results(run_dir / HARNESS_DIR / "results.json", res, extra=extra)
     return {**extra, "summary": summarize(res), "reused": False}
 
@@ -253,7 +270,7 @@ def evaluate_student(model: StudentLM, tokenizer: Any, section: Any, *, run_dir:
 def evaluate_students(cfg: Any, checkpoint: str | None = None) -> dict[str, dict[str, Any]]:
     """The tasks of ``harness.tasks`` on every trained student (or the one of ``checkpoint``): student run name ->
     ``{"summary": task -> metric -> value, "checkpoint", "seconds", "reused"}``; stored results of the same
-    checkpoint, settings and task files are reused."""
+    weights (by content), settings and task files are reused."""
     from conceptlm.cocomix.hub import student_checkpoints
     from conceptlm.cocomix.labels import compute_device
     from conceptlm.cocomix.student import load_student
