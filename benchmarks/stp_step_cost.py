@@ -79,10 +79,12 @@ def main(argv=None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from conceptlm.core.config import OptimSection
     from conceptlm.core.hf import build_tiny_model
     from conceptlm.core.rng import StepRandomness
     from conceptlm.core.sampling import BatchPlan
     from conceptlm.core.tokenizer import train_bpe_tokenizer
+    from conceptlm.core.trainer import build_optimizer
     from conceptlm.data.text import TextDataset
     from conceptlm.jepa.config import JepaSection, StpSection
     from conceptlm.jepa.stp_batch import collate_stp
@@ -132,10 +134,7 @@ def main(argv=None) -> None:
                                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                      eos_token_id=tok.eos_token_id, seed=args.seed)
         units[arm] = StpUnit(model, sections[arm], seed=args.seed, max_steps=n_steps).train()
-        params = [p for p in units[arm].parameters() if p.requires_grad]  # the trainer's AdamW groups
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        opts[arm] = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+        opts[arm] = build_optimizer(units[arm], OptimSection(lr=1e-3))  # the trainer's AdamW and groups
     setup_s = time.perf_counter() - t_setup
 
     def run_step(arm: str, s: int, batch) -> float:

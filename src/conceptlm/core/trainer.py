@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from conceptlm.core import checkpoint as ckpt_lib
-from conceptlm.core.config import RunConfig, config_to_dict
+from conceptlm.core.config import OptimSection, RunConfig, config_to_dict
 from conceptlm.core.distributed import DistInfo, all_reduce_sum, barrier, wrap_model
 from conceptlm.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from conceptlm.core.evaluation import evaluate_unit
@@ -40,7 +40,7 @@ from conceptlm.core.schedule import build_scheduler
 from conceptlm.core.step_sums import SumAccumulator, autocast_context, count_vector, to_device
 from conceptlm.core.unit import THROUGHPUT_KEY, TrainUnit
 
-__all__ = ["Trainer", "TrainResult", "resolve_strategy"]
+__all__ = ["Trainer", "TrainResult", "resolve_strategy", "build_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
     if strategy == "auto":
         return "ddp" if world_size > 1 else "none"
     return strategy
+
+
+def build_optimizer(module: torch.nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
+    """The loop's AdamW: weight decay on matrices and embeddings (``ndim >= 2``), none on biases and norms."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("the unit has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
 @dataclass
@@ -135,14 +146,7 @@ class Trainer:
         return {p for n in self.unit.frozen_modules() for p in named[n].parameters()}
 
     def _build_optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
-            raise RuntimeError("the unit has no trainable parameters")
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        return build_optimizer(module, self.cfg.optim)
 
     def _no_sync(self, module, last: bool):
         if last:
