@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from conceptlm.core.errors import DataError
 from conceptlm.data.chat import iter_jsonl_objects
@@ -14,6 +15,30 @@ from conceptlm.jepa.views import JepaExample, build_views
 __all__ = ["JepaDataset"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def fitting_examples(numbered: Iterable[tuple[int, T]], *, length: Callable[[T], int], max_length: int,
+                     on_too_long: str, path: str | Path, what: str, noun: str) -> tuple[list[T], int]:
+    """``(examples, skipped)``: the ``(line, example)`` pairs whose ``length(example)`` fits ``max_length``. A longer
+    one is a one-line DataError naming ``path`` and its line (``on_too_long="error"``) or skipped, counted and
+    warned about (``"skip"``); no example left is an error. ``what`` / ``noun`` word the messages."""
+    kept: list[T] = []
+    skipped = 0
+    for line, ex in numbered:
+        n = length(ex)
+        if n > max_length:
+            if on_too_long == "error":
+                raise DataError(f"{what} has {n} tokens, model context is {max_length} (set data.on_too_long=skip "
+                                "or raise data.max_length)", path=path, line=line, field="messages")
+            skipped += 1
+            continue
+        kept.append(ex)
+    if skipped:
+        log.warning("%s: skipped %d %s longer than max_length=%d", path, skipped, noun, max_length)
+    if not kept:
+        raise DataError(f"no usable records (skipped {skipped})", path=path)
+    return kept, skipped
 
 
 class JepaDataset:
@@ -43,22 +68,11 @@ class JepaDataset:
         else:
             path = name
             numbered = list(enumerate(list(source)[:limit], start=1))
-        self.examples: list[JepaExample] = []
-        self.skipped = 0
-        for line, record in numbered:
-            for ex in build_views(record, tokenizer, config, path=path, line=line):
-                if ex.max_position > max_length:
-                    if on_too_long == "error":
-                        raise DataError(f"a view has {ex.max_position} tokens, model context is {max_length} "
-                                        "(set data.on_too_long=skip or raise data.max_length)", path=path,
-                                        line=line, field="messages")
-                    self.skipped += 1
-                    continue
-                self.examples.append(ex)
-        if self.skipped:
-            log.warning("%s: skipped %d examples longer than max_length=%d", path, self.skipped, max_length)
-        if not self.examples:
-            raise DataError(f"no usable records (skipped {self.skipped})", path=path)
+        views = ((line, ex) for line, record in numbered
+                 for ex in build_views(record, tokenizer, config, path=path, line=line))
+        self.examples, self.skipped = fitting_examples(views, length=lambda ex: ex.max_position,
+                                                       max_length=max_length, on_too_long=on_too_long, path=path,
+                                                       what="a view", noun="examples")
         # Batches are bucketed by the LM length (the packed row length follows it closely), so an NTP baseline
         # (lam=0) and a JEPA run of the same data see exactly the same batches.
         self.lengths = [len(ex.lm_ids) for ex in self.examples]

@@ -16,18 +16,18 @@ A piece ``(a, b)`` always has ``a ≥ 1``: its first increment starts from the h
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from conceptlm.core.errors import DataError
 from conceptlm.data.chat import ChatDataset, content_token_ranges, tokenize_chat
 from conceptlm.data.templates import end_of_turn_ids
+from conceptlm.jepa.data import fitting_examples
 from conceptlm.jepa.stp import trajectory_length
 
 __all__ = ["SPAN_SCOPES", "StpExample", "build_stp_example", "StpChatDataset", "StpTextDataset"]
 
-log = logging.getLogger(__name__)
 
 SPAN_SCOPES = ("content", "e2e", "all", "all_e2e")
 
@@ -125,26 +125,20 @@ class StpChatDataset:
             raise ValueError(f"span_scope must be one of {', '.join(SPAN_SCOPES)}, got {span_scope!r}")
         path, numbered = ChatDataset._load(source, limit, name)
         eot = end_of_turn_ids(tokenizer)
-        self.examples: list[StpExample] = []
-        self.skipped = 0
-        for line, messages in numbered:
-            try:
-                ex = build_stp_example(messages, tokenizer, span_scope=span_scope, label_mode=label_mode,
-                                       index=len(self.examples), eot_ids=eot)
-            except DataError as e:
-                raise DataError(e.reason, path=path, line=line, field=e.field) from None
-            if len(ex.lm_ids) > max_length:
-                if on_too_long == "error":
-                    raise DataError(f"sequence has {len(ex.lm_ids)} tokens, model context is {max_length} (set "
-                                    "data.on_too_long=skip or raise data.max_length)", path=path, line=line,
-                                    field="messages")
-                self.skipped += 1
-                continue
-            self.examples.append(ex)
-        if self.skipped:
-            log.warning("%s: skipped %d records longer than max_length=%d", path, self.skipped, max_length)
-        if not self.examples:
-            raise DataError(f"no usable records (skipped {self.skipped})", path=path)
+
+        def examples():
+            for line, messages in numbered:
+                try:
+                    yield line, build_stp_example(messages, tokenizer, span_scope=span_scope, label_mode=label_mode,
+                                                  eot_ids=eot)
+                except DataError as e:
+                    raise DataError(e.reason, path=path, line=line, field=e.field) from None
+
+        self.examples, self.skipped = fitting_examples(examples(), length=lambda ex: len(ex.lm_ids),
+                                                       max_length=max_length, on_too_long=on_too_long, path=path,
+                                                       what="sequence", noun="records")
+        # each kept example's position in the dataset keys its span draws
+        self.examples = [dataclasses.replace(ex, index=i) for i, ex in enumerate(self.examples)]
         self.lengths = [len(ex.lm_ids) for ex in self.examples]
         self.source = str(path)
 
