@@ -19,6 +19,7 @@ from conceptlm.data.chat import (
     IGNORE_INDEX,
     ChatDataset,
     _content_spans,
+    field_value,
     read_chat_jsonl,
     tokenize_chat,
 )
@@ -372,3 +373,15 @@ def test_hf_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
     with pytest.raises(ConceptLMError, match="pip install datasets"):
         load_hf_records(str(p))
+
+
+def test_field_value_walks_a_dotted_path():
+    obj = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "n": {"a": 1}}
+    assert field_value(obj, "messages.1.content") == "yo"
+    assert field_value(obj, "messages.-2.role") == "user"
+    assert field_value(obj, "n.a") == 1
+    for missing, part in [("messages.2.content", "2"), ("messages.--1", "--1"), ("n.b", "b"), ("messages.x", "x"),
+                          ("n.a.b", "b")]:
+        with pytest.raises(KeyError) as err:
+            field_value(obj, missing)
+        assert err.value.args == (part,)

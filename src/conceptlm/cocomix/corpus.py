@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from conceptlm.cocomix.config import CorpusSection
 from conceptlm.core.artifact import file_sha256
 from conceptlm.core.errors import DataError
-from conceptlm.data.chat import DuplicateKeyError, refuse_duplicate_keys
+from conceptlm.data.chat import DuplicateKeyError, field_value, refuse_duplicate_keys
 from conceptlm.data.text import read_text_file
 
 __all__ = ["GeneratedDocument", "generate_documents", "read_documents", "load_documents",
@@ -193,22 +193,6 @@ def _sentence(rng: random.Random, table, topic: int, generic_rate: float) -> str
 
 
 # ----------------------------------------------------------------------------------------------- reading files
-def _field_value(obj: Any, path: str) -> Any:
-    """``obj`` at a dotted path (integer parts index lists); raises KeyError naming the first missing part."""
-    cur = obj
-    for part in path.split("."):
-        if isinstance(cur, list) and part.lstrip("-").isdigit():
-            i = int(part)
-            if not -len(cur) <= i < len(cur):
-                raise KeyError(part)
-            cur = cur[i]
-        elif isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        else:
-            raise KeyError(part)
-    return cur
-
-
 def _read_jsonl(path: Path, text_field: str, limit: int) -> tuple[list[str], int]:
     """``(documents, how many more non-blank records the file holds beyond limit)``."""
     docs: list[str] = []
@@ -225,7 +209,7 @@ def _read_jsonl(path: Path, text_field: str, limit: int) -> tuple[list[str], int
         except json.JSONDecodeError as e:
             raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path=path, line=lineno) from None
         try:
-            value = _field_value(obj, text_field)
+            value = field_value(obj, text_field)
         except KeyError as e:
             raise DataError(f"missing (no {e.args[0]!r}); set corpus.text_field to the record's text",
                             path=path, line=lineno, field=text_field) from None

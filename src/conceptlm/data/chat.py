@@ -33,6 +33,7 @@ __all__ = [
     "validate_messages",
     "read_chat_jsonl",
     "iter_jsonl_objects",
+    "field_value",
     "refuse_duplicate_keys",
     "DuplicateKeyError",
     "iter_chat_jsonl",
@@ -178,6 +179,23 @@ def refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
             raise DuplicateKeyError(key)
         obj[key] = value
     return obj
+
+
+def field_value(obj: Any, dotted: str) -> Any:
+    """``obj`` at a dotted path such as ``messages.1.content`` (integer parts, negative ones too, index lists);
+    raises ``KeyError`` naming the first missing part."""
+    cur = obj
+    for part in dotted.split("."):
+        if isinstance(cur, list) and re.fullmatch(r"-?\d+", part):
+            i = int(part)
+            if not -len(cur) <= i < len(cur):
+                raise KeyError(part)
+            cur = cur[i]
+        elif isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            raise KeyError(part)
+    return cur
 
 
 def iter_jsonl_objects(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, dict]]:

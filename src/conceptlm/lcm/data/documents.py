@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from conceptlm.core.errors import DataError
-from conceptlm.data.chat import DuplicateKeyError, refuse_duplicate_keys
+from conceptlm.data.chat import DuplicateKeyError, field_value, refuse_duplicate_keys
 from conceptlm.lcm.config import DocsSection
 
 __all__ = ["iter_documents", "generate_document", "SCRIPTS", "instruction_text", "split_instruction"]
@@ -209,22 +209,6 @@ def split_instruction(text: str, marker: str) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Files
 
-def _lookup(obj, dotted: str):
-    """The value at a dotted path (integers index lists); raises KeyError if a step is missing."""
-    cur = obj
-    for part in dotted.split("."):
-        if isinstance(cur, list) and re.fullmatch(r"-?\d+", part):
-            idx = int(part)
-            if not -len(cur) <= idx < len(cur):
-                raise KeyError(part)
-            cur = cur[idx]
-        elif isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        else:
-            raise KeyError(part)
-    return cur
-
-
 _ESCAPES = {"\\n": "\n", "\\t": "\t", '\\"': '"'}
 
 
@@ -282,7 +266,7 @@ def _jsonl_docs(path: Path, section: DocsSection, skip_bad: bool, skipped: Count
 
 def _field(obj, dotted: str, path: Path, line: int, allow_number: bool = False):
     try:
-        value = _lookup(obj, dotted)
+        value = field_value(obj, dotted)
     except KeyError:
         raise DataError("missing", path=path, line=line, field=dotted) from None
     if isinstance(value, str) or (allow_number and isinstance(value, int) and not isinstance(value, bool)):
