@@ -52,11 +52,21 @@ class RunSection:
     resume_changes: Literal["refuse", "apply"] = "refuse"
     """On resume, settings that differ from the checkpoint's config (other than run length, cadences, dist and
     generation): ``refuse`` stops with a list of them; ``apply`` uses the new values from the resumed step on."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers fed with every ``metrics.jsonl`` row besides TensorBoard: ``wandb`` and/or ``trackio``
+    (off by default; see :mod:`conceptlm.core.trackers`)."""
+    tracker_project: str = "conceptlm"
+    """The tracker project the run is logged under."""
 
     def validate(self) -> None:
         check(bool(self.name) and not any(c in self.name for c in "/\\\0") and self.name not in (".", ".."),
               "run.name", f"{self.name!r} is not a folder name: must be non-empty, without '/' or '\\', and not "
               "'.' or '..' (the run folder must lie inside run.out_dir)")
+        from conceptlm.core.trackers import TRACKERS
+
+        for name in self.trackers:
+            check(name in TRACKERS, "run.trackers", f"unknown tracker {name!r} (choose from {', '.join(TRACKERS)})")
+        check(len(set(self.trackers)) == len(self.trackers), "run.trackers", "names a tracker twice")
 
 
 @dataclass(kw_only=True)

@@ -1,4 +1,5 @@
-"""One metrics schema for every method: ``runs/<name>/metrics.jsonl`` plus TensorBoard event files.
+"""One metrics schema for every method: ``runs/<name>/metrics.jsonl`` plus TensorBoard event files (and the
+optional trackers of :mod:`conceptlm.core.trackers`, fed with the same rows).
 
 Each line is a JSON object ``{"step": int, "split": "train" | "eval", "time": seconds since start, ...values}``.
 Train lines carry ``loss`` (the weighted total), every named loss part, ``lr``, ``grad_norm``, ``tokens_per_s``;
@@ -28,11 +29,14 @@ class MetricLogger:
         resume_step: when resuming from a checkpoint at this step, rows with ``step > resume_step`` left by the
             killed run are dropped first, so the file reads as one uninterrupted run.
         tensorboard: also write TensorBoard scalars under ``run_dir/tb``.
+        trackers: started trackers (:func:`conceptlm.core.trackers.open_trackers`) that get every row too; closed
+            with the logger.
     """
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, trackers: list | None = None):
         self.enabled = enabled
+        self._trackers = list(trackers or []) if enabled else []
         self.path = Path(run_dir) / "metrics.jsonl"
         self._start = time.perf_counter()
         self._tb = None
@@ -68,6 +72,12 @@ class MetricLogger:
                 for k, v in values.items():
                     if isinstance(v, (int, float)) and math.isfinite(v):
                         self._tb.add_scalar(f"{split}/{k}", v, step)
+            if self._trackers:
+                from conceptlm.core.trackers import tracker_values
+
+                scalars = tracker_values(split, values)
+                for t in self._trackers:
+                    t.log(int(step), scalars)
         return row
 
     def close(self) -> None:
@@ -77,6 +87,9 @@ class MetricLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for t in self._trackers:
+            t.close()
+        self._trackers = []
 
 
 def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:

@@ -1,8 +1,9 @@
 """What may change when a run is resumed.
 
 Resuming continues the run that the checkpoint's ``config.yaml`` describes. Settings that only say how long to run,
-how often to log/evaluate/save, where to run and how to generate may change freely. Any other difference (e.g.
-``optim.lr`` after a non-finite stop) is refused with a message listing it, unless ``run.resume_changes=apply``:
+how often to log/evaluate/save, where to run, which trackers follow it and how to generate may change freely. Any
+other difference (e.g. ``optim.lr`` after a non-finite stop) is refused with a message listing it, unless
+``run.resume_changes=apply``:
 then the new values hold from the resumed step on (the optimizer's learning rate, betas, eps and weight decay are
 reset to the new config; the LR schedule keeps its position), and every applied change is logged. A setting the
 checkpoint's ``config.yaml`` does not have (added by a newer version) is no change while it keeps its default.
@@ -24,8 +25,9 @@ __all__ = ["check_config_changes", "FREE_TO_CHANGE"]
 log = logging.getLogger(__name__)
 
 FREE_TO_CHANGE: tuple[str, ...] = (
-    "run.resume", "run.resume_changes", "run.out_dir", "train.max_steps", "train.eval_every", "train.save_every",
-    "train.keep_checkpoints", "train.log_every", "train.progress", "train.eval_batch_size", "dist.", "generate.",
+    "run.resume", "run.resume_changes", "run.out_dir", "run.trackers", "run.tracker_project", "train.max_steps",
+    "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.progress",
+    "train.eval_batch_size", "dist.", "generate.",
 )
 """Dotted keys (or prefixes ending in '.') that may differ from the checkpoint's config without notice."""
 

@@ -187,7 +187,14 @@ class Trainer:
             self._load_state(resume_from, model, optimizer, scheduler, apply_changes=bool(changes))
         if plan is not None:  # the resume is accepted: only now does the run folder's config.yaml change
             plan.accept(self.run_dir, info)
-        logger = MetricLogger(self.run_dir, enabled=info.is_main,
+        trackers = []
+        if info.is_main and cfg.run.trackers:
+            from conceptlm.core.trackers import open_trackers
+
+            trackers = open_trackers(cfg.run.trackers, self.run_dir, project=cfg.run.tracker_project,
+                                     run_name=cfg.run.name, config=config_to_dict(cfg),
+                                     resume=resume_from is not None)
+        logger = MetricLogger(self.run_dir, enabled=info.is_main, trackers=trackers,
                               resume_step=self.step if resume_from is not None else None)
         if info.is_main:
             msg = f"resumed from {resume_from} at step {self.step}" if resume_from else "starting from scratch"
