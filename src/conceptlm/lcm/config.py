@@ -374,8 +374,10 @@ class LCMDataSection:
 class DecoderSection:
     """How concepts are turned back into text (the ``decoder`` section)."""
 
-    kind: Literal["retrieval", "prefix_lm"] = "prefix_lm"
-    """``retrieval``: nearest sentence of an embedded bank; ``prefix_lm``: a causal LM conditioned on the vector."""
+    kind: Literal["retrieval", "prefix_lm", "sonar"] = "prefix_lm"
+    """``retrieval``: nearest sentence of an embedded bank; ``prefix_lm``: a causal LM conditioned on the vector;
+    ``sonar``: SONAR's pretrained text decoder (optional ``sonar-space`` package; reads ``encoder.name: sonar``
+    vectors; nothing to train, no ``path``)."""
     path: str | None = None
     """A saved decoder folder (``decoder.json``) to load; training writes one (the checkpoint's ``model/``)."""
     base: str | None = None
@@ -400,6 +402,10 @@ class DecoderSection:
     max_new_tokens: int = 64
     num_beams: int = 1
     """1 = greedy decoding."""
+    sonar_decoder: str = "text_sonar_basic_decoder"
+    """sonar: the decoder's model card (``sonar-space``)."""
+    sonar_lang: str = "eng_Latn"
+    """sonar: the language decoded into."""
     batch_size: int = 64
     """Vectors decoded per ``generate`` call."""
     lowercase: bool = False

@@ -332,7 +332,8 @@ def decoder_identity(cfg: DecoderTrainConfig, encoder: SentenceEncoder, train_s:
     (:func:`~conceptlm.lcm.data.encoders.identity_fingerprint`) and, when the vectors came from a prepared folder, of
     that folder."""
     d = {k: v for k, v in asdict(cfg.decoder_train).items() if k != "on_change"}  # what to do, not what it is
-    settings: dict[str, Any] = {"decoder": {k: v for k, v in asdict(cfg.decoder).items() if k != "path"},
+    settings: dict[str, Any] = {"decoder": {k: v for k, v in asdict(cfg.decoder).items()
+                                            if k != "path" and not k.startswith("sonar_")},
                                 "seed": cfg.train.seed}
     if cfg.decoder.kind == "retrieval":
         settings["decoder"] = {"kind": cfg.decoder.kind}
@@ -389,6 +390,9 @@ def train_decoder(cfg: DecoderTrainConfig, *, command: str | None = None,
         For ``decoder.kind: retrieval``: step 0, ``checkpoint`` = the saved bank, ``last_eval`` its metrics.
     """
     cfg = decoder_run_config(cfg)
+    if cfg.decoder.kind == "sonar":
+        raise ConfigError("decoder.kind=sonar is SONAR's pretrained decoder: there is nothing to train (generate, "
+                          "evaluate and eval-decoder load it directly)", field="decoder.kind")
     with run_session(cfg, command) as session:
         train_s, eval_s, data = _sentences(cfg, sentences, data)
         encoder = encoder or get_encoder(cfg.encoder)
@@ -426,8 +430,14 @@ def eval_decoder(cfg: DecoderTrainConfig, *, checkpoint: str | None = None, outp
     _, eval_s, _ = _sentences(cfg, sentences)
     n = cfg.decoder_train.decode_eval or len(eval_s)
     encoder = encoder or get_encoder(cfg.encoder)
-    source = checkpoint or cfg.decoder.path or cfg.run_dir
-    decoder = load_decoder(source, encoder=encoder)
+    if cfg.decoder.kind == "sonar" and checkpoint is None:
+        from conceptlm.lcm.sonar_decoder import SonarDecoder
+
+        source: str | Path = f"sonar:{cfg.decoder.sonar_decoder}"
+        decoder: SentenceDecoder = SonarDecoder(cfg.decoder, encoder.identity())
+    else:
+        source = checkpoint or cfg.decoder.path or cfg.run_dir
+        decoder = load_decoder(source, encoder=encoder)
     res = {"decoder": decoder.identity(), "source": str(source),
            **evaluate_decoder(encoder, decoder, eval_s[:n], examples=8)}
     if output:

@@ -144,7 +144,11 @@ def load_run(cfg: LCMConfig, checkpoint: str | None = None, *, need_decoder: boo
         raise ConfigError(f"the encoder gives {encoder.dim}-d vectors but the model takes {model.cfg.dim}",
                           field="encoder.name")
     decoder = None
-    if need_decoder:
+    if need_decoder and cfg.decoder.kind == "sonar":  # pretrained, nothing saved here: built from its card
+        from conceptlm.lcm.sonar_decoder import SonarDecoder
+
+        decoder = SonarDecoder(cfg.decoder, encoder.identity())
+    elif need_decoder:
         where = cfg.decoder_dir
         if not where.exists():
             raise ConfigError(f"no decoder at {where}: run 'conceptlm lcm train-decoder' with this config first, or "
@@ -213,7 +217,7 @@ def _validation_documents(cfg: LCMConfig, limit: int, run: LoadedRun | None = No
         raise ConfigError(f"{run.checkpoint} was trained on other prepared documents (fingerprint "
                           f"{run.prepared[:12]}) than {folder} holds now ({docs.fingerprint[:12]}): evaluate on the "
                           "folder the run trained on, or train again", field="lcm_data.source")
-    if run is not None and run.decoder is not None:
+    if run is not None and run.decoder is not None and cfg.decoder.kind != "sonar":  # SONAR never saw our data
         _check_decoder_split(cfg, docs)
     if len(docs) == 0:
         raise ConfigError(f"{folder} has no validation documents: raise prepare.val_fraction and prepare again",
