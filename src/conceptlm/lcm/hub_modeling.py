@@ -398,7 +398,8 @@ class LCMHubModel(PreTrainedModel):
         pos = self._positions(z, positions).repeat_interleave(2, dim=1)
         h = self._add_position(h, pos)
         allowed = _interleaved_mask(n, drop, keep, z.device)
-        bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(~allowed, torch.finfo(h.dtype).min)
+        neg = torch.finfo(h.dtype).min
+        bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(~allowed, neg)
         return self.head(self.decoder(h, pos, additive=bias)[:, 0::2])
 
     # ----------------------------------------------------------------------------------------- forward
