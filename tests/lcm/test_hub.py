@@ -41,7 +41,7 @@ def _model(variant: str, **kw):
             p.add_(0.2 * torch.randn_like(p))
     m.set_normalizer(0.1 * torch.randn(8), torch.rand(8) + 0.5, torch.full((8,), -3.0), torch.full((8,), 3.0))
     if variant.startswith("quant"):
-        m.fit_quantizer(torch.randn(50, 8), torch.Generator().manual_seed(0))
+        m.quantizer.set_codebooks(torch.randn(3, 5, 8))
     return m
 
 
@@ -78,6 +78,28 @@ def _inputs_and_outputs(model) -> dict:
     return out
 
 
+def test_automodel_gives_the_same_outputs_for_every_variant(tmp_path):
+    """In this process (fast): AutoModel.from_pretrained of each variant's export reproduces the conceptlm model's
+    normalizer and forward exactly, with padding and CFG-dropped rows; the fresh-interpreter test below shows it
+    needs nothing of conceptlm."""
+    from transformers import AutoModel
+
+    for variant in ("base", "two_tower", "one_tower", "quant_d", "quant_c"):
+        name, model = variant, _model(variant)
+        r = _inputs_and_outputs(model)
+        m = AutoModel.from_pretrained(str(export_lcm(model, tmp_path / name)), trust_remote_code=True)
+        extra = {"attention_mask": r["keep"]} if variant in ("base", "one_tower", "quant_d", "quant_c") else {}
+        if variant != "base":
+            extra["drop"] = r["drop"]
+        with torch.no_grad():
+            assert not m.training and torch.equal(m.normalize(r["x"]), r["z"]), name
+            assert torch.equal(m(r["z"], **r["args"]).prediction, r["plain"]), name
+            assert torch.equal(m(r["z"], **r["args"], **extra).prediction, r["masked"]), name
+        if variant.startswith("quant"):
+            assert torch.equal(m.codebooks, model.quantizer.codebooks)
+
+
+@pytest.mark.slow
 def test_from_pretrained_without_conceptlm_gives_identical_outputs(tmp_path):
     """One fresh interpreter, without conceptlm on its path, loads every variant with AutoModel (trust_remote_code);
     its normalizer and forward outputs equal the conceptlm model's exactly (torch.equal: the same operations in the
@@ -211,37 +233,32 @@ def test_export_verb_generates_like_the_checkpoint_and_is_reused_by_identity(run
     from_hub = generate(cfg, checkpoint=str(hub), output=str(cfg.run_dir / "g_hub.json"))
     assert from_hub["checkpoint"] == str(hub)
     assert _documents(from_hub["output"]) == _documents(from_ckpt["output"])  # same text, prompts and stops
+    capsys.readouterr()
 
-    assert main(argv)  == 0 and json.loads(capsys.readouterr().out)["reused"] is True  # same inputs: reused
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["reused"] is True  # same inputs: reused
     older = str(cfg.run_dir / "checkpoints" / "step_00000003")
     assert main(argv + ["--checkpoint", older]) == 2  # other weights, same folder: refused, naming what changed
     assert "input weights changed" in capsys.readouterr().err and read_manifest(hub) == manifest
-    assert main(argv + ["--checkpoint", older, "export.on_change=rebuild"]) == 0
+    assert main(argv + ["export.on_change=rebuild", "--checkpoint", older]) == 0
     assert json.loads(capsys.readouterr().out)["reused"] is False and read_manifest(hub) != manifest
 
 
 @pytest.mark.slow
 def test_a_changed_decoder_makes_the_export_stale(runs, tmp_path):
+    """The export records the decoder the config names (by its artifact fingerprint): another decoder (here a bank
+    of half the sentences) is a changed input."""
+    from conceptlm.core.artifact import Identity
+    from conceptlm.lcm.decoders import RetrievalDecoder, load_decoder
     from conceptlm.lcm.hub import export
 
     cfg = runs["base"]
-    out = export(cfg, output=str(tmp_path / "hub"))
-    assert out["reused"] is False
-    bank = tmp_path / "bank"
-    from conceptlm.lcm.decoders import load_decoder
-    from conceptlm.lcm.decoder_train import DECODER_KIND  # noqa: F401  (the kind the manifest carries)
-
-    del load_decoder
-    other = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, path=str(bank)))
-    import shutil
-
-    shutil.copytree(cfg.decoder_dir, bank)
-    manifest = json.loads((bank / "artifact.json").read_text()) if (bank / "artifact.json").is_file() else None
-    if manifest is None:
-        pytest.skip("the decoder folder has no artifact.json at its root")
-    manifest["fingerprint"] = "0" * 64
-    (bank / "artifact.json").write_text(json.dumps(manifest))
-    with pytest.raises(StaleArtifactError, match="input decoder changed"):
+    assert export(cfg, output=str(tmp_path / "hub"))["reused"] is False
+    bank = load_decoder(cfg.decoder_dir)
+    half = len(bank.sentences) // 2
+    RetrievalDecoder(bank.embeddings[:half], bank.sentences[:half], bank.encoder_identity, normalized=True).save(
+        tmp_path / "half", identity=Identity(kind="lcm.decoder", settings={"sentences": half}))
+    other = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, path=str(tmp_path / "half")))
+    with pytest.raises(StaleArtifactError, match="input decoder changed.*export.on_change=rebuild"):
         export(other, output=str(tmp_path / "hub"))
 
 
