@@ -67,6 +67,23 @@ def _section_dict(model) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(model.cfg)))
 
 
+def _checkpoint_section(ckpt: Path) -> dict[str, Any]:
+    """The resolved ``lcm`` section of a checkpoint's ``config.yaml`` (as :func:`_section_dict` gives it), without
+    building the model (a reused export reads no weights)."""
+    import dataclasses
+
+    import yaml
+
+    from conceptlm.lcm.config import LCMSection
+
+    data = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8")) or {}
+    try:
+        section = LCMSection.from_dict(data["lcm"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt}/config.yaml: no usable 'lcm' section ({e})") from None
+    return json.loads(json.dumps(dataclasses.asdict(section)))
+
+
 def _normalizer_json(model, source: Path | None) -> str:
     """The checkpoint's ``normalizer.json`` when it has one (method, fit size), else one made from the buffers."""
     from conceptlm.lcm.data.normalizer import RobustNormalizer
@@ -241,8 +258,7 @@ def export(cfg, *, checkpoint: str | None = None, output: str | None = None) -> 
     problem = ckpt_lib.verify_checkpoint(ckpt) if ckpt.is_dir() else "no such directory"
     if problem is not None:
         raise CheckpointError(f"{ckpt}: not a usable checkpoint ({problem})")
-    model = load_lcm(ckpt)
-    lcm = _section_dict(model)
+    lcm = _checkpoint_section(ckpt)
     encoder = _read_json(ckpt / ENCODER_ARTIFACT)
     prepared = (_read_json(ckpt / PREPARED_ARTIFACT) or {}).get("fingerprint")
     decoder = _decoder_identity(cfg)
@@ -253,6 +269,7 @@ def export(cfg, *, checkpoint: str | None = None, output: str | None = None) -> 
     if action == "reuse":
         log.info("%s: reused (made from the same weights, encoder, prepared folder and decoder)", where)
         return {**out, "reused": True}
+    model = load_lcm(ckpt)
     meta = {"checkpoint": str(ckpt), "weights_sha256": identity.inputs["weights"], "encoder": encoder,
             "prepared": prepared, "decoder": decoder}
     extra = {"encoder.json": encoder} if encoder else {}
