@@ -331,3 +331,14 @@ def test_harness_model_by_name_on_the_export_and_likelihood_is_refused(runs, tmp
     write_task(tasks, "mc", [{"question": prompt, "choices": ["yes", "no"], "answer": 0}])
     with pytest.raises(NoTokenLikelihood, match="no token likelihood.*generate_until"):
         evaluate("conceptlm-lcm", model_args=f"pretrained={hub}", tasks=["mc"], include_path=tasks)
+
+
+def test_cli_offers_export_and_eval_harness(capsys):
+    from conceptlm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["lcm", "--help"])
+    text = capsys.readouterr().out
+    assert "export" in text and "eval-harness" in text
+    assert main(["lcm", "eval-harness", "--config", str(REPO / "configs/lcm/tiny_cpu.yaml")]) == 2
+    assert "harness.tasks" in capsys.readouterr().err  # no tasks named: one line saying how
