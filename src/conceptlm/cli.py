@@ -132,7 +132,12 @@ METHODS: dict[str, Method] = {
                                 "text metrics of continuations on validation documents",
                                 "conceptlm.lcm.recipe:evaluate"),
                "cost": Verb("inference FLOPs of LCM generation vs a token-level LLM by context and sentence length "
-                            "(table + plot, section cost)", "conceptlm.lcm.recipe:cost", takes_checkpoint=False)}),
+                            "(table + plot, section cost)", "conceptlm.lcm.recipe:cost", takes_checkpoint=False),
+               "export": Verb("the run's newest checkpoint as a Hub-format folder (config.json + model.safetensors + "
+                              "normalizer + encoder identity + modeling_lcm.py)", "conceptlm.lcm.hub:export"),
+               "eval-harness": Verb("lm-evaluation-harness generation tasks (harness.tasks) on the LCM: prompt -> "
+                                    "encode -> LCM -> decode; results JSON in the run folder",
+                                    "conceptlm.lcm.harness:eval_harness")}),
 }
 """Every method and its verbs. A new method (or verb) is one entry here; nothing else in the CLI changes."""
 

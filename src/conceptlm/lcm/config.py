@@ -18,6 +18,8 @@ Sections of :class:`LCMConfig`:
   ``conceptlm lcm generate``;
 * ``evaluate``: what ``conceptlm lcm evaluate`` measures (the paper's Table 3 metrics);
 * ``cost``: the inference-FLOPs comparison of ``conceptlm lcm cost`` (LCM generation vs a token-level LLM);
+* ``export`` / ``harness``: the Hub-format folder of ``conceptlm lcm export`` and the lm-evaluation-harness tasks of
+  ``conceptlm lcm eval-harness``;
 * ``run`` / ``optim`` / ``schedule`` / ``train`` / ``dist``: the shared loop's sections (the LCM run).
 
 Each verb reads the sections it needs; :func:`prepare_config`, :func:`lcm_train_config` and
@@ -39,7 +41,7 @@ __all__ = [
     "DiffusionSection", "QuantSection", "LCM_VARIANTS", "LCMSection", "LCMDataSection",
     "DecoderSection", "DecoderTrainSection",
     "SamplerOptions", "QuantSamplingOptions", "GenerationOptions", "GenerateSection", "EvaluateSection",
-    "TransformerSize", "CostSection",
+    "TransformerSize", "CostSection", "ExportSection", "LCMHarnessSection",
     "DECODER_RUN", "PrepareConfig", "LCMTrainConfig", "DecoderTrainConfig", "LCMConfig",
     "prepare_config", "lcm_train_config", "decoder_config", "decoder_run_config",
 ]
@@ -632,6 +634,47 @@ class EvaluateSection:
         check(self.fragility_samples >= 1, "evaluate.fragility_samples", "must be >= 1")
 
 
+# ------------------------------------------------------------------- Hub format and lm-eval (export, eval-harness)
+@dataclass(kw_only=True)
+class ExportSection:
+    """``export:``: the Hub-format folder of ``conceptlm lcm export`` (:mod:`conceptlm.lcm.hub`)."""
+
+    on_change: Literal["refuse", "rebuild"] = "refuse"
+    """An existing export made from other weights, settings, encoder, prepared folder or decoder: refuse (one line
+    naming what changed) or rebuild it; an export of the same inputs is always reused."""
+
+    def validate(self) -> None:
+        check(self.on_change in ("refuse", "rebuild"), "export.on_change", "must be refuse or rebuild")
+
+
+@dataclass(kw_only=True)
+class LCMHarnessSection:
+    """``harness:``: lm-evaluation-harness generation tasks on the LCM (``conceptlm lcm eval-harness``,
+    :mod:`conceptlm.lcm.harness`). Only ``generate_until`` tasks are meaningful: an LCM has no token likelihood."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names (local tasks under ``include_path``, see :mod:`conceptlm.harness.tasks`)."""
+    include_path: str = ""
+    """Folder of task YAML files (``--include_path``)."""
+    limit: int | None = None
+    """Examples per task (None = all)."""
+    num_fewshot: int | None = None
+    max_sentences: int | None = None
+    """Sentences generated per request (a task's ``max_gen_sentences`` overrides it; None =
+    ``generate.max_new_sentences``). A task's ``max_gen_toks`` is ignored: the LCM generates sentences."""
+    seed: int = 0
+    """The harness's seeds; the LCM's own sampling seed is ``generate.seed``."""
+
+    def validate(self) -> None:
+        check(all(isinstance(t, str) and t for t in self.tasks), "harness.tasks", "must be a list of task names")
+        check(len(set(self.tasks)) == len(self.tasks), "harness.tasks", "a task is listed twice")
+        check(self.limit is None or self.limit > 0, "harness.limit", "must be > 0 (or null: every example)")
+        check(self.num_fewshot is None or self.num_fewshot >= 0, "harness.num_fewshot", "must be >= 0")
+        check(self.max_sentences is None or self.max_sentences >= 1, "harness.max_sentences", "must be >= 1")
+        check(not self.include_path or Path(self.include_path).exists(), "harness.include_path",
+              f"{self.include_path!r} does not exist")
+
+
 # --------------------------------------------------------------------------------- inference cost (conceptlm lcm cost)
 @dataclass(kw_only=True)
 class TransformerSize:
@@ -752,6 +795,8 @@ class LCMConfig(RunConfig):
     generate: GenerateSection = field(default_factory=GenerateSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     cost: CostSection = field(default_factory=CostSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    harness: LCMHarnessSection = field(default_factory=LCMHarnessSection)
 
     @property
     def data_dir(self) -> Path | None:

@@ -122,7 +122,8 @@ def _checkpoint(cfg: LCMConfig, checkpoint: str | None) -> Path:
 
 
 def load_run(cfg: LCMConfig, checkpoint: str | None = None, *, need_decoder: bool = True) -> LoadedRun:
-    """The run's model (newest checkpoint or ``checkpoint``), encoder and decoder, checked against each other."""
+    """The run's model (newest checkpoint or ``checkpoint``: a checkpoint or a Hub-format export folder), encoder
+    and decoder, checked against each other."""
     from conceptlm.lcm.data.encoders import get_encoder, verify_identity
     from conceptlm.lcm.decoders import load_decoder
     from conceptlm.lcm.train import ENCODER_ARTIFACT, PREPARED_ARTIFACT, load_lcm
@@ -154,8 +155,8 @@ def load_run(cfg: LCMConfig, checkpoint: str | None = None, *, need_decoder: boo
             raise ConfigError(f"no decoder at {where}: run 'conceptlm lcm train-decoder' with this config first, or "
                               "set decoder.path to a saved decoder", field="decoder.path")
         decoder = load_decoder(where, encoder=encoder)
-    prepared_file = ckpt / PREPARED_ARTIFACT
-    prepared = _read_json(prepared_file).get("fingerprint") if prepared_file.is_file() else None
+    prepared_file = next((p for p in (ckpt / PREPARED_ARTIFACT, ckpt / "prepared.json") if p.is_file()), None)
+    prepared = _read_json(prepared_file).get("fingerprint") if prepared_file is not None else None
     return LoadedRun(model, ckpt, encoder, decoder, prepared=prepared)
 
 

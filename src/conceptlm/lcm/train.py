@@ -210,12 +210,16 @@ def train_lcm(cfg: LCMTrainConfig, *, command: str | None = None, train_ds=None,
 
 def load_lcm(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> NormalizedModel:
     """The model (any ``lcm.model`` variant) of a checkpoint folder (its ``config.yaml`` and
-    ``unit.safetensors``), in eval mode.
+    ``unit.safetensors``), or of a Hub-format export (:mod:`conceptlm.lcm.hub`), in eval mode.
 
     Raises:
         CheckpointError: the folder is damaged or was not written by an LCM run.
     """
+    from conceptlm.lcm.hub import is_hub_lcm, load_hub_lcm
+
     ckpt = Path(checkpoint)
+    if is_hub_lcm(ckpt):
+        return load_hub_lcm(ckpt, device=device)
     problem = ckpt_lib.verify_checkpoint(ckpt) if ckpt.is_dir() else "no such directory"
     if problem is not None:
         raise CheckpointError(f"{ckpt}: not a usable checkpoint ({problem})")
