@@ -470,14 +470,22 @@ def _clean_temporaries(out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the verb
+@contextlib.contextmanager
 def _dist():
+    """(torch.distributed or None, rank, world size): a gloo group under torchrun (made here and removed at the end
+    when none exists yet), None in one process."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
+    made = world > 1 and not dist.is_initialized()
+    if made:
         dist.init_process_group(backend="gloo")
-    return dist if world > 1 else None, rank, world
+    try:
+        yield (dist if world > 1 else None), rank, world
+    finally:
+        if made:
+            dist.destroy_process_group()
 
 
 def _broadcast(dist, obj: Any) -> Any:
@@ -491,8 +499,11 @@ def _broadcast(dist, obj: Any) -> Any:
 def tokenize(cfg: TokenizeConfig, *, output: str | None = None) -> dict[str, Any]:
     """Tokenize ``cfg.source`` into the token-shard folder ``cfg.out`` (``output`` overrides it); one process or
     under torchrun (each rank runs ``cfg.workers`` workers). Returns a summary (counts, fingerprint, reused)."""
-    out = Path(output or cfg.out)
-    dist, rank, world = _dist()
+    with _dist() as (dist, rank, world):
+        return _tokenize(cfg, Path(output or cfg.out), dist, rank, world)
+
+
+def _tokenize(cfg: TokenizeConfig, out: Path, dist, rank: int, world: int) -> dict[str, Any]:
     reader = SourceReader(cfg)
     status: Any = None
     if rank == 0:
