@@ -218,8 +218,16 @@ def _tokenize(cfg: TokenizeConfig, out: Path, dist, rank: int, world: int) -> di
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        with _env(TOKENIZERS_PARALLELISM="false"), ctx.Pool(cfg.workers) as pool:
-            counts = pool.starmap(work, [(*common, i, n_proc, show and j == 0) for j, i in enumerate(ids)])
+        with _env(TOKENIZERS_PARALLELISM="false"):  # one thread per worker: the workers are the parallelism
+            pool = ctx.Pool(cfg.workers)
+            try:
+                counts = pool.starmap(work, [(*common, i, n_proc, show and j == 0) for j, i in enumerate(ids)])
+                pool.close()
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
     total = max(counts)
     if dist is not None:
         import torch
