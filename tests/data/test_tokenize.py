@@ -100,6 +100,10 @@ def test_line_paragraph_jsonl_parquet_sources_read_the_same_documents(tmp_path):
     assert read(source=str(tmp_path / "p.txt"), text_unit="paragraph") == [d[:40] + "\n" + d[40:] for d in docs]
     assert read(source=str(tmp_path / "j.jsonl"), text_field="t") == docs
     assert read(source=str(tmp_path / "d.parquet")) == docs
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    assert read(source=f"hf:{hf}") == docs  # datasets, streaming
     # only the kept documents are yielded, with their index and location
     r = SourceReader(cfg(tmp_path / "d.parquet", "y"))
     assert [(i, line) for i, _, _, line in r.records(lambda i: i % 5 == 1)] == [(1, 2), (6, 7)]
