@@ -43,6 +43,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -502,7 +503,9 @@ def read_sharded(ckpt: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{ckpt / SHARDED_DIR}: {k!r} is not a tensor (not a conceptlm checkpoint)")
         out[k] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
     try:
-        dcp.load(out, storage_reader=_SafeReader.make(ckpt / SHARDED_DIR), no_dist=True)
+        with warnings.catch_warnings():  # DCP warns that it reads in a single process: that is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(out, storage_reader=_SafeReader.make(ckpt / SHARDED_DIR), no_dist=True)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - DCP wraps a bad shard file in several exception types
