@@ -88,3 +88,24 @@ def test_sigkill_then_resume_auto_gives_identical_weights(tmp_path, chat_files):
     # the metrics file reads as one run: each step logged once
     steps_logged = [l for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"split": "train"' in l]
     assert len(steps_logged) == steps
+
+
+def test_fsdp_sharded_checkpoint_eval_refused_then_rewritten_as_full_on_one_process(tmp_path, chat_files):
+    """dist.checkpoint=sharded through the CLI: no model/ export, so `sft eval` refuses in one line saying how to
+    get one; resuming the finished run on one process with dist.checkpoint=full rewrites it, and eval then runs."""
+    over = tiny_overrides(tmp_path, chat_files[0], chat_files[1], **{
+        "run.name": "sh", "train.micro_batch_size": 2, "train.grad_accum": 2, "dist.strategy": "fsdp",
+        "dist.checkpoint": "sharded", "run.resume": "auto", "generate.limit": 2, "generate.max_new_tokens": 4})
+    r = subprocess.run(cli(over, nproc=2), env=env(), cwd=tmp_path, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "sh" / "checkpoints" / "step_00000004"
+    assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model").exists()
+    evaluate = [sys.executable, "-m", "conceptlm", "sft", "eval", *over]
+    r = subprocess.run(evaluate, env=env(), cwd=tmp_path, timeout=300, capture_output=True, text=True)
+    err = [line for line in r.stderr.splitlines() if line.startswith("conceptlm: error")]
+    assert r.returncode != 0 and len(err) == 1 and "dist.checkpoint=full" in err[0], r.stderr[-2000:]
+    one = [*over, "dist.strategy=none", "dist.checkpoint=full", "train.grad_accum=4", "run.resume_changes=apply"]
+    subprocess.run(cli(one), check=True, env=env(), cwd=tmp_path, timeout=300, capture_output=True)
+    assert (ckpt / "model" / "model.safetensors").is_file() and not (ckpt / "dcp").exists()
+    r = subprocess.run(evaluate, env=env(), cwd=tmp_path, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]

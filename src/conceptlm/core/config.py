@@ -128,9 +128,16 @@ class DistSection:
     """``auto`` = DDP when launched with torchrun and WORLD_SIZE > 1, else a single process. ``fsdp`` shards
     parameters, gradients and optimizer state (FSDP2, one unit per decoder layer) for large models."""
     find_unused_parameters: bool = False
+    checkpoint: Literal["full", "sharded"] = "full"
+    """``full``: rank 0 gathers the whole model and optimizer state and writes ``unit.safetensors``,
+    ``trainer_state.pt`` and the method's export (``model/``). ``sharded`` (needs ``strategy: fsdp``): every rank
+    writes its own shards with ``torch.distributed.checkpoint`` into ``dcp/``, so no rank ever holds the whole model
+    (for models too large for one rank's memory); no ``model/`` export. A run resumes either layout, at any world size
+    (see :mod:`conceptlm.core.checkpoint`)."""
 
     def validate(self) -> None:
-        pass
+        check(self.checkpoint == "full" or self.strategy == "fsdp", "dist.checkpoint",
+              f"sharded checkpoints need dist.strategy=fsdp (got {self.strategy!r}); use dist.checkpoint=full")
 
 
 @dataclass(kw_only=True)

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_write_jsonl", "atomic_dir"]
+__all__ = ["atomic_write_text", "atomic_write_jsonl", "atomic_dir", "replace_dir"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -67,6 +67,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp: str | Path, path: str | Path) -> None:
+    """Rename the complete folder ``tmp`` to its sibling ``path``, replacing an existing ``path`` (moved aside
+    first, put back if the rename fails); ``tmp`` is removed on failure. The last step of :func:`atomic_dir`, for
+    folders that several processes write together (sharded checkpoints)."""
+    tmp, path = Path(tmp), Path(path)
     old = None
     try:
         if path.exists():

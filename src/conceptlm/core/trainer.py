@@ -172,10 +172,12 @@ class Trainer:
             resume_from = resume_checkpoint(cfg)
             changes = check_config_changes(cfg, resume_from) if resume_from is not None else {}
         self.ckpt_keys = ckpt_lib.checkpoint_keys(self.unit)
-        if resume_from is not None:
+        fsdp = self.strategy == "fsdp"
+        # a sharded checkpoint is loaded into the sharded model (after wrapping, no rank gathers it); otherwise the
+        # whole weights into the unwrapped unit, as before (a sharded checkpoint read whole on every rank)
+        if resume_from is not None and not (fsdp and ckpt_lib.is_sharded(resume_from)):
             ckpt_lib.load_unit_state(self.unit, resume_from)
         self.unit.to(info.device)
-        fsdp = self.strategy == "fsdp"
         model = wrap_model(self.unit, self.strategy, info, find_unused_parameters=cfg.dist.find_unused_parameters,
                            shard_modules=self.unit.fsdp_units() if fsdp else None,
                            ignored_params=self._frozen_params() if fsdp else None)
@@ -228,6 +230,11 @@ class Trainer:
                         logger.log(self.step, "eval", {**last_eval, **self._seen()})
                 if (tcfg.save_every and self.step % tcfg.save_every == 0) or at_end:
                     last_ckpt = self.save(model, optimizer, scheduler)
+            if (resume_from is not None and last_ckpt == resume_from and self.step == tcfg.max_steps
+                    and ckpt_lib.is_sharded(resume_from) != (cfg.dist.checkpoint == "sharded")):
+                # resumed at its last step from a checkpoint of the other layout: write it in this run's layout
+                # (e.g. a sharded checkpoint as a full one with its model/ export, on one process)
+                last_ckpt = self.save(model, optimizer, scheduler)
         finally:
             bar.close()
             logger.close()
@@ -327,6 +334,8 @@ class Trainer:
             get_optimizer_state_dict,
         )
 
+        if self.cfg.dist.checkpoint == "sharded":
+            return self._save_sharded(model, optimizer, scheduler)
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(model, options=opts)
         optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
@@ -344,6 +353,48 @@ class Trainer:
         barrier()
         return path or ckpt_lib.find_latest_checkpoint(self.run_dir)
 
+    def _sharded_state(self, model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """This rank's shards of the checkpointed model tensors and of the optimizer state (DTensors under FSDP2,
+        nothing gathered), flat as a sharded checkpoint holds them, and the optimizer's param_groups."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model_sd = get_model_state_dict(model)
+        optim_sd = get_optimizer_state_dict(model, optimizer)
+        keys = set(self.ckpt_keys)
+        return (ckpt_lib.sharded_tensors({k: v for k, v in model_sd.items() if k in keys}, optim_sd["state"]),
+                optim_sd["param_groups"])
+
+    def _save_sharded(self, model, optimizer, scheduler) -> Path:
+        tensors, param_groups = self._sharded_state(model, optimizer)
+        state = {"step": self.step, "optimizer_param_groups": param_groups, "scheduler": scheduler.state_dict(),
+                 "rng": ckpt_lib.rng_state(), "data": self.data_state, "world_size": self.info.world_size,
+                 "items_seen": self.items_seen}
+        return ckpt_lib.save_sharded_checkpoint(
+            self.run_dir, self.step, tensors=tensors, trainer_state=state,
+            config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False), artifacts=self.artifacts,
+            keep=self.cfg.train.keep_checkpoints)
+
+    def _load_sharded(self, ckpt: Path, state: dict, model, optimizer) -> None:
+        """Model and optimizer state of a sharded checkpoint: under FSDP2 each rank loads its own shards (DCP
+        reshards when the world size changed); otherwise the optimizer state is read whole (the weights were loaded
+        into the unwrapped unit already)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if self.strategy != "fsdp":
+            optim = ckpt_lib.split_sharded(ckpt_lib.read_sharded(ckpt, "optim."))[1]
+            full = {"state": optim, "param_groups": state["optimizer_param_groups"]}
+            set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+            return
+        tensors, _ = self._sharded_state(model, optimizer)
+        ckpt_lib.load_sharded(ckpt, tensors)
+        model_sd, optim = ckpt_lib.split_sharded(tensors)
+        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(model, optimizer, {"state": optim, "param_groups": state["optimizer_param_groups"]})
+
     def _load_state(self, ckpt: Path, model, optimizer, scheduler, *, apply_changes: bool) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -355,8 +406,11 @@ class Trainer:
             raise ConfigError(f"{ckpt}: the data order differs from the checkpoint's ({state.get('data')} vs "
                               f"{self.data_state}); resume with the same data, batch sizes and seed",
                               field="run.resume")
-        set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        if ckpt_lib.is_sharded(ckpt):
+            self._load_sharded(ckpt, state, model, optimizer)
+        else:
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
         if apply_changes:  # run.resume_changes=apply: optimizer hyper-parameters of the new config from now on
             o = self.cfg.optim
@@ -365,7 +419,9 @@ class Trainer:
                 g.update(initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=wd)
             for g, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
                 g["lr"] = o.lr * lam(scheduler.last_epoch)
-        ckpt_lib.set_rng_state(state["rng"])
+        # a sharded checkpoint holds every rank's RNG: each rank takes its own when the world size is the same
+        own = ckpt_lib.load_rank_rng(ckpt, self.info.rank) if state.get("world_size") == self.info.world_size else None
+        ckpt_lib.set_rng_state(own if own is not None else state["rng"])
         self.step = int(state["step"])
         self.items_seen = state.get("items_seen")
 

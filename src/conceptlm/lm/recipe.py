@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from conceptlm.core import hf
-from conceptlm.core.checkpoint import MANIFEST, find_latest_checkpoint, verify_checkpoint
+from conceptlm.core.checkpoint import MANIFEST, find_latest_checkpoint, is_sharded, verify_checkpoint
 from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.data.sources import chat_records, resolve_source
 from conceptlm.lm.config import LMRunConfig
@@ -51,6 +51,7 @@ def resolve_checkpoint(cfg: LMRunConfig, checkpoint: str | None) -> Path:
             problem = verify_checkpoint(p)
             if problem is not None:
                 raise CheckpointError(f"{p}: damaged checkpoint ({problem})")
+        _refuse_sharded(p)
         model_dir = p / "model" if (p / "model").is_dir() else p
         if not model_dir.is_dir():
             raise ConfigError(f"checkpoint not found: {checkpoint}", field="checkpoint")
@@ -63,7 +64,16 @@ def resolve_checkpoint(cfg: LMRunConfig, checkpoint: str | None) -> Path:
     if latest is None:
         raise ConfigError(f"no checkpoint in {cfg.run_dir}; train first or pass --checkpoint DIR",
                           field="checkpoint")
+    _refuse_sharded(latest)
     return latest / "model"
+
+
+def _refuse_sharded(ckpt: Path) -> None:
+    """A sharded checkpoint (``dist.checkpoint=sharded``) has no ``model/`` export: say how to get one."""
+    if is_sharded(ckpt) and not (ckpt / "model").is_dir():
+        raise CheckpointError(f"{ckpt} is a sharded checkpoint (dist.checkpoint=sharded) without a model/ export; "
+                              f"write it as a full one by resuming it on one process: conceptlm <method> train "
+                              f"--config <the run's config> run.resume={ckpt} dist.strategy=none dist.checkpoint=full")
 
 
 def load_exported_model(model_dir: Path):
