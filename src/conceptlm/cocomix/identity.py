@@ -160,10 +160,12 @@ def sae_identity(cfg: Any, teacher_fingerprint: str, train_windows: str, n_proce
 
 def labels_identity(labels: Any, *, layer: int, window: int, split: str, n_windows: int, teacher: str, sae: str,
                     windows: str) -> Identity:
-    """One split's label cache: the labelling settings (``labels.describe()``), the batch and chunk sizes, the
-    teacher block, the windows, and the teacher's and SAE's weights."""
+    """One split's label cache: the labelling settings (``labels.describe()``), the batch and chunk sizes (and the
+    shard size of a sharded cache: its file layout), the teacher block, the windows, and the teacher's and SAE's
+    weights."""
+    layout = {"shard_windows": labels.shard_windows} if getattr(labels, "shard_windows", 0) else {}
     settings = {"labeling": labels.describe(),
-                "labels": {"batch_size": labels.batch_size, "chunk_windows": labels.chunk_windows},
+                "labels": {"batch_size": labels.batch_size, "chunk_windows": labels.chunk_windows, **layout},
                 "teacher": {"layer": layer}, "corpus": {"window": window, "windows": n_windows}, "split": split}
     return Identity(LABELS_KIND, 1, settings, {"teacher": teacher, "sae": sae, "windows": windows})
 
