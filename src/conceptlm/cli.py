@@ -7,6 +7,7 @@ Examples::
     torchrun --nproc_per_node=2 -m conceptlm sft train --config configs/sft/tiny_cpu.yaml
     conceptlm sft eval --config configs/sft/tiny_cpu.yaml
     conceptlm jepa train --config configs/jepa/tiny_cpu.yaml jepa.lam=1.0 jepa.num_predictors=1
+    conceptlm data tokenize source=corpus.txt out=shards/corpus text_unit=line workers=2
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ METHODS: dict[str, Method] = {
                                     "JSON in the run folder", "conceptlm.cocomix.harness:eval_harness"),
                "export": Verb("every trained student as a Hub-format folder (config.json + model.safetensors + "
                               "tokenizer)", "conceptlm.cocomix.hub:export")}),
+    "data": Method(
+        help="data preparation for pretraining-scale corpora",
+        config="conceptlm.data.config:TokenizeConfig",
+        verbs={"tokenize": Verb("tokenize a text / JSONL / Parquet / hf: source into a token-shard folder (streaming, "
+                                "parallel over workers and torchrun ranks, resumable)",
+                                "conceptlm.data.tokenize:tokenize", takes_checkpoint=False)}),
     "lcm": Method(
         help="Large Concept Model: next-sentence-embedding modelling over segmented, embedded documents "
              "(arXiv 2412.08821)",
