@@ -92,10 +92,10 @@ def test_sharded_cache_holds_the_single_file_labels_and_reads_them_back(root, si
         assert header["shard_windows"] == SHARD and n > SHARD  # several shards, the last one shorter
         names = sorted(p.name for p in (sharded / split / SHARDS).iterdir())
         assert names == sorted(f"{kind}-{s:06d}.npy" for s in range(-(-n // SHARD)) for kind in ("labels", "mask"))
-        assert np.load(sharded / split / shard_file("labels", (n - 1) // SHARD)).shape[0] == n - (n - 1) // SHARD * SHARD
+        last = (n - 1) // SHARD
+        assert np.load(sharded / split / shard_file("labels", last)).shape[0] == n - last * SHARD
         assert _label_content(sharded / split) == _label_content(single / split)
         # the reader (verified against the manifest) gives the single-file cache's items
-        windows = torch.from_numpy(np.zeros((n, 16), dtype=np.int64))
         a = LabelCache(sharded / split)
         b = LabelCache(single / split)
         for i in list(range(n)) + [-1, -n]:
@@ -107,7 +107,6 @@ def test_sharded_cache_holds_the_single_file_labels_and_reads_them_back(root, si
         manifest = json.loads((sharded / split / "artifact.json").read_text())
         assert shard_file("labels", 0) in manifest["files"] and manifest["settings"]["labels"]["shard_windows"] == SHARD
         assert "shard_windows" not in json.loads((single / split / "artifact.json").read_text())["settings"]["labels"]
-        del windows
     again = main([str(root), str(sharded), str(SHARD)])  # complete: reused, nothing computed
     assert again["computed_tokens"] == 0
 

@@ -45,7 +45,9 @@ DEFAULT_DEAD_AFTER_TOKENS = 10_000_000  # Gao et al. 2024
 @dataclass(kw_only=True)
 class CorpusSection:
     source: str = "generated"
-    """``generated``, or a ``.txt`` / ``.jsonl`` file, or a directory of them."""
+    """``generated``, or a ``.txt`` / ``.jsonl`` file, or a directory of them, or a token-shard folder (``conceptlm
+    data tokenize``; its ``train`` / ``validation`` splits and tokenizer are used, read through memory maps, and
+    ``n_documents``, ``text_field``, ``txt_split``, ``val_fraction`` and ``seed`` do not apply)."""
     text_field: str = "text"
     """JSONL: dotted path of the document text (``text``, ``messages.1.content``)."""
     txt_split: Literal["paragraph", "line"] = "paragraph"

@@ -96,13 +96,14 @@ def window_ids(windows: Any, i: int) -> torch.Tensor:
 
 def windows_fingerprint(windows: Any) -> tuple[int, int, str]:
     """(n_windows, window length T, sha256 of all token ids as int64) of a window set; windows must share T."""
-    if isinstance(windows, (torch.Tensor, np.ndarray)) and windows.ndim == 2:  # the same bytes, row chunk by chunk
-        rows = torch.as_tensor(windows)
+    lazy = hasattr(windows, "rows") and getattr(windows, "ndim", 0) == 2  # e.g. windows read from token shards
+    if lazy or (isinstance(windows, (torch.Tensor, np.ndarray)) and windows.ndim == 2):  # row chunk by chunk
+        rows = windows if lazy else torch.as_tensor(windows)
         if rows.shape[1] < 2 or rows.shape[0] == 0:
             raise DataError("a label cache needs at least one window of at least 2 tokens", field="input_ids")
-        digest = hashlib.sha256()
-        for lo in range(0, rows.shape[0], 1 << 14):
-            digest.update(rows[lo:lo + (1 << 14)].to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
+        digest, step = hashlib.sha256(), max(1, (1 << 22) // rows.shape[1])  # ~4M tokens at a time
+        for lo in range(0, rows.shape[0], step):
+            digest.update(rows[lo:lo + step].to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
         return rows.shape[0], rows.shape[1], digest.hexdigest()
     digest, length = hashlib.sha256(), None
     for i in range(len(windows)):
