@@ -175,6 +175,19 @@ def test_training_forward_and_sparse_backward_equal_the_dense_autograd_reference
     assert all(g["W_enc"][~dead].abs().sum() > 0 and g["W_enc"][dead].abs().sum() > 0 for g in grads)
 
 
+def test_selected_rows_gradient_is_the_same_by_index_add_and_by_the_sorted_reduction():
+    """Both reductions of the encoder-weight gradient (index_add_ on the CPU, embedding_bag's sorted one on CUDA)
+    equal the dense product ``S^T @ rows`` of the scattered gradient."""
+    from conceptlm.cocomix.sae import _selected_rows_grad
+
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 12, (30, 4), generator=g)
+    grads, rows, w = torch.randn(30, 4, generator=g), torch.randn(30, 6, generator=g), torch.empty(12, 6)
+    dense = torch.zeros(30, 12).scatter_add_(1, idx, grads).T @ rows
+    for sorted_reduction in (False, True):
+        torch.testing.assert_close(_selected_rows_grad(idx, grads, rows, w, sorted_reduction=sorted_reduction), dense)
+
+
 def test_metrics_fvu_terms_pool_exactly_and_l0():
     x, x_hat = torch.randn(20, 8), torch.randn(20, 8)
     r = x.mean(0)

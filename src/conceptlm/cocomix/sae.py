@@ -23,8 +23,9 @@ Training cost (what :meth:`TopKSAE.forward` does with gradients on): the pre-act
 autograd, in row chunks of at most :data:`ENCODE_CHUNK_ROWS` tokens (so no ``(N, C)`` tensor of the whole batch is
 kept, and none is built for the backward); only the ``k`` (and ``k_aux``) selected entries are recomputed as a
 differentiable gather (:class:`_SelectedPreActivations`) whose backward is sparse: ``dL/dx = sum_j g_j W_enc[i_j]``
-(``F.embedding_bag``), ``dL/dW_enc[i_j] += g_j (x - b_dec)`` and ``dL/db_enc[i_j] += g_j`` (``index_add_``) —
-the same sums the dense product's backward forms, in ``O(N k d)`` instead of ``O(N C d)``. The forward values are
+(``F.embedding_bag``), ``dL/dW_enc[i_j] += g_j (x - b_dec)`` and ``dL/db_enc[i_j] += g_j`` (``index_add_``; on CUDA
+a sorted, deterministic reduction) — the same sums the dense product's backward forms, in ``O(N k d)`` instead of
+``O(N C d)``. The forward values are
 those of :meth:`TopKSAE.encode` bit for bit.
 
 Firing is counted at optimizer-step granularity: during a step :meth:`TopKSAE.record_firing` accumulates which
@@ -66,6 +67,29 @@ _BACKWARD_CHUNK_ELEMENTS = 1 << 22
 """Bound on the ``(rows, k, d_in)`` products the sparse backward forms at once (16 MiB in fp32)."""
 
 
+def _selected_rows_grad(idx: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, *,
+                        sorted_reduction: bool | None = None) -> torch.Tensor:
+    """``out[c] = sum over (n, j) with idx[n, j] == c of g[n, j] * rows[n]`` (``(N, k)``, ``(N, k)``, ``(N, d)`` ->
+    ``w``'s shape): the encoder-weight gradient of the selected pre-activations.
+
+    On the CPU an ``index_add_`` over row chunks (sequential, so deterministic); on CUDA (or with
+    ``sorted_reduction``) the weight gradient of ``F.embedding_bag``, whose sort-based reduction gives the same bits
+    on every run, where CUDA's ``index_add_`` adds with atomics in no fixed order (a resumed run must equal an
+    uninterrupted one)."""
+    if sorted_reduction if sorted_reduction is not None else w.is_cuda:
+        with torch.enable_grad():
+            table = torch.zeros_like(w, requires_grad=True)
+            out = F.embedding_bag(idx, table, per_sample_weights=g, mode="sum")
+            return torch.autograd.grad(out, table, rows)[0]
+    k, d = idx.shape[-1], rows.shape[-1]
+    grad = torch.zeros_like(w)
+    step = max(1, _BACKWARD_CHUNK_ELEMENTS // max(1, k * d))
+    for s in range(0, idx.shape[0], step):
+        part = (g[s:s + step, :, None] * rows[s:s + step, None, :]).reshape(-1, d)
+        grad.index_add_(0, idx[s:s + step].reshape(-1), part)
+    return grad
+
+
 class _SelectedPreActivations(torch.autograd.Function):
     """``z[n, j] = (x - b_dec)[n] . W_enc[i[n, j]] + b_enc[i[n, j]]`` for selected latents ``i``, with a sparse
     backward (see the module docstring). The forward takes the values already computed (the top-k of the
@@ -88,15 +112,10 @@ class _SelectedPreActivations(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_xc = F.embedding_bag(idx, w, per_sample_weights=g, mode="sum").reshape(xc.shape).to(xc.dtype)
         if ctx.needs_input_grad[1]:
-            rows = xc.reshape(-1, d).to(w.dtype)
-            grad_w = torch.zeros_like(w)
-            step = max(1, _BACKWARD_CHUNK_ELEMENTS // max(1, k * d))
-            for s in range(0, idx.shape[0], step):
-                part = (g[s:s + step, :, None] * rows[s:s + step, None, :]).reshape(-1, d)
-                grad_w.index_add_(0, idx[s:s + step].reshape(-1), part)
+            grad_w = _selected_rows_grad(idx, g, xc.reshape(-1, d).to(w.dtype), w)
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(ctx.b_shape, dtype=w.dtype, device=w.device).index_add_(0, idx.reshape(-1),
-                                                                                           g.reshape(-1))
+            grad_b = _selected_rows_grad(idx, g, g.new_ones(idx.shape[0], 1), w.new_empty(w.shape[0], 1))
+            grad_b = grad_b.reshape(ctx.b_shape)
         return grad_xc, grad_w, grad_b, None, None
 
 
