@@ -19,7 +19,8 @@ from conceptlm.core.errors import DataError
 from conceptlm.data.config import TokenizeConfig
 from conceptlm.data.shards import ShardWindows, TokenShards, is_validation
 from conceptlm.data.text import TextDataset
-from conceptlm.data.tokenize import SourceReader, tokenize, tokenizer_sample
+from conceptlm.data.token_pieces import SourceReader
+from conceptlm.data.tokenize import tokenize, tokenizer_sample
 from tests.data.test_shards import make_docs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,12 +178,13 @@ def test_one_and_two_workers_and_two_ranks_write_identical_folders(tmp_path, tok
 
 KILLER = textwrap.dedent("""
     import json, os, signal, sys
-    import conceptlm.data.tokenize as t
+    import conceptlm.data.token_pieces as t
+    import conceptlm.data.tokenize as verb
     from conceptlm.data.config import TokenizeConfig
 
     cfg = TokenizeConfig(**json.loads(sys.argv[1]))
     mode, piece, log = sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    save, write = t._save_npy, t._write_piece
+    save, write = t._save_npy, t.write_piece
 
     def save_npy(path, arr):  # killed half-way through writing a shard: a temporary file is left behind
         if mode == "in-shard" and path.name == f"{piece:05d}.tokens.npy" and path.parent.name == "validation":
@@ -202,8 +204,8 @@ KILLER = textwrap.dedent("""
         write(out, k, read, buffers)
 
     t_atomic = t.atomic_write_text
-    t._save_npy, t.atomic_write_text, t._write_piece = save_npy, atomic_write_text, write_piece
-    t.tokenize(cfg)
+    t._save_npy, t.atomic_write_text, t.write_piece = save_npy, atomic_write_text, write_piece
+    verb.tokenize(cfg)
 """)
 
 

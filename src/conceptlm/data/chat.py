@@ -24,6 +24,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from conceptlm.core.errors import DataError
+from conceptlm.data.fields import field_value  # noqa: F401 - re-exported: the one dotted-path lookup
 from conceptlm.data.templates import end_of_turn_ids, render_chat
 
 __all__ = [
@@ -179,23 +180,6 @@ def refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
             raise DuplicateKeyError(key)
         obj[key] = value
     return obj
-
-
-def field_value(obj: Any, dotted: str) -> Any:
-    """``obj`` at a dotted path such as ``messages.1.content`` (integer parts, negative ones too, index lists);
-    raises ``KeyError`` naming the first missing part."""
-    cur = obj
-    for part in dotted.split("."):
-        if isinstance(cur, list) and re.fullmatch(r"-?\d+", part):
-            i = int(part)
-            if not -len(cur) <= i < len(cur):
-                raise KeyError(part)
-            cur = cur[i]
-        elif isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        else:
-            raise KeyError(part)
-    return cur
 
 
 def iter_jsonl_objects(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, dict]]:

@@ -40,13 +40,13 @@ from torch.utils.data import Dataset
 
 from conceptlm.core.artifact import ARTIFACT_FILE, is_complete, listed_file_problem, read_manifest
 from conceptlm.core.errors import DataError
+from conceptlm.data.token_pieces import SPLITS, is_validation, shard_names, token_dtype
 
 __all__ = ["KIND", "FORMAT", "SPLITS", "is_token_shards", "tokenizer_fingerprint", "token_dtype", "is_validation",
            "shard_names", "TokenShards", "ShardWindows"]
 
 KIND = "data.token_shards"
 FORMAT = 1
-SPLITS = ("train", "validation")
 
 
 def is_token_shards(path: str | Path) -> bool:
@@ -71,26 +71,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     blob = json.dumps({"backend": spec, "eos": tokenizer.eos_token_id}, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def token_dtype(vocab_size: int) -> str:
-    """``uint16`` when every id fits (``vocab_size <= 65536``), else ``uint32``."""
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def is_validation(text: str, split_seed: int, val_fraction: float) -> bool:
-    """Whether a document goes to the validation split: the first 8 bytes of blake2b(split_seed, text), read as a
-    fraction of 2**64, below ``val_fraction``. A function of the document alone (not of its position or worker)."""
-    if val_fraction <= 0.0:
-        return False
-    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
-                        key=int(split_seed).to_bytes(8, "little", signed=True))
-    return int.from_bytes(h.digest(), "little") < val_fraction * 2.0 ** 64
-
-
-def shard_names(split: str, piece: int) -> tuple[str, str]:
-    """The (tokens, ends) file names of piece ``piece`` of ``split``, relative to the folder."""
-    return f"{split}/{piece:05d}.tokens.npy", f"{split}/{piece:05d}.ends.npy"
 
 
 class TokenShards:

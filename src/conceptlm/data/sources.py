@@ -3,6 +3,9 @@
 Specs:
 - ``path/to/file.jsonl``: chat JSONL (``{"messages": [...]}`` per line);
 - ``path/to/file.txt`` (or a directory of ``.txt`` files): plain text for LM pretraining;
+- ``path/to/shards``: a token-shard folder made by ``conceptlm data tokenize`` (:mod:`conceptlm.data.shards`):
+  pretraining text read through memory maps; ``data.train`` reads its ``train`` split, ``data.eval`` its
+  ``validation`` split;
 - ``hf:<name or local path>``: a Hugging Face dataset with a ``messages`` or ``text`` column;
 - ``generate:nlrx``: the built-in NL-RX-style English description -> regex generator (offline default).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from conceptlm.core.errors import ConfigError, DataError
 
@@ -25,7 +29,7 @@ class Source:
     Chat data is either in memory (``records``: lists of messages, from generators/HF datasets) or a JSONL file
     (``paths[0]``, with its raw JSON ``objects``: records may carry extra fields such as ``text``/``code`` or be
     paraphrase groups ``{"views": [...]}``; each consumer validates what it needs, naming file and line).
-    Text data is ``texts`` or ``paths``.
+    Text data is ``texts`` or ``paths``, or ``shards`` (a :class:`~conceptlm.data.shards.TokenShards` split).
     """
 
     kind: str
@@ -35,6 +39,13 @@ class Source:
     texts: list[str] | None = None
     paths: list[Path] | None = None
     limit: int | None = None
+    shards: Any = None
+
+    @property
+    def identity(self) -> str:
+        """What names the data in a run's checkpoints (checked on resume): the name, and for token shards also the
+        folder's artifact fingerprint (by content, so other shards at the same path are told apart)."""
+        return self.name if self.shards is None else f"{self.name} {self.shards.fingerprint}"
 
 
 def resolve_source(spec: str, *, split: str, fmt: str = "auto", limit: int | None = None,
@@ -68,6 +79,17 @@ def resolve_source(spec: str, *, split: str, fmt: str = "auto", limit: int | Non
     path = Path(spec)
     if not path.exists():
         raise ConfigError(f"data file not found: {spec}", field=field)
+    from conceptlm.data.shards import TokenShards, is_token_shards
+
+    if path.is_dir() and is_token_shards(path):
+        if fmt == "chat":
+            raise ConfigError(f"{spec} is a token-shard folder (plain text), not chat data; set data.format to auto "
+                              "or text", field=field)
+        shard_split = "train" if split == "train" else "validation"
+        shards = TokenShards(path, shard_split)
+        if shards.num_tokens == 0:
+            raise ConfigError(f"{spec}: its {shard_split} split holds no token", field=field)
+        return Source(kind="text", name=f"{path}[{shard_split}]", shards=shards)
     kind = fmt
     if kind == "auto":
         if path.is_dir() or path.suffix in (".txt", ".md"):
@@ -95,6 +117,9 @@ def corpus_texts(source: Source) -> Iterator[str]:
                 yield m["content"]
         for obj in source.objects or []:
             yield from _strings(obj)
+    elif source.shards is not None:
+        raise ConfigError(f"{source.name}: a token-shard folder is tokenized already; the run uses its tokenizer",
+                          field="tokenizer.path")
     elif source.texts is not None:
         yield from source.texts
     else:
@@ -128,7 +153,8 @@ def chat_records(source: Source) -> list[list[dict]]:
 
 def build_dataset(source: Source, tokenizer, *, max_length: int, label_mode: str = "assistant",
                   on_too_long: str = "error"):
-    """A tokenized dataset (items ``{"input_ids", "labels"}`` and ``.lengths``) for LM training."""
+    """A tokenized dataset (items ``{"input_ids", "labels"}`` and ``.lengths``) for LM training; over token shards,
+    :class:`~conceptlm.data.shards.ShardWindows` of ``max_length`` tokens."""
     if source.kind == "chat":
         from conceptlm.data.chat import ChatDataset
 
@@ -136,6 +162,10 @@ def build_dataset(source: Source, tokenizer, *, max_length: int, label_mode: str
         data = source.paths[0] if source.paths else source.records
         return ChatDataset(data, tokenizer, label_mode=label_mode, max_length=max_length, on_too_long=on_too_long,
                            limit=source.limit, name=None if source.paths else source.name)
+    if source.shards is not None:
+        from conceptlm.data.shards import ShardWindows
+
+        return ShardWindows(source.shards, max_length)
     from conceptlm.data.text import TextDataset
 
     if source.texts is not None:

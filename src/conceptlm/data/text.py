@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -10,34 +9,15 @@ import torch
 from torch.utils.data import Dataset
 
 from conceptlm.core.errors import DataError
+from conceptlm.data.token_pieces import CHUNK_CHARS, SURROGATE, read_text_file, split_chunks
 
 __all__ = ["read_text_file", "TextDataset"]
 
 # Long documents are tokenized in pieces of about this many characters, cut after a newline.
-_CHUNK_CHARS = 1 << 16
+_CHUNK_CHARS = CHUNK_CHARS
 # A UTF-16 surrogate code point in a str cannot be encoded as UTF-8 (files are decoded strictly and never hold one;
 # in-memory documents may).
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def read_text_file(path: str | Path) -> str:
-    """Read a UTF-8 text file strictly.
-
-    Raises:
-        DataError: the file is missing, or has bytes that are not UTF-8 (names the 1-based line and the byte
-            offset within it).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", path=path)
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1)
-        raise DataError(f"not valid UTF-8 (bad byte at offset {col} of the line)", path=path, line=line) from None
-    return text.removeprefix("\ufeff")
+_SURROGATE = SURROGATE
 
 
 def _check_encodable(text: str, name: str, index: int | None) -> None:
@@ -53,19 +33,8 @@ def _check_encodable(text: str, name: str, index: int | None) -> None:
 
 def _chunks(text: str) -> list[str]:
     """Split ``text`` into pieces of at most ``_CHUNK_CHARS`` characters, each ending after a newline when possible,
-    else before a space, else anywhere."""
-    out, start = [], 0
-    while start < len(text):
-        end = min(start + _CHUNK_CHARS, len(text))
-        if end < len(text):
-            cut = text.rfind("\n", start, end)
-            if cut <= start:  # no newline: cut before a space instead of inside a word
-                cut = text.rfind(" ", start + 1, end) - 1
-            if cut > start:
-                end = cut + 1
-        out.append(text[start:end])
-        start = end
-    return out
+    else before a space, else anywhere (:func:`conceptlm.data.token_pieces.split_chunks`)."""
+    return split_chunks(text, _CHUNK_CHARS)
 
 
 class TextDataset(Dataset):

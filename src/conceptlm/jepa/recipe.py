@@ -23,7 +23,7 @@ from conceptlm.jepa.stp_unit import StpUnit
 from conceptlm.jepa.unit import JepaUnit
 from conceptlm.jepa.views import add_predictor_tokens, predictor_token
 from conceptlm.lm.build import apply_run_lora, build_base_model, build_tokenizer
-from conceptlm.lm.recipe import generation_eval, load_exported_model, load_sources, resolve_checkpoint
+from conceptlm.lm.recipe import generation_eval, load_exported_model, load_sources, resolve_checkpoint, shards_of
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
         train_src, eval_src = load_sources(cfg)
         preds = [predictor_token(i) for i in range(1, k + 1)]
         # pinned to tokenizer.template_date by build_tokenizer, saved with the tokenizer: eval renders alike
-        tokenizer = build_tokenizer(cfg, corpus_texts(train_src), extra_special_tokens=preds)
+        tokenizer = build_tokenizer(cfg, corpus_texts(train_src), extra_special_tokens=preds,
+                                    shards=shards_of(train_src, eval_src))
         add_predictor_tokens(tokenizer, None, k)  # a loaded tokenizer gets them here; the model is resized below
         train_ds = build_dataset(cfg, train_src, tokenizer)
         eval_ds = build_dataset(cfg, eval_src, tokenizer) if eval_src is not None else None
@@ -101,7 +102,7 @@ def train(cfg: JepaConfig, *, command: str | None = None) -> TrainResult:
             unit = JepaUnit(model, cfg.jepa, seed=cfg.train.seed)
         return fit(cfg, session.info, unit, train_ds=train_ds, eval_ds=eval_ds,
                    collate_fn=collate_fn(cfg, tokenizer), artifacts={"tokenizer": tokenizer},
-                   source_name=train_src.name, plan=plan)
+                   source_name=train_src.identity, plan=plan)
 
 
 def evaluate(cfg: JepaConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:

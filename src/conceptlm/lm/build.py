@@ -16,15 +16,25 @@ __all__ = ["build_tokenizer", "build_model", "build_base_model", "apply_run_lora
 log = logging.getLogger(__name__)
 
 
-def build_tokenizer(cfg: LMRunConfig, corpus: Iterable[str], *, extra_special_tokens: Sequence[str] = ()):
+def build_tokenizer(cfg: LMRunConfig, corpus: Iterable[str], *, extra_special_tokens: Sequence[str] = (),
+                    shards: Sequence = ()):
     """``tokenizer.path`` > ``model.path`` > a byte-level BPE trained on ``corpus`` (saved with the run).
 
     The tokenizer's chat template sees ``tokenizer.template_date`` (:func:`~conceptlm.data.templates.pin_template_date`;
     kept by ``save_pretrained``), so every tokenizer built from a config renders the same tokens on any day.
+
+    ``shards``: the :class:`~conceptlm.data.shards.TokenShards` the run reads. Their tokenizer is the run's when
+    neither ``tokenizer.path`` nor ``model.path`` is set; else the one those name must be the one the shards were
+    made with (same :func:`~conceptlm.data.shards.tokenizer_fingerprint`), or the run is refused with one line.
     """
     path = cfg.tokenizer.path or cfg.model.path
-    if path:
+    if shards and not path:
+        tok = shards[0].load_tokenizer()
+        _check_shard_tokenizer(tok, shards, str(shards[0].path / "tokenizer"), "data.eval")
+        hf.ensure_pad_token(tok)
+    elif path:
         tok = hf.load_tokenizer(path)
+        _check_shard_tokenizer(tok, shards, path, "tokenizer.path" if cfg.tokenizer.path else "model.path")
         if tok.chat_template is None:
             log.warning("%s has no chat template; chat data needs one", path)
         hf.ensure_pad_token(tok)
@@ -33,6 +43,20 @@ def build_tokenizer(cfg: LMRunConfig, corpus: Iterable[str], *, extra_special_to
                                   extra_special_tokens=list(extra_special_tokens))
     pin_template_date(tok, cfg.tokenizer.template_date)
     return tok
+
+
+def _check_shard_tokenizer(tok, shards: Sequence, where: str, field: str) -> None:
+    """ConfigError (on ``field``) unless every shard folder was made with ``tok`` (loaded from ``where``)."""
+    if not shards:
+        return
+    from conceptlm.data.shards import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tok)
+    for s in shards:
+        if s.tokenizer_fingerprint != fp:
+            raise ConfigError(f"{s.path} was tokenized with another tokenizer than {where} (fingerprint "
+                              f"{s.tokenizer_fingerprint[:12]} vs {fp[:12]}); unset tokenizer.path and model.path to "
+                              f"use the shards' own, or tokenize again with tokenizer={where}", field=field)
 
 
 def build_model(cfg: LMRunConfig, tokenizer, *, save_base: bool = True):

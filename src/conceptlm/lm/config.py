@@ -82,10 +82,12 @@ def _is_template_date(value: str) -> bool:
 @dataclass(kw_only=True)
 class DataSection:
     train: str = "generate:nlrx"
-    """Training data: a ``.jsonl`` chat file, a ``.txt`` file, ``hf:<name or path>`` (Hugging Face datasets), or
-    ``generate:nlrx`` (the built-in English-description -> regex generator)."""
+    """Training data: a ``.jsonl`` chat file, a ``.txt`` file, ``hf:<name or path>`` (Hugging Face datasets),
+    ``generate:nlrx`` (the built-in English-description -> regex generator), or a token-shard folder made by
+    ``conceptlm data tokenize`` (its ``train`` split, read through memory maps; the run uses the folder's tokenizer)."""
     eval: str | None = None
-    """Held-out data in the same forms; with ``generate:nlrx`` a disjoint generated test split is used."""
+    """Held-out data in the same forms; with ``generate:nlrx`` a disjoint generated test split is used; a token-shard
+    folder gives its ``validation`` split."""
     format: Literal["auto", "chat", "text"] = "auto"
     label_mode: Literal["assistant", "all"] = "assistant"
     """Which tokens are LM targets for chat data: assistant turns + end-of-turn, or every token."""

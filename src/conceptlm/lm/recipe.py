@@ -12,7 +12,7 @@ from conceptlm.core.errors import CheckpointError, ConfigError
 from conceptlm.data.sources import chat_records, resolve_source
 from conceptlm.lm.config import LMRunConfig
 
-__all__ = ["load_sources", "resolve_checkpoint", "load_exported_model", "generation_eval"]
+__all__ = ["load_sources", "shards_of", "resolve_checkpoint", "load_exported_model", "generation_eval"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,11 @@ def load_sources(cfg: LMRunConfig):
         eval_src = resolve_source(eval_spec, split="test", fmt=d.format, limit=d.limit_eval, generator=gen,
                                   field="data.eval")
     return train_src, eval_src
+
+
+def shards_of(*sources) -> list:
+    """The token-shard splits among ``sources`` (None entries allowed): what the run's tokenizer must match."""
+    return [s.shards for s in sources if s is not None and s.shards is not None]
 
 
 def resolve_checkpoint(cfg: LMRunConfig, checkpoint: str | None) -> Path:

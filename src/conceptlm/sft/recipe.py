@@ -11,7 +11,7 @@ from conceptlm.data.batching import collate
 from conceptlm.data.sources import build_dataset, corpus_texts
 from conceptlm.lm.build import apply_run_lora, build_base_model, build_tokenizer
 from conceptlm.lm.config import LMRunConfig
-from conceptlm.lm.recipe import generation_eval, load_sources
+from conceptlm.lm.recipe import generation_eval, load_sources, shards_of
 from conceptlm.sft.unit import SFTUnit
 
 __all__ = ["train", "evaluate"]
@@ -21,7 +21,7 @@ def train(cfg: LMRunConfig, *, command: str | None = None) -> TrainResult:
     """Train an SFT run end to end (one process or under torchrun)."""
     with run_session(cfg, command) as session:
         train_src, eval_src = load_sources(cfg)
-        tokenizer = build_tokenizer(cfg, corpus_texts(train_src))
+        tokenizer = build_tokenizer(cfg, corpus_texts(train_src), shards=shards_of(train_src, eval_src))
         kw = dict(max_length=cfg.data.max_length, label_mode=cfg.data.label_mode, on_too_long=cfg.data.on_too_long)
         train_ds = build_dataset(train_src, tokenizer, **kw)
         eval_ds = build_dataset(eval_src, tokenizer, **kw) if eval_src is not None else None
@@ -34,7 +34,7 @@ def train(cfg: LMRunConfig, *, command: str | None = None) -> TrainResult:
         return fit(cfg, session.info, SFTUnit(model), train_ds=train_ds, eval_ds=eval_ds,
                    artifacts={"tokenizer": tokenizer},
                    collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-                   source_name=train_src.name, plan=plan)
+                   source_name=train_src.identity, plan=plan)
 
 
 def evaluate(cfg: LMRunConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
