@@ -135,6 +135,59 @@ def test_auxk_reconstruction_and_loss_match_dense_reference():
     assert sae(h).aux is None
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_training_forward_and_sparse_backward_equal_the_dense_autograd_reference(monkeypatch, normalize):
+    """The training forward (chunked, no-autograd pre-activations + a sparse backward) gives the dense formulas'
+    values bit for bit and their gradients (MSE + AuxK), also when the batch spans several chunks."""
+    import conceptlm.cocomix.sae as sae_mod
+
+    h = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(3))
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[1::3] = True
+    grads = []
+    for chunk_rows, chunk_elements in ((8192, 1 << 22), (7, 100)):  # one chunk / 5 chunks, 2-row backward parts
+        monkeypatch.setattr(sae_mod, "ENCODE_CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(sae_mod, "_BACKWARD_CHUNK_ELEMENTS", chunk_elements)
+        sae = _sae(normalize_input=normalize, k_aux=4, dead_after_tokens=1)
+        sae.train()
+        sae.tokens_since_fired.copy_(dead.long() * 3)
+        out = sae(h, track=False)
+        (mse_sum(out) + 0.5 * auxk_sum(out)).backward()
+        got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        sae.zero_grad()
+        x, _, _ = sae.normalize(h)  # the dense reference: autograd through the (3, 10, 48) pre-activations
+        pre = sae.pre_activations(x)
+        top = pre.topk(5, dim=-1, sorted=False)
+        x_hat = sae.decode(F.relu(top.values), top.indices)
+        aux_top = pre.masked_fill(~dead, float("-inf")).topk(4, dim=-1, sorted=False)
+        aux = sae.dense_activations(F.relu(aux_top.values), aux_top.indices) @ sae.W_dec
+        if chunk_rows == 8192:
+            assert torch.equal(out.values, F.relu(top.values)) and torch.equal(out.indices, top.indices)
+            assert torch.equal(out.x_hat, x_hat)
+        else:
+            torch.testing.assert_close(out.values, F.relu(top.values))
+        torch.testing.assert_close(out.aux, aux)
+        loss = ((x - x_hat) ** 2).sum() / 16 + 0.5 * (((x - x_hat).detach() - aux) ** 2).sum() / 16
+        loss.backward()
+        for name, p in sae.named_parameters():
+            torch.testing.assert_close(got[name], p.grad, msg=name)
+        grads.append(got)
+    assert all(g["W_enc"][~dead].abs().sum() > 0 and g["W_enc"][dead].abs().sum() > 0 for g in grads)
+
+
+def test_selected_rows_gradient_is_the_same_by_index_add_and_by_the_sorted_reduction():
+    """Both reductions of the encoder-weight gradient (index_add_ on the CPU, embedding_bag's sorted one on CUDA)
+    equal the dense product ``S^T @ rows`` of the scattered gradient."""
+    from conceptlm.cocomix.sae import _selected_rows_grad
+
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 12, (30, 4), generator=g)
+    grads, rows, w = torch.randn(30, 4, generator=g), torch.randn(30, 6, generator=g), torch.empty(12, 6)
+    dense = torch.zeros(30, 12).scatter_add_(1, idx, grads).T @ rows
+    for sorted_reduction in (False, True):
+        torch.testing.assert_close(_selected_rows_grad(idx, grads, rows, w, sorted_reduction=sorted_reduction), dense)
+
+
 def test_metrics_fvu_terms_pool_exactly_and_l0():
     x, x_hat = torch.randn(20, 8), torch.randn(20, 8)
     r = x.mean(0)

@@ -45,7 +45,9 @@ DEFAULT_DEAD_AFTER_TOKENS = 10_000_000  # Gao et al. 2024
 @dataclass(kw_only=True)
 class CorpusSection:
     source: str = "generated"
-    """``generated``, or a ``.txt`` / ``.jsonl`` file, or a directory of them."""
+    """``generated``, or a ``.txt`` / ``.jsonl`` file, or a directory of them, or a token-shard folder (``conceptlm
+    data tokenize``; its ``train`` / ``validation`` splits and tokenizer are used, read through memory maps, and
+    ``n_documents``, ``text_field``, ``txt_split``, ``val_fraction`` and ``seed`` do not apply)."""
     text_field: str = "text"
     """JSONL: dotted path of the document text (``text``, ``messages.1.content``)."""
     txt_split: Literal["paragraph", "line"] = "paragraph"
@@ -187,6 +189,12 @@ class LabelSection:
     """Windows per cache chunk (one progress record each); a multiple of ``batch_size``."""
     chunk_tokens: int = 0
     """Tokens per scoring chunk (bounds the gathered / dense temporaries); 0 = automatic."""
+    shard_windows: int = 0
+    """Windows per label-cache shard; 0 = one ``labels.npy`` / ``mask.npy`` per split, written by one process (the
+    default). N > 0 (a multiple of ``batch_size``): the cache is a folder of shards of N windows, aligned with the
+    windows (shard s = windows ``[s*N, (s+1)*N)``), written in parallel by every process of a torchrun launch
+    (shard s by rank ``s mod world``), each atomically; a killed run computes only the missing shards, and the
+    labels are the same bytes for any number of processes. Needed (> 0) to label with more than one process."""
     progress: bool = True
 
     def validate(self) -> None:
@@ -200,6 +208,8 @@ class LabelSection:
         check(self.chunk_windows % self.batch_size == 0, "labels.chunk_windows",
               f"{self.chunk_windows} is not a multiple of labels.batch_size={self.batch_size}")
         check(self.chunk_tokens >= 0, "labels.chunk_tokens", "must be >= 0 (0 = automatic)")
+        check(self.shard_windows >= 0 and self.shard_windows % self.batch_size == 0, "labels.shard_windows",
+              f"{self.shard_windows} is not 0 or a positive multiple of labels.batch_size={self.batch_size}")
 
     def describe(self) -> dict[str, Any]:
         """The settings that determine the labels (recorded in a label cache's header)."""

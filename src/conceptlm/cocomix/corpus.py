@@ -13,6 +13,12 @@ Sources (``CorpusSection.source``):
 - a ``.jsonl`` file: one JSON object per line; the document is the string at ``text_field``, a dotted path whose
   integer parts index lists (``text``, ``messages.1.content``). Blank lines are skipped.
 - a directory: every ``*.txt`` and ``*.jsonl`` file in it (not recursive), in sorted name order.
+- a token-shard folder (``conceptlm data tokenize``, :mod:`conceptlm.data.shards`): the windows are those of the
+  folder's ``train`` split (validation: its ``validation`` split; none when it holds no token), cut exactly as below
+  from the split's token stream and read through memory maps (:class:`ShardWindowArray`), so memory does not grow
+  with the corpus. The folder fixes the documents, their split and the tokenizer: the teacher's tokenizer must be
+  the shards' (checked by fingerprint; the tiny teacher uses it), and ``n_documents``, ``text_field``,
+  ``txt_split``, ``val_fraction`` and ``seed`` do not apply. The corpus identity is the folder's fingerprint.
 
 Windows: the documents of one split are tokenized (no special tokens), each followed by the tokenizer's EOS,
 concatenated and cut into consecutive windows of ``window`` tokens (the remainder is dropped), as in the reference
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -43,7 +50,8 @@ from conceptlm.data.text import read_text_file
 
 __all__ = ["GeneratedDocument", "generate_documents", "read_documents", "load_documents",
            "split_documents", "tokenize_windows", "WindowDataset", "collate_windows", "CorpusSplits",
-           "build_corpus", "corpus_identity", "source_files", "TOPICS"]
+           "build_corpus", "corpus_identity", "source_files", "TOPICS", "ShardWindowArray", "is_shard_corpus",
+           "shard_fingerprint", "shard_tokenizer"]
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +358,92 @@ def tokenize_windows(docs: list[str], tokenizer, window: int, *, name: str = "co
     return torch.tensor(stream[: n * window], dtype=torch.long).view(n, window)
 
 
+class ShardWindowArray:
+    """The ``(N, T)`` int64 windows of one split of a token-shard folder, read lazily through its memory maps: window
+    ``i`` is tokens ``[i * T, (i + 1) * T)`` of the split's stream (the partial window at the end is dropped), the
+    windows :func:`tokenize_windows` would cut from the same stream. Indexing follows the in-memory tensor's: an
+    int gives one ``(T,)`` LongTensor, a slice (optionally with a column index) a ``(n, T)`` one; ``rows(lo, hi)``
+    reads a block of windows at once.
+    """
+
+    dtype = torch.long
+    ndim = 2
+
+    def __init__(self, shards: Any, window: int):
+        from conceptlm.data.shards import ShardWindows
+
+        self.source = ShardWindows(shards, window)
+        self.shape = torch.Size((len(self.source), window))
+
+    def dim(self) -> int:
+        return 2
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Windows ``[lo, hi)`` as one ``(hi - lo, T)`` LongTensor."""
+        t = self.shape[1]
+        lo, hi = max(0, lo), min(len(self), hi)
+        if hi <= lo:
+            return torch.empty((0, t), dtype=torch.long)
+        return torch.from_numpy(self.source.shards.tokens(lo * t, hi * t)).view(hi - lo, t)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None), *key[1:])] if isinstance(key[0], slice) else self[key[0]][key[1:]]
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(len(self))
+            return self.rows(lo, hi) if step == 1 else torch.stack([self[i] for i in range(lo, hi, step)])
+        if isinstance(key, (torch.Tensor, np.ndarray, list)):
+            return torch.stack([self[int(i)] for i in np.asarray(key).reshape(-1)])
+        return torch.from_numpy(self.source.window(int(key)))
+
+    def __repr__(self) -> str:
+        return f"ShardWindowArray({self.source.sources[0]}, shape={tuple(self.shape)})"
+
+
+def is_shard_corpus(section: CorpusSection) -> bool:
+    """Whether ``corpus.source`` is a token-shard folder."""
+    from conceptlm.data.shards import is_token_shards
+
+    return section.source != "generated" and Path(section.source).is_dir() and is_token_shards(section.source)
+
+
+def shard_fingerprint(section: CorpusSection) -> str:
+    """The content fingerprint of a token-shard ``corpus.source`` (its ``artifact.json``)."""
+    from conceptlm.data.shards import TokenShards
+
+    return TokenShards(section.source, "train", verify=False).fingerprint
+
+
+def shard_tokenizer(section: CorpusSection):
+    """The tokenizer a token-shard ``corpus.source`` was made with (saved in the folder)."""
+    from conceptlm.data.shards import TokenShards
+
+    return TokenShards(section.source, "train", verify=False).load_tokenizer()
+
+
+def _shard_splits(section: CorpusSection, tokenizer) -> CorpusSplits:
+    from conceptlm.data.shards import TokenShards, tokenizer_fingerprint
+
+    train = TokenShards(section.source, "train")
+    found = tokenizer_fingerprint(tokenizer)
+    if found != train.tokenizer_fingerprint:
+        raise DataError(f"the teacher's tokenizer (fingerprint {found[:12]}) is not the one these token shards were "
+                        f"made with ({train.tokenizer_fingerprint[:12]}); use a teacher with the shards' tokenizer "
+                        "or tokenize the source again with the teacher's", path=section.source)
+    val_shards = TokenShards(section.source, "validation")
+    val = WindowDataset(ShardWindowArray(val_shards, section.window)) if val_shards.num_tokens else None
+    return CorpusSplits(WindowDataset(ShardWindowArray(train, section.window)), val, [], [])
+
+
 class WindowDataset(Dataset):
-    """Fixed token windows; item ``i`` is ``{"id": i, "input_ids": LongTensor(window)}``."""
+    """Fixed token windows; item ``i`` is ``{"id": i, "input_ids": LongTensor(window)}``. ``windows`` is a
+    ``(N, T)`` int64 tensor, or a :class:`ShardWindowArray` (windows read lazily from token shards)."""
 
     def __init__(self, windows: torch.Tensor):
         if windows.dim() != 2 or windows.dtype != torch.long:
@@ -400,11 +492,15 @@ def build_corpus(section: CorpusSection, tokenizer, *, documents: tuple[list[str
     """Documents -> split by document -> token windows of both splits.
 
     ``val`` is ``None`` when the split has no document (``val_fraction == 0``); a validation split shorter than
-    one window is a :class:`DataError`.
+    one window is a :class:`DataError`. A token-shard source gives lazily read windows of its ``train`` and
+    ``validation`` splits (no documents in memory; ``documents`` is not used), after checking that ``tokenizer`` is
+    the shards' one.
 
     Args:
         documents: an already computed ``(train, val)`` document split (e.g. the one a tokenizer was trained on).
     """
+    if is_shard_corpus(section):
+        return _shard_splits(section, tokenizer)
     if documents is None:
         documents = split_documents(load_documents(section), section.val_fraction, section.seed)
     train_docs, val_docs = documents
@@ -419,11 +515,14 @@ def build_corpus(section: CorpusSection, tokenizer, *, documents: tuple[list[str
 def corpus_identity(section: CorpusSection) -> str:
     """A short string naming the data (checked on resume with the data order).
 
-    A file source is named by the sha256 of its files' names and bytes, not by its path.
+    A file source is named by the sha256 of its files' names and bytes, not by its path; a token-shard folder by
+    its fingerprint.
     """
     if section.source == "generated":
         return (f"generated(n={section.n_documents},topics={section.n_topics},seed={section.seed},"
                 f"window={section.window})")
+    if is_shard_corpus(section):
+        return f"token_shards(fingerprint={shard_fingerprint(section)},window={section.window})"
     # by content, not by path: the same files linked or copied elsewhere keep their caches, edited files do not
     h = hashlib.sha256()
     for f in source_files(section.source):

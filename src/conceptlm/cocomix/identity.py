@@ -131,14 +131,20 @@ def tokenizer_identity(train_documents: list[str], vocab_size: int) -> Identity:
                     {"train_documents": documents_fingerprint(train_documents)})
 
 
-def tiny_teacher_identity(corpus: Any, teacher: Any, documents: tuple[list[str], list[str]],
+def tiny_teacher_identity(corpus: Any, teacher: Any, documents: tuple[list[str], list[str]] | None,
                           n_processes: int = 1) -> Identity:
     """The tiny teacher run (``teacher.path: null``): its settings, the window and the documents of both splits
-    (the tokenizer is a function of the training documents and ``teacher.vocab_size``)."""
+    (the tokenizer is a function of the training documents and ``teacher.vocab_size``); for a token-shard corpus
+    (``documents`` None) the shard folder's fingerprint instead (it holds the tokens and the tokenizer)."""
+    if documents is None:
+        from conceptlm.cocomix.corpus import shard_fingerprint
+
+        inputs = {"token_shards": shard_fingerprint(corpus)}
+    else:
+        inputs = {"documents": documents_fingerprint(*documents)}
     return Identity(TEACHER_KIND, 1,
                     {"teacher": _pick(teacher, _TINY_TEACHER), "corpus": {"window": corpus.window},
-                     "train": {"world_size": n_processes}},
-                    {"documents": documents_fingerprint(*documents)})
+                     "train": {"world_size": n_processes}}, inputs)
 
 
 def sae_identity(cfg: Any, teacher_fingerprint: str, train_windows: str, n_processes: int = 1) -> Identity:
@@ -160,10 +166,12 @@ def sae_identity(cfg: Any, teacher_fingerprint: str, train_windows: str, n_proce
 
 def labels_identity(labels: Any, *, layer: int, window: int, split: str, n_windows: int, teacher: str, sae: str,
                     windows: str) -> Identity:
-    """One split's label cache: the labelling settings (``labels.describe()``), the batch and chunk sizes, the
-    teacher block, the windows, and the teacher's and SAE's weights."""
+    """One split's label cache: the labelling settings (``labels.describe()``), the batch and chunk sizes (and the
+    shard size of a sharded cache: its file layout), the teacher block, the windows, and the teacher's and SAE's
+    weights."""
+    layout = {"shard_windows": labels.shard_windows} if getattr(labels, "shard_windows", 0) else {}
     settings = {"labeling": labels.describe(),
-                "labels": {"batch_size": labels.batch_size, "chunk_windows": labels.chunk_windows},
+                "labels": {"batch_size": labels.batch_size, "chunk_windows": labels.chunk_windows, **layout},
                 "teacher": {"layer": layer}, "corpus": {"window": window, "windows": n_windows}, "split": split}
     return Identity(LABELS_KIND, 1, settings, {"teacher": teacher, "sae": sae, "windows": windows})
 

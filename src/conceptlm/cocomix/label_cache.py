@@ -16,6 +16,17 @@ Layout of a cache folder::
                     starts, plus the size and sha256 of the four files above when it completes (checked before a
                     student reads the cache)
 
+Sharded layout (``labels.shard_windows`` = S > 0; ``shard_windows: S`` is then in the header): instead of the two
+arrays, ``shards/labels-{s:06d}.npy`` and ``shards/mask-{s:06d}.npy`` hold windows ``[s*S, (s+1)*S)`` (the last
+shard the rest), so shard ``s`` is aligned with those token windows. Every process of a torchrun launch computes the
+shards ``s = rank, rank + world, ...`` in parallel (:func:`write_label_shards`), each shard written to a temporary
+file, flushed and renamed into place (mask first, labels last: a shard is complete when its labels file exists), so
+a killed run leaves only complete shards and a rerun computes the missing ones. The batches are the 1-process
+run's (``S`` is a multiple of ``batch_size``), so the labels are the same bytes for any number of processes, and
+the same as the single-file layout's. ``progress.json`` (``{"windows_done", "shards_done", "complete": true}``) is
+written once every shard is there. Readers map the shards lazily, a few at a time (:class:`LabelCache`), so their
+memory does not grow with the corpus.
+
 The arrays are ``.npy`` files written through memory maps, chunk by chunk. A chunk's rows are flushed to disk
 before the progress record that covers them is replaced, so after a kill a restart continues from the last
 complete chunk and ends with the same bytes as an uninterrupted run.
@@ -46,11 +57,16 @@ from conceptlm.core.progress import progress_bar
 __all__ = [
     "FORMAT", "LabelCacheError", "LabelCache", "LabeledWindows", "CacheSpec",
     "label_dtype", "state_fingerprint", "windows_fingerprint", "window_ids", "cache_header", "write_label_cache",
-    "missing_folders",
+    "missing_folders", "write_label_shards", "prepare_label_shards", "finish_label_shards", "shard_file",
+    "SHARDS",
 ]
 
 FORMAT = "conceptlm.cocomix.label_cache/1"
 HEADER, PROGRESS, LABELS, MASK = "header.json", "progress.json", "labels.npy", "mask.npy"
+SHARDS = "shards"
+"""Sub-folder of a sharded cache holding its shard files."""
+_OPEN_SHARDS = 4
+"""Shards a reader keeps memory-mapped at once (least recently used closed first)."""
 
 
 class LabelCacheError(ConceptLMError, ValueError):
@@ -80,13 +96,14 @@ def window_ids(windows: Any, i: int) -> torch.Tensor:
 
 def windows_fingerprint(windows: Any) -> tuple[int, int, str]:
     """(n_windows, window length T, sha256 of all token ids as int64) of a window set; windows must share T."""
-    if isinstance(windows, (torch.Tensor, np.ndarray)) and windows.ndim == 2:  # the same bytes, row chunk by chunk
-        rows = torch.as_tensor(windows)
+    lazy = hasattr(windows, "rows") and getattr(windows, "ndim", 0) == 2  # e.g. windows read from token shards
+    if lazy or (isinstance(windows, (torch.Tensor, np.ndarray)) and windows.ndim == 2):  # row chunk by chunk
+        rows = windows if lazy else torch.as_tensor(windows)
         if rows.shape[1] < 2 or rows.shape[0] == 0:
             raise DataError("a label cache needs at least one window of at least 2 tokens", field="input_ids")
-        digest = hashlib.sha256()
-        for lo in range(0, rows.shape[0], 1 << 14):
-            digest.update(rows[lo:lo + (1 << 14)].to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
+        digest, step = hashlib.sha256(), max(1, (1 << 22) // rows.shape[1])  # ~4M tokens at a time
+        for lo in range(0, rows.shape[0], step):
+            digest.update(rows[lo:lo + step].to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
         return rows.shape[0], rows.shape[1], digest.hexdigest()
     digest, length = hashlib.sha256(), None
     for i in range(len(windows)):
@@ -112,6 +129,8 @@ class CacheSpec:
     """Corpus identity, e.g. the corpus config and split; the windows' token hash is added."""
     batch_size: int = 8
     chunk_windows: int = 64
+    shard_windows: int = 0
+    """Windows per shard file (a multiple of ``batch_size``); 0 = the single-file layout."""
 
 
 def cache_header(windows: Any, labeler: ConceptLabeler, spec: CacheSpec) -> dict[str, Any]:
@@ -131,7 +150,22 @@ def cache_header(windows: Any, labeler: ConceptLabeler, spec: CacheSpec) -> dict
         "corpus": {**spec.corpus, "tokens_sha256": tokens_sha},
         "batch_size": spec.batch_size,
         "chunk_windows": spec.chunk_windows,
+        **({"shard_windows": spec.shard_windows} if spec.shard_windows else {}),
     }
+
+
+def shard_file(kind: str, index: int) -> str:
+    """Relative path of shard ``index``'s ``labels`` or ``mask`` array in a sharded cache."""
+    return f"{SHARDS}/{kind}-{index:06d}.npy"
+
+
+def _n_shards(header: dict[str, Any]) -> int:
+    return -(-int(header["n_windows"]) // int(header["shard_windows"]))
+
+
+def _shard_rows(header: dict[str, Any], index: int) -> tuple[int, int]:
+    size = int(header["shard_windows"])
+    return index * size, min(int(header["n_windows"]), (index + 1) * size)
 
 
 def _sae_config(sae: nn.Module) -> dict[str, Any]:
@@ -256,9 +290,9 @@ def write_label_cache(path: str | Path, windows: Any, labeler: ConceptLabeler,
     Raises:
         LabelCacheError: the folder holds a cache of another configuration, or damaged files.
     """
-    if spec.batch_size <= 0 or spec.chunk_windows <= 0 or spec.chunk_windows % spec.batch_size:
-        raise ValueError(f"chunk_windows ({spec.chunk_windows}) must be a positive multiple of batch_size "
-                         f"({spec.batch_size})")
+    _check_spec(spec)
+    if spec.shard_windows:
+        raise ValueError("a sharded cache is written with prepare_label_shards / write_label_shards")
     path = Path(path)
     header = cache_header(windows, labeler, spec)
     created = missing_folders(path)
@@ -330,6 +364,127 @@ def _resume_point(path: Path, header: dict[str, Any]) -> int:
     return done
 
 
+def _check_spec(spec: CacheSpec) -> None:
+    if spec.batch_size <= 0 or spec.chunk_windows <= 0 or spec.chunk_windows % spec.batch_size:
+        raise ValueError(f"chunk_windows ({spec.chunk_windows}) must be a positive multiple of batch_size "
+                         f"({spec.batch_size})")
+    if spec.shard_windows < 0 or spec.shard_windows % spec.batch_size:
+        raise ValueError(f"shard_windows ({spec.shard_windows}) must be a multiple of batch_size ({spec.batch_size})")
+
+
+def prepare_label_shards(path: str | Path, header: dict[str, Any]) -> bool:
+    """Set up (or check) a sharded cache folder for ``header`` (one process, before the others write shards):
+    write the header, or refuse one of another configuration; remove temporary files a killed run left behind.
+    Returns whether the cache is already complete."""
+    path = Path(path)
+    (path / SHARDS).mkdir(parents=True, exist_ok=True)
+    if not (path / HEADER).exists():
+        if (path / PROGRESS).exists():
+            raise LabelCacheError(f"{path}: progress.json without header.json; delete the cache folder to rebuild it")
+        atomic_write_text(path / HEADER, json.dumps(header, indent=1, sort_keys=True) + "\n")
+    else:
+        diffs = _differences(_read_json(path / HEADER), header)
+        if diffs:
+            raise LabelCacheError(f"label cache {path} was written for another configuration: {'; '.join(diffs)}; "
+                                  f"delete it or choose another labels.cache_dir")
+    for tmp in (path / SHARDS).glob(".tmp-*"):
+        tmp.unlink(missing_ok=True)
+    return bool((path / PROGRESS).is_file() and _read_json(path / PROGRESS).get("complete"))
+
+
+def _shard_done(path: Path, header: dict[str, Any], index: int) -> bool:
+    """Shard ``index`` is complete: its labels file (renamed into place last) exists with the right shape."""
+    file = path / shard_file("labels", index)
+    if not file.is_file() or not (path / shard_file("mask", index)).is_file():
+        return False
+    lo, hi = _shard_rows(header, index)
+    arr = _open_array(file)
+    return arr.shape == (hi - lo, header["window"], header["k_attr"]) and arr.dtype == np.dtype(header["dtype"])
+
+
+def _save_atomic(file: Path, array: np.ndarray) -> None:
+    """``np.save`` to a temporary file in the same folder, fsync, rename into place, fsync the folder."""
+    tmp = file.parent / f".tmp-{file.name}"
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+    fd = os.open(file.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_label_shards(path: str | Path, windows: Any, labeler: ConceptLabeler, spec: CacheSpec, *, rank: int = 0,
+                       world_size: int = 1, progress: bool = True, desc: str = "labels") -> dict[str, Any]:
+    """Compute this process's missing shards (``s = rank, rank + world_size, ...``) of the sharded cache ``path``
+    (prepared by :func:`prepare_label_shards`; see the module docstring). Every process calls it; when all have
+    returned, one calls :func:`finish_label_shards`.
+
+    Returns:
+        ``{"path", "windows", "tokens", "computed_windows", "resumed_from", "seconds", "tokens_per_s"}`` of this
+        process (``resumed_from``: windows of its shards already there).
+    """
+    _check_spec(spec)
+    if spec.shard_windows <= 0:
+        raise ValueError("write_label_shards needs spec.shard_windows > 0")
+    path = Path(path)
+    header = cache_header(windows, labeler, spec)
+    on_disk = _read_json(path / HEADER) if (path / HEADER).is_file() else None
+    if on_disk is None or _differences(on_disk, header):
+        raise LabelCacheError(f"{path}: not prepared for this configuration (prepare_label_shards first)")
+    n, length = header["n_windows"], header["window"]
+    mine = range(rank, _n_shards(header), world_size)
+    todo = [s for s in mine if not _shard_done(path, header, s)]
+    rows = {s: _shard_rows(header, s) for s in mine}
+    done = sum(rows[s][1] - rows[s][0] for s in mine if s not in todo)
+    summary = {"path": str(path), "windows": n, "tokens": n * length, "resumed_from": done}
+    dtype = np.dtype(header["dtype"])
+    start = time.perf_counter()
+    computed = 0
+    with progress_bar(total=done + sum(rows[s][1] - rows[s][0] for s in todo), initial=done, unit="win", desc=desc,
+                      enabled=progress) as bar:
+        for s in todo:
+            lo, hi = rows[s]
+            labels_arr = np.zeros((hi - lo, length, header["k_attr"]), dtype=dtype)
+            mask_arr = np.zeros((hi - lo, length), dtype=np.uint8)
+            for b in range(lo, hi, spec.batch_size):
+                e = min(hi, b + spec.batch_size)
+                labels, mask = labeler(torch.stack([window_ids(windows, i) for i in range(b, e)]))
+                labels_arr[b - lo:e - lo] = labels.cpu().numpy().astype(dtype)
+                mask_arr[b - lo:e - lo] = mask.cpu().numpy().astype(np.uint8)
+                bar.update(e - b)
+            try:
+                _save_atomic(path / shard_file("mask", s), mask_arr)
+                _save_atomic(path / shard_file("labels", s), labels_arr)  # last: the shard's completion mark
+            except OSError as e:
+                if e.errno not in _NO_SPACE:
+                    raise
+                raise LabelCacheError(f"{path}: no space left on the device at shard {s}; free space and rerun: "
+                                      "the cache keeps its complete shards") from None
+            computed += hi - lo
+    seconds = time.perf_counter() - start
+    return {**summary, "computed_windows": computed, "seconds": seconds,
+            "tokens_per_s": computed * length / max(seconds, 1e-9)}
+
+
+def finish_label_shards(path: str | Path) -> list[str]:
+    """Once every process has written its shards: check that all are there and mark the cache complete. Returns
+    the cache's files (relative paths, for its manifest)."""
+    path = Path(path)
+    header = _read_json(path / HEADER)
+    shards = _n_shards(header)
+    missing = [s for s in range(shards) if not _shard_done(path, header, s)]
+    if missing:
+        raise LabelCacheError(f"{path}: shards {missing[:8]} of {shards} are missing after every process finished; "
+                              "rerun the label verb to compute them")
+    atomic_write_text(path / PROGRESS, json.dumps({"windows_done": header["n_windows"], "shards_done": shards,
+                                                   "complete": True}) + "\n")
+    return [HEADER, *(shard_file(kind, s) for s in range(shards) for kind in ("labels", "mask")), PROGRESS]
+
+
 # ----------------------------------------------------------------------------------------------------- reader
 
 class LabelCache:
@@ -360,7 +515,15 @@ class LabelCache:
             if diffs:
                 raise LabelCacheError(f"label cache {self.path} does not match: {'; '.join(diffs)}")
         self._maps: tuple[int, np.ndarray, np.ndarray] | None = None
-        self._arrays()  # damaged arrays are refused here, not in a DataLoader worker mid-training
+        self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # (LRU) open shard maps of this process
+        self._shards_pid = os.getpid()
+        self.shard_windows = int(self.header.get("shard_windows", 0))
+        if self.shard_windows:
+            for s in range(_n_shards(self.header)):  # damaged shards are refused here, not mid-training
+                self._shard(s)
+            self._shards.clear()
+        else:
+            self._arrays()  # damaged arrays are refused here, not in a DataLoader worker mid-training
 
     @property
     def window(self) -> int:
@@ -385,15 +548,41 @@ class LabelCache:
             self._maps = (os.getpid(), labels, mask)
         return self._maps[1], self._maps[2]
 
+    def _shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Memory maps of shard ``index`` (at most :data:`_OPEN_SHARDS` kept open, least recently used closed)."""
+        if self._shards_pid != os.getpid():
+            self._shards, self._shards_pid = {}, os.getpid()
+        maps = self._shards.pop(index, None)
+        if maps is None:
+            labels = _open_array(self.path / shard_file("labels", index))
+            mask = _open_array(self.path / shard_file("mask", index))
+            lo, hi = _shard_rows(self.header, index)
+            want = (hi - lo, self.window, self.k_attr)
+            if labels.shape != want or mask.shape != want[:2] or labels.dtype != np.dtype(self.header["dtype"]) \
+                    or mask.dtype != np.uint8:
+                raise LabelCacheError(f"{self.path}: shard {index} arrays {labels.shape} {labels.dtype} / "
+                                      f"{mask.shape} {mask.dtype} do not match the header {want} "
+                                      f"{self.header['dtype']} / uint8; delete the cache folder to rebuild it")
+            maps = (labels, mask)
+            while len(self._shards) >= _OPEN_SHARDS:
+                self._shards.pop(next(iter(self._shards)))
+        self._shards[index] = maps
+        return maps
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"window {i} out of range for a cache of {len(self)} windows")
-        labels, mask = self._arrays()
+        if self.shard_windows:
+            i = i % len(self)
+            labels, mask = self._shard(i // self.shard_windows)
+            i %= self.shard_windows
+        else:
+            labels, mask = self._arrays()
         return (torch.from_numpy(np.asarray(labels[i], dtype=np.int64)),
                 torch.from_numpy(np.asarray(mask[i]) != 0))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": None, "_shards": {}}
 
 
 def _open_array(file: Path) -> np.ndarray:

@@ -36,6 +36,7 @@ from conceptlm.cocomix.identity import (
     on_change_of,
     remove_output,
     windows_digest,
+    world_size,
 )
 from conceptlm.cocomix.label_cache import (
     HEADER,
@@ -46,9 +47,13 @@ from conceptlm.cocomix.label_cache import (
     LabelCache,
     LabelCacheError,
     LabeledWindows,
+    cache_header,
+    finish_label_shards,
     missing_folders,
+    prepare_label_shards,
     state_fingerprint,
     write_label_cache,
+    write_label_shards,
 )
 from conceptlm.cocomix.sae import SAE_CONFIG, TopKSAE, load_sae
 from conceptlm.cocomix.sae_formats import detect_sae_format
@@ -169,6 +174,10 @@ def compute_device() -> torch.device:
 def label(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path | None = None) -> dict[str, Any]:
     """Write the label caches of the train and val windows (resuming an interrupted run).
 
+    Under torchrun (more than one process; ``labels.shard_windows`` > 0 is then required) every process computes
+    its own shards of each split's sharded cache (:func:`conceptlm.cocomix.label_cache.write_label_shards`);
+    rank 0 holds the locks, decides reuse / resume / rebuild before and writes the manifest after.
+
     Args:
         cfg: a config with ``teacher``, ``corpus``, ``labels`` and ``run`` sections (see the module docstring).
         checkpoint: the SAE folder (overrides ``labels.sae_path``).
@@ -176,64 +185,110 @@ def label(cfg: Any, *, checkpoint: str | Path | None = None, output: str | Path 
 
     Returns:
         ``{"path", "sae", "teacher", "layer", "windows", "tokens", "computed_tokens", "seconds", "tokens_per_s",
-        "splits": {split: write_label_cache summary}}``; ``tokens_per_s`` counts the windows computed by this call.
+        "processes", "splits": {split: write_label_cache summary}}``; ``tokens_per_s`` counts the windows computed
+        by this call (by all processes).
     """
     cfg.labels.validate()
     log_to_stderr()
-    sae_dir = resolve_sae_dir(cfg, checkpoint)
-    device = compute_device()
-    sae = load_sae(sae_dir, device=device)
-    check_sae_settings(cfg, sae, sae_dir)
-    teacher_path = resolve_teacher(cfg, sae)
-    teacher, tokenizer = load_teacher(cfg.teacher, path=teacher_path, device=device)
-    _check_pair(cfg, teacher, teacher_path, sae, sae_dir)
-    labeler = ConceptLabeler(teacher, sae, cfg.teacher.layer, cfg.labels)
-    splits = build_corpus(cfg.corpus, tokenizer)
-    teacher_fp, sae_fp = state_fingerprint(teacher), state_fingerprint(sae)  # the weights, by content
-    out_dir = label_cache_dir(cfg, output)
-    summaries: dict[str, dict[str, Any]] = {}
-    start = time.perf_counter()
-    with contextlib.ExitStack() as locks:  # like training: one writer per run folder (and per outside cache)
-        for folder in dict.fromkeys([Path(cfg.run_dir), out_dir]):
-            if folder == out_dir and out_dir.resolve().is_relative_to(Path(cfg.run_dir).resolve()):
-                continue
-            locks.enter_context(RunLock(folder))
-        for split in SPLITS:
-            data = getattr(splits, split)
-            if data is None:
-                continue
-            spec = CacheSpec(teacher={"sha256": teacher_fp},
-                             corpus={"identity": corpus_identity(cfg.corpus), "split": split},
-                             batch_size=cfg.labels.batch_size, chunk_windows=cfg.labels.chunk_windows)
-            summaries[split] = _label_split(cfg, out_dir / split, split, data.windows, labeler, spec,
-                                            teacher_fp=teacher_fp, sae_fp=sae_fp)
-    seconds = time.perf_counter() - start
+    world = world_size()
+    if world > 1 and not cfg.labels.shard_windows:
+        raise ConfigError(f"labelling with {world} processes writes a sharded cache: set labels.shard_windows (a "
+                          f"multiple of labels.batch_size, e.g. {cfg.labels.chunk_windows})",
+                          field="labels.shard_windows")
+    with _process_group() as rank:
+        sae_dir = resolve_sae_dir(cfg, checkpoint)
+        device = compute_device()
+        sae = load_sae(sae_dir, device=device)
+        check_sae_settings(cfg, sae, sae_dir)
+        teacher_path = resolve_teacher(cfg, sae)
+        teacher, tokenizer = load_teacher(cfg.teacher, path=teacher_path, device=device)
+        _check_pair(cfg, teacher, teacher_path, sae, sae_dir)
+        labeler = ConceptLabeler(teacher, sae, cfg.teacher.layer, cfg.labels)
+        splits = build_corpus(cfg.corpus, tokenizer)
+        teacher_fp, sae_fp = state_fingerprint(teacher), state_fingerprint(sae)  # the weights, by content
+        out_dir = label_cache_dir(cfg, output)
+        summaries: dict[str, dict[str, Any]] = {}
+        start = time.perf_counter()
+        with contextlib.ExitStack() as locks:  # like training: one writer per run folder (and per outside cache)
+            def lock() -> None:
+                for folder in dict.fromkeys([Path(cfg.run_dir), out_dir]):
+                    if folder == out_dir and out_dir.resolve().is_relative_to(Path(cfg.run_dir).resolve()):
+                        continue
+                    locks.enter_context(RunLock(folder))
+
+            _on_main(lock, rank)
+            for split in SPLITS:
+                data = getattr(splits, split)
+                if data is None:
+                    continue
+                spec = CacheSpec(teacher={"sha256": teacher_fp},
+                                 corpus={"identity": corpus_identity(cfg.corpus), "split": split},
+                                 batch_size=cfg.labels.batch_size, chunk_windows=cfg.labels.chunk_windows,
+                                 shard_windows=cfg.labels.shard_windows)
+                write = _label_split_sharded if cfg.labels.shard_windows else _label_split
+                summaries[split] = write(cfg, out_dir / split, split, data.windows, labeler, spec,
+                                         teacher_fp=teacher_fp, sae_fp=sae_fp, rank=rank, world=world)
+        seconds = time.perf_counter() - start
     computed = sum(s["computed_windows"] * cfg.corpus.window for s in summaries.values())
     label_seconds = sum(s["seconds"] for s in summaries.values())
     return {"path": str(out_dir), "sae": str(sae_dir), "teacher": str(teacher_path), "layer": cfg.teacher.layer,
             "windows": sum(s["windows"] for s in summaries.values()),
             "tokens": sum(s["tokens"] for s in summaries.values()), "computed_tokens": computed,
             "seconds": seconds, "tokens_per_s": computed / label_seconds if label_seconds > 0 else 0.0,
-            "splits": summaries}
+            "processes": world, "splits": summaries}
+
+
+@contextlib.contextmanager
+def _process_group():
+    """This process's rank; under torchrun the process group is set up (and torn down again when this call set it
+    up and ends normally)."""
+    import torch.distributed as dist
+
+    from conceptlm.core.distributed import cleanup_distributed, get_rank, init_distributed
+
+    own = world_size() > 1 and not dist.is_initialized()
+    if own:
+        init_distributed()
+    yield get_rank()
+    if own:
+        cleanup_distributed()
+
+
+def _on_main(fn, rank: int) -> Any:
+    """Run ``fn`` on rank 0 only; its exception is raised there and a one-line error on the other ranks (which
+    learn of it through an all-reduce, so none waits forever). Returns ``fn()`` on rank 0, else None."""
+    failed: BaseException | None = None
+    result = None
+    if rank == 0:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failed = e
+    return _agree(failed, result, "rank 0 stopped the label verb (see its error)")
+
+
+def _agree(failed: BaseException | None, result: Any, message: str) -> Any:
+    """All ranks learn whether any failed (an all-reduce): the failed one re-raises, the others raise ``message``."""
+    from conceptlm.core.distributed import all_reduce_sum
+
+    if world_size() > 1:
+        flag = all_reduce_sum(torch.tensor([1.0 if failed is not None else 0.0]))
+        if failed is None and flag.item() > 0:
+            raise LabelCacheError(message)
+    if failed is not None:
+        raise failed
+    return result
 
 
 class StaleLabelCacheError(LabelCacheError, StaleArtifactError):
     """A label cache of other settings or inputs is in the way (``pipeline.on_change=rebuild`` recomputes it)."""
 
 
-def _label_split(cfg: Any, path: Path, split: str, windows: Any, labeler: ConceptLabeler, spec: CacheSpec, *,
-                 teacher_fp: str, sae_fp: str) -> dict[str, Any]:
-    """One split's cache with its ``artifact.json``: reused when complete, intact and of the same identity
-    (:func:`conceptlm.cocomix.identity.labels_identity`), resumed when unfinished, else refused with one line
-    (``pipeline.on_change=refuse``, the default) or recomputed (``rebuild``). The manifest records the identity
-    when the cache starts and the files' sha256 when it completes."""
-    from conceptlm.cocomix.costs import label_flops_per_token
-
+def _prepare_split(cfg: Any, path: Path, split: str, identity: Any) -> tuple[bool, list[Path]]:
+    """Decide what happens to one split's cache (reuse, resume, rebuild or refuse; see :func:`_label_split`) and
+    record its identity when it is (re)started. Returns ``(finished, folders this call creates)``."""
     on_change = on_change_of(cfg)
     what = f"{path.parent.name}/{split}"
-    identity = labels_identity(cfg.labels, layer=cfg.teacher.layer, window=cfg.corpus.window, split=split,
-                               n_windows=len(windows), teacher=teacher_fp, sae=sae_fp,
-                               windows=windows_digest(windows))
     try:
         decision = decide(path, identity, on_change=on_change, what=what,  # type: ignore[arg-type]
                           option=ON_CHANGE_OPTION, verify=False)
@@ -255,6 +310,30 @@ def _label_split(cfg: Any, path: Path, split: str, windows: Any, labeler: Concep
     fresh = missing_folders(path)  # what this call creates: removed again if the new cache is refused
     if not finished:
         begin(path, identity)
+    return finished, fresh
+
+
+def _split_identity(cfg: Any, split: str, windows: Any, teacher_fp: str, sae_fp: str) -> Any:
+    return labels_identity(cfg.labels, layer=cfg.teacher.layer, window=cfg.corpus.window, split=split,
+                           n_windows=len(windows), teacher=teacher_fp, sae=sae_fp, windows=windows_digest(windows))
+
+
+def _cost(cfg: Any, labeler: ConceptLabeler, tokens: int) -> dict[str, Any]:
+    from conceptlm.cocomix.costs import label_flops_per_token
+
+    per_token = label_flops_per_token(labeler.teacher, cfg.teacher.layer, n_latents=labeler.n_latents,
+                                      k=int(labeler.sae.k), labels=cfg.labels)
+    return {"cost": {"tokens": tokens, "flops_per_token": per_token, "flops": per_token * tokens}}
+
+
+def _label_split(cfg: Any, path: Path, split: str, windows: Any, labeler: ConceptLabeler, spec: CacheSpec, *,
+                 teacher_fp: str, sae_fp: str, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """One split's cache with its ``artifact.json``: reused when complete, intact and of the same identity
+    (:func:`conceptlm.cocomix.identity.labels_identity`), resumed when unfinished, else refused with one line
+    (``pipeline.on_change=refuse``, the default) or recomputed (``rebuild``). The manifest records the identity
+    when the cache starts and the files' sha256 when it completes."""
+    identity = _split_identity(cfg, split, windows, teacher_fp, sae_fp)
+    finished, fresh = _prepare_split(cfg, path, split, identity)
     try:
         summary = write_label_cache(path, windows, labeler, spec, progress=cfg.labels.progress,
                                     desc=f"labels ({split})")
@@ -263,12 +342,47 @@ def _label_split(cfg: Any, path: Path, split: str, windows: Any, labeler: Concep
             shutil.rmtree(fresh[-1], ignore_errors=True)
         raise
     if not finished:
-        tokens = summary["tokens"]
-        per_token = label_flops_per_token(labeler.teacher, cfg.teacher.layer, n_latents=labeler.n_latents,
-                                          k=int(labeler.sae.k), labels=cfg.labels)
         write_manifest(path, identity, files=[HEADER, LABELS, MASK, PROGRESS],
-                       extra={"cost": {"tokens": tokens, "flops_per_token": per_token, "flops": per_token * tokens}})
+                       extra=_cost(cfg, labeler, summary["tokens"]))
     return summary
+
+
+def _label_split_sharded(cfg: Any, path: Path, split: str, windows: Any, labeler: ConceptLabeler, spec: CacheSpec,
+                         *, teacher_fp: str, sae_fp: str, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """:func:`_label_split` for a sharded cache, by every process: rank 0 decides and prepares the folder, each
+    process writes its missing shards, rank 0 checks them all and completes the manifest."""
+    from conceptlm.core.distributed import all_reduce_sum, barrier
+
+    identity = _split_identity(cfg, split, windows, teacher_fp, sae_fp)
+
+    def prepare() -> bool:
+        finished, _ = _prepare_split(cfg, path, split, identity)
+        prepare_label_shards(path, cache_header(windows, labeler, spec))
+        return finished
+
+    finished = _on_main(prepare, rank)
+    start = time.perf_counter()
+    failed, summary = None, None
+    try:
+        summary = write_label_shards(path, windows, labeler, spec, rank=rank, world_size=world,
+                                     progress=cfg.labels.progress and rank == 0, desc=f"labels ({split})")
+    except BaseException as e:  # noqa: BLE001 - re-raised by _agree, after telling the other ranks
+        failed = e
+    summary = _agree(failed, summary, f"another rank failed while labelling {path} (see its error)")
+    done = all_reduce_sum(torch.tensor([summary["computed_windows"], summary["resumed_from"]], dtype=torch.long))
+    barrier()
+    seconds = time.perf_counter() - start
+
+    def finish() -> None:
+        if finished:  # reused as it is
+            return
+        files = finish_label_shards(path)
+        write_manifest(path, identity, files=files, extra=_cost(cfg, labeler, summary["tokens"]))
+
+    _on_main(finish, rank)
+    computed = int(done[0])
+    return {**summary, "computed_windows": computed, "resumed_from": int(done[1]), "seconds": seconds,
+            "tokens_per_s": computed * (summary["tokens"] // summary["windows"]) / max(seconds, 1e-9)}
 
 
 def open_labeled_windows(cache_dir: str | Path, windows: Any, *, k_attr: int | None = None,

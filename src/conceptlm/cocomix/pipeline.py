@@ -97,11 +97,12 @@ class _Stages:
         self.verify_seconds: float | None = None
 
     # -------------------------------------------------------------------------------------- inputs
-    def documents(self) -> tuple[list[str], list[str]]:
-        if self._documents is None:
-            from conceptlm.cocomix.corpus import load_documents, split_documents
+    def documents(self) -> tuple[list[str], list[str]] | None:
+        """The ``(train, val)`` documents; None for a token-shard corpus (its windows are read from the shards)."""
+        from conceptlm.cocomix.corpus import is_shard_corpus, load_documents, split_documents
 
-            c = self.cfg.corpus
+        c = self.cfg.corpus
+        if self._documents is None and not is_shard_corpus(c):
             self._documents = split_documents(load_documents(c), c.val_fraction, c.seed)
         return self._documents
 

@@ -19,6 +19,15 @@ positive value) in the last ``dead_after_tokens`` tokens. The AuxK reconstructio
 ``b_dec``) the ``k_aux`` largest pre-activations among the dead latents (ReLU); the AuxK loss is
 ``||e - e_hat||^2`` with ``e = x - x_hat`` detached, weighted by ``aux_coef`` (paper: 1/32).
 
+Training cost (what :meth:`TopKSAE.forward` does with gradients on): the pre-activations ``z`` are computed without
+autograd, in row chunks of at most :data:`ENCODE_CHUNK_ROWS` tokens (so no ``(N, C)`` tensor of the whole batch is
+kept, and none is built for the backward); only the ``k`` (and ``k_aux``) selected entries are recomputed as a
+differentiable gather (:class:`_SelectedPreActivations`) whose backward is sparse: ``dL/dx = sum_j g_j W_enc[i_j]``
+(``F.embedding_bag``), ``dL/dW_enc[i_j] += g_j (x - b_dec)`` and ``dL/db_enc[i_j] += g_j`` (``index_add_``; on CUDA
+a sorted, deterministic reduction) — the same sums the dense product's backward forms, in ``O(N k d)`` instead of
+``O(N C d)``. The forward values are
+those of :meth:`TopKSAE.encode` bit for bit.
+
 Firing is counted at optimizer-step granularity: during a step :meth:`TopKSAE.record_firing` accumulates which
 latents fired and how many tokens were seen; :meth:`TopKSAE.commit_firing` (call it at the start of every step)
 folds that into ``tokens_since_fired``. The dead set is therefore fixed within a step and does not depend on how a
@@ -49,6 +58,65 @@ SAE_WEIGHTS = "sae.safetensors"
 SAE_CONFIG = "sae.json"
 SAE_FORMAT = "conceptlm-topk-sae"
 _FORMAT_VERSION = 1
+
+ENCODE_CHUNK_ROWS = 8192
+"""Tokens per chunk of the training forward's pre-activations (bounds its ``(rows, n_latents)`` scratch tensor);
+a batch of at most this many tokens is encoded in one product, exactly as :meth:`TopKSAE.encode` does."""
+
+_BACKWARD_CHUNK_ELEMENTS = 1 << 22
+"""Bound on the ``(rows, k, d_in)`` products the sparse backward forms at once (16 MiB in fp32)."""
+
+
+def _selected_rows_grad(idx: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, *,
+                        sorted_reduction: bool | None = None) -> torch.Tensor:
+    """``out[c] = sum over (n, j) with idx[n, j] == c of g[n, j] * rows[n]`` (``(N, k)``, ``(N, k)``, ``(N, d)`` ->
+    ``w``'s shape): the encoder-weight gradient of the selected pre-activations.
+
+    On the CPU an ``index_add_`` over row chunks (sequential, so deterministic); on CUDA (or with
+    ``sorted_reduction``) the weight gradient of ``F.embedding_bag``, whose sort-based reduction gives the same bits
+    on every run, where CUDA's ``index_add_`` adds with atomics in no fixed order (a resumed run must equal an
+    uninterrupted one)."""
+    if sorted_reduction if sorted_reduction is not None else w.is_cuda:
+        with torch.enable_grad():
+            table = torch.zeros_like(w, requires_grad=True)
+            out = F.embedding_bag(idx, table, per_sample_weights=g, mode="sum")
+            return torch.autograd.grad(out, table, rows)[0]
+    k, d = idx.shape[-1], rows.shape[-1]
+    grad = torch.zeros_like(w)
+    step = max(1, _BACKWARD_CHUNK_ELEMENTS // max(1, k * d))
+    for s in range(0, idx.shape[0], step):
+        part = (g[s:s + step, :, None] * rows[s:s + step, None, :]).reshape(-1, d)
+        grad.index_add_(0, idx[s:s + step].reshape(-1), part)
+    return grad
+
+
+class _SelectedPreActivations(torch.autograd.Function):
+    """``z[n, j] = (x - b_dec)[n] . W_enc[i[n, j]] + b_enc[i[n, j]]`` for selected latents ``i``, with a sparse
+    backward (see the module docstring). The forward takes the values already computed (the top-k of the
+    pre-activations) and returns them; only the backward does work."""
+
+    @staticmethod
+    def forward(ctx, xc: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, values: torch.Tensor,
+                indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(xc, w_enc, indices)
+        ctx.b_shape = b_enc.shape
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xc, w, indices = ctx.saved_tensors
+        k, d = indices.shape[-1], xc.shape[-1]
+        idx = indices.reshape(-1, k)
+        g = grad.reshape(-1, k).to(w.dtype)
+        grad_xc = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_xc = F.embedding_bag(idx, w, per_sample_weights=g, mode="sum").reshape(xc.shape).to(xc.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _selected_rows_grad(idx, g, xc.reshape(-1, d).to(w.dtype), w)
+        if ctx.needs_input_grad[2]:
+            grad_b = _selected_rows_grad(idx, g, g.new_ones(idx.shape[0], 1), w.new_empty(w.shape[0], 1))
+            grad_b = grad_b.reshape(ctx.b_shape)
+        return grad_xc, grad_w, grad_b, None, None
 
 
 @dataclass
@@ -176,12 +244,12 @@ class TopKSAE(nn.Module):
         ``track=True``, records which latents fired (:meth:`record_firing`, this process only).
         """
         x, mu, sigma = self.normalize(h)
-        pre = self.pre_activations(x)
-        values, indices = self._topk(pre)
+        dead = self._aux_dead() if self.training else None
+        values, indices, aux_sel = self._select(x, dead)
         x_hat = self.decode(values, indices)
         aux = None
         if self.training:
-            aux = self._aux_reconstruction(pre)
+            aux = None if aux_sel is None else self._gather_decode(*aux_sel)
             if track:
                 self.record_firing(self.fired_latents(values, indices), values[..., 0].numel())
         return SAEOutput(x=x, x_hat=x_hat, values=values, indices=indices, mu=mu, sigma=sigma, aux=aux)
@@ -202,15 +270,43 @@ class TopKSAE(nn.Module):
         """``(n_latents,)`` bool: latents that have not fired in the last ``dead_after_tokens`` tokens."""
         return self.tokens_since_fired >= self.dead_after_tokens
 
-    def _aux_reconstruction(self, pre: torch.Tensor) -> torch.Tensor | None:
+    def _aux_dead(self) -> tuple[torch.Tensor, int] | None:
+        """``(dead mask, k_aux in use)`` when AuxK has work this step, else ``None`` (no latent dead or no AuxK)."""
+        if self.k_aux < 1:
+            return None
         dead = self.dead_mask()
         n_dead = int(dead.sum())
-        if n_dead == 0 or self.k_aux < 1:
-            return None
-        k_aux = min(self.k_aux, n_dead)
-        masked = pre.masked_fill(~dead, float("-inf"))
-        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        return self._gather_decode(F.relu(values), indices)
+        return None if n_dead == 0 else (dead, min(self.k_aux, n_dead))
+
+    def _select(self, x: torch.Tensor, dead: tuple[torch.Tensor, int] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Top-k (ReLU'd values, indices) of ``x``'s pre-activations and, with ``dead``, the AuxK selection: the
+        ``k_aux`` largest pre-activations among the dead latents (ReLU'd values, indices).
+
+        The pre-activations are computed without autograd in row chunks (:data:`ENCODE_CHUNK_ROWS`); when gradients
+        are on, the selected entries become differentiable through :class:`_SelectedPreActivations`.
+        """
+        lead = x.shape[:-1]
+        xc = x - self.b_dec
+        flat = xc.detach().reshape(-1, self.d_in)
+        tops, auxs = [], []
+        with torch.no_grad():
+            for rows in flat.split(ENCODE_CHUNK_ROWS) if flat.shape[0] else [flat]:
+                pre = F.linear(rows, self.W_enc, self.b_enc)
+                tops.append(pre.topk(self.k, dim=-1, sorted=False))
+                if dead is not None:
+                    auxs.append(pre.masked_fill_(~dead[0], float("-inf")).topk(dead[1], dim=-1, sorted=False))
+
+        def joined(parts, k):
+            values = torch.cat([p.values for p in parts]) if len(parts) > 1 else parts[0].values
+            indices = torch.cat([p.indices for p in parts]) if len(parts) > 1 else parts[0].indices
+            values, indices = values.reshape(*lead, k), indices.reshape(*lead, k)
+            if torch.is_grad_enabled() and (xc.requires_grad or self.W_enc.requires_grad or self.b_enc.requires_grad):
+                values = _SelectedPreActivations.apply(xc, self.W_enc, self.b_enc, values, indices)
+            return F.relu(values), indices
+
+        top = joined(tops, self.k)
+        return top[0], top[1], (joined(auxs, dead[1]) if dead is not None else None)
 
     def fired_latents(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``(n_latents,)`` int64: how many tokens of this batch each latent fired on (kept with value > 0)."""

@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from conceptlm.cocomix.config import CorpusSection, TeacherSection, TinyTeacherConfig
-from conceptlm.cocomix.corpus import build_corpus, collate_windows, corpus_identity, load_documents, split_documents
+from conceptlm.cocomix.corpus import (
+    build_corpus,
+    collate_windows,
+    corpus_identity,
+    is_shard_corpus,
+    load_documents,
+    shard_tokenizer,
+    split_documents,
+)
 from conceptlm.core import checkpoint as ckpt_lib
 from conceptlm.core import hf
 from conceptlm.core.config import OptimSection, RunSection, ScheduleSection, TrainSection
@@ -233,7 +241,7 @@ def train_tiny_teacher(corpus: CorpusSection, teacher: TeacherSection, out_dir: 
     the same identity is reused; an unfinished one resumes from its newest intact checkpoint; one of other
     settings or documents is refused with one line naming the change (``on_change="refuse"``) or trained again
     from scratch (``"rebuild"``). Its tokenizer is a BPE trained on the corpus's training documents
-    (``teacher.vocab_size``).
+    (``teacher.vocab_size``), or the tokenizer of a token-shard corpus.
 
     Args:
         info: the process's :class:`DistInfo` (from the caller's run session).
@@ -250,8 +258,9 @@ def train_tiny_teacher(corpus: CorpusSection, teacher: TeacherSection, out_dir: 
     from conceptlm.core.distributed import barrier
 
     out_dir = Path(out_dir)
-    train_docs, val_docs = split_documents(load_documents(corpus), corpus.val_fraction, corpus.seed)
-    identity = tiny_teacher_identity(corpus, teacher, (train_docs, val_docs), info.world_size)
+    shards = is_shard_corpus(corpus)  # token shards bring their tokenizer and split (no documents in memory)
+    documents = None if shards else split_documents(load_documents(corpus), corpus.val_fraction, corpus.seed)
+    identity = tiny_teacher_identity(corpus, teacher, documents, info.world_size)
     state = run_stage(out_dir, identity, on_change=on_change, what=out_dir.name, remove=info.is_main)
     if state == "skip":
         log.info("%s: reused (tiny teacher %s)", out_dir.name, identity.fingerprint[:12])
@@ -263,11 +272,14 @@ def train_tiny_teacher(corpus: CorpusSection, teacher: TeacherSection, out_dir: 
         create_run_dir(cfg, info, command=command, lock=lock)
         if info.is_main:
             begin(out_dir, identity)
-            tokenizer = _tokenizer(out_dir, train_docs, teacher.vocab_size, on_change=on_change)
+            if not shards:
+                tokenizer = _tokenizer(out_dir, documents[0], teacher.vocab_size, on_change=on_change)
         barrier()
-        if not info.is_main:
-            tokenizer = _tokenizer(out_dir, train_docs, teacher.vocab_size, on_change=on_change)
-        splits = build_corpus(corpus, tokenizer, documents=(train_docs, val_docs))
+        if shards:
+            tokenizer = shard_tokenizer(corpus)
+        elif not info.is_main:
+            tokenizer = _tokenizer(out_dir, documents[0], teacher.vocab_size, on_change=on_change)
+        splits = build_corpus(corpus, tokenizer, documents=documents)
         model = hf.build_tiny_model(teacher.arch, len(tokenizer), hidden_size=teacher.hidden_size,
                                     num_layers=teacher.num_layers, num_heads=teacher.num_heads,
                                     max_position_embeddings=max(corpus.window, 16),
