@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conceptlm.core import checkpoint as ckpt_lib
+from conceptlm.core import sharded_checkpoint as sharded_lib
 from conceptlm.core.config import load_config
 from conceptlm.core.errors import CheckpointError, ConfigError
 from tests.core.toy_recipe import ToyConfig, ToySection, ToyUnit, train
@@ -89,7 +90,7 @@ def test_every_rank_writes_its_own_shards_and_the_manifest_lists_them(runs):
     assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng/rank_00000.pt", "rng/rank_00001.pt",
             "trainer_state.pt", "config.yaml"} <= set(files["files"])
     # no rank wrote a whole decoder matrix: the index holds it as two half chunks, one in each rank's file
-    md = ckpt_lib._read_metadata(ckpt)
+    md = sharded_lib._read_metadata(ckpt)
     key = "model.decoder.layers.0.attn.q_proj.weight"
     chunks = md.state_dict_metadata[key].chunks
     assert [c.sizes[0] for c in chunks] == [16, 16] and sorted(c.offsets[0] for c in chunks) == [0, 16]
@@ -105,22 +106,22 @@ def test_every_rank_writes_its_own_shards_and_the_manifest_lists_them(runs):
 @pytest.mark.distributed
 def test_resume_from_a_sharded_checkpoint_is_bit_exact(runs):
     straight, resumed = runs / "sharded", runs / "resumed"
-    a, b = ckpt_lib.read_sharded(_ckpt(straight, STEPS)), ckpt_lib.read_sharded(_ckpt(resumed, STEPS))
+    a, b = sharded_lib.read_sharded(_ckpt(straight, STEPS)), sharded_lib.read_sharded(_ckpt(resumed, STEPS))
     assert any(k.startswith("optim.") and k.endswith(".exp_avg") for k in a)
     assert _max_diff(a, b) == 0.0  # weights and optimizer state
     la, lb = _losses(straight), _losses(resumed)
     assert list(lb) == list(range(1, STEPS + 1)) and la == lb  # every step logged once, the same losses
     # and the RNG of each rank came back as its own
     for r in (0, 1):
-        sa = ckpt_lib.load_rank_rng(_ckpt(straight, STEPS), r)["torch"]
-        assert torch.equal(sa, ckpt_lib.load_rank_rng(_ckpt(resumed, STEPS), r)["torch"])
+        sa = sharded_lib.load_rank_rng(_ckpt(straight, STEPS), r)["torch"]
+        assert torch.equal(sa, sharded_lib.load_rank_rng(_ckpt(resumed, STEPS), r)["torch"])
 
 
 @pytest.mark.distributed
 def test_sharded_and_full_checkpoints_of_the_same_run_hold_the_same_values(runs, tmp_path):
     for step in (K, STEPS):
         full = _ckpt(runs / "full", step)
-        out = ckpt_lib.consolidate_checkpoint(_ckpt(runs / "sharded", step), tmp_path / f"step_{step:08d}")
+        out = sharded_lib.consolidate_checkpoint(_ckpt(runs / "sharded", step), tmp_path / f"step_{step:08d}")
         assert ckpt_lib.verify_checkpoint(out) is None and not ckpt_lib.is_sharded(out)
         a, b = load_file(str(full / ckpt_lib.UNIT_FILE)), load_file(str(out / ckpt_lib.UNIT_FILE))
         assert _max_diff(a, b) == 0.0
@@ -145,7 +146,7 @@ def test_resume_at_another_world_size_reshards(runs, tmp_path):
     grad_accum changes (accepted with run.resume_changes=apply, as for a full checkpoint)."""
     import torch.distributed as dist
 
-    ref = ckpt_lib.read_sharded(_ckpt(runs / "sharded", STEPS), "model.")
+    ref = sharded_lib.read_sharded(_ckpt(runs / "sharded", STEPS), "model.")
     one = _stopped_at_k(runs / "sharded", tmp_path / "fsdp1")
     same_batch = {"train.micro_batch_size": 2, "train.grad_accum": 4, "run.resume_changes": "apply"}
     # FSDP2 on one rank, in this process (the run session tears the process group down at its end)
@@ -158,7 +159,7 @@ def test_resume_at_another_world_size_reshards(runs, tmp_path):
         if dist.is_initialized():
             dist.destroy_process_group()
     assert ckpt_lib.load_trainer_state(_ckpt(one, STEPS))["world_size"] == 1
-    assert _max_diff(ref, ckpt_lib.read_sharded(_ckpt(one, STEPS), "model.")) <= 1e-5
+    assert _max_diff(ref, sharded_lib.read_sharded(_ckpt(one, STEPS), "model.")) <= 1e-5
     plain = _stopped_at_k(runs / "sharded", tmp_path / "plain")
     cfg = load_config(ToyConfig, None, [f"{k}={v}" for k, v in {**BASE, "run.out_dir": str(plain),
                                                                  **same_batch}.items()])
@@ -179,7 +180,7 @@ def test_a_finished_sharded_run_resumed_on_one_process_is_written_again_as_full(
     ckpt = _ckpt(tmp_path, STEPS)
     assert res.step == STEPS and res.checkpoint == ckpt and not ckpt_lib.is_sharded(ckpt)
     assert ckpt_lib.verify_checkpoint(ckpt) is None
-    want = ckpt_lib.read_sharded(_ckpt(runs / "sharded", STEPS), "model.")
+    want = sharded_lib.read_sharded(_ckpt(runs / "sharded", STEPS), "model.")
     got = load_file(str(ckpt / ckpt_lib.UNIT_FILE))
     assert _max_diff({f"model.{k}": v for k, v in got.items()}, want) == 0.0
     assert len(_losses(tmp_path)) == STEPS  # nothing trained again
@@ -205,9 +206,9 @@ def test_damaged_or_partial_sharded_checkpoints_are_skipped(runs, tmp_path, capl
     assert "incomplete sharded checkpoint" in ckpt_lib.verify_checkpoint(newest)
     assert ckpt_lib.find_resumable_checkpoint(tmp_path / "s") == older
     with pytest.raises(CheckpointError, match="damaged"):
-        ckpt_lib.consolidate_checkpoint(newest, tmp_path / "out")
+        sharded_lib.consolidate_checkpoint(newest, tmp_path / "out")
     with pytest.raises(CheckpointError, match="already full"):
-        ckpt_lib.consolidate_checkpoint(_ckpt(runs / "full", STEPS), tmp_path / "out")
+        sharded_lib.consolidate_checkpoint(_ckpt(runs / "full", STEPS), tmp_path / "out")
 
 
 @pytest.mark.distributed
@@ -232,29 +233,29 @@ def test_checkpoint_index_is_unpickled_safely(tmp_path):
 
     (ckpt / ckpt_lib.SHARDED_DIR / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError, match="system is not allowed"):
-        ckpt_lib.read_sharded(ckpt)
+        sharded_lib.read_sharded(ckpt)
     assert not (tmp_path / "pwned").exists()
     # a real DCP checkpoint written by one process reads back whole, with exact values
     import torch.distributed.checkpoint as dcp
 
     shutil.rmtree(ckpt / ckpt_lib.SHARDED_DIR)
-    want = ckpt_lib.sharded_tensors({"w": torch.randn(4, 3), "h": torch.arange(5, dtype=torch.bfloat16)},
+    want = sharded_lib.sharded_tensors({"w": torch.randn(4, 3), "h": torch.arange(5, dtype=torch.bfloat16)},
                                     {"w": {"step": torch.tensor(2.0), "exp_avg": torch.randn(4, 3)}})
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(want, storage_writer=dcp.FileSystemWriter(str(ckpt / ckpt_lib.SHARDED_DIR)), no_dist=True)
-    got = ckpt_lib.read_sharded(ckpt)
+    got = sharded_lib.read_sharded(ckpt)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype
                                              for k in want)
-    model, optim = ckpt_lib.split_sharded(got)
+    model, optim = sharded_lib.split_sharded(got)
     assert set(model) == {"w", "h"} and set(optim["w"]) == {"step", "exp_avg"}
     with pytest.raises(TypeError, match="tensors only"):
-        ckpt_lib.sharded_tensors({"w": torch.zeros(1)}, {"w": {"step": 3}})
+        sharded_lib.sharded_tensors({"w": torch.zeros(1)}, {"w": {"step": 3}})
     buf = io.BytesIO()
     pickle.dump({"not": "an index"}, buf)
     (ckpt / ckpt_lib.SHARDED_DIR / ".metadata").write_bytes(buf.getvalue())
     with pytest.raises(CheckpointError, match="not a torch.distributed.checkpoint index"):
-        ckpt_lib.read_sharded(ckpt)
+        sharded_lib.read_sharded(ckpt)
 
 
 def test_sharded_checkpoints_need_fsdp():

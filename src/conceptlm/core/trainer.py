@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from conceptlm.core import checkpoint as ckpt_lib
+from conceptlm.core import sharded_checkpoint as sharded_lib
 from conceptlm.core.config import OptimSection, RunConfig, config_to_dict
 from conceptlm.core.distributed import DistInfo, all_reduce_sum, barrier, wrap_model
 from conceptlm.core.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -361,7 +362,7 @@ class Trainer:
         model_sd = get_model_state_dict(model)
         optim_sd = get_optimizer_state_dict(model, optimizer)
         keys = set(self.ckpt_keys)
-        return (ckpt_lib.sharded_tensors({k: v for k, v in model_sd.items() if k in keys}, optim_sd["state"]),
+        return (sharded_lib.sharded_tensors({k: v for k, v in model_sd.items() if k in keys}, optim_sd["state"]),
                 optim_sd["param_groups"])
 
     def _save_sharded(self, model, optimizer, scheduler) -> Path:
@@ -369,7 +370,7 @@ class Trainer:
         state = {"step": self.step, "optimizer_param_groups": param_groups, "scheduler": scheduler.state_dict(),
                  "rng": ckpt_lib.rng_state(), "data": self.data_state, "world_size": self.info.world_size,
                  "items_seen": self.items_seen}
-        return ckpt_lib.save_sharded_checkpoint(
+        return sharded_lib.save_sharded_checkpoint(
             self.run_dir, self.step, tensors=tensors, trainer_state=state,
             config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False), artifacts=self.artifacts,
             keep=self.cfg.train.keep_checkpoints)
@@ -385,13 +386,13 @@ class Trainer:
         )
 
         if self.strategy != "fsdp":
-            optim = ckpt_lib.split_sharded(ckpt_lib.read_sharded(ckpt, "optim."))[1]
+            optim = sharded_lib.split_sharded(sharded_lib.read_sharded(ckpt, "optim."))[1]
             full = {"state": optim, "param_groups": state["optimizer_param_groups"]}
             set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
             return
         tensors, _ = self._sharded_state(model, optimizer)
-        ckpt_lib.load_sharded(ckpt, tensors)
-        model_sd, optim = ckpt_lib.split_sharded(tensors)
+        sharded_lib.load_sharded(ckpt, tensors)
+        model_sd, optim = sharded_lib.split_sharded(tensors)
         set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
         set_optimizer_state_dict(model, optimizer, {"state": optim, "param_groups": state["optimizer_param_groups"]})
 
@@ -420,7 +421,8 @@ class Trainer:
             for g, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
                 g["lr"] = o.lr * lam(scheduler.last_epoch)
         # a sharded checkpoint holds every rank's RNG: each rank takes its own when the world size is the same
-        own = ckpt_lib.load_rank_rng(ckpt, self.info.rank) if state.get("world_size") == self.info.world_size else None
+        same_world = state.get("world_size") == self.info.world_size
+        own = sharded_lib.load_rank_rng(ckpt, self.info.rank) if same_world else None
         ckpt_lib.set_rng_state(own if own is not None else state["rng"])
         self.step = int(state["step"])
         self.items_seen = state.get("items_seen")
