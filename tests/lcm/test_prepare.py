@@ -210,3 +210,33 @@ def test_yelp_reviews_prepare(tiny_encoder_dir, tmp_path):
     ds = EmbeddedDocuments(tmp_path / "y")
     assert summary["n_documents"] == 12 and ds[0]["id"] == "yelp_test.jsonl:1"
     assert all(len(s) <= 64 or " " not in s for k in range(len(ds)) for s in ds[k]["sentences"])
+
+
+def test_lazy_row_group_reading_equals_one_group_shards(tiny_encoder_dir, tmp_path):
+    """Bounded row groups read through a 1-group LRU give the same documents as shards written with one row group
+    (the layout before row groups were bounded); the index is numpy arrays; the cache never holds more."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    small, whole = tmp_path / "small", tmp_path / "whole"
+    prepare(_cfg(tiny_encoder_dir, small, row_group_size=2))
+    prepare(_cfg(tiny_encoder_dir, whole, row_group_size=1000))
+    assert [pq.ParquetFile(p).metadata.num_row_groups for p in sorted(small.glob("shard-*"))] == [3, 3, 3, 3, 2]
+    assert [pq.ParquetFile(p).metadata.num_row_groups for p in sorted(whole.glob("shard-*"))] == [1] * 5
+    for split in ("all", "train", "validation"):
+        lazy, ref = EmbeddedDocuments(small, split, cache_row_groups=1), EmbeddedDocuments(whole, split)
+        assert len(lazy) == len(ref) and lazy.lengths == ref.lengths and lazy.ids == ref.ids
+        assert lazy._shard_of.dtype == lazy._group_of.dtype == lazy._row_of.dtype == np.int32
+        order = torch.randperm(len(lazy), generator=torch.Generator().manual_seed(0)).tolist()
+        for i in order:
+            a, b = lazy[i], ref[i]
+            assert a["id"] == b["id"] and a["sentences"] == b["sentences"] and torch.equal(a["vectors"], b["vectors"])
+            assert len(lazy._cache) == 1
+        assert lazy[-1]["id"] == ref[len(ref) - 1]["id"]
+        with pytest.raises(IndexError):
+            lazy[len(lazy)]
+    # the row groups of document i: shard i // 5, group (i % 5) // 2, row (i % 5) % 2
+    ds = EmbeddedDocuments(small)
+    i = np.arange(23)
+    assert ds._shard_of.tolist() == (i // 5).tolist() and ds._group_of.tolist() == (i % 5 // 2).tolist()
+    assert ds._row_of.tolist() == (i % 5 % 2).tolist()

@@ -109,8 +109,8 @@ def segment_document(doc_id: str, text: str, segmenter: Segmenter, section: Prep
 
 
 # Settings that do not change what a written shard holds (skip_bad only decides whether a run stops, on_change
-# what a rerun does with a shard that differs).
-_NOT_CONTENT = ("out_dir", "skip_bad", "on_change")
+# what a rerun does with a shard that differs, workers how many processes write them).
+_NOT_CONTENT = ("out_dir", "skip_bad", "on_change", "workers")
 _REBUILD = "rerun with prepare.on_change=rebuild, use another prepare.out_dir or delete it"
 
 
@@ -193,7 +193,8 @@ def _write_shard(path: Path, docs: list[dict], dim: int, section: PrepareSection
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
         os.close(fd)
         try:
-            pq.write_table(table, tmp, compression=None if section.compression == "none" else section.compression)
+            pq.write_table(table, tmp, compression=None if section.compression == "none" else section.compression,
+                           row_group_size=section.row_group_size)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_UMASK)
