@@ -240,3 +240,52 @@ def test_lazy_row_group_reading_equals_one_group_shards(tiny_encoder_dir, tmp_pa
     i = np.arange(23)
     assert ds._shard_of.tolist() == (i // 5).tolist() and ds._group_of.tolist() == (i % 5 // 2).tolist()
     assert ds._row_of.tolist() == (i % 5 % 2).tolist()
+
+
+def test_streaming_normalizer_fit_exact_then_seeded_uniform_sample(tiny_encoder_dir, tmp_path):
+    """Under normalizer_max_fit_vectors the streaming fit equals fitting on the (strided) training matrix; beyond it
+    it equals fitting on the bottom-k sample of PCG64(seed) keys, whatever the row groups; the setting is part of
+    the folder's identity."""
+    import numpy as np
+
+    from conceptlm.core.artifact import read_manifest
+
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_encoder_dir, out, row_group_size=2)
+    prepare(cfg)
+    records = json.loads((out / "manifest.json").read_text())["shards"]
+    train = EmbeddedDocuments(out, "train")
+    x = torch.cat([train[k]["vectors"] for k in range(len(train))])
+    n = len(x)
+    assert n > 100
+
+    def fit(**kw) -> RobustNormalizer:
+        sec = PrepareSection(out_dir=str(out), **kw)
+        return prep_mod.fit_normalizer_streaming(out, records, 32, sec)
+
+    def same(a: RobustNormalizer, b: RobustNormalizer) -> bool:
+        return torch.equal(a.center, b.center) and torch.equal(a.scale, b.scale) and a.n_fit == b.n_fit
+
+    assert same(fit(), RobustNormalizer(32).fit(x))
+    stride = -(-n // 50)  # normalizer_max_samples=50: every stride-th vector, as before
+    assert same(fit(normalizer_max_samples=50), RobustNormalizer(32).fit(x[::stride]))
+    assert same(fit(normalizer_max_fit_vectors=n), RobustNormalizer(32).fit(x))  # exactly at the bound: exact
+    for seed, m in ((0, 40), (3, 40), (0, n - 1)):
+        keys = np.random.Generator(np.random.PCG64(seed)).random(n)
+        idx = np.sort(np.argsort(keys)[:m])
+        got = fit(normalizer_max_fit_vectors=m, normalizer_sample_seed=seed)
+        assert got.n_fit == m and same(got, RobustNormalizer(32).fit(x[torch.from_numpy(idx)]))
+    assert not same(fit(normalizer_max_fit_vectors=40), fit(normalizer_max_fit_vectors=40, normalizer_sample_seed=3))
+    sel = x[::stride]  # both: the sample is drawn from the strided vectors
+    keys = np.random.Generator(np.random.PCG64(0)).random(len(sel))
+    idx = torch.from_numpy(np.sort(np.argsort(keys)[:20]))
+    assert same(fit(normalizer_max_samples=50, normalizer_max_fit_vectors=20), RobustNormalizer(32).fit(sel[idx]))
+    # one row group per shard: the same fit
+    whole = tmp_path / "whole"
+    prepare(_cfg(tiny_encoder_dir, whole, row_group_size=1000))
+    sec = PrepareSection(out_dir=str(whole), normalizer_max_fit_vectors=40)
+    assert same(prep_mod.fit_normalizer_streaming(whole, records, 32, sec), fit(normalizer_max_fit_vectors=40))
+    # recorded in the identity: another bound is another folder
+    assert read_manifest(out)["settings"]["prepare"]["normalizer_max_fit_vectors"] == 1_000_000
+    with pytest.raises(ConfigError, match="prepare.normalizer_max_fit_vectors"):
+        prepare(_cfg(tiny_encoder_dir, out, row_group_size=2, normalizer_max_fit_vectors=40))

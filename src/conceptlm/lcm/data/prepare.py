@@ -14,8 +14,9 @@ any moment resumes without duplicates or holes. A shard made from other document
 a damaged one is refused with one line naming the shard and what changed (``prepare.on_change: refuse``, the
 default), or re-encoded (``prepare.on_change: rebuild``, only those shards). The normalizer is then fitted on the
 vectors of the training documents as stored (fp16), on at most ``normalizer_max_samples`` evenly strided vectors
-(a warning when fewer than :data:`~conceptlm.lcm.data.normalizer.MIN_FIT_VECTORS`), and ``artifact.json`` (kind
-``lcm.prepared``) and ``manifest.json`` are written last.
+(a warning when fewer than :data:`~conceptlm.lcm.data.normalizer.MIN_FIT_VECTORS`), by one streaming pass over the
+shards: exact up to ``normalizer_max_fit_vectors`` vectors, a seeded uniform sample of that many beyond
+(:func:`fit_normalizer_streaming`); ``artifact.json`` (kind ``lcm.prepared``) and ``manifest.json`` are written last.
 
 The folder is locked (:class:`~conceptlm.core.lock.RunLock`) while ``prepare`` writes it. A refused run changes
 nothing; a run that fails (e.g. the disk is full) leaves only complete shards, and no folder at all when it had
@@ -268,26 +269,91 @@ def _documents(cfg: PrepareConfig, segmenter: Segmenter, skipped: Counter) -> It
                    "sentences": sentences}
 
 
-def _fit_normalizer(out: Path, shards: list[dict], dim: int, section: PrepareSection) -> RobustNormalizer:
+def _train_vectors(path: Path) -> Iterator[np.ndarray]:
+    """The training documents' vectors of one shard, in row order, one row group at a time (stored dtype)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conceptlm.lcm.data.store import _decode_columns
+
+    try:
+        pf = pq.ParquetFile(path)
+        for g in range(pf.metadata.num_row_groups):
+            data = _decode_columns(pf.read_row_group(g, columns=["split", "vectors"]))
+            flat, offsets = data["vectors"]
+            train = np.array([sp == "train" for sp in data["split"]], dtype=bool)
+            rows = np.repeat(train, np.diff(offsets))  # one flag per vector
+            yield flat[rows]
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"cannot read Parquet shard ({type(e).__name__})", path=path) from None
+
+
+def fit_normalizer_streaming(out: Path, shards: list[dict], dim: int, section: PrepareSection) -> RobustNormalizer:
+    """Fit the normalizer on the training vectors of ``shards`` (records with ``file`` and ``n_train_sentences``)
+    by one pass over the shards, one Parquet row group at a time.
+
+    Which vectors: with ``n`` training vectors in shard order, every ``stride = ceil(n /
+    normalizer_max_samples)``-th one (all when ``n <= normalizer_max_samples``); call them the ``s`` selected
+    vectors. When ``s <= normalizer_max_fit_vectors`` the fit is on all of them, exactly what fitting on the
+    concatenated matrix gives. Beyond it, on a uniform sample without replacement of ``m =
+    normalizer_max_fit_vectors`` of them: the ``j``-th selected vector gets the key ``u_j``, the ``j``-th draw of
+    ``numpy.random.Generator(PCG64(normalizer_sample_seed)).random()``, and the ``m`` smallest keys are kept
+    ("bottom-k", a reservoir of size m), then ordered by ``j``. The shards and their order do not depend on how
+    many workers or ranks wrote them, so neither does the fit. Memory: at most ``min(s, 2m)`` float32 vectors
+    plus one row group.
+    """
     n_train = sum(s["n_train_sentences"] for s in shards)
     if n_train < 2:
         raise ConceptLMError(f"{out}: fewer than 2 training sentences; cannot fit the normalizer "
                              "(lower prepare.val_fraction or add documents)")
     stride = max(1, -(-n_train // section.normalizer_max_samples))
-    parts, offset = [], 0
+    n_sel = -(-n_train // stride)
+    m = section.normalizer_max_fit_vectors
+    exact = n_sel <= m
+    rng = np.random.Generator(np.random.PCG64(section.normalizer_sample_seed))
+    buf = np.empty((n_sel if exact else 0, dim), dtype=np.float32)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (keys, positions, vectors) not yet compacted
+    held, bar = 0, np.inf  # vectors in parts; the m-th smallest key so far (a larger key never enters the sample)
+
+    def compact() -> None:
+        nonlocal parts, held, bar
+        keys, pos, vecs = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        if len(keys) > m:
+            keep = np.argpartition(keys, m - 1)[:m]
+            keys, pos, vecs = keys[keep], pos[keep], vecs[keep]
+            bar = float(keys.max())
+        parts, held = [(keys, pos, vecs)], len(keys)
+
+    seen = filled = 0  # training vectors passed, selected vectors passed
     for s in shards:
-        data = read_shard(out / s["file"], ["split", "vectors"])
-        flat, offsets = data["vectors"]
-        rows = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r, sp in enumerate(data["split"])
-                               if sp == "train"] or [np.zeros(0, dtype=np.int64)])
-        take = rows[(offset + np.arange(len(rows))) % stride == 0]  # every stride-th training vector overall
-        offset += len(rows)
-        parts.append(torch.from_numpy(flat[take].astype(np.float32)))
-    x = torch.cat(parts)
+        for vectors in _train_vectors(out / s["file"]):
+            take = np.flatnonzero((seen + np.arange(len(vectors))) % stride == 0)  # every stride-th overall
+            seen += len(vectors)
+            if exact:
+                buf[filled:filled + len(take)] = vectors[take]
+            else:
+                keys = rng.random(len(take))
+                enter = np.flatnonzero(keys < bar)
+                parts.append((keys[enter], filled + enter, vectors[take[enter]].astype(np.float32)))
+                held += len(enter)
+                if held >= 2 * m:  # at most 2m vectors held between compactions
+                    compact()
+            filled += len(take)
+    if filled != n_sel or seen != n_train:
+        raise DataError(f"the shards hold {seen} training vectors, {MANIFEST_FILE} records {n_train}", path=out)
+    if not exact:
+        compact()
+        _, pos, vecs = parts[0]
+        buf = vecs[np.argsort(pos, kind="stable")]  # in shard order
+        log.info("%s: normalizer fitted on a seeded uniform sample of %d of %d training vectors "
+                 "(prepare.normalizer_max_fit_vectors)", out, len(buf), n_sel)
     norm = RobustNormalizer(dim, method=section.normalizer_method, clip_proba=section.normalizer_clip_proba)
-    norm.fit(x)
+    norm.fit(torch.from_numpy(buf))
     warn_if_few_vectors(norm.n_fit, str(out))
     return norm
+
+
+_fit_normalizer = fit_normalizer_streaming  # the name the trust tests call
 
 
 def _shard_record(name: str, docs: list[dict]) -> dict:
