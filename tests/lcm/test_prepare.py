@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -289,3 +290,94 @@ def test_streaming_normalizer_fit_exact_then_seeded_uniform_sample(tiny_encoder_
     assert read_manifest(out)["settings"]["prepare"]["normalizer_max_fit_vectors"] == 1_000_000
     with pytest.raises(ConfigError, match="prepare.normalizer_max_fit_vectors"):
         prepare(_cfg(tiny_encoder_dir, out, row_group_size=2, normalizer_max_fit_vectors=40))
+
+
+def _folder(root: Path) -> dict[str, bytes]:
+    """Every file of a prepared folder (shards, normalizer, state and both manifests), not the lock."""
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.slow
+def test_two_workers_write_the_same_folder_and_finish_a_killed_run(tiny_encoder_dir, tmp_path, monkeypatch):
+    one, two = tmp_path / "one", tmp_path / "two"
+    prepare(_cfg(tiny_encoder_dir, one))
+    summary = prepare(_cfg(tiny_encoder_dir, two, workers=2))
+    assert (summary["shards_written"], summary["workers"]) == (5, 2)
+    assert _folder(two) == _folder(one)  # shards, normalizer, prepare_state, artifact and manifest: byte for byte
+    # a run that died after two shards, finished by 2 workers: only the missing shards are written
+    real_write = prep_mod._write_shard
+
+    def write_then_die(path, *args, **kw):
+        real_write(path, *args, **kw)
+        if path.name == "shard-00001.parquet":
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(prep_mod, "_write_shard", write_then_die)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare(_cfg(tiny_encoder_dir, out))
+    monkeypatch.setattr(prep_mod, "_write_shard", real_write)
+    summary = prepare(_cfg(tiny_encoder_dir, out, workers=2))
+    assert (summary["shards_reused"], summary["shards_written"]) == (2, 3)
+    assert _folder(out) == _folder(one)
+
+
+_FIFO_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from conceptlm.lcm.config import DocsSection
+from conceptlm.lcm.data import prepare as prep_mod
+from tests.lcm.test_prepare import _cfg
+prep_mod.prepare(_cfg(Path({enc!r}), Path({out!r}), workers=2, docs=DocsSection(source={src!r})))
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_with_two_workers(tiny_encoder_dir, tmp_path):
+    """The documents come through a named pipe, so the run is killed (with its workers) at a known point: after
+    shards 0 and 1, the next documents not yet given; the rerun with 2 workers writes only shards 2-4."""
+    import threading
+
+    from conceptlm.lcm.data.documents import generate_document
+
+    lines = [json.dumps({"text": generate_document(1, i)}) + "\n" for i in range(23)]
+    (tmp_path / "file").mkdir()
+    (tmp_path / "pipe").mkdir()
+    source = tmp_path / "file" / "docs.jsonl"  # the same name: document ids are <file>:<line>
+    source.write_text("".join(lines))
+    fifo = tmp_path / "pipe" / "docs.jsonl"
+    os.mkfifo(fifo)
+    out = tmp_path / "killed"
+    script = _FIFO_SCRIPT.format(repo=str(REPO), enc=str(tiny_encoder_dir), out=str(out), src=str(fifo))
+    env = dict(os.environ, CONCEPTLM_NO_PROGRESS="1")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    writer: dict = {}
+
+    def feed() -> None:
+        writer["fh"] = fh = open(fifo, "w")  # noqa: SIM115 - blocks until prepare opens the pipe
+        fh.write("".join(lines[:12]))  # shards 0 and 1 fill up; documents 11-12 wait for more
+        fh.flush()
+
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        deadline = time.time() + 180
+        while not ((out / "shard-00000.parquet").exists() and (out / "shard-00001.parquet").exists()):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "prepare did not write two shards in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # prepare and its worker processes
+        proc.wait()
+        if "fh" in writer:
+            with contextlib.suppress(OSError):
+                writer["fh"].close()
+    assert not (out / "manifest.json").exists() and not (out / "shard-00002.parquet").exists()
+    cfg = _cfg(tiny_encoder_dir, out, workers=2, docs=DocsSection(source=str(source)))
+    summary = prepare(cfg)
+    assert (summary["shards_reused"], summary["shards_written"]) == (2, 3)
+    clean = tmp_path / "clean"
+    prepare(_cfg(tiny_encoder_dir, clean, docs=DocsSection(source=str(source))))
+    assert _folder(out) == _folder(clean)
+    assert not list(out.glob(".tmp-*"))
