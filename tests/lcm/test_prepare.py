@@ -381,3 +381,36 @@ def test_resume_after_sigkill_with_two_workers(tiny_encoder_dir, tmp_path):
     prepare(_cfg(tiny_encoder_dir, clean, docs=DocsSection(source=str(source))))
     assert _folder(out) == _folder(clean)
     assert not list(out.glob(".tmp-*"))
+
+
+_RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from conceptlm.lcm.data.prepare import prepare
+from tests.lcm.test_prepare import _cfg
+s = prepare(_cfg(Path({enc!r}), Path({out!r})))
+print(json.dumps({{k: s[k] for k in ("ranks", "shards_written", "shards_reused", "n_documents", "fingerprint")}}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_torchrun_ranks_write_the_same_folder(tiny_encoder_dir, tmp_path):
+    """Under torchrun each rank writes the shards k % 2 == rank, rank 0 the normalizer and manifests: the folder
+    equals the one-process one byte for byte; a second 2-rank run reuses every shard."""
+    one = tmp_path / "one"
+    prepare(_cfg(tiny_encoder_dir, one))
+    out = tmp_path / "ranks"
+    script = tmp_path / "rank_prepare.py"
+    script.write_text(_RANK_SCRIPT.format(repo=str(REPO), enc=str(tiny_encoder_dir), out=str(out)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CONCEPTLM_NO_PROGRESS="1",
+               PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'src'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    for written in (5, 0):
+        run = subprocess.run(cmd, env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        summaries = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+        assert len(summaries) == 2 and all(s["ranks"] == 2 and s["n_documents"] == 23 for s in summaries)
+        assert all(s["shards_written"] == written and s["shards_reused"] == 5 - written for s in summaries)
+        assert _folder(out) == _folder(one)

@@ -177,7 +177,7 @@ class PrepareSection:
     With both at their default the fit is always exact."""
     normalizer_sample_seed: int = 0
     """Seed of that uniform sample (used only beyond ``normalizer_max_fit_vectors``)."""
-    row_group_size: int = 64
+    row_group_size: int = 16
     """Documents per Parquet row group, the unit that training reads (and caches) at a time: bounds the memory
     of reading to a few row groups whatever the number of documents."""
     workers: int = 1
@@ -378,9 +378,13 @@ class LCMDataSection:
     seed: int = 0
     min_length: int = 2
     """Chunks with fewer sentences are dropped (a target needs one sentence of context)."""
+    cache_row_groups: int = 64
+    """Prepared folder: decoded Parquet row groups kept in memory (least recently used dropped first); reading
+    memory is about this many times ``prepare.row_group_size`` documents, whatever the number of documents."""
 
     def validate(self) -> None:
         check(bool(self.source), "lcm_data.source", "must be 'synthetic', 'prepared' or a prepared folder")
+        check(self.cache_row_groups >= 1, "lcm_data.cache_row_groups", "must be >= 1")
         check(self.n_train > 0 and self.n_eval >= 0, "lcm_data.n_train", "n_train must be > 0, n_eval >= 0")
         check(2 <= self.min_sentences <= self.max_sentences, "lcm_data.min_sentences",
               "need 2 <= min_sentences <= max_sentences")

@@ -369,6 +369,9 @@ _WORKER_ENCODER: SentenceEncoder | None = None  # the encoder of a worker proces
 
 def _pool_init(section, threads: int) -> None:
     global _WORKER_ENCODER
+    from conceptlm.core.progress import silence_library_bars
+
+    silence_library_bars()
     torch.set_num_threads(threads)
     _WORKER_ENCODER = get_encoder(section)
 

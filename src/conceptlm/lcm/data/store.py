@@ -188,16 +188,18 @@ class EmbeddedDocuments(Dataset):
     Reading is lazy, by Parquet row group: ``ds[i]`` decodes the row group holding document ``i`` (its ``id``,
     ``sentences`` and ``vectors`` columns, vectors kept in their stored dtype) into a small LRU of
     ``cache_row_groups`` groups, so memory is bounded by the row-group size (``prepare.row_group_size``), not by
-    the number of documents. A shard written with one row group (before row groups were bounded) reads the same,
-    a whole shard per group. The index of the documents is three numpy int32 arrays (shard, row group, row in the
-    group), built from the small ``split`` / ``n_sentences`` columns and checked against the per-shard counts of
-    ``manifest.json``; the whole shard is checked against its sha256 when it is first read. ``lengths`` holds the
-    number of sentences of each document (for length-bucketed batching). ``fingerprint`` is the folder's content
+    the number of documents. A document not in the cache costs the decoding of its whole row group (the fp16
+    vectors dominate), which is why row groups are small. A shard written with one row group (before row groups
+    were bounded) reads the same, a whole shard per group. The index of the documents is three numpy int32
+    arrays (shard, row group, row in the group), built from the small ``split`` / ``n_sentences`` columns and
+    checked against the per-shard counts of ``manifest.json``; the whole shard is checked against its sha256 when
+    it is first read. ``lengths`` holds the number of sentences of each document (for length-bucketed batching).
+    ``fingerprint`` is the folder's content
     identity (what a run trained on it records).
     """
 
     def __init__(self, root: str | Path, split: Literal["train", "validation", "all"] = "all", *,
-                 verify: bool = True, cache_row_groups: int = 4):
+                 verify: bool = True, cache_row_groups: int = 64):
         if split not in (*SPLITS, "all"):
             raise ValueError(f"split must be train, validation or all, got {split!r}")
         if cache_row_groups < 1:
