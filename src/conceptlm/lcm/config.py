@@ -87,8 +87,8 @@ class DocsSection:
         if self.source != "generated":
             path = Path(self.source)
             check(path.exists(), "docs.source", f"not found: {self.source}")
-            check(path.is_dir() or path.suffix in (".txt", ".jsonl"), "docs.source",
-                  f"{self.source}: expected a .txt or .jsonl file or a directory")
+            check(path.is_dir() or path.suffix in (".txt", ".jsonl", ".parquet"), "docs.source",
+                  f"{self.source}: expected a .txt or .jsonl file, a .parquet file or a directory")
 
 
 @dataclass(kw_only=True)
