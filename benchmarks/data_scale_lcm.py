@@ -11,7 +11,8 @@ Documents are real text (``--text PATH ...``: every non-empty line is a document
 (b) training memory: ``--train-docs N`` (default 300) and 10 N documents are prepared (``--shard-size`` documents
     per shard, ``prepare.row_group_size`` as configured), then ``conceptlm lcm train`` of the fixed tiny LCM of
     ``configs/lcm/tiny_cpu.yaml`` (``--steps`` steps, one evaluation over the validation split) runs on each in a
-    child process; ``train_peak_rss_mb`` is the child's peak RSS (``os.wait4`` rusage). Goal: RSS at 10 N <= 1.25
+    child process; ``train_peak_rss_mb`` is the child's peak RSS (``os.wait4`` rusage, the child started by a
+    small launcher process so that the rusage does not count this process's image). Goal: RSS at 10 N <= 1.25
     x RSS at N. ``--baseline-src DIR`` also runs the training with another checkout's ``src`` (e.g. the code before
     lazy reading) on the same folders.
 
@@ -110,14 +111,25 @@ def train_rss(folder: Path, run_dir: Path, args, src: Path) -> dict:
            f"schedule.warmup_steps={min(20, args.steps // 2)}"]
     env = dict(os.environ, PYTHONPATH=str(src))
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode(errors="replace")
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"training failed ({proc.returncode}): {err[-2000:]}")
+    # a small launcher starts the training: a child's ru_maxrss counts the image it was forked from, so forking
+    # it from this (large) process would report this process's size
+    run = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], cwd=REPO, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"training failed ({run.returncode}): {run.stderr[-2000:]}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    return {"train_peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "train_wall_s": round(time.perf_counter() - t, 1)}
+    return {"train_peak_rss_mb": round(int(run.stdout.split()[-1]) / 1024, 1),
+            "train_wall_s": round(time.perf_counter() - t, 1)}
+
+
+_LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+code = os.waitstatus_to_exitcode(status)
+if code:
+    sys.exit(code)
+print(usage.ru_maxrss)
+"""
 
 
 def bench_train(args, docs: list[str], tmp: Path) -> dict:
