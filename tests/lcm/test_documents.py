@@ -162,3 +162,65 @@ def test_generated_summaries_are_the_lead_and_the_last_sentence():
     assert source == generate_document(0, 3)
     sentences = get_segmenter().split(source)
     assert answer == f"{sentences[0]} {sentences[-1]}"
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+def _whole_text_docs(path, split: str) -> list[tuple[str, str]]:
+    """The reference: the documents of a text file read whole (``str.splitlines`` of its text)."""
+    text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    out, block, start = [], [], 0
+    for no, line in enumerate(text.splitlines(), start=1):
+        if split == "lines":
+            if line.strip():
+                out.append((f"{path.name}:{no}", line))
+        elif line.strip():
+            start = start if block else no
+            block.append(line)
+        elif block:
+            out.append((f"{path.name}:{start}", "\n".join(block)))
+            block = []
+    return out + ([(f"{path.name}:{start}", "\n".join(block))] if block else [])
+
+
+def test_text_files_are_streamed_with_the_same_documents_and_error_lines(tmp_path):
+    from conceptlm.lcm.data import documents as docs_mod
+
+    path = tmp_path / "t.txt"
+    text = "\ufeffOne. Two.\r\nthree\x0bfour\n\n\u2028five\x85six\r\n\n\nlast line without newline"
+    path.write_bytes(text.encode("utf-8"))
+    for split in ("lines", "paragraphs"):
+        got = list(iter_documents(DocsSection(source=str(path), txt_split=split)))
+        assert got == _whole_text_docs(path, split) and len(got) >= 3
+    # the UTF-8 check reads in chunks: a bad byte anywhere, a sequence cut by a chunk end, a truncated end
+    for raw, line in ((b"a\nb\n\xfe\n", 3), ("a\nb\u00e9\n".encode() + b"\n\xc3", 4), (b"\xff", 1)):
+        path.write_bytes(raw)
+        assert docs_mod._first_bad_utf8_line(path) == line
+        with pytest.raises(DataError, match=rf"t\.txt:{line}: not valid UTF-8"):
+            list(iter_documents(DocsSection(source=str(path))))
+    big = tmp_path / "big.txt"  # a 2-byte character across the 1 MiB chunk boundary, the bad byte after it
+    big.write_bytes(b"x" * ((1 << 20) - 1) + "\u00e9".encode() + b"\n\n\xfe")
+    assert docs_mod._first_bad_utf8_line(big) == 3
+    big.write_bytes(b"x\n" * ((1 << 19) - 1) + b"y" + "\u00e9".encode() + b"\nz")
+    assert docs_mod._first_bad_utf8_line(big) is None
+
+
+def test_parquet_rows_are_documents_like_jsonl_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"r{i}", "msg": {"text": f"Document {i}. It has two sentences."}} for i in range(600)]
+    rows[5]["msg"]["text"] = None
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=100)
+    with (tmp_path / "d.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    sec = {"text_field": "msg.text", "id_field": "id"}
+    with pytest.raises(DataError, match=r"d\.parquet:6: field 'msg.text': expected a string"):
+        list(iter_documents(DocsSection(source=str(tmp_path / "d.parquet"), **sec)))
+    skipped_p, skipped_j = Counter(), Counter()
+    from_parquet = list(iter_documents(DocsSection(source=str(tmp_path / "d.parquet"), **sec), skip_bad=True,
+                                       skipped=skipped_p))
+    from_jsonl = list(iter_documents(DocsSection(source=str(tmp_path / "d.jsonl"), **sec), skip_bad=True,
+                                     skipped=skipped_j))
+    assert from_parquet == from_jsonl and len(from_parquet) == 599 and skipped_p == skipped_j == Counter(bad_record=1)
+    no_ids = list(iter_documents(DocsSection(source=str(tmp_path / "d.parquet"), text_field="msg.text", limit=3)))
+    assert [i for i, _ in no_ids] == ["d.parquet:1", "d.parquet:2", "d.parquet:3"]

@@ -301,7 +301,7 @@ def test_a_damaged_shard_is_a_one_line_error_naming_it_when_first_read(encoders,
     out = tmp_path / "out"
     prepare_docs(prepare_cfg(encoders[0], out, compression="none"))
     ds = EmbeddedDocuments(out)
-    target = next(i for i in range(len(ds)) if ds._index[i][0] == 2)
+    target = next(i for i in range(len(ds)) if ds._shard_of[i] == 2)  # the first document of shard 2
     sentence = ds[target]["sentences"][0]
     shard = out / "shard-00002.parquet"
     raw = bytearray(shard.read_bytes())

@@ -89,8 +89,8 @@ class DocsSection:
         if self.source != "generated":
             path = Path(self.source)
             check(path.exists(), "docs.source", f"not found: {self.source}")
-            check(path.is_dir() or path.suffix in (".txt", ".jsonl"), "docs.source",
-                  f"{self.source}: expected a .txt or .jsonl file or a directory")
+            check(path.is_dir() or path.suffix in (".txt", ".jsonl", ".parquet"), "docs.source",
+                  f"{self.source}: expected a .txt or .jsonl file, a .parquet file or a directory")
 
 
 @dataclass(kw_only=True)
@@ -170,6 +170,22 @@ class PrepareSection:
     normalizer_method: str = "gaussian_robust"
     normalizer_clip_proba: float | None = None
     normalizer_max_samples: int = 1_000_000
+    """The normalizer is fitted on every ``ceil(n / normalizer_max_samples)``-th training vector (n: training
+    vectors; all of them when n is at most this)."""
+    normalizer_max_fit_vectors: int = 1_000_000
+    """Most vectors held in memory to fit the normalizer. The fit is one streaming pass over the shards; when the
+    vectors chosen by ``normalizer_max_samples`` fit under this, the fit is exact (on all of them); beyond it, on a
+    seeded uniform sample of this many of them (:func:`~conceptlm.lcm.data.prepare.fit_normalizer_streaming`).
+    With both at their default the fit is always exact."""
+    normalizer_sample_seed: int = 0
+    """Seed of that uniform sample (used only beyond ``normalizer_max_fit_vectors``)."""
+    row_group_size: int = 16
+    """Documents per Parquet row group, the unit that training reads (and caches) at a time: bounds the memory
+    of reading to a few row groups whatever the number of documents."""
+    workers: int = 1
+    """Processes that embed and write shards (each loads the encoder once). Under torchrun every rank runs this
+    many. Which documents form which shard does not depend on it, so the folder is byte-identical for any number
+    of workers and ranks; not part of the folder's identity."""
     compression: Literal["zstd", "snappy", "none"] = "zstd"
     on_change: Literal["refuse", "rebuild"] = "refuse"
     """A rerun on a folder that holds shards made from other documents or settings (a changed text, other ids,
@@ -189,6 +205,9 @@ class PrepareSection:
         check(self.normalizer_clip_proba is None or 0 < self.normalizer_clip_proba < 0.5,
               "prepare.normalizer_clip_proba", "must be in (0, 0.5) or null")
         check(self.normalizer_max_samples >= 2, "prepare.normalizer_max_samples", "must be >= 2")
+        check(self.normalizer_max_fit_vectors >= 2, "prepare.normalizer_max_fit_vectors", "must be >= 2")
+        check(self.row_group_size >= 1, "prepare.row_group_size", "must be >= 1")
+        check(self.workers >= 1, "prepare.workers", "must be >= 1")
 
 
 # ------------------------------------------------------------------------------------- the model (conceptlm lcm train)
@@ -361,9 +380,13 @@ class LCMDataSection:
     seed: int = 0
     min_length: int = 2
     """Chunks with fewer sentences are dropped (a target needs one sentence of context)."""
+    cache_row_groups: int = 64
+    """Prepared folder: decoded Parquet row groups kept in memory (least recently used dropped first); reading
+    memory is about this many times ``prepare.row_group_size`` documents, whatever the number of documents."""
 
     def validate(self) -> None:
         check(bool(self.source), "lcm_data.source", "must be 'synthetic', 'prepared' or a prepared folder")
+        check(self.cache_row_groups >= 1, "lcm_data.cache_row_groups", "must be >= 1")
         check(self.n_train > 0 and self.n_eval >= 0, "lcm_data.n_train", "n_train must be > 0, n_eval >= 0")
         check(2 <= self.min_sentences <= self.max_sentences, "lcm_data.min_sentences",
               "need 2 <= min_sentences <= max_sentences")

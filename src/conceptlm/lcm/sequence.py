@@ -33,6 +33,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,26 +73,27 @@ class DocumentChunks:
         if doc_lengths is None:
             doc_lengths = [len(documents[i]["vectors"]) for i in range(len(documents))]
         extra = 0 if suffix is None else len(suffix)
-        self.index: list[tuple[int, int, int]] = []  # (document, start, length)
-        self.dropped = 0
-        for d, n in enumerate(doc_lengths):
-            n = int(n) + extra
-            for start in range(0, n, max_sentences):
-                m = min(max_sentences, n - start)
-                if m >= min_length:
-                    self.index.append((d, start, m))
-                else:
-                    self.dropped += 1
+        # the index is three numpy arrays (document, start, length), not a Python tuple per chunk, so it costs
+        # 16 bytes per chunk however many documents there are
+        n = np.asarray(doc_lengths, dtype=np.int64).reshape(-1) + extra
+        per_doc = -(-n // max_sentences)  # chunks of each document (ceil)
+        doc = np.repeat(np.arange(len(n), dtype=np.int64), per_doc)
+        first = np.cumsum(per_doc) - per_doc
+        start = (np.arange(len(doc), dtype=np.int64) - np.repeat(first, per_doc)) * max_sentences
+        length = np.minimum(max_sentences, n[doc] - start)
+        keep = length >= min_length
+        self.dropped = int((~keep).sum())
+        self._doc, self._start = doc[keep], start[keep].astype(np.int32)
         if self.dropped:
             log.info("%d chunk(s) shorter than %d sentences dropped (of %d documents)", self.dropped, min_length,
-                     len(doc_lengths))
-        self.lengths = [m for _, _, m in self.index]
+                     len(n))
+        self.lengths: list[int] = length[keep].tolist()
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.lengths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        d, start, m = self.index[i]
+        d, start, m = int(self._doc[i]), int(self._start[i]), self.lengths[i]
         doc = self.documents[d]
         vectors = torch.as_tensor(doc["vectors"]).float()
         if self.suffix is not None:

@@ -153,7 +153,8 @@ def _datasets(cfg: LCMTrainConfig):
         if not (Path(d.source) / "manifest.json").is_file():
             raise ConfigError(f"{d.source!r} is neither 'synthetic' nor a prepared folder (no manifest.json); "
                               "run 'conceptlm lcm prepare' first", field="lcm_data.source")
-        train, evals = EmbeddedDocuments(d.source, "train"), EmbeddedDocuments(d.source, "validation")
+        train, evals = (EmbeddedDocuments(d.source, split, cache_row_groups=d.cache_row_groups)
+                        for split in ("train", "validation"))
         return train, (evals if len(evals) else None)
     kw = dict(min_sentences=d.min_sentences, max_sentences=d.max_sentences, rotation=d.rotation, noise=d.noise,
               seed=d.seed)

@@ -11,7 +11,13 @@ default) and readers for plain text and JSONL files.
   paragraph block, or each line. Ids are ``<file>:<first line>``.
 - ``source: path/to/file.jsonl``: one document per line, the text at ``text_field`` (a dotted path; integers index
   lists, e.g. ``messages.1.content``). Ids are ``<file>:<line>`` or the value at ``id_field``.
-- ``source: a directory``: every ``*.txt`` and ``*.jsonl`` file in it (sorted, not recursive).
+- ``source: path/to/file.parquet``: one document per row, the text at ``text_field`` (a column, or a dotted path
+  into a struct column), read in batches of rows. Ids are ``<file>:<row>`` (1-based) or the value at ``id_field``.
+- ``source: a directory``: every ``*.txt``, ``*.jsonl`` and ``*.parquet`` file in it (sorted, not recursive).
+
+Every source is streamed (text files line by line, after a first pass that checks they are UTF-8; JSONL line by
+line; Parquet by batches of rows), so a source never has to fit in memory (``txt_split: file`` excepted: the
+file is the document).
 
 Bad input (bytes that are not UTF-8, invalid JSON, a missing or non-string field, an empty document) raises a
 one-line :class:`DataError` naming file, line and field, or — with ``skip_bad=True`` — is skipped and counted in
@@ -20,6 +26,7 @@ the ``skipped`` counter the caller passes.
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 import re
@@ -248,20 +255,50 @@ def _jsonl_docs(path: Path, section: DocsSection, skip_bad: bool, skipped: Count
                     msg = f"invalid JSON at column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) \
                         else "invalid JSON"
                     raise DataError(msg, path=path, line=line_no) from None
-                doc = _field(obj, section.text_field, path, line_no)
-                if section.target_field:
-                    target = _field(obj, section.target_field, path, line_no)
-                    if not target.strip():
-                        raise DataError("empty answer", path=path, line=line_no, field=section.target_field)
-                    doc = instruction_text(doc, target, section.instruction_marker)
-                doc_id = f"{path.name}:{line_no}"
-                if section.id_field:
-                    value = _field(obj, section.id_field, path, line_no, allow_number=True)
-                    doc_id = str(value)
+                doc_id, doc = _record(obj, section, path, line_no)
             except DataError as e:
                 _bad(e, skip_bad, skipped, "bad_record")
                 continue
             yield doc_id, doc, line_no
+
+
+def _record(obj, section: DocsSection, path: Path, line_no: int) -> tuple[str, str]:
+    """``(id, text)`` of one JSONL record or Parquet row (``line_no``: its 1-based line or row)."""
+    doc = _field(obj, section.text_field, path, line_no)
+    if section.target_field:
+        target = _field(obj, section.target_field, path, line_no)
+        if not target.strip():
+            raise DataError("empty answer", path=path, line=line_no, field=section.target_field)
+        doc = instruction_text(doc, target, section.instruction_marker)
+    doc_id = f"{path.name}:{line_no}"
+    if section.id_field:
+        doc_id = str(_field(obj, section.id_field, path, line_no, allow_number=True))
+    return doc_id, doc
+
+
+def _parquet_docs(path: Path, section: DocsSection, skip_bad: bool, skipped: Counter | None
+                  ) -> Iterator[tuple[str, str, int]]:
+    """Rows of a Parquet file, read a batch of rows at a time (only the columns the fields name)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields = [f for f in (section.text_field, section.target_field, section.id_field) if f]
+    try:
+        pf = pq.ParquetFile(path)
+        names = set(pf.schema_arrow.names)
+        columns = sorted({f.split(".")[0] for f in fields} & names)
+        row_no = 0
+        for batch in pf.iter_batches(batch_size=256, columns=columns):
+            for obj in batch.to_pylist():
+                row_no += 1
+                try:
+                    doc_id, doc = _record(obj, section, path, row_no)
+                except DataError as e:
+                    _bad(e, skip_bad, skipped, "bad_record")
+                    continue
+                yield doc_id, doc, row_no
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"cannot read Parquet ({type(e).__name__})", path=path) from None
 
 
 def _field(obj, dotted: str, path: Path, line: int, allow_number: bool = False):
@@ -274,19 +311,44 @@ def _field(obj, dotted: str, path: Path, line: int, allow_number: bool = False):
     raise DataError(f"expected a string, got {type(value).__name__}", path=path, line=line, field=dotted)
 
 
-def _txt_docs(path: Path, section: DocsSection) -> Iterator[tuple[str, str, int]]:
-    data = path.read_bytes()
+def _first_bad_utf8_line(path: Path) -> int | None:
+    """The 1-based line of the first invalid UTF-8 byte of ``path`` (None when it is valid), read in 1 MiB
+    chunks."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    newlines = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            pending = len(dec.getstate()[0])  # bytes of a sequence begun in the previous chunk (no newline)
+            try:
+                dec.decode(chunk)
+            except UnicodeDecodeError as e:
+                return newlines + chunk.count(b"\n", 0, max(e.start - pending, 0)) + 1
+            newlines += chunk.count(b"\n")
     try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError("not valid UTF-8", path=path, line=line) from None
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return newlines + 1
+    return None
+
+
+def _txt_lines(path: Path) -> Iterator[str]:
+    """The lines of a valid UTF-8 file as ``str.splitlines`` of its whole text gives them, read line by line."""
+    with path.open("rb") as fh:
+        for k, raw in enumerate(fh):
+            piece = raw.decode("utf-8")
+            yield from (piece.removeprefix("\ufeff") if k == 0 else piece).splitlines()
+
+
+def _txt_docs(path: Path, section: DocsSection) -> Iterator[tuple[str, str, int]]:
+    bad = _first_bad_utf8_line(path)  # a first pass, so that a bad file yields no document (skipped whole)
+    if bad is not None:
+        raise DataError("not valid UTF-8", path=path, line=bad)
     if section.txt_split == "file":
-        yield f"{path.name}:1", text, 1
+        yield f"{path.name}:1", path.read_text(encoding="utf-8").removeprefix("\ufeff"), 1
         return
     block: list[str] = []
     start = 0
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(_txt_lines(path), start=1):
         if section.txt_split == "lines":
             if line.strip():
                 yield f"{path.name}:{line_no}", line, line_no
@@ -306,6 +368,8 @@ def _file_docs(path: Path, section: DocsSection, skip_bad: bool, skipped: Counte
                ) -> Iterator[tuple[str, str]]:
     if path.suffix == ".jsonl":
         items = _jsonl_docs(path, section, skip_bad, skipped)
+    elif path.suffix == ".parquet":
+        items = _parquet_docs(path, section, skip_bad, skipped)
     else:
         items = _txt_docs(path, section)
     try:
@@ -343,9 +407,9 @@ def iter_documents(section: DocsSection, *, skip_bad: bool = False, skipped: Cou
     if not root.exists():
         raise DataError("not found", path=root)
     if root.is_dir():
-        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".txt", ".jsonl"))
+        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet"))
         if not files:
-            raise DataError("no .txt or .jsonl files in directory", path=root)
+            raise DataError("no .txt, .jsonl or .parquet files in directory", path=root)
     else:
         files = [root]
     count = 0

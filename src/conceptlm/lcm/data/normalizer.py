@@ -17,6 +17,16 @@ per-dimension quantiles of the normalised fitting data; without it they are ±in
 
 Quantiles are exact (linear interpolation between order statistics, as ``numpy.quantile``), computed by sorting
 blocks of columns so memory stays bounded; ``max_samples`` fits on an evenly strided subset of the rows.
+
+Fitting data of a prepared folder (``lcm prepare``): the training split's vectors only, gathered by one streaming
+pass over the shards (:func:`conceptlm.lcm.data.prepare.fit_normalizer_streaming`). Up to
+``prepare.normalizer_max_fit_vectors`` vectors (after the ``normalizer_max_samples`` stride) the fit is exact, the
+same as fitting on all of them at once; beyond it, the fit uses a uniform sample without replacement of that many:
+the vectors with the smallest keys of a ``PCG64(prepare.normalizer_sample_seed)`` stream of uniforms drawn in shard
+order (deterministic, independent of how many workers wrote the shards). Both settings are part of the folder's
+identity. A sample of ``m`` vectors puts a quantile within about ``sqrt(p (1 - p) / m)`` in probability of the
+full data's (the standard error of an empirical quantile): ±0.0005 for the median at the default million, far
+below what separates the median from the quartiles.
 """
 
 from __future__ import annotations

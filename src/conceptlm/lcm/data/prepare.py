@@ -14,8 +14,9 @@ any moment resumes without duplicates or holes. A shard made from other document
 a damaged one is refused with one line naming the shard and what changed (``prepare.on_change: refuse``, the
 default), or re-encoded (``prepare.on_change: rebuild``, only those shards). The normalizer is then fitted on the
 vectors of the training documents as stored (fp16), on at most ``normalizer_max_samples`` evenly strided vectors
-(a warning when fewer than :data:`~conceptlm.lcm.data.normalizer.MIN_FIT_VECTORS`), and ``artifact.json`` (kind
-``lcm.prepared``) and ``manifest.json`` are written last.
+(a warning when fewer than :data:`~conceptlm.lcm.data.normalizer.MIN_FIT_VECTORS`), by one streaming pass over the
+shards: exact up to ``normalizer_max_fit_vectors`` vectors, a seeded uniform sample of that many beyond
+(:func:`fit_normalizer_streaming`); ``artifact.json`` (kind ``lcm.prepared``) and ``manifest.json`` are written last.
 
 The folder is locked (:class:`~conceptlm.core.lock.RunLock`) while ``prepare`` writes it. A refused run changes
 nothing; a run that fails (e.g. the disk is full) leaves only complete shards, and no folder at all when it had
@@ -109,8 +110,8 @@ def segment_document(doc_id: str, text: str, segmenter: Segmenter, section: Prep
 
 
 # Settings that do not change what a written shard holds (skip_bad only decides whether a run stops, on_change
-# what a rerun does with a shard that differs).
-_NOT_CONTENT = ("out_dir", "skip_bad", "on_change")
+# what a rerun does with a shard that differs, workers how many processes write them).
+_NOT_CONTENT = ("out_dir", "skip_bad", "on_change", "workers")
 _REBUILD = "rerun with prepare.on_change=rebuild, use another prepare.out_dir or delete it"
 
 
@@ -193,7 +194,8 @@ def _write_shard(path: Path, docs: list[dict], dim: int, section: PrepareSection
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
         os.close(fd)
         try:
-            pq.write_table(table, tmp, compression=None if section.compression == "none" else section.compression)
+            pq.write_table(table, tmp, compression=None if section.compression == "none" else section.compression,
+                           row_group_size=section.row_group_size)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_UMASK)
@@ -267,26 +269,91 @@ def _documents(cfg: PrepareConfig, segmenter: Segmenter, skipped: Counter) -> It
                    "sentences": sentences}
 
 
-def _fit_normalizer(out: Path, shards: list[dict], dim: int, section: PrepareSection) -> RobustNormalizer:
+def _train_vectors(path: Path) -> Iterator[np.ndarray]:
+    """The training documents' vectors of one shard, in row order, one row group at a time (stored dtype)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conceptlm.lcm.data.store import _decode_columns
+
+    try:
+        pf = pq.ParquetFile(path)
+        for g in range(pf.metadata.num_row_groups):
+            data = _decode_columns(pf.read_row_group(g, columns=["split", "vectors"]))
+            flat, offsets = data["vectors"]
+            train = np.array([sp == "train" for sp in data["split"]], dtype=bool)
+            rows = np.repeat(train, np.diff(offsets))  # one flag per vector
+            yield flat[rows]
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"cannot read Parquet shard ({type(e).__name__})", path=path) from None
+
+
+def fit_normalizer_streaming(out: Path, shards: list[dict], dim: int, section: PrepareSection) -> RobustNormalizer:
+    """Fit the normalizer on the training vectors of ``shards`` (records with ``file`` and ``n_train_sentences``)
+    by one pass over the shards, one Parquet row group at a time.
+
+    Which vectors: with ``n`` training vectors in shard order, every ``stride = ceil(n /
+    normalizer_max_samples)``-th one (all when ``n <= normalizer_max_samples``); call them the ``s`` selected
+    vectors. When ``s <= normalizer_max_fit_vectors`` the fit is on all of them, exactly what fitting on the
+    concatenated matrix gives. Beyond it, on a uniform sample without replacement of ``m =
+    normalizer_max_fit_vectors`` of them: the ``j``-th selected vector gets the key ``u_j``, the ``j``-th draw of
+    ``numpy.random.Generator(PCG64(normalizer_sample_seed)).random()``, and the ``m`` smallest keys are kept
+    ("bottom-k", a reservoir of size m), then ordered by ``j``. The shards and their order do not depend on how
+    many workers or ranks wrote them, so neither does the fit. Memory: at most ``min(s, 2m)`` float32 vectors
+    plus one row group.
+    """
     n_train = sum(s["n_train_sentences"] for s in shards)
     if n_train < 2:
         raise ConceptLMError(f"{out}: fewer than 2 training sentences; cannot fit the normalizer "
                              "(lower prepare.val_fraction or add documents)")
     stride = max(1, -(-n_train // section.normalizer_max_samples))
-    parts, offset = [], 0
+    n_sel = -(-n_train // stride)
+    m = section.normalizer_max_fit_vectors
+    exact = n_sel <= m
+    rng = np.random.Generator(np.random.PCG64(section.normalizer_sample_seed))
+    buf = np.empty((n_sel if exact else 0, dim), dtype=np.float32)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (keys, positions, vectors) not yet compacted
+    held, bar = 0, np.inf  # vectors in parts; the m-th smallest key so far (a larger key never enters the sample)
+
+    def compact() -> None:
+        nonlocal parts, held, bar
+        keys, pos, vecs = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        if len(keys) > m:
+            keep = np.argpartition(keys, m - 1)[:m]
+            keys, pos, vecs = keys[keep], pos[keep], vecs[keep]
+            bar = float(keys.max())
+        parts, held = [(keys, pos, vecs)], len(keys)
+
+    seen = filled = 0  # training vectors passed, selected vectors passed
     for s in shards:
-        data = read_shard(out / s["file"], ["split", "vectors"])
-        flat, offsets = data["vectors"]
-        rows = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r, sp in enumerate(data["split"])
-                               if sp == "train"] or [np.zeros(0, dtype=np.int64)])
-        take = rows[(offset + np.arange(len(rows))) % stride == 0]  # every stride-th training vector overall
-        offset += len(rows)
-        parts.append(torch.from_numpy(flat[take].astype(np.float32)))
-    x = torch.cat(parts)
+        for vectors in _train_vectors(out / s["file"]):
+            take = np.flatnonzero((seen + np.arange(len(vectors))) % stride == 0)  # every stride-th overall
+            seen += len(vectors)
+            if exact:
+                buf[filled:filled + len(take)] = vectors[take]
+            else:
+                keys = rng.random(len(take))
+                enter = np.flatnonzero(keys < bar)
+                parts.append((keys[enter], filled + enter, vectors[take[enter]].astype(np.float32)))
+                held += len(enter)
+                if held >= 2 * m:  # at most 2m vectors held between compactions
+                    compact()
+            filled += len(take)
+    if filled != n_sel or seen != n_train:
+        raise DataError(f"the shards hold {seen} training vectors, {MANIFEST_FILE} records {n_train}", path=out)
+    if not exact:
+        compact()
+        _, pos, vecs = parts[0]
+        buf = vecs[np.argsort(pos, kind="stable")]  # in shard order
+        log.info("%s: normalizer fitted on a seeded uniform sample of %d of %d training vectors "
+                 "(prepare.normalizer_max_fit_vectors)", out, len(buf), n_sel)
     norm = RobustNormalizer(dim, method=section.normalizer_method, clip_proba=section.normalizer_clip_proba)
-    norm.fit(x)
+    norm.fit(torch.from_numpy(buf))
     warn_if_few_vectors(norm.n_fit, str(out))
     return norm
+
+
+_fit_normalizer = fit_normalizer_streaming  # the name the trust tests call
 
 
 def _shard_record(name: str, docs: list[dict]) -> dict:
@@ -296,8 +363,119 @@ def _shard_record(name: str, docs: list[dict]) -> dict:
             "n_train_sentences": int(sum(len(d["sentences"]) for d in docs if d["split"] == "train"))}
 
 
+# ------------------------------------------------------------------------------------------------ embedding workers
+_WORKER_ENCODER: SentenceEncoder | None = None  # the encoder of a worker process (loaded once, by _pool_init)
+
+
+def _pool_init(section, threads: int) -> None:
+    global _WORKER_ENCODER
+    from conceptlm.core.progress import silence_library_bars
+
+    silence_library_bars()
+    torch.set_num_threads(threads)
+    _WORKER_ENCODER = get_encoder(section)
+
+
+def _pool_identity() -> tuple[dict, int]:
+    return _WORKER_ENCODER.identity(), _WORKER_ENCODER.dim
+
+
+def _pool_write(path: str, docs: list[dict], fp: str, section: PrepareSection, batch_size: int | None
+                ) -> tuple[float, int]:
+    """Embed and write one shard in a worker; returns (encode seconds, sentences)."""
+    t = time.perf_counter()
+    _embed(docs, _WORKER_ENCODER, batch_size)
+    seconds = time.perf_counter() - t
+    _write_shard(Path(path), docs, _WORKER_ENCODER.dim, section, inputs=fp)
+    return seconds, sum(len(d["sentences"]) for d in docs)
+
+
+class _Embedder:
+    """Embeds and writes shards: in this process (``workers=1``, the encoder loaded here), or in a pool of
+    ``workers`` spawned processes, each loading the encoder once (this process then never loads it: the identity
+    comes from a worker). At most ``2 * workers`` shards are in flight, so memory stays bounded."""
+
+    def __init__(self, cfg: PrepareConfig):
+        self.cfg, self.workers = cfg, cfg.prepare.workers
+        self.encode_seconds, self.encoded_sentences = 0.0, 0
+        self._pending: list = []
+        if self.workers == 1:
+            self.encoder: SentenceEncoder | None = get_encoder(cfg.encoder)
+            self.identity, self.dim = self.encoder.identity(), self.encoder.dim
+            self._pool = None
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.encoder = None
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // (self.workers * local))
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_pool_init, initargs=(cfg.encoder, threads))
+        try:
+            self.identity, self.dim = self._pool.submit(_pool_identity).result()
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, path: Path, docs: list[dict], fp: str) -> None:
+        batch_size = self.cfg.encoder.batch_size
+        if self._pool is None:
+            t = time.perf_counter()
+            _embed(docs, self.encoder, batch_size)
+            self.encode_seconds += time.perf_counter() - t
+            self.encoded_sentences += sum(len(d["sentences"]) for d in docs)
+            _write_shard(path, docs, self.dim, self.cfg.prepare, inputs=fp)
+            return
+        self._pending.append(self._pool.submit(_pool_write, str(path), docs, fp, self.cfg.prepare, batch_size))
+        while len(self._pending) > 2 * self.workers:
+            self._collect(self._pending.pop(0))
+
+    def _collect(self, future) -> None:
+        seconds, sentences = future.result()
+        self.encode_seconds += seconds / self.workers  # about the pool's wall time
+        self.encoded_sentences += sentences
+
+    def drain(self) -> None:
+        """Wait for every shard in flight (the first failure is raised)."""
+        while self._pending:
+            self._collect(self._pending.pop(0))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for f in self._pending:
+                f.cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) the gloo process group is initialised."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from conceptlm.core.distributed import get_rank, get_world_size, init_distributed
+
+    init_distributed("cpu")
+    return get_rank(), get_world_size()
+
+
+def _gather(obj) -> list:
+    import torch.distributed as dist
+
+    got: list = [None] * dist.get_world_size()
+    dist.all_gather_object(got, obj)
+    return got
+
+
 def prepare(cfg: PrepareConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
     """Segment, embed and store ``cfg.docs`` in ``output`` (default ``cfg.prepare.out_dir``); resumable.
+
+    Parallel: ``prepare.workers`` processes embed and write shards; under torchrun every rank reads and segments
+    the whole document stream (the shard boundaries depend on it) and embeds and writes the shards ``k`` with ``k
+    % world_size == rank``; rank 0 holds the folder lock, checks the folder before and fits the normalizer and
+    writes the manifests after. Which documents form shard ``k`` depends only on the documents and
+    ``shard_size``, so the folder is byte-identical for any number of workers and ranks.
 
     Args:
         checkpoint: unused (the verb signature shared by all methods).
@@ -317,38 +495,72 @@ def prepare(cfg: PrepareConfig, *, checkpoint: str | None = None, output: str | 
     sec = cfg.prepare
     out = Path(output or sec.out_dir)
     segmenter = get_segmenter(cfg.segment)
-    encoder = get_encoder(cfg.encoder)
-    created = not out.exists()
-    lock = RunLock(out)
-    with _writing(out):
-        lock.acquire()
+    rank, world = _ranks()
+    embedder = _Embedder(cfg)
     try:
-        return _prepare_locked(cfg, out, segmenter, encoder)
-    except BaseException:
-        if created and out.is_dir() and not any(_SHARD_RE.match(p.name) for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)  # a refused or failed first run leaves nothing behind
-        raise
+        created = not out.exists()
+        lock = RunLock(out) if rank == 0 else None
+        if lock is not None:
+            with _writing(out):
+                lock.acquire()
+        try:
+            return _prepare_locked(cfg, out, segmenter, embedder, rank, world)
+        except BaseException:
+            if lock is not None and created and out.is_dir() and not any(_SHARD_RE.match(p.name)
+                                                                         for p in out.iterdir()):
+                shutil.rmtree(out, ignore_errors=True)  # a refused or failed first run leaves nothing behind
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
-        lock.release()
+        embedder.close()
 
 
-def _prepare_locked(cfg: PrepareConfig, out: Path, segmenter: Segmenter, encoder: SentenceEncoder) -> dict:
+def _agree(rank: int, world: int, step, *args):
+    """Run ``step(*args)`` on rank 0 and give its result to every rank (an error there is raised on every rank,
+    as one line); with one process just ``step(*args)``."""
+    if world == 1:
+        return step(*args)
+    import torch.distributed as dist
+
+    box: list = [None, None]
+    if rank == 0:
+        try:
+            box = [step(*args), None]
+        except ConceptLMError as e:
+            box = [None, str(e)]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ConceptLMError(f"rank 0: {box[1]}")
+    return box[0]
+
+
+def _prepare_locked(cfg: PrepareConfig, out: Path, segmenter: Segmenter, embedder: _Embedder, rank: int = 0,
+                    world: int = 1) -> dict:
     t0 = time.perf_counter()
     sec = cfg.prepare
-    identity = encoder.identity()
+    identity = embedder.identity
     state = _state(cfg, identity)
     settings = _identity_settings(state)
     encoder_fp = identity_fingerprint(identity)
     base = {"settings": settings, "encoder": encoder_fp}
-    rebuild_all = _check_state(out, state, sec.on_change)
-    try:
-        old = None if rebuild_all else read_manifest(out)
-    except DataError:
-        old = None  # an unreadable manifest: the shards are checked by their fingerprints alone
-    old = old if old and old.get("kind") == ARTIFACT_KIND else None
+
+    def look() -> tuple[bool, dict | None]:
+        rebuild_all = _check_state(out, state, sec.on_change)
+        try:
+            old = None if rebuild_all else read_manifest(out)
+        except DataError:
+            old = None  # an unreadable manifest: the shards are checked by their fingerprints alone
+        old = old if old and old.get("kind") == ARTIFACT_KIND else None
+        _remove_temporaries(out)
+        return rebuild_all, old
+
+    rebuild_all, old = _agree(rank, world, look)
     old_files = (old or {}).get("files") or {}
     old_inputs = {r.get("file"): r.get("inputs") for r in (old or {}).get("shards") or [] if isinstance(r, dict)}
-    _remove_temporaries(out)
     modified = False
 
     def invalidate() -> None:
@@ -362,6 +574,10 @@ def _prepare_locked(cfg: PrepareConfig, out: Path, segmenter: Segmenter, encoder
             (out / MANIFEST_FILE).unlink(missing_ok=True)
             (out / ARTIFACT_FILE).unlink(missing_ok=True)
             atomic_write_text(out / STATE_FILE, json.dumps(state, indent=1) + "\n")
+        modified = True
+
+    if world > 1:  # ranks write at once: rank 0 marks the folder incomplete before any of them starts
+        _agree(rank, world, invalidate)
         modified = True
 
     def reuse_problem(path: Path, fp: str, docs: list[dict]) -> str | None:
@@ -381,57 +597,63 @@ def _prepare_locked(cfg: PrepareConfig, out: Path, segmenter: Segmenter, encoder
 
     skipped: Counter = Counter()
     records: list[dict] = []
-    written = reused = rebuilt = encoded_sentences = 0
-    encode_seconds = 0.0
+    counts = Counter()  # written, reused, rebuilt
     bar = progress_bar(total=cfg.docs.n_documents if cfg.docs.source == "generated" else None, desc="prepare",
-                       unit="doc")
+                       unit="doc", enabled=rank == 0)
 
     def flush(buffer: list[dict]) -> None:
-        nonlocal written, reused, rebuilt, encoded_sentences, encode_seconds
         name = shard_name(len(records))
         path = out / name
         fp = shard_fingerprint(base, buffer)
-        problem = "rebuild" if rebuild_all or not path.is_file() else reuse_problem(path, fp, buffer)
-        if problem is None:
-            reused += 1
-        else:
-            if path.is_file() and not rebuild_all:
-                if sec.on_change != "rebuild":
-                    raise StaleArtifactError(f"{path}: {problem}; {_REBUILD}")
-                log.warning("%s: %s; rebuilding it (prepare.on_change=rebuild)", path, problem)
-                rebuilt += 1
-            invalidate()
-            t = time.perf_counter()
-            _embed(buffer, encoder, cfg.encoder.batch_size)
-            encode_seconds += time.perf_counter() - t
-            encoded_sentences += sum(len(d["sentences"]) for d in buffer)
-            _write_shard(path, buffer, encoder.dim, sec, inputs=fp)
-            written += 1
+        mine = len(records) % world == rank  # this rank's shard
         records.append({**_shard_record(name, buffer), "inputs": fp})
         bar.set_postfix(shards=len(records))
+        if not mine:
+            return
+        problem = "rebuild" if rebuild_all or not path.is_file() else reuse_problem(path, fp, buffer)
+        if problem is None:
+            counts["reused"] += 1
+            return
+        if path.is_file() and not rebuild_all:
+            if sec.on_change != "rebuild":
+                raise StaleArtifactError(f"{path}: {problem}; {_REBUILD}")
+            log.warning("%s: %s; rebuilding it (prepare.on_change=rebuild)", path, problem)
+            counts["rebuilt"] += 1
+        invalidate()
+        embedder.submit(path, buffer, fp)
+        counts["written"] += 1
 
-    buffer: list[dict] = []
-    for doc in _documents(cfg, segmenter, skipped):
-        buffer.append(doc)
-        bar.update(1)
-        if len(buffer) == sec.shard_size:
+    error: ConceptLMError | None = None
+    try:
+        buffer: list[dict] = []
+        for doc in _documents(cfg, segmenter, skipped):
+            buffer.append(doc)
+            bar.update(1)
+            if len(buffer) == sec.shard_size:
+                flush(buffer)
+                buffer = []
+        if buffer:
             flush(buffer)
-            buffer = []
-    if buffer:
-        flush(buffer)
-    bar.close()
+        embedder.drain()
+    except ConceptLMError as e:
+        if world == 1:
+            raise
+        error = e
+    finally:
+        bar.close()
+    counts.update(encoded=embedder.encoded_sentences)
+    encode_seconds = embedder.encode_seconds
+    if world > 1:  # every rank learns whether all shards were written, and the totals
+        gathered = _gather((None if error is None else str(error), dict(counts), encode_seconds))
+        if error is not None:
+            raise error
+        failed = next((f"rank {r}: {g[0]}" for r, g in enumerate(gathered) if g[0] is not None), None)
+        if failed:
+            raise ConceptLMError(failed)
+        counts = sum((Counter(g[1]) for g in gathered), Counter())
+        encode_seconds = max(g[2] for g in gathered)
     if not records:
         raise ConceptLMError(f"{cfg.docs.source}: no documents to prepare")
-    stale = sorted(p.name for p in out.iterdir()
-                   if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) >= len(records))
-    if stale:
-        if sec.on_change != "rebuild":
-            raise StaleArtifactError(f"{out} holds shards beyond the {len(records)} this input makes "
-                                     f"({', '.join(stale[:3])}); {_REBUILD}")
-        log.warning("%s: removing %d shards beyond the %d this input makes", out, len(stale), len(records))
-        invalidate()
-        for name in stale:
-            (out / name).unlink()
 
     totals = {"n_documents": sum(r["n_documents"] for r in records),
               "n_sentences": sum(r["n_sentences"] for r in records),
@@ -440,13 +662,25 @@ def _prepare_locked(cfg: PrepareConfig, out: Path, segmenter: Segmenter, encoder
     totals["n_validation_documents"] = totals["n_documents"] - totals["n_train_documents"]
     artifact = Identity(kind=ARTIFACT_KIND, format=1, settings=settings,
                         inputs={"encoder": encoder_fp, "documents": digest([r["inputs"] for r in records])})
-    complete = (not modified and old is not None and old.get("fingerprint") == artifact.fingerprint
-                and (out / MANIFEST_FILE).is_file() and damaged_file(out, old, [NORMALIZER_FILE]) is None)
-    if complete:  # everything reused and intact: nothing to write
-        log.info("%s: every shard and the normalizer are up to date", out)
-    else:
+
+    def finish() -> None:
+        stale = sorted(p.name for p in out.iterdir()
+                       if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) >= len(records))
+        if stale:
+            if sec.on_change != "rebuild":
+                raise StaleArtifactError(f"{out} holds shards beyond the {len(records)} this input makes "
+                                         f"({', '.join(stale[:3])}); {_REBUILD}")
+            log.warning("%s: removing %d shards beyond the %d this input makes", out, len(stale), len(records))
+            invalidate()
+            for name in stale:
+                (out / name).unlink()
+        complete = (not modified and old is not None and old.get("fingerprint") == artifact.fingerprint
+                    and (out / MANIFEST_FILE).is_file() and damaged_file(out, old, [NORMALIZER_FILE]) is None)
+        if complete:  # everything reused and intact: nothing to write
+            log.info("%s: every shard and the normalizer are up to date", out)
+            return
         invalidate()
-        norm = _fit_normalizer(out, records, encoder.dim, sec)
+        norm = fit_normalizer_streaming(out, records, embedder.dim, sec)
         with _writing(out / NORMALIZER_FILE):
             norm.save_pretrained(out)
         manifest = {"format": FORMAT, "encoder": identity, "segmenter": segmenter.config(),
@@ -457,13 +691,17 @@ def _prepare_locked(cfg: PrepareConfig, out: Path, segmenter: Segmenter, encoder
                            extra={"shards": [{"file": r["file"], "inputs": r["inputs"]} for r in records]})
         with _writing(out / MANIFEST_FILE):  # last: marks the folder complete
             atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+
+    _agree(rank, world, finish)
     seconds = time.perf_counter() - t0
-    summary = {"out_dir": str(out), **totals, "n_shards": len(records), "shards_written": written,
-               "shards_reused": reused, "shards_rebuilt": rebuilt, "skipped": dict(sorted(skipped.items())),
-               "encoder": identity["name"], "dim": encoder.dim, "normalizer": str(out / NORMALIZER_FILE),
-               "fingerprint": artifact.fingerprint, "seconds": round(seconds, 3),
+    summary = {"out_dir": str(out), **totals, "n_shards": len(records), "shards_written": counts["written"],
+               "shards_reused": counts["reused"], "shards_rebuilt": counts["rebuilt"],
+               "skipped": dict(sorted(skipped.items())), "encoder": identity["name"], "dim": embedder.dim,
+               "normalizer": str(out / NORMALIZER_FILE), "fingerprint": artifact.fingerprint,
+               "workers": sec.workers, "ranks": world, "seconds": round(seconds, 3),
                "encode_seconds": round(encode_seconds, 3),
-               "sentences_per_second": round(encoded_sentences / encode_seconds, 1) if encode_seconds else None}
-    log.info("prepared %d documents (%d sentences) in %d shards at %s", totals["n_documents"],
-             totals["n_sentences"], len(records), out)
+               "sentences_per_second": (round(counts["encoded"] / encode_seconds, 1) if encode_seconds else None)}
+    if rank == 0:
+        log.info("prepared %d documents (%d sentences) in %d shards at %s", totals["n_documents"],
+                 totals["n_sentences"], len(records), out)
     return summary

@@ -17,14 +17,18 @@ metadata ``conceptlm.inputs`` holds the content fingerprint of what the shard wa
 splits, texts and sentences, the settings and the encoder), so a rerun of ``prepare`` reuses a shard only when it
 would write the same one.
 
+Each shard holds row groups of at most ``prepare.row_group_size`` documents (a shard written before that setting
+existed holds one row group); :class:`EmbeddedDocuments` reads one row group at a time, on demand.
+
 Reading checks: :class:`EmbeddedDocuments` verifies each shard's sha256 against ``artifact.json`` the first time
-it decodes the shard (once per shard, lazily), so a damaged shard is a one-line :class:`DataError` naming it.
+it reads from the shard (once per shard, lazily), so a damaged shard is a one-line :class:`DataError` naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -119,6 +123,11 @@ def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> dict:
         table = pq.read_table(path, columns=list(columns) if columns else None)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"cannot read Parquet shard ({type(e).__name__})", path=path) from None
+    return _decode_columns(table)
+
+
+def _decode_columns(table) -> dict:
+    """A shard's (or a row group's) pyarrow table as Python/numpy data (see :func:`read_shard`)."""
     out: dict = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()
@@ -173,20 +182,28 @@ class EmbeddedDocuments(Dataset):
     Args:
         root: the prepared folder (``manifest.json`` and ``artifact.json`` must exist).
         split: ``train``, ``validation`` or ``all`` (the split is stored per document, so no document is in both).
-        verify: check each shard's sha256 against ``artifact.json`` the first time it is decoded (once per shard).
+        verify: check each shard's sha256 against ``artifact.json`` the first time it is read (once per shard).
+        cache_row_groups: how many decoded Parquet row groups are kept (least recently used dropped first).
 
-    Shards are decoded on first use and kept in memory in their stored dtype (fp16: 2 bytes per value), so a
-    dataset costs about its on-disk vector size once every shard has been touched. ``lengths`` holds the number
-    of sentences of each document (for length-bucketed batching). The small ``split`` / ``n_sentences`` columns
-    read to build the index are checked against the per-shard counts of ``manifest.json``; the whole shard is
-    checked against its sha256 when it is first decoded. ``fingerprint`` is the folder's content identity (what a
-    run trained on it records).
+    Reading is lazy, by Parquet row group: ``ds[i]`` decodes the row group holding document ``i`` (its ``id``,
+    ``sentences`` and ``vectors`` columns, vectors kept in their stored dtype) into a small LRU of
+    ``cache_row_groups`` groups, so memory is bounded by the row-group size (``prepare.row_group_size``), not by
+    the number of documents. A document not in the cache costs the decoding of its whole row group (the fp16
+    vectors dominate), which is why row groups are small. A shard written with one row group (before row groups
+    were bounded) reads the same, a whole shard per group. The index of the documents is three numpy int32
+    arrays (shard, row group, row in the group), built from the small ``split`` / ``n_sentences`` columns and
+    checked against the per-shard counts of ``manifest.json``; the whole shard is checked against its sha256 when
+    it is first read. ``lengths`` holds the number of sentences of each document (for length-bucketed batching).
+    ``fingerprint`` is the folder's content
+    identity (what a run trained on it records).
     """
 
     def __init__(self, root: str | Path, split: Literal["train", "validation", "all"] = "all", *,
-                 verify: bool = True):
+                 verify: bool = True, cache_row_groups: int = 64):
         if split not in (*SPLITS, "all"):
             raise ValueError(f"split must be train, validation or all, got {split!r}")
+        if cache_row_groups < 1:
+            raise ValueError("cache_row_groups must be >= 1")
         self.root, self.split = Path(root), split
         self.manifest = load_manifest(self.root)
         self.artifact = load_artifact(self.root)
@@ -195,17 +212,28 @@ class EmbeddedDocuments(Dataset):
         self._verified: set[int] = set()
         self.dim = int(self.manifest["encoder"]["dim"])
         self.shards = [self.root / s["file"] for s in self.manifest["shards"]]
-        self._index: list[tuple[int, int]] = []
-        lengths: list[int] = []
+        shard_col, group_col, row_col, length_col = [], [], [], []
         for k, path in enumerate(self.shards):
             meta = read_shard(path, ["split", "n_sentences"])
             self._check_counts(k, meta)
-            for row, (sp, n) in enumerate(zip(meta["split"], meta["n_sentences"])):
-                if split == "all" or sp == split:
-                    self._index.append((k, row))
-                    lengths.append(int(n))
-        self.lengths = lengths
-        self._cache: dict[int, dict] = {}
+            keep = np.ones(len(meta["split"]), dtype=bool) if split == "all" else \
+                np.array([sp == split for sp in meta["split"]], dtype=bool)
+            starts = np.concatenate([[0], np.cumsum(_row_group_sizes(path))]).astype(np.int64)
+            rows = np.flatnonzero(keep)
+            groups = np.searchsorted(starts, rows, side="right") - 1
+            shard_col.append(np.full(len(rows), k, dtype=np.int32))
+            group_col.append(groups.astype(np.int32))
+            row_col.append((rows - starts[groups]).astype(np.int32))
+            length_col.append(meta["n_sentences"][keep].astype(np.int32))
+        def cat(parts: list) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+        self._shard_of, self._group_of, self._row_of = cat(shard_col), cat(group_col), cat(row_col)
+        self.lengths: list[int] = cat(length_col).tolist()
+        """Sentences per document (small ints: 8 bytes each in a list)."""
+        self.cache_row_groups = int(cache_row_groups)
+        self._cache: OrderedDict[tuple[int, int], dict] = OrderedDict()
+        self._files: OrderedDict[int, object] = OrderedDict()
         docs = self.manifest.get("docs") or {}
         self.instruction_marker: str | None = (docs.get("instruction_marker", "[MODEL]:")
                                                if docs.get("target_field") or docs.get("generated_task") == "summary"
@@ -223,7 +251,12 @@ class EmbeddedDocuments(Dataset):
         return RobustNormalizer.from_pretrained(self.root / self.manifest["normalizer"])
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._shard_of)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"], state["_files"] = OrderedDict(), OrderedDict()  # open files do not travel
+        return state
 
     def _check_counts(self, k: int, meta: dict) -> None:
         """The index columns of shard ``k`` agree with its record in ``manifest.json`` (else it is damaged)."""
@@ -252,26 +285,56 @@ class EmbeddedDocuments(Dataset):
                             "re-encode it")
         self._verified.add(k)
 
-    def _read(self, k: int, columns: list[str]) -> dict:
-        self._verify_shard(k)
-        return read_shard(self.shards[k], columns)
+    def _file(self, k: int):
+        """The open ``ParquetFile`` of shard ``k`` (a few kept open, least recently used closed first)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    def _shard(self, k: int) -> dict:
-        if k not in self._cache:
-            data = self._read(k, ["id", "sentences", "vectors"])
-            flat, offsets = data["vectors"]
-            if flat.shape[1] != self.dim:
-                raise DataError(f"vectors have dim {flat.shape[1]}, manifest says {self.dim}", path=self.shards[k])
-            for row, sents in enumerate(data["sentences"]):
-                if offsets[row + 1] - offsets[row] != len(sents):
-                    raise DataError(f"row {row}: {len(sents)} sentences but {offsets[row + 1] - offsets[row]} "
-                                    "vectors", path=self.shards[k], field="vectors")
-            self._cache[k] = data
-        return self._cache[k]
+        if k in self._files:
+            self._files.move_to_end(k)
+            return self._files[k]
+        self._verify_shard(k)
+        try:
+            pf = pq.ParquetFile(self.shards[k])
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"cannot read Parquet shard ({type(e).__name__})", path=self.shards[k]) from None
+        self._files[k] = pf
+        if len(self._files) > self.cache_row_groups:
+            self._files.popitem(last=False)[1].close()
+        return pf
+
+    def _group(self, k: int, g: int) -> dict:
+        """Row group ``g`` of shard ``k`` decoded (``id``, ``sentences``, ``vectors``), through the LRU."""
+        key = (k, g)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        import pyarrow as pa
+
+        try:
+            table = self._file(k).read_row_group(g, columns=["id", "sentences", "vectors"])
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"cannot read row group {g} ({type(e).__name__})", path=self.shards[k]) from None
+        data = _decode_columns(table)
+        flat, offsets = data["vectors"]
+        if flat.shape[1] != self.dim:
+            raise DataError(f"vectors have dim {flat.shape[1]}, manifest says {self.dim}", path=self.shards[k])
+        counts = np.fromiter((len(s) for s in data["sentences"]), dtype=np.int64, count=len(data["sentences"]))
+        bad = np.flatnonzero(np.diff(offsets) != counts)
+        if len(bad):
+            row = int(bad[0])
+            raise DataError(f"row {row}: {counts[row]} sentences but {offsets[row + 1] - offsets[row]} vectors "
+                            f"(row group {g})", path=self.shards[k], field="vectors")
+        self._cache[key] = data
+        if len(self._cache) > self.cache_row_groups:
+            self._cache.popitem(last=False)
+        return data
 
     def __getitem__(self, i: int) -> dict:
-        k, row = self._index[i]
-        data = self._shard(k)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"document {i} of {len(self)}")
+        k, g, row = int(self._shard_of[i]), int(self._group_of[i]), int(self._row_of[i])
+        data = self._group(k, g)
         flat, offsets = data["vectors"]
         vectors = torch.from_numpy(flat[offsets[row]:offsets[row + 1]].astype(np.float32))
         item = {"id": data["id"][row], "vectors": vectors, "sentences": data["sentences"][row]}
@@ -281,6 +344,26 @@ class EmbeddedDocuments(Dataset):
 
     @property
     def ids(self) -> list[str]:
-        """Document ids in dataset order (reads the id column of every shard)."""
-        cols = {k: self._read(k, ["id"])["id"] for k in range(len(self.shards))}
-        return [cols[k][row] for k, row in self._index]
+        """Document ids in dataset order (reads the id column of one shard at a time)."""
+        out: list[str] = []
+        bounds = np.searchsorted(self._shard_of, np.arange(len(self.shards) + 1))  # the index is in shard order
+        for k in range(len(self.shards)):
+            sel = range(int(bounds[k]), int(bounds[k + 1]))
+            if len(sel):
+                self._verify_shard(k)
+                col = read_shard(self.shards[k], ["id"])["id"]
+                starts = np.concatenate([[0], np.cumsum(_row_group_sizes(self.shards[k]))])
+                out.extend(col[int(starts[self._group_of[j]] + self._row_of[j])] for j in sel)
+        return out
+
+
+def _row_group_sizes(path: Path) -> list[int]:
+    """Rows of each row group of a Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"cannot read Parquet shard ({type(e).__name__})", path=path) from None
+    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
