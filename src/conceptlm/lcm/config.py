@@ -255,7 +255,7 @@ class QuantSection:
         check(0.0 <= self.cfg_dropout < 1.0, "lcm.quant.cfg_dropout", "must be in [0, 1)")
 
 
-LCM_VARIANTS = ("base", "two_tower", "one_tower", "quant_d", "quant_c")
+LCM_VARIANTS = ("base", "two_tower", "one_tower", "quant_d", "quant_c", "likelihood")
 """``lcm.model`` values: Base-LCM (MSE), the two diffusion LCMs, Quant-LCM with discrete / continuous targets."""
 
 
@@ -263,9 +263,11 @@ LCM_VARIANTS = ("base", "two_tower", "one_tower", "quant_d", "quant_c")
 class LCMSection:
     """The Base-LCM architecture (section ``lcm`` of an LCM run config)."""
 
-    model: Literal["base", "two_tower", "one_tower", "quant_d", "quant_c"] = "base"
+    model: Literal["base", "two_tower", "one_tower", "quant_d", "quant_c", "likelihood"] = "base"
     """LCM variant: ``base`` (MSE regression), ``two_tower`` / ``one_tower`` (diffusion, section ``diffusion``),
-    ``quant_d`` / ``quant_c`` (Quantized LCM with discrete / continuous targets, section ``quant``)."""
+    ``quant_d`` / ``quant_c`` (Quantized LCM with discrete / continuous targets, section ``quant``),
+    ``likelihood`` (the Base-LCM scored by the token cross-entropy of the next sentence through the frozen decoder
+    ``likelihood_decoder``, SONAR-LLM)."""
     dim: int = 384
     """Sentence-embedding width ``D``; must equal the data's (checked against the data by the recipe)."""
     d_model: int = 256
@@ -299,6 +301,9 @@ class LCMSection:
     """Noise process and objective of ``two_tower`` / ``one_tower`` (ignored by the other variants)."""
     quant: QuantSection = field(default_factory=QuantSection)
     """Quantizer of ``quant_d`` / ``quant_c`` (ignored by the other variants)."""
+    likelihood_decoder: str | None = None
+    """``likelihood`` only: the frozen sentence decoder that scores the predicted vectors (a ``prefix_lm`` decoder
+    folder or a ``train-autoencoder`` folder; made for the data's encoder). Not part of the checkpoint."""
 
     def validate(self) -> None:
         check(self.dim > 0, "lcm.dim", "must be > 0")
@@ -316,6 +321,8 @@ class LCMSection:
               f"must be in [0, max_sentences={self.max_sentences})")
         check(self.model in LCM_VARIANTS, "lcm.model", f"must be one of {', '.join(LCM_VARIANTS)}")
         check(self.n_denoiser_layers >= 1, "lcm.n_denoiser_layers", "must be >= 1")
+        check(self.model != "likelihood" or bool(self.likelihood_decoder), "lcm.likelihood_decoder",
+              "lcm.model=likelihood needs the frozen decoder's folder (a prefix_lm decoder or an autoencoder)")
         self.diffusion.validate()
         self.quant.validate()
 

@@ -55,10 +55,20 @@ def prepare(cfg: LCMConfig, *, output: str | None = None) -> dict:
 
 
 def train(cfg: LCMConfig, *, command: str | None = None):
-    """``conceptlm lcm train``: the Base-LCM on ``lcm_data`` in the run folder (works under torchrun)."""
+    """``conceptlm lcm train``: the Base-LCM on ``lcm_data`` in the run folder (works under torchrun).
+
+    ``lcm.model: likelihood`` first checks that its frozen decoder (``lcm.likelihood_decoder``) was made for the
+    prepared folder's encoder (one-line refusal otherwise)."""
     from conceptlm.lcm.train import train_lcm
 
-    return train_lcm(lcm_train_config(cfg), command=command)
+    tc = lcm_train_config(cfg)
+    if cfg.lcm.model == "likelihood" and tc.lcm_data.source != "synthetic":
+        from conceptlm.lcm.data.store import EmbeddedDocuments
+        from conceptlm.lcm.variants.likelihood import load_frozen_decoder
+
+        load_frozen_decoder(cfg.lcm.likelihood_decoder, encoder=EmbeddedDocuments(tc.lcm_data.source,
+                                                                                  "train").encoder_identity)
+    return train_lcm(tc, command=command)
 
 
 def train_decoder(cfg: LCMConfig, *, command: str | None = None):
