@@ -7,11 +7,16 @@ rule puts in the train split (``train-autoencoder``'s own sentence source). Eval
 
 - ``yelp_val``: the reviews of the validation split (same domain, documents never seen),
 - ``lee_news``: Lee news background corpus (``/tmp/gensim_data/lee_background.cor``, another domain),
-- ``crime``: Crime and Punishment excerpt (``/tmp/gensim_data/crime-and-punishment.txt``, another domain),
+- ``nq_questions``: Natural Questions (``nq_open_train.jsonl`` user turns: short lower-case questions, another
+  domain and style)
+
+(``/tmp/gensim_data/crime-and-punishment.txt`` is in Russian, so it is not used),
 
 sentences of 3-40 words. Training time is the loop's own clock (``metrics.jsonl``); say the machine's load.
 
-    python benchmarks/lcm_autoencoder.py --out runs/bench/ae --steps 3000 --threads 1 --json runs/bench/ae.json
+    python benchmarks/lcm_autoencoder.py --out runs/bench/ae --name small --steps 2000 --save-every 400 --lr 3e-3 \
+        --batch 32 --dim 256 --hidden 128 --enc-layers 1 --dec-layers 2 --vocab 1024 --max-tokens 48 --threads 1 \
+        --json runs/bench/ae_small.json
     python benchmarks/lcm_autoencoder.py --out /tmp/ae --steps 40 --save-every 20 --json /tmp/ae.json  # quick
 """
 
@@ -40,7 +45,7 @@ from conceptlm.lcm.decoder_train import evaluate_decoder
 REPO = Path(__file__).resolve().parents[1]
 YELP = REPO.parent / "shared" / "data" / "llm_jepa" / "yelp_test.jsonl"
 LEE = Path("/tmp/gensim_data/lee_background.cor")
-CRIME = Path("/tmp/gensim_data/crime-and-punishment.txt")
+NQ = YELP.parent / "nq_open_train.jsonl"
 
 
 def _keep(s: str) -> bool:
@@ -48,17 +53,18 @@ def _keep(s: str) -> bool:
 
 
 def eval_sets(n: int) -> dict[str, list[str]]:
-    """Held-out sentences: validation-split Yelp reviews, Lee news, Crime and Punishment (first ``n`` unique)."""
+    """Held-out sentences: validation-split Yelp reviews, Lee news, NQ questions (first ``n`` unique)."""
     seg = get_segmenter(SegmentSection())
     rule = PrepareSection()
     yelp = DocsSection(source=str(YELP), text_field="messages.1.content", unescape=True)
     sets = {"yelp_val": [s for doc_id, t in iter_documents(yelp)
                          if assign_split(doc_id, rule.val_fraction, rule.split_seed) == "validation"
                          for s in seg.split(t)]}
-    for name, path in (("lee_news", LEE), ("crime", CRIME)):
-        if path.is_file():  # one document per non-empty line
-            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            sets[name] = [s for t in texts for s in seg.split(t)]
+    if LEE.is_file():  # one document per non-empty line
+        texts = [line for line in LEE.read_text(encoding="utf-8").splitlines() if line.strip()]
+        sets["lee_news"] = [s for t in texts for s in seg.split(t)]
+    nq = DocsSection(source=str(NQ), text_field="messages.1.content", limit=5 * n)
+    sets["nq_questions"] = [t for _, t in iter_documents(nq)]
     return {k: [s for s in dict.fromkeys(v) if _keep(s)][:n] for k, v in sets.items()}
 
 
@@ -77,6 +83,9 @@ def main() -> None:
     ap.add_argument("--dec-layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--noise", type=float, default=0.3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--n-prefix", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--align", type=float, default=0.0, help="autoencoder.align_weight (MiniLM alignment term)")
     ap.add_argument("--max-sentences", type=int, default=200000)
     ap.add_argument("--eval-n", type=int, default=200, help="sentences per evaluation set")
@@ -95,7 +104,9 @@ def main() -> None:
         "decoder_train.max_sentences": args.max_sentences, "autoencoder.dim": args.dim,
         "autoencoder.hidden_size": args.hidden, "autoencoder.encoder_layers": args.enc_layers,
         "autoencoder.decoder_layers": args.dec_layers, "autoencoder.vocab_size": args.vocab,
-        "autoencoder.noise_std": args.noise, "autoencoder.align_weight": args.align}
+        "autoencoder.noise_std": args.noise, "autoencoder.align_weight": args.align,
+        "autoencoder.max_tokens": args.max_tokens, "autoencoder.n_prefix": args.n_prefix,
+        "autoencoder.num_heads": args.heads}
     cfg = load_config(AutoencoderTrainConfig, None, [f"{k}={v}" for k, v in overrides.items()])
     run_dir = Path(args.out) / args.name
     t0 = time.time()
