@@ -131,6 +131,9 @@ METHODS: dict[str, Method] = {
                              "prepared documents (works under torchrun)", "conceptlm.lcm.recipe:train", kind="train"),
                "train-decoder": Verb("train the sentence decoder (embedding -> text) or build its retrieval bank",
                                      "conceptlm.lcm.recipe:train_decoder", kind="train"),
+               "train-autoencoder": Verb("train a sentence encoder + decoder together (autoencoder section); the "
+                                         "folder is then encoder.name and decoder.path",
+                                         "conceptlm.lcm.recipe:train_autoencoder", kind="train"),
                "eval-decoder": Verb("AutoBLEU and round-trip cosine of the decoder on held-out sentences",
                                     "conceptlm.lcm.recipe:eval_decoder"),
                "generate": Verb("continue a prompt sentence by sentence and print the decoded continuation",

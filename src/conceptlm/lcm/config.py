@@ -39,7 +39,8 @@ from conceptlm.core.errors import ConfigError
 __all__ = [
     "DocsSection", "SegmentSection", "EncoderSection", "NORMALIZER_METHODS", "PrepareSection",
     "DiffusionSection", "QuantSection", "LCM_VARIANTS", "LCMSection", "LCMDataSection",
-    "DecoderSection", "DecoderTrainSection",
+    "DecoderSection", "DecoderTrainSection", "AutoencoderSection", "AUTOENCODER_RUN", "AutoencoderTrainConfig",
+    "autoencoder_config",
     "SamplerOptions", "QuantSamplingOptions", "GenerationOptions", "GenerateSection", "EvaluateSection",
     "TransformerSize", "CostSection", "ExportSection", "LCMHarnessSection",
     "DECODER_RUN", "PrepareConfig", "LCMTrainConfig", "DecoderTrainConfig", "LCMConfig",
@@ -275,7 +276,7 @@ class QuantSection:
         check(0.0 <= self.cfg_dropout < 1.0, "lcm.quant.cfg_dropout", "must be in [0, 1)")
 
 
-LCM_VARIANTS = ("base", "two_tower", "one_tower", "quant_d", "quant_c")
+LCM_VARIANTS = ("base", "two_tower", "one_tower", "quant_d", "quant_c", "likelihood")
 """``lcm.model`` values: Base-LCM (MSE), the two diffusion LCMs, Quant-LCM with discrete / continuous targets."""
 
 
@@ -283,9 +284,11 @@ LCM_VARIANTS = ("base", "two_tower", "one_tower", "quant_d", "quant_c")
 class LCMSection:
     """The Base-LCM architecture (section ``lcm`` of an LCM run config)."""
 
-    model: Literal["base", "two_tower", "one_tower", "quant_d", "quant_c"] = "base"
+    model: Literal["base", "two_tower", "one_tower", "quant_d", "quant_c", "likelihood"] = "base"
     """LCM variant: ``base`` (MSE regression), ``two_tower`` / ``one_tower`` (diffusion, section ``diffusion``),
-    ``quant_d`` / ``quant_c`` (Quantized LCM with discrete / continuous targets, section ``quant``)."""
+    ``quant_d`` / ``quant_c`` (Quantized LCM with discrete / continuous targets, section ``quant``),
+    ``likelihood`` (the Base-LCM scored by the token cross-entropy of the next sentence through the frozen decoder
+    ``likelihood_decoder``, SONAR-LLM)."""
     dim: int = 384
     """Sentence-embedding width ``D``; must equal the data's (checked against the data by the recipe)."""
     d_model: int = 256
@@ -319,6 +322,9 @@ class LCMSection:
     """Noise process and objective of ``two_tower`` / ``one_tower`` (ignored by the other variants)."""
     quant: QuantSection = field(default_factory=QuantSection)
     """Quantizer of ``quant_d`` / ``quant_c`` (ignored by the other variants)."""
+    likelihood_decoder: str | None = None
+    """``likelihood`` only: the frozen sentence decoder that scores the predicted vectors (a ``prefix_lm`` decoder
+    folder or a ``train-autoencoder`` folder; made for the data's encoder). Not part of the checkpoint."""
 
     def validate(self) -> None:
         check(self.dim > 0, "lcm.dim", "must be > 0")
@@ -336,6 +342,8 @@ class LCMSection:
               f"must be in [0, max_sentences={self.max_sentences})")
         check(self.model in LCM_VARIANTS, "lcm.model", f"must be one of {', '.join(LCM_VARIANTS)}")
         check(self.n_denoiser_layers >= 1, "lcm.n_denoiser_layers", "must be >= 1")
+        check(self.model != "likelihood" or bool(self.likelihood_decoder), "lcm.likelihood_decoder",
+              "lcm.model=likelihood needs the frozen decoder's folder (a prefix_lm decoder or an autoencoder)")
         self.diffusion.validate()
         self.quant.validate()
 
@@ -399,10 +407,12 @@ class LCMDataSection:
 class DecoderSection:
     """How concepts are turned back into text (the ``decoder`` section)."""
 
-    kind: Literal["retrieval", "prefix_lm", "sonar"] = "prefix_lm"
+    kind: Literal["retrieval", "prefix_lm", "sonar", "autoencoder"] = "prefix_lm"
     """``retrieval``: nearest sentence of an embedded bank; ``prefix_lm``: a causal LM conditioned on the vector;
     ``sonar``: SONAR's pretrained text decoder (optional ``sonar-space`` package; reads ``encoder.name: sonar``
-    vectors; nothing to train, no ``path``)."""
+    vectors; nothing to train, no ``path``); ``autoencoder``: the decoder of a sentence autoencoder made by
+    ``conceptlm lcm train-autoencoder`` (``decoder.path``, default the autoencoder folder of ``encoder.name``;
+    decodes are cached)."""
     path: str | None = None
     """A saved decoder folder (``decoder.json``) to load; training writes one (the checkpoint's ``model/``)."""
     base: str | None = None
@@ -496,6 +506,47 @@ class DecoderTrainSection:
         check(self.lr is None or self.lr > 0, "decoder_train.lr", "must be > 0 or null")
         check(self.split in ("train", "all"), "decoder_train.split", "must be train or all")
         check(self.on_change in ("refuse", "rebuild"), "decoder_train.on_change", "must be refuse or rebuild")
+
+
+@dataclass(kw_only=True)
+class AutoencoderSection:
+    """``autoencoder:``: a sentence encoder and decoder trained together here (``conceptlm lcm train-autoencoder``),
+    on the sentences ``train-decoder`` would use (``decoder_train``: sources, split rule, held-out sentences and the
+    run's length). The encoder is a small bidirectional transformer, mean-pooled and projected to ``dim`` (unit
+    norm); the decoder a tiny Llama reading the vector through ``n_prefix`` prefix embeddings (as ``prefix_lm``).
+    Both share one BPE tokenizer trained on the training sentences. The saved folder (the checkpoint's ``model/``)
+    is usable as ``encoder.name`` and as ``decoder.path`` / ``decoder.kind: autoencoder``."""
+
+    dim: int = 256
+    """Bottleneck width: the concept vectors' dimension."""
+    hidden_size: int = 256
+    """Width of the encoder and of the decoder LM."""
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    num_heads: int = 4
+    vocab_size: int = 4096
+    """BPE vocabulary trained on the training sentences."""
+    n_prefix: int = 4
+    """Prefix embeddings the decoder reads the vector through."""
+    max_tokens: int = 64
+    """Tokens of a sentence the encoder reads and the decoder reproduces (longer ones are cut, with no EOS)."""
+    noise_std: float = 0.3
+    """Noise on the vector before decoding (as ``decoder.noise_std``: expected norm relative to the unit vector)."""
+    noise_schedule: Literal["fixed", "uniform"] = "uniform"
+    align_weight: float = 0.0
+    """Weight of the alignment term ``1 - cos(W z, m)``: ``m`` the frozen ``align_encoder`` vector of the sentence,
+    ``W`` a learned linear map (dropped on export); 0 = pure auto-encoding."""
+    align_encoder: str = "minilm"
+    """The encoder whose space the alignment term follows (any ``encoder.name``)."""
+
+    def validate(self) -> None:
+        for name in ("dim", "hidden_size", "encoder_layers", "decoder_layers", "num_heads", "vocab_size",
+                     "n_prefix", "max_tokens"):
+            check(getattr(self, name) > 0, f"autoencoder.{name}", "must be > 0")
+        check(self.hidden_size % self.num_heads == 0, "autoencoder.hidden_size",
+              f"{self.hidden_size} is not a multiple of autoencoder.num_heads={self.num_heads}")
+        check(self.noise_std >= 0, "autoencoder.noise_std", "must be >= 0")
+        check(self.align_weight >= 0, "autoencoder.align_weight", "must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------- generation and evaluation
@@ -771,6 +822,8 @@ class CostSection:
 # ------------------------------------------------------------------------------------------------------- stage configs
 DECODER_RUN = "decoder"
 """Sub-folder of the run folder that holds the decoder run (``train-decoder``)."""
+AUTOENCODER_RUN = "autoencoder"
+"""Sub-folder of the run folder that holds the autoencoder run (``train-autoencoder``)."""
 
 
 @dataclass(kw_only=True)
@@ -806,6 +859,13 @@ class DecoderTrainConfig(RunConfig):
 
 
 @dataclass(kw_only=True)
+class AutoencoderTrainConfig(DecoderTrainConfig):
+    """``conceptlm lcm train-autoencoder``: the decoder run's sentences and length, plus ``autoencoder``."""
+
+    autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
+
+
+@dataclass(kw_only=True)
 class LCMConfig(RunConfig):
     docs: DocsSection = field(default_factory=DocsSection)
     segment: SegmentSection = field(default_factory=SegmentSection)
@@ -815,6 +875,7 @@ class LCMConfig(RunConfig):
     lcm_data: LCMDataSection = field(default_factory=lambda: LCMDataSection(source="prepared"))
     decoder: DecoderSection = field(default_factory=DecoderSection)
     decoder_train: DecoderTrainSection = field(default_factory=DecoderTrainSection)
+    autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     cost: CostSection = field(default_factory=CostSection)
@@ -831,8 +892,11 @@ class LCMConfig(RunConfig):
 
     @property
     def decoder_dir(self) -> Path:
-        """Where the decoder is read from: ``decoder.path``, else the run's ``decoder`` sub-run."""
-        return Path(self.decoder.path) if self.decoder.path else self.run_dir / DECODER_RUN
+        """Where the decoder is read from: ``decoder.path``, else (``decoder.kind: autoencoder``) the autoencoder
+        folder of ``encoder.name``, else the run's ``decoder`` sub-run."""
+        if self.decoder.path:
+            return Path(self.decoder.path)
+        return Path(self.encoder.name) if self.decoder.kind == "autoencoder" else self.run_dir / DECODER_RUN
 
 
 def _shared(cfg: RunConfig) -> dict:
@@ -863,6 +927,16 @@ def decoder_config(cfg: LCMConfig) -> DecoderTrainConfig:
     shared["run"] = dataclasses.replace(cfg.run, out_dir=str(cfg.run_dir), name=DECODER_RUN)
     return DecoderTrainConfig(**shared, decoder=cfg.decoder, encoder=cfg.encoder, docs=cfg.docs,
                               segment=cfg.segment, decoder_train=cfg.decoder_train, prepare=cfg.prepare)
+
+
+def autoencoder_config(cfg: LCMConfig) -> AutoencoderTrainConfig:
+    """The autoencoder run's config: ``{run_dir}/autoencoder``, trained on the sentences ``train-decoder`` would
+    take (``decoder_train``, ``prepare``'s split rule)."""
+    shared = _shared(cfg)
+    shared["run"] = dataclasses.replace(cfg.run, out_dir=str(cfg.run_dir), name=AUTOENCODER_RUN)
+    return AutoencoderTrainConfig(**shared, decoder=cfg.decoder, encoder=cfg.encoder, docs=cfg.docs,
+                                  segment=cfg.segment, decoder_train=cfg.decoder_train, prepare=cfg.prepare,
+                                  autoencoder=cfg.autoencoder)
 
 
 def decoder_run_config(cfg):

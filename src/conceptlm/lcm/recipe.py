@@ -40,7 +40,8 @@ from conceptlm.lcm.config import LCMConfig, decoder_config, lcm_train_config, pr
 from conceptlm.lcm.sequence import DocumentChunks, collate_documents, scored_positions
 from conceptlm.lcm.variants import build_unit
 
-__all__ = ["prepare", "train", "train_decoder", "eval_decoder", "generate", "evaluate", "cost", "load_run"]
+__all__ = ["prepare", "train", "train_decoder", "train_autoencoder", "eval_decoder", "generate", "evaluate", "cost",
+           "load_run"]
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,20 @@ def prepare(cfg: LCMConfig, *, output: str | None = None) -> dict:
 
 
 def train(cfg: LCMConfig, *, command: str | None = None):
-    """``conceptlm lcm train``: the Base-LCM on ``lcm_data`` in the run folder (works under torchrun)."""
+    """``conceptlm lcm train``: the Base-LCM on ``lcm_data`` in the run folder (works under torchrun).
+
+    ``lcm.model: likelihood`` first checks that its frozen decoder (``lcm.likelihood_decoder``) was made for the
+    prepared folder's encoder (one-line refusal otherwise)."""
     from conceptlm.lcm.train import train_lcm
 
-    return train_lcm(lcm_train_config(cfg), command=command)
+    tc = lcm_train_config(cfg)
+    if cfg.lcm.model == "likelihood" and tc.lcm_data.source != "synthetic":
+        from conceptlm.lcm.data.store import EmbeddedDocuments
+        from conceptlm.lcm.variants.likelihood import load_frozen_decoder
+
+        load_frozen_decoder(cfg.lcm.likelihood_decoder, encoder=EmbeddedDocuments(tc.lcm_data.source,
+                                                                                  "train").encoder_identity)
+    return train_lcm(tc, command=command)
 
 
 def train_decoder(cfg: LCMConfig, *, command: str | None = None):
@@ -72,6 +83,10 @@ def train_decoder(cfg: LCMConfig, *, command: str | None = None):
     from conceptlm.lcm.decoder_train import StoredVectorsEncoder, prepared_sentences
     from conceptlm.lcm.decoder_train import train_decoder as run
 
+    if cfg.decoder.kind == "autoencoder":
+        raise ConfigError("decoder.kind=autoencoder is trained together with its encoder: run 'conceptlm lcm "
+                          "train-autoencoder'", field="decoder.kind")
+
     encoder = get_encoder(cfg.encoder)
     sentences, table, data = prepared_sentences(cfg.data_dir, cfg.decoder_train.split, encoder)
     if sentences is not None:
@@ -80,6 +95,24 @@ def train_decoder(cfg: LCMConfig, *, command: str | None = None):
     if table:
         encoder = StoredVectorsEncoder(encoder, table)
     return run(decoder_config(cfg), command=command, encoder=encoder, sentences=sentences, data=data)
+
+
+def train_autoencoder(cfg: LCMConfig, *, command: str | None = None):
+    """``conceptlm lcm train-autoencoder``: a sentence encoder + decoder trained together (``autoencoder``) in
+    ``{run_dir}/autoencoder``, on the sentences ``train-decoder`` would take (the prepared folder's train split
+    when there is one, else the training documents of ``docs``). Its checkpoints' ``model/`` (or the run folder)
+    is then ``encoder.name`` and ``decoder.path`` (or ``decoder.kind: autoencoder``)."""
+    from conceptlm.lcm.autoencoder_train import train_autoencoder as run
+    from conceptlm.lcm.config import autoencoder_config
+    from conceptlm.lcm.data.store import MANIFEST_FILE
+    from conceptlm.lcm.decoder_train import prepared_sentences
+
+    sentences, data = None, None
+    folder = cfg.data_dir
+    if folder is not None and (folder / MANIFEST_FILE).is_file():  # the sentences, not the vectors, are needed
+        sentences, _, data = prepared_sentences(folder, cfg.decoder_train.split, {})
+        log.info("autoencoder: %d sentences of the %s documents of %s", len(sentences), data["split"], folder)
+    return run(autoencoder_config(cfg), command=command, sentences=sentences, data=data)
 
 
 def eval_decoder(cfg: LCMConfig, *, checkpoint: str | None = None, output: str | None = None) -> dict:
@@ -91,7 +124,13 @@ def eval_decoder(cfg: LCMConfig, *, checkpoint: str | None = None, output: str |
 
     encoder = get_encoder(cfg.encoder)
     sentences, _, _ = prepared_sentences(cfg.data_dir, cfg.decoder_train.split, encoder)
-    return run(decoder_config(cfg), checkpoint=checkpoint or str(cfg.decoder_dir), output=output,
+    where = checkpoint or str(cfg.decoder_dir)
+    if cfg.decoder.kind == "autoencoder":
+        from conceptlm.lcm.autoencoder import autoencoder_dir
+
+        folder = autoencoder_dir(where)
+        where = str(folder / "decoder") if folder is not None else where
+    return run(decoder_config(cfg), checkpoint=where, output=output,
                sentences=sentences, encoder=encoder)
 
 
@@ -145,7 +184,11 @@ def load_run(cfg: LCMConfig, checkpoint: str | None = None, *, need_decoder: boo
         raise ConfigError(f"the encoder gives {encoder.dim}-d vectors but the model takes {model.cfg.dim}",
                           field="encoder.name")
     decoder = None
-    if need_decoder and cfg.decoder.kind == "sonar":  # pretrained, nothing saved here: built from its card
+    if need_decoder and cfg.decoder.kind == "autoencoder":  # the decoder half of an autoencoder folder, cached
+        from conceptlm.lcm.autoencoder import load_autoencoder_decoder
+
+        decoder = load_autoencoder_decoder(cfg.decoder_dir, encoder=encoder)
+    elif need_decoder and cfg.decoder.kind == "sonar":  # pretrained, nothing saved here: built from its card
         from conceptlm.lcm.sonar_decoder import SonarDecoder
 
         decoder = SonarDecoder(cfg.decoder, encoder.identity())
@@ -178,6 +221,10 @@ def _check_decoder_split(cfg: LCMConfig, docs) -> None:
     from conceptlm.lcm.decoders import decoder_manifest
 
     where = cfg.decoder_dir
+    if cfg.decoder.kind == "autoencoder":  # the decoder half of the autoencoder folder (or of its run's newest)
+        from conceptlm.lcm.autoencoder import autoencoder_dir
+
+        where = (autoencoder_dir(where) or where) / "decoder"
     manifest = decoder_manifest(where)
     if manifest is None:
         raise ConfigError(f"{where}: the decoder has no artifact.json, so which documents it learned from is unknown "

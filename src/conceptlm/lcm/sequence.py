@@ -7,7 +7,8 @@ reference's ``len_to_wrap_long_seq``: no packing of several documents into one r
 ``min_length`` (default 2: one context sentence and one target) is dropped and the number dropped is reported.
 Optional ``suffix`` vectors (e.g. the embedding of "End of text.") are appended to each document *before* cutting,
 as in the reference, so only a document's last chunk ends with them. :func:`collate_documents` right-pads a list
-of chunks into ``vectors (B, T, D)`` with ``mask (B, T)``.
+of chunks into ``vectors (B, T, D)`` with ``mask (B, T)`` (and ``sentences``, the texts, when the documents have
+them).
 
 Batches hold a fixed number of chunks per micro-batch (the shared loop's length-bucketed plan) instead of the
 reference's "at most ``max_tokens`` sentence slots"; the loss is normalised by the number of targets either way.
@@ -99,6 +100,8 @@ class DocumentChunks:
         if self.suffix is not None:
             vectors = torch.cat([vectors, self.suffix.to(vectors)], dim=0)
         item = {"id": i, "doc": d, "start": start, "vectors": vectors[start:start + m]}
+        if "sentences" in doc and self.suffix is None:  # the texts (a likelihood-trained LCM scores their tokens)
+            item["sentences"] = list(doc["sentences"][start:start + m])
         if "loss_from" in doc:
             item["loss_from"] = max(0, int(doc["loss_from"]) - start)
         return item
@@ -106,7 +109,8 @@ class DocumentChunks:
 
 def collate_documents(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Right-pad documents: ``{"ids": (B,), "vectors": (B, T, D) (zeros after a document), "mask": (B, T) bool,
-    "lengths": (B,)}``, plus ``loss_mask`` (B, T) when an item has ``loss_from`` (instruction data)."""
+    "lengths": (B,)}``, plus ``loss_mask`` (B, T) when an item has ``loss_from`` (instruction data) and
+    ``sentences`` (B lists of texts) when every item has its sentences."""
     if not items:
         raise ValueError("empty batch")
     vecs = [torch.as_tensor(it["vectors"]).float() for it in items]
@@ -119,6 +123,8 @@ def collate_documents(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
         out[i, :len(v)] = v
     mask = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
     batch = {"ids": torch.tensor([int(it["id"]) for it in items]), "vectors": out, "mask": mask, "lengths": lengths}
+    if all("sentences" in it for it in items):
+        batch["sentences"] = [list(it["sentences"]) for it in items]
     if any("loss_from" in it for it in items):
         start = torch.tensor([int(it.get("loss_from", 0)) for it in items])
         batch["loss_mask"] = mask & (torch.arange(t).unsqueeze(0) >= start.unsqueeze(1))

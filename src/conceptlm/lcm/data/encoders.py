@@ -10,6 +10,8 @@
   makes the whole model run through ``SentenceTransformer.encode`` (:class:`SentenceTransformersEncoder`). A
   plain Hugging Face model directory (no ``modules.json``) gets mean pooling, as sentence-transformers does.
 - ``name: sonar``: SONAR's text encoder through the optional ``sonar-space`` package (1024-d, not normalised).
+- ``name: <autoencoder folder>`` (or its run folder): the encoder half of a sentence autoencoder made by
+  ``conceptlm lcm train-autoencoder`` (:class:`~conceptlm.lcm.autoencoder.AutoencoderEncoder`; unit norm).
 
 Our forward tokenizes all sentences once, sorts them by token count (longest first), runs padded batches under
 ``torch.inference_mode`` and restores the input order, so a batch holds sentences of similar length and carries
@@ -380,6 +382,11 @@ def get_encoder(section: EncoderSection | None = None) -> SentenceEncoder:
     section = section or EncoderSection()
     if section.name == "sonar":
         return SonarEncoder(section)
+    if section.name != "minilm":  # a sentence autoencoder trained here (conceptlm lcm train-autoencoder)
+        from conceptlm.lcm.autoencoder import AutoencoderEncoder, autoencoder_dir
+
+        if autoencoder_dir(section.name) is not None:
+            return AutoencoderEncoder(section.name, batch_size=section.batch_size, device=section.device)
     path = resolve_model_dir(section.name)
     reason = custom_code_reason(path)
     if reason is not None:

@@ -4,7 +4,9 @@
 - :mod:`~conceptlm.lcm.variants.base`: Base-LCM (MSE regression);
 - :mod:`~conceptlm.lcm.variants.two_tower`: Two-Tower diffusion LCM (contextualizer + denoiser);
 - :mod:`~conceptlm.lcm.variants.one_tower`: One-Tower diffusion LCM (one interleaved transformer);
-- :mod:`~conceptlm.lcm.variants.quant`: Quant-LCM-D / -C over residual codes (:mod:`conceptlm.lcm.rvq`).
+- :mod:`~conceptlm.lcm.variants.quant`: Quant-LCM-D / -C over residual codes (:mod:`conceptlm.lcm.rvq`);
+- :mod:`~conceptlm.lcm.variants.likelihood`: the Base-LCM trained by the next sentence's token likelihood through a
+  frozen decoder (SONAR-LLM).
 
 Every unit takes ``(cfg: LCMSection, *, round_trip=None, model=None)`` (``model``: an existing model to wrap, e.g.
 loaded from a checkpoint), trains on :func:`~conceptlm.lcm.sequence.collate_documents` batches, reports
@@ -32,6 +34,7 @@ UNITS = {
     "one_tower": "conceptlm.lcm.variants.one_tower:OneTowerUnit",
     "quant_d": "conceptlm.lcm.variants.quant:QuantLCMUnit",
     "quant_c": "conceptlm.lcm.variants.quant:QuantLCMUnit",
+    "likelihood": "conceptlm.lcm.variants.likelihood:LikelihoodLCMUnit",
 }
 
 
