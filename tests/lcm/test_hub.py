@@ -99,6 +99,24 @@ def test_automodel_gives_the_same_outputs_for_every_variant(tmp_path):
             assert torch.equal(m.codebooks, model.quantizer.codebooks)
 
 
+def test_the_likelihood_lcm_exports_as_the_base_network(tmp_path):
+    """lcm.model=likelihood is a Base-LCM trained by another loss: its export is the base network (config.json keeps
+    the trained-as section) with the same outputs, and conceptlm reads it back as that model."""
+    from transformers import AutoModel
+
+    model = _model("likelihood", likelihood_decoder="runs/x/decoder")  # read only when training
+    folder = export_lcm(model, tmp_path / "likelihood")
+    data = json.loads((folder / "config.json").read_text())
+    assert data["variant"] == "base" and data["lcm"]["model"] == "likelihood"
+    m = AutoModel.from_pretrained(str(folder), trust_remote_code=True)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        z = model.normalize(x)
+        assert torch.equal(m(z).prediction, model.forward_normalized(z))
+        back = load_hub_lcm(folder)
+        assert back.cfg.model == "likelihood" and torch.equal(back.forward(x), model.forward(x))
+
+
 @pytest.mark.slow
 def test_from_pretrained_without_conceptlm_gives_identical_outputs(tmp_path):
     """One fresh interpreter, without conceptlm on its path, loads every variant with AutoModel (trust_remote_code);

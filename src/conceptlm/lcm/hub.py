@@ -57,7 +57,10 @@ def hub_config(lcm: dict[str, Any]) -> dict[str, Any]:
     keys = ("dim", "d_model", "n_layers", "n_denoiser_layers", "n_heads", "d_ff", "max_sentences", "positions",
             "rope_theta", "scale_embeddings")
     out = {k: lcm[k] for k in keys if k in lcm}
-    return {"variant": lcm.get("model", "base"), **out, "n_codebooks": q.get("n_codebooks", 8),
+    variant = lcm.get("model", "base")
+    if variant == "likelihood":  # a Base-LCM trained by another loss: the same network at inference
+        variant = "base"
+    return {"variant": variant, **out, "n_codebooks": q.get("n_codebooks", 8),
             "codebook_size": q.get("codebook_size", 256), "lcm": lcm}
 
 
