@@ -160,3 +160,38 @@ def test_collate_errors():
         collate(EXAMPLES, pad_token_id=0, padding_side="middle")
     with pytest.raises(ValueError, match="pad token"):
         collate(EXAMPLES, pad_token_id=None)
+
+
+def _reference_order(lengths: list[int], gbs: int, seed: int, epoch: int, shuffle: bool,
+                     bucket: int) -> list[list[int]]:
+    """The batch plan's epoch written with Python lists (how it was computed before it kept tensors)."""
+    from conceptlm.core.sampling import _epoch_seed
+
+    n, steps = len(lengths), len(lengths) // gbs
+    gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    order = torch.randperm(n, generator=gen).tolist() if shuffle else list(range(n))
+    order = order[: steps * gbs]
+    out: list[list[int]] = []
+    for c in range(0, len(order), gbs * bucket):
+        part = sorted(order[c:c + gbs * bucket], key=lambda i: lengths[i])
+        out.extend(part[b:b + gbs] for b in range(0, len(part), gbs))
+    if shuffle:
+        out = [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+    return out
+
+
+@pytest.mark.parametrize("shuffle,bucket", [(True, 50), (True, 1), (True, 3), (False, 2)])
+def test_tensor_plan_gives_exactly_the_list_reference_order(shuffle, bucket):
+    """The plan keeps its per-example state in tensors (8 bytes per example); its batches are the reference
+    algorithm's, ties included (many equal lengths), for several epochs, from a list, a tensor or a numpy array."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(1, 6, (997,), generator=g).tolist()  # few distinct values: many ties
+    for given in (lengths, torch.tensor(lengths), np.array(lengths, dtype=np.int32)):
+        plan = BatchPlan(given, micro_batch_size=4, grad_accum=2, world_size=2, seed=3, shuffle=shuffle,
+                         bucket_factor=bucket)
+        for epoch in (0, 1, 4):
+            ref = _reference_order(lengths, 16, 3, epoch, shuffle, bucket)
+            assert [plan.global_batch(epoch * plan.steps_per_epoch + k) for k in range(plan.steps_per_epoch)] == ref
+    assert isinstance(plan.lengths, torch.Tensor) and plan.lengths.dtype == torch.int64

@@ -21,8 +21,18 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return derive_seed("batchplan", seed, epoch)
 
 
-def _fingerprint(lengths: Sequence[int]) -> str:
-    return hashlib.sha256(torch.tensor(list(lengths), dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
+def _fingerprint(lengths: torch.Tensor) -> str:
+    return hashlib.sha256(lengths.numpy().tobytes()).hexdigest()[:16]
+
+
+def _as_lengths(lengths) -> torch.Tensor:
+    """``lengths`` (a list, a tensor, a numpy array or any sequence of ints) as one int64 tensor: 8 bytes per example,
+    where a list of Python ints costs ~36."""
+    if isinstance(lengths, torch.Tensor):
+        return lengths.to(torch.int64).reshape(-1).clone()
+    if hasattr(lengths, "__array__"):
+        return torch.from_numpy(__import__("numpy").asarray(lengths, dtype="int64").reshape(-1).copy())
+    return torch.tensor([int(n) for n in lengths], dtype=torch.int64)
 
 
 def _positive_int(name: str, value) -> int:
@@ -64,7 +74,7 @@ class BatchPlan:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ConfigError(f"must be in [0, {world_size}), got {rank!r}", field="rank")
         self.rank, self.seed, self.shuffle = rank, int(seed), bool(shuffle)
-        self.lengths = [int(n) for n in lengths]
+        self.lengths = _as_lengths(lengths)  # int64 tensor: the plan's memory is 8 bytes per example (+ the epoch's)
         self.global_batch_size = self.micro_batch_size * self.grad_accum * self.world_size
         self.steps_per_epoch = len(self.lengths) // self.global_batch_size
         if self.steps_per_epoch == 0:
@@ -72,27 +82,31 @@ class BatchPlan:
                 f"the dataset has {len(self.lengths)} examples, fewer than one global batch of "
                 f"{self.global_batch_size} (micro_batch_size {micro_batch_size} x grad_accum {grad_accum} x "
                 f"world_size {world_size}); use a smaller batch or more data")
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, torch.Tensor] | None = None
         self._fingerprint = _fingerprint(self.lengths)
 
     def epoch_of(self, step: int) -> int:
         """The 0-based epoch that optimizer step ``step`` falls in."""
         return step // self.steps_per_epoch
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_batches(self, epoch: int) -> torch.Tensor:
+        """The epoch's global batches as one ``(steps_per_epoch, global_batch_size)`` int64 tensor (no Python object
+        per example: the plan's memory stays 16 bytes per example however large the corpus)."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         n, gbs = len(self.lengths), self.global_batch_size
         gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-        order = torch.randperm(n, generator=gen).tolist() if self.shuffle else list(range(n))
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         order = order[: self.steps_per_epoch * gbs]
         chunk = gbs * self.bucket_factor
-        batches: list[list[int]] = []
+        parts = []
         for c in range(0, len(order), chunk):
-            part = sorted(order[c:c + chunk], key=lambda i: self.lengths[i])  # stable: ties keep permuted order
-            batches.extend(part[b:b + gbs] for b in range(0, len(part), gbs))
+            part = order[c:c + chunk]
+            # a stable sort by length: ties keep the permuted order (as Python's sorted would)
+            parts.append(part[torch.sort(self.lengths[part], stable=True).indices])
+        batches = torch.cat(parts).view(self.steps_per_epoch, gbs)
         if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+            batches = batches[torch.randperm(len(batches), generator=gen)]
         self._cache = (epoch, batches)
         return batches
 
@@ -107,7 +121,7 @@ class BatchPlan:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        return list(self._epoch_batches(self.epoch_of(step))[step % self.steps_per_epoch])
+        return self._epoch_batches(self.epoch_of(step))[step % self.steps_per_epoch].tolist()
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's ``grad_accum`` micro-batches of ``micro_batch_size`` indices for step ``step``.
@@ -115,7 +129,8 @@ class BatchPlan:
         The global batch is sorted by length and cut into ``world_size * grad_accum`` contiguous micro-batches;
         micro-batch ``j`` goes to rank ``j % world_size``, so every rank gets a similar mix of lengths.
         """
-        batch = sorted(self.global_batch(step), key=lambda i: (self.lengths[i], i))
+        lengths = self.lengths
+        batch = sorted(self.global_batch(step), key=lambda i: (int(lengths[i]), i))
         mbs, n_micro = self.micro_batch_size, self.world_size * self.grad_accum
         micros = [batch[j * mbs:(j + 1) * mbs] for j in range(n_micro)]
         return [micros[j] for j in range(self.rank, n_micro, self.world_size)]
