@@ -65,4 +65,6 @@ def main(argv: list[str]) -> dict:
 
 if __name__ == "__main__":
     summary = main(sys.argv[1:])
-    print(json.dumps({k: summary[k] for k in ("windows", "computed_tokens", "processes")}))
+    # one write per rank: the ranks share the pipe, and print's separate newline write could interleave
+    sys.stdout.write(json.dumps({k: summary[k] for k in ("windows", "computed_tokens", "processes")}) + "\n")
+    sys.stdout.flush()

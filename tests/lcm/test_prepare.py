@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -390,7 +391,10 @@ sys.path.insert(0, {repo!r})
 from conceptlm.lcm.data.prepare import prepare
 from tests.lcm.test_prepare import _cfg
 s = prepare(_cfg(Path({enc!r}), Path({out!r})))
-print(json.dumps({{k: s[k] for k in ("ranks", "shards_written", "shards_reused", "n_documents", "fingerprint")}}))
+# one write per rank (the ranks share the pipe)
+sys.stdout.write(json.dumps({{k: s[k] for k in ("ranks", "shards_written", "shards_reused", "n_documents",
+                                               "fingerprint")}}) + chr(10))
+sys.stdout.flush()
 """
 
 
@@ -410,7 +414,7 @@ def test_two_torchrun_ranks_write_the_same_folder(tiny_encoder_dir, tmp_path):
     for written in (5, 0):
         run = subprocess.run(cmd, env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-3000:]
-        summaries = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+        summaries = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", run.stdout)]  # however the writes interleave
         assert len(summaries) == 2 and all(s["ranks"] == 2 and s["n_documents"] == 23 for s in summaries)
         assert all(s["shards_written"] == written and s["shards_reused"] == 5 - written for s in summaries)
         assert _folder(out) == _folder(one)
