@@ -4,12 +4,10 @@ layout (:mod:`conceptlm.data.shards`). It imports neither torch nor transformers
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import numpy as np
 
 from conceptlm.core.artifact import file_listing, listed_file_problem
 from conceptlm.core.errors import ConfigError, DataError
-from conceptlm.core.io import atomic_write_text
+from conceptlm.core.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["SPLITS", "CHUNK_CHARS", "SURROGATE", "split_chunks", "read_text_file", "token_dtype", "is_validation",
            "shard_names", "SourceReader", "check_text", "encode_documents", "piece_done", "write_piece", "work"]
@@ -316,18 +314,9 @@ class _PieceBuffer:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def record_path(out: Path, piece: int) -> Path:
